@@ -1,0 +1,132 @@
+"""Reading checkpoints and weight files, with errors a user can act on. Weights are
+safetensors only: nothing here unpickles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lalm_export.errors import CorruptWeightsError, ModelLoadError
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A hub id is `org/name`; anything else with a separator, or a dot or tilde prefix, is a path."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or os.path.exists(name)
+    )
+
+
+def check_model_source(name: str) -> None:
+    """Fail early, with the fix, on a local path that is missing or holds no model."""
+    if not looks_like_local_path(name):
+        return
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {name} does not exist; pass a folder saved with save_pretrained()")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{name} holds no model (no config.json); pass a folder saved with save_pretrained()"
+        )
+
+
+def load_hf_model(cls: Any, name: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(name)` with local-path checks and one-line errors."""
+    check_model_source(name)
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "" if looks_like_local_path(name) else " (offline? pass a local checkpoint folder with --model)"
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line}{hint}") from err
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, truncated or foreign file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptWeightsError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptWeightsError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt: save it again"
+        ) from err
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptWeightsError(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptWeightsError(f"{what} {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CorruptWeightsError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(folder: str | Path) -> str:
+    """One digest over every file of a folder (relative names and contents)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(folder).as_posix().encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_folder(target: str | Path, replace: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it takes `target`'s place.
+
+    An exception leaves `target` as it was and removes the temporary folder, so an
+    interrupted write never leaves something that looks complete.
+    """
+    target = Path(target).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            if not replace:
+                raise FileExistsError(f"{target} appeared while writing")
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

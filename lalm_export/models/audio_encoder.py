@@ -1,0 +1,150 @@
+"""Audio encoders (Whisper encoder, HuBERT, Wav2Vec2), each frozen, fully fine-tuned,
+LoRA or QLoRA. `forward` returns every layer's hidden states, the final layer last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lalm_export.errors import OptionsError
+from lalm_export.families import get_family
+from lalm_export.models.adapters import (
+    AdapterMetadata,
+    TrainingMode,
+    attach_lora,
+    load_adapter,
+    load_full_weights,
+    lora_target_names,
+    save_adapter,
+    save_full_weights,
+    set_trainable,
+)
+from lalm_export.models.loading import load_family_model, model_device
+
+
+class BaseAudioEncoder(nn.Module):
+    """Shared behaviour of the audio encoders; use a subclass, which names its family."""
+
+    family: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        model_name: str,
+        finetune: bool = False,
+        use_lora: bool = False,
+        use_qlora: bool = False,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        load_in_4bit: bool = True,
+        bnb_4bit_use_double_quant: bool = True,
+        bnb_4bit_quant_type: str = "nf4",
+        trust_remote_code: bool = False,
+        lora_target_modules: tuple[str, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if not self.family:
+            raise TypeError("BaseAudioEncoder is abstract: use WhisperAudioEncoder, HubertAudioEncoder or Wav2Vec2AudioEncoder")
+        self.spec = get_family(self.family)
+        self.model_name = str(model_name)
+        self.mode = TrainingMode(
+            finetune=finetune,
+            use_lora=use_lora,
+            use_qlora=use_qlora,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            load_in_4bit=load_in_4bit,
+            bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+            bnb_4bit_quant_type=bnb_4bit_quant_type,
+        )
+        self.mode.validate()
+        encoder = load_family_model(self.spec, self.model_name, self.mode.quantization(), trust_remote_code)
+        if self.mode.uses_adapter:
+            encoder = attach_lora(encoder, self.mode, lora_target_modules or self.spec.default_lora_targets)
+        self.encoder = encoder
+        set_trainable(self.encoder, self.mode)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All hidden states `(batch, frames, hidden)`: embedding output first, final layer last."""
+        x = x.to(model_device(self.encoder))
+        outputs = self.encoder(**{self.spec.input_name: x}, output_hidden_states=True, return_dict=True)
+        return tuple(outputs.hidden_states)
+
+    def get_hidden_size(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    def set_training_mode(self) -> None:
+        """train(); LoRA/QLoRA: only adapter parameters trainable; finetune: all; frozen: none."""
+        self.train()
+        set_trainable(self.encoder, self.mode)
+
+    def set_inference_mode(self) -> None:
+        """eval() and nothing trainable."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    @torch.no_grad()
+    def inference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.forward(x)
+
+    def save_lora_weights(self, path: str | Path) -> None:
+        self._require_adapter("save_lora_weights")
+        save_adapter(self.encoder, path, self._adapter_metadata())
+
+    def load_lora_weights(self, path: str | Path) -> None:
+        self._require_adapter("load_lora_weights")
+        load_adapter(self.encoder, path, self.family)
+
+    def save_model_weights(self, path: str | Path) -> None:
+        """Full weights as safetensors (frozen or fine-tuned encoders)."""
+        self._forbid_adapter("save_model_weights")
+        save_full_weights(self.encoder, path, self.family, self.model_name)
+
+    def load_model_weights(self, path: str | Path) -> None:
+        self._forbid_adapter("load_model_weights")
+        load_full_weights(self.encoder, path, self.family)
+
+    def _adapter_metadata(self) -> AdapterMetadata:
+        return AdapterMetadata(
+            family=self.family,
+            base_model=self.model_name,
+            model_type=self.encoder.config.model_type,
+            lora_r=self.mode.lora_r,
+            lora_alpha=self.mode.lora_alpha,
+            target_modules=lora_target_names(self.encoder),
+            quantization=self.mode.quantization(),
+        )
+
+    def _require_adapter(self, method: str) -> None:
+        if not self.mode.uses_adapter:
+            raise OptionsError(f"{method}() needs an adapter: construct the encoder with use_lora=True or use_qlora=True")
+
+    def _forbid_adapter(self, method: str) -> None:
+        if self.mode.uses_adapter:
+            raise OptionsError(
+                f"{method}() is for frozen or fine-tuned encoders; with LoRA use save_lora_weights()/load_lora_weights() "
+                "(lalm-export merges the adapter)"
+            )
+
+
+class WhisperAudioEncoder(BaseAudioEncoder):
+    """The encoder of a Whisper checkpoint; input log-mel `(batch, n_mels, 3000)`."""
+
+    family = "whisper"
+
+
+class HubertAudioEncoder(BaseAudioEncoder):
+    """HuBERT; input raw 16 kHz audio `(batch, samples)`."""
+
+    family = "hubert"
+
+
+class Wav2Vec2AudioEncoder(BaseAudioEncoder):
+    """Wav2Vec2; input raw 16 kHz audio `(batch, samples)`."""
+
+    family = "wav2vec2"
