@@ -31,6 +31,7 @@ class FamilySpec:
     optimum_model_type: str | None  # model type for Optimum's ONNX config; None: from the checkpoint
     optimum_task: str
     submodule: str | None = None  # attribute of the loaded model that is kept (Whisper: "encoder")
+    optimum_behavior: str | None = None  # Optimum config behaviour for that submodule
     default_lora_targets: tuple[str, ...] | None = None  # None: peft's per-architecture default
     default_checkpoint: str = ""
     feature_extractor: FeatureExtractorSpec | None = None
@@ -57,6 +58,7 @@ FAMILIES: dict[str, FamilySpec] = {
             optimum_model_type="whisper",
             optimum_task="feature-extraction",
             submodule="encoder",
+            optimum_behavior="encoder",
             default_lora_targets=_AUDIO_LORA_TARGETS,
             default_checkpoint="openai/whisper-large-v3",
             feature_extractor=FeatureExtractorSpec(chunk_seconds=30.0),

@@ -1,0 +1,105 @@
+"""`lalm-export`: parse flags into `ExportOptions` and call `export_bundle`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lalm_export.families import ENCODER_FAMILIES
+from lalm_export.tolerances import FP32_RELATIVE
+
+EPILOG = """examples:
+  # a Wav2Vec2 encoder with a LoRA adapter saved by Wav2Vec2AudioEncoder.save_lora_weights()
+  lalm-export --encoder wav2vec2 --model ./wav2vec2-base --adapter ./ckpt --output ./bundles/w2v2
+
+  # a QLoRA adapter from plain peft: merged into the dequantized NF4 base it was trained on
+  lalm-export --decoder auto --model ./qwen2.5-0.5b --adapter ./peft-adapter --qlora --output ./bundles/llm
+
+  # every layer's hidden states, printing the manifest as JSON
+  lalm-export --encoder whisper --model ./whisper-small --all-hidden-states --output ./bundles/whisper --json
+
+exit status: 0 exported and verified; 1 user error (message on stderr, nothing written); 2 bad flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lalm-export",
+        description="Merge an adapter into an audio encoder or LLM decoder, export it to ONNX through Optimum, "
+        "verify ONNX Runtime against the eager model, and write a self-describing bundle.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--encoder", choices=ENCODER_FAMILIES, help="audio-encoder family to export")
+    what.add_argument(
+        "--decoder", metavar="ARCH", help="export a causal LM; ARCH is its model type (llama, qwen2, mistral, ...) or auto (read from the checkpoint)"
+    )
+    parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write (refused if it exists and is not empty, unless --force)")
+    parser.add_argument("--model", help="local checkpoint folder or hub id (default: the family's usual public checkpoint)")
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter folder: from save_lora_weights() or plain peft (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--qlora", action="store_true", help="the (plain peft) adapter was trained on a 4-bit base: merge into that base, dequantized")
+    parser.add_argument("--bnb-quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit type of that base, with --qlora (default: nf4)")
+    parser.add_argument("--no-double-quant", action="store_true", help="that base did not use double quantization, with --qlora")
+    parser.add_argument("--weights", type=Path, help="full weights folder from save_model_weights() (encoders)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
+    parser.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest records that it was skipped)")
+    parser.add_argument("--rtol", type=float, default=FP32_RELATIVE, help=f"parity tolerance: max-abs / max|eager| per output (default: {FP32_RELATIVE:g})")
+    parser.add_argument("--atol", type=float, help="also accept an output whose max-abs error is at most this")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default: 0)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json)")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout when done")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace):
+    from lalm_export.export import ExportOptions
+
+    return ExportOptions(
+        family=args.encoder or "llm",
+        output=args.output,
+        model=args.model,
+        decoder_arch=args.decoder or "auto",
+        adapter=args.adapter,
+        weights=args.weights,
+        qlora=args.qlora,
+        bnb_quant_type=args.bnb_quant_type,
+        bnb_double_quant=not args.no_double_quant,
+        opset=args.opset,
+        all_hidden_states=args.all_hidden_states,
+        force=args.force,
+        verify=not args.no_verify,
+        rtol=args.rtol,
+        atol=args.atol,
+        trust_remote_code=args.trust_remote_code,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lalm_export.errors import LalmExportError
+    from lalm_export.export import export_bundle
+    from runtime.errors import RuntimeUserError
+
+    try:
+        manifest = export_bundle(options_from_args(args), quiet=args.quiet)
+    except (LalmExportError, RuntimeUserError) as err:
+        print(f"lalm-export: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lalm-export: interrupted; no bundle was written", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=2))
+    elif not args.quiet:
+        print(f"bundle written to {args.output} ({manifest.source.merge} merge, parity {'passed' if manifest.parity.get('passed') else 'not verified'})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Eager PyTorch implementations of the runtime's interfaces, for parity checks and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime.generation import position_ids_for
+
+
+class EagerDecoderBackend:
+    """The Hugging Face causal LM behind the runtime's `DecoderBackend` interface."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval()
+        self._past: Any = None
+        self._mask = torch.zeros(0, 0, dtype=torch.long)
+
+    @torch.no_grad()
+    def _run(self, input_ids: torch.Tensor) -> np.ndarray:
+        positions = torch.from_numpy(position_ids_for(self._mask.numpy()))[:, -input_ids.shape[1]:]
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            past_key_values=self._past,
+            use_cache=True,
+        )
+        self._past = out.past_key_values
+        return out.logits[:, -1, :].float().numpy()
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self._past = None
+        self._mask = torch.from_numpy(attention_mask.astype(np.int64))
+        return self._run(torch.from_numpy(input_ids.astype(np.int64)))
+
+    def decode_step(self, token_ids: np.ndarray) -> np.ndarray:
+        self._mask = torch.cat([self._mask, torch.ones(self._mask.shape[0], 1, dtype=torch.long)], dim=1)
+        return self._run(torch.from_numpy(token_ids.astype(np.int64)).reshape(-1, 1))
+
+
+@torch.no_grad()
+def eager_encoder_outputs(
+    model: nn.Module, input_name: str, x: np.ndarray, all_hidden_states: bool
+) -> dict[str, np.ndarray]:
+    """The encoder's outputs under the ONNX output names (`last_hidden_state`, `hidden_states.N`)."""
+    out = model(**{input_name: torch.from_numpy(x)}, output_hidden_states=all_hidden_states, return_dict=True)
+    result = {"last_hidden_state": out.last_hidden_state.float().numpy()}
+    if all_hidden_states:
+        result.update({f"hidden_states.{i}": h.float().numpy() for i, h in enumerate(out.hidden_states)})
+    return result

@@ -1,0 +1,327 @@
+"""The export pipeline: load → merge → export (Optimum) → verify → write the bundle.
+
+The bundle is built in a temporary folder beside `--output` and renamed into place only
+when complete and verified: a failed or interrupted export leaves no bundle."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lalm_export.errors import AdapterMismatchError, OptionsError, OutputExistsError
+from lalm_export.families import FamilySpec, get_family
+from lalm_export.io import atomic_folder, sha256_tree
+from lalm_export.merge import dequantize_4bit_linears, merge_adapter_into, read_lora_pairs
+from lalm_export.models.adapters import (
+    QuantizationSettings,
+    check_adapter_folder,
+    load_full_weights,
+    read_adapter_metadata,
+)
+from lalm_export.models.loading import load_family_model
+from lalm_export.progress import Stages
+from lalm_export.tolerances import FP32_RELATIVE
+from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
+from runtime.sessions import SessionOptions, create_session
+
+GRAPH_NAME = "model.onnx"
+DEFAULT_OPSET = 18
+STAGES = ["load", "merge", "export", "verify", "write"]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    family: str  # an encoder family, or "llm" for decoders
+    output: Path
+    model: str | None = None
+    decoder_arch: str = "auto"
+    adapter: Path | None = None
+    weights: Path | None = None
+    qlora: bool = False
+    bnb_quant_type: str = "nf4"
+    bnb_double_quant: bool = True
+    opset: int = DEFAULT_OPSET
+    all_hidden_states: bool = False
+    force: bool = False
+    verify: bool = True
+    rtol: float = FP32_RELATIVE
+    atol: float | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    @property
+    def spec(self) -> FamilySpec:
+        return get_family(self.family)
+
+    @property
+    def model_source(self) -> str:
+        return self.model or self.spec.default_checkpoint
+
+
+def supported_decoder_archs() -> list[str]:
+    from optimum.exporters.tasks import TasksManager
+
+    return sorted(
+        model_type
+        for model_type, exporters in TasksManager._SUPPORTED_MODEL_TYPE.items()
+        if "text-generation-with-past" in exporters.get("onnx", {})
+    )
+
+
+def validate_options(opts: ExportOptions) -> None:
+    """Every rule in one place; each error names the broken rule and the fix."""
+    spec = opts.spec
+    if opts.adapter is not None and opts.weights is not None:
+        raise OptionsError("--adapter and --weights together: pass one (an adapter is merged into the base; --weights replaces it)")
+    if opts.qlora and opts.adapter is None:
+        raise OptionsError("--qlora describes the 4-bit base an adapter was trained on: pass --adapter too")
+    if spec.role == "decoder" and opts.all_hidden_states:
+        raise OptionsError("--all-hidden-states is for encoders; decoders export logits and the KV cache")
+    if spec.role == "decoder" and opts.weights is not None:
+        raise OptionsError("--weights is for encoders saved with save_model_weights(); for a decoder pass --model")
+    if spec.role == "decoder" and opts.decoder_arch != "auto" and opts.decoder_arch not in supported_decoder_archs():
+        raise OptionsError(
+            f"unknown decoder architecture {opts.decoder_arch!r}; known: auto, {', '.join(supported_decoder_archs())}"
+        )
+    if not 14 <= opts.opset <= 23:
+        raise OptionsError(f"--opset must be between 14 and 23, not {opts.opset}")
+    if opts.rtol <= 0 or (opts.atol is not None and opts.atol < 0):
+        raise OptionsError("--rtol must be positive and --atol non-negative")
+    output = Path(opts.output)
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"--output {output} is a file; pass a folder path")
+    if output.is_dir() and any(output.iterdir()) and not opts.force:
+        raise OutputExistsError(f"--output {output} exists and is not empty; pass --force to replace it (only once the new bundle is complete)")
+    if opts.adapter is not None:
+        check_adapter_folder(opts.adapter)
+    if opts.qlora:
+        from lalm_export.models.loading import require_bitsandbytes
+
+        require_bitsandbytes()
+
+
+def adapter_quantization(opts: ExportOptions) -> QuantizationSettings | None:
+    """The 4-bit base the adapter was trained on: from its metadata, or `--qlora` for a plain peft folder."""
+    if opts.adapter is None:
+        return None
+    metadata = read_adapter_metadata(opts.adapter)
+    if metadata is not None and metadata.family != opts.family:
+        raise AdapterMismatchError(f"adapter {opts.adapter} was trained for the {metadata.family!r} family, not {opts.family!r}")
+    if metadata is not None and metadata.quantization is not None:
+        return metadata.quantization
+    if opts.qlora:
+        if metadata is not None:
+            raise OptionsError(f"--qlora, but adapter {opts.adapter} records that it was trained without 4-bit quantization; drop --qlora")
+        return QuantizationSettings(quant_type=opts.bnb_quant_type, double_quant=opts.bnb_double_quant)
+    return None
+
+
+def load_merged_model(opts: ExportOptions, stages: Stages) -> tuple[nn.Module, Source]:
+    """The eager fp32 module the graph must reproduce, and how it was made."""
+    spec = opts.spec
+    quantization = adapter_quantization(opts)
+    detail = opts.model_source + (f" (4-bit {quantization.quant_type} base, as the adapter was trained)" if quantization else "")
+    with stages.stage("load", detail):
+        model = load_family_model(spec, opts.model_source, quantization, opts.trust_remote_code)
+        check_decoder_arch(model, opts)
+    with stages.stage("merge"):
+        source = Source(model=opts.model_source)
+        if quantization is not None:
+            count = dequantize_4bit_linears(model)
+            stages.say(f"      dequantized {count} 4-bit Linear layers to fp32")
+        if opts.adapter is not None:
+            pairs = read_lora_pairs(opts.adapter, model)
+            merge_adapter_into(model, pairs)
+            stages.say(f"      merged LoRA into {len(pairs)} Linear layers")
+            source = Source(
+                model=opts.model_source,
+                adapter=str(Path(opts.adapter).resolve()),
+                adapter_sha256=sha256_tree(opts.adapter),
+                merge="qlora-dequantized" if quantization else "lora",
+            )
+        elif opts.weights is not None:
+            load_full_weights(model, opts.weights, spec.name)
+            source = Source(
+                model=opts.model_source,
+                weights=str(Path(opts.weights).resolve()),
+                weights_sha256=sha256_tree(opts.weights),
+                merge="full-weights",
+            )
+    return model.float().eval(), source
+
+
+def check_decoder_arch(model: nn.Module, opts: ExportOptions) -> None:
+    if opts.spec.role != "decoder" or opts.decoder_arch == "auto":
+        return
+    model_type = model.config.model_type
+    if model_type != opts.decoder_arch:
+        raise OptionsError(f"--decoder {opts.decoder_arch}, but {opts.model_source} is a {model_type!r} model; pass --decoder {model_type} or auto")
+
+
+def encoder_onnx_config(model: nn.Module, spec: FamilySpec, all_hidden_states: bool) -> Any:
+    """Optimum's registered ONNX config for the family, extended with every layer's hidden states."""
+    from optimum.exporters.tasks import TasksManager
+
+    constructor = TasksManager.get_exporter_config_constructor(
+        exporter="onnx", model_type=spec.optimum_model_type, task=spec.optimum_task, library_name="transformers"
+    )
+    config = constructor(model.config, task=spec.optimum_task)
+    if spec.optimum_behavior:
+        config = config.with_behavior(spec.optimum_behavior)
+    if all_hidden_states:
+        # Optimum exports only last_hidden_state (optimum#2338). Outputs named hidden_states.N
+        # make its patcher keep the model's hidden_states tuple, which ONNX flattens in order.
+        base = dict(config.outputs)
+        axes = base[spec.output_name]
+        layers = int(model.config.num_hidden_layers)
+        outputs = {**base, **{f"hidden_states.{i}": dict(axes) for i in range(layers + 1)}}
+        config.__class__ = type(f"{type(config).__name__}AllHiddenStates", (type(config),), {"outputs": property(lambda self: outputs)})
+    return config
+
+
+def export_graph(model: nn.Module, opts: ExportOptions, folder: Path) -> Path:
+    from optimum.exporters.onnx.convert import export_pytorch, onnx_export_from_model
+
+    spec = opts.spec
+    if spec.role == "decoder":
+        onnx_export_from_model(model, folder, task=spec.optimum_task, opset=opts.opset, do_validation=False)
+    else:
+        config = encoder_onnx_config(model, spec, opts.all_hidden_states)
+        kwargs = {"output_hidden_states": True} if opts.all_hidden_states else None
+        export_pytorch(model, config, opset=opts.opset, output=folder / GRAPH_NAME, model_kwargs=kwargs)
+    return folder / GRAPH_NAME
+
+
+def graph_file(folder: Path, graph: Path) -> GraphFile:
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+
+    def specs(values: Any) -> tuple[TensorSpec, ...]:
+        result = []
+        for value in values:
+            tensor = value.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+            result.append(TensorSpec(value.name, dtype, tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)))
+        return tuple(result)
+
+    data_files = {
+        p.name: sha256_of(p) for p in folder.iterdir() if p.name.startswith(graph.name + "_data") or p.suffix == ".data"
+    }
+    return GraphFile(
+        path=graph.name, sha256=sha256_of(graph), inputs=specs(proto.graph.input), outputs=specs(proto.graph.output), data_files=data_files
+    )
+
+
+def save_companions(model: nn.Module, opts: ExportOptions, folder: Path) -> dict[str, Any]:
+    """Config plus feature-extractor or tokenizer files; returns the facts the runtime needs."""
+    spec = opts.spec
+    model.config.save_pretrained(str(folder))
+    if spec.role == "decoder":
+        from lalm_export.models.llm import load_tokenizer
+
+        tokenizer = load_tokenizer(opts.model_source, opts.trust_remote_code)
+        tokenizer.save_pretrained(str(folder))
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(str(folder))
+        return {
+            "vocab_size": int(model.config.vocab_size),
+            "num_hidden_layers": int(model.config.num_hidden_layers),
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    feature_source = save_feature_extractor(model, opts, folder)
+    extractor = spec.feature_extractor
+    return {
+        "hidden_size": int(model.config.hidden_size),
+        "num_hidden_layers": int(model.config.num_hidden_layers),
+        "all_hidden_states": opts.all_hidden_states,
+        "sampling_rate": extractor.sampling_rate if extractor else 16_000,
+        "chunk_seconds": extractor.chunk_seconds if extractor else None,
+        "feature_extractor": feature_source,
+    }
+
+
+def save_feature_extractor(model: nn.Module, opts: ExportOptions, folder: Path) -> str:
+    """The checkpoint's feature extractor, or the family default when the checkpoint has none."""
+    from transformers import AutoFeatureExtractor, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+
+    try:
+        AutoFeatureExtractor.from_pretrained(opts.model_source).save_pretrained(str(folder))
+        return "checkpoint"
+    except (OSError, ValueError):
+        if opts.spec.input_kind == "log_mel":
+            WhisperFeatureExtractor(feature_size=int(model.config.num_mel_bins)).save_pretrained(str(folder))
+        else:
+            Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(str(folder))
+        return "family default"
+
+
+def library_versions() -> dict[str, str]:
+    names = ["lalm-export", "torch", "transformers", "optimum", "optimum-onnx", "peft", "bitsandbytes", "onnx", "onnxruntime"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def verify_graph(model: nn.Module, graph: Path, opts: ExportOptions, stages: Stages) -> dict[str, Any]:
+    from lalm_export.verify import Tolerance, check_decoder, check_encoder
+
+    tolerance = Tolerance(relative=opts.rtol, absolute=opts.atol)
+    session = create_session(graph, SessionOptions(provider="cpu"))
+    if opts.spec.role == "decoder":
+        report = check_decoder(model, session, tolerance, int(model.config.vocab_size), seed=opts.seed, progress=not stages.quiet)
+    else:
+        report = check_encoder(model, session, opts.spec, opts.all_hidden_states, tolerance, seed=opts.seed, progress=not stages.quiet)
+    for line in report.summary_lines():
+        stages.say(f"      {line}")
+    report.raise_if_failed()
+    return report.to_dict()
+
+
+def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
+    """Export one bundle to `opts.output`; raises a `LalmExportError` on any user error."""
+    validate_options(opts)
+    stages = Stages(STAGES, quiet=quiet)
+    torch.manual_seed(opts.seed)
+    model, source = load_merged_model(opts, stages)
+    spec = opts.spec
+    # validate_options refused a non-empty output without --force; an empty folder is replaced.
+    with atomic_folder(opts.output, replace=opts.force or Path(opts.output).is_dir()) as tmp:
+        with stages.stage("export", f"Optimum, opset {opts.opset}"):
+            graph = export_graph(model, opts, tmp)
+        if opts.verify:
+            with stages.stage("verify", "ONNX Runtime (CPU) vs eager fp32"):
+                parity = verify_graph(model, graph, opts, stages)
+        else:
+            stages.say("[4/5] verify: skipped (--no-verify)")
+            parity = {"verified": False, "reason": "--no-verify"}
+        with stages.stage("write", str(opts.output)):
+            extra = save_companions(model, opts, tmp)
+            manifest = Manifest(
+                family=spec.name,
+                role=spec.role,
+                model_type=str(model.config.model_type),
+                input_kind=spec.input_kind,
+                graphs={"model": graph_file(tmp, graph)},
+                dtype="float32",
+                opset=opts.opset,
+                source=source,
+                libraries=library_versions(),
+                parity=parity,
+                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                extra=extra,
+            )
+            manifest.write(tmp)
+    return manifest

@@ -1,0 +1,157 @@
+"""The parity gate: ONNX Runtime against the eager module on fresh random inputs.
+
+Every output of every case is compared; then one `ParityError` lists each output's
+max-abs and relative error against its tolerance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from torch import nn
+from tqdm import tqdm
+
+from lalm_export.eager import EagerDecoderBackend, eager_encoder_outputs
+from lalm_export.errors import ParityError
+from lalm_export.families import FamilySpec
+from lalm_export.tolerances import FP32_RELATIVE, GREEDY_STEPS
+from runtime.generation import GenerationOptions, OrtDecoderBackend, greedy_generate
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    relative: float = FP32_RELATIVE
+    absolute: float | None = None  # when set, an output also passes if max-abs <= absolute
+
+
+@dataclass
+class OutputError:
+    max_abs: float = 0.0
+    relative: float = 0.0
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        diff = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64))))
+        scale = float(np.max(np.abs(reference))) or 1.0
+        self.max_abs = max(self.max_abs, diff)
+        self.relative = max(self.relative, diff / scale)
+
+    def passes(self, tol: Tolerance) -> bool:
+        return self.relative <= tol.relative or (tol.absolute is not None and self.max_abs <= tol.absolute)
+
+
+@dataclass
+class ParityReport:
+    tolerance: Tolerance
+    cases: list[str] = field(default_factory=list)
+    outputs: dict[str, OutputError] = field(default_factory=dict)
+    greedy: dict[str, Any] | None = None
+
+    @property
+    def passed(self) -> bool:
+        greedy_ok = self.greedy is None or self.greedy["agreement"] == 1.0
+        return greedy_ok and all(err.passes(self.tolerance) for err in self.outputs.values())
+
+    def record(self, name: str, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if reference.shape != candidate.shape:
+            raise ParityError(f"output {name}: ONNX shape {candidate.shape} differs from eager shape {reference.shape}")
+        self.outputs.setdefault(name, OutputError()).update(reference, candidate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verified": True,
+            "passed": self.passed,
+            "reference": "eager PyTorch fp32 (merged)",
+            "tolerance": {"relative": self.tolerance.relative, "absolute": self.tolerance.absolute},
+            "cases": self.cases,
+            "outputs": {n: {"max_abs": e.max_abs, "relative": e.relative} for n, e in self.outputs.items()},
+            "greedy": self.greedy,
+        }
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"{name}: max-abs {err.max_abs:.3g}, relative {err.relative:.3g} "
+            f"(tolerance {self.tolerance.relative:g}) {'ok' if err.passes(self.tolerance) else 'FAIL'}"
+            for name, err in self.outputs.items()
+        ]
+        if self.greedy is not None:
+            g = self.greedy
+            lines.append(
+                f"greedy tokens: {g['agreement']:.0%} of {g['steps']} steps agree"
+                + (f", first divergence at step {g['first_divergence']}" if g["first_divergence"] is not None else "")
+            )
+        return lines
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            raise ParityError("ONNX graph disagrees with the eager model: " + "; ".join(self.summary_lines()))
+
+
+def encoder_cases(spec: FamilySpec, seed: int, n_mels: int = 80) -> list[tuple[str, np.ndarray]]:
+    """At least two batch sizes and two lengths (Whisper: its fixed 30 s window only)."""
+    rng = np.random.default_rng(seed)
+    if not spec.dynamic_length:
+        return [(f"batch {b}, 3000 frames", rng.standard_normal((b, n_mels, 3000)).astype(np.float32)) for b in (1, 2)]
+    return [
+        (f"batch {b}, {samples / 16000:.2f} s", (0.1 * rng.standard_normal((b, samples))).astype(np.float32))
+        for b in (1, 2)
+        for samples in (16_000, 25_600)
+    ]
+
+
+def check_encoder(
+    model: nn.Module,
+    session: ort.InferenceSession,
+    spec: FamilySpec,
+    all_hidden_states: bool,
+    tolerance: Tolerance,
+    seed: int = 0,
+    progress: bool = True,
+) -> ParityReport:
+    report = ParityReport(tolerance)
+    cases = encoder_cases(spec, seed, n_mels=int(getattr(model.config, "num_mel_bins", 80)))
+    names = [o.name for o in session.get_outputs()]
+    for case, x in tqdm(cases, desc="verify", unit="case", disable=not progress, leave=False):
+        reference = eager_encoder_outputs(model, spec.input_name, x, all_hidden_states)
+        onnx_out = dict(zip(names, session.run(names, {spec.input_name: x})))
+        for name in names:
+            report.record(name, reference[name], onnx_out[name])
+        report.cases.append(case)
+    return report
+
+
+def check_decoder(
+    model: nn.Module,
+    session: ort.InferenceSession,
+    tolerance: Tolerance,
+    vocab_size: int,
+    seed: int = 0,
+    steps: int = GREEDY_STEPS,
+    progress: bool = True,
+) -> ParityReport:
+    """Last-position logits over prompts of two batch sizes and lengths, then greedy tokens."""
+    report = ParityReport(tolerance)
+    rng = np.random.default_rng(seed)
+    eager, onnx = EagerDecoderBackend(model), OrtDecoderBackend(session)
+    shapes = [(1, 5), (2, 9)]
+    for batch, length in tqdm(shapes, desc="verify", unit="case", disable=not progress, leave=False):
+        ids = rng.integers(3, vocab_size, size=(batch, length))
+        mask = np.ones_like(ids)
+        mask[-1, : length // 3] = 0 if batch > 1 else 1  # left padding in the last row
+        report.record("logits (prefill)", eager.prefill(ids, mask), onnx.prefill(ids, mask))
+        step_ids = rng.integers(3, vocab_size, size=(batch,))
+        report.record("logits (decode step)", eager.decode_step(step_ids), onnx.decode_step(step_ids))
+        report.cases.append(f"batch {batch}, prompt {length} tokens")
+    prompt = rng.integers(3, vocab_size, size=(1, 8))
+    options = GenerationOptions(max_new_tokens=steps)
+    ones = np.ones_like(prompt)
+    reference = greedy_generate(eager, prompt, ones, options)[0]
+    candidate = greedy_generate(onnx, prompt, ones, options)[0]
+    same = reference == candidate
+    report.greedy = {
+        "steps": int(steps),
+        "agreement": float(same.mean()),
+        "first_divergence": None if same.all() else int(np.argmin(same)),
+    }
+    return report

@@ -1,0 +1,152 @@
+"""The bundle format, defined once: `manifest.json` and how it is read and written.
+
+A bundle is one folder: graph file(s), the model config, the feature-extractor or
+tokenizer files, and this manifest. The exporter writes it through this module and the
+runtime reads it through this module."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MERGE_KINDS = ("none", "lora", "qlora-dequantized", "full-weights")
+ROLES = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One ONNX graph: its file(s) relative to the bundle, their sha256, and its I/O."""
+
+    path: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    data_files: dict[str, str] = field(default_factory=dict)  # external-data file -> sha256
+
+
+@dataclass(frozen=True)
+class Source:
+    model: str
+    adapter: str | None = None
+    adapter_sha256: str | None = None
+    weights: str | None = None
+    weights_sha256: str | None = None
+    merge: str = "none"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    role: str
+    model_type: str
+    input_kind: str
+    graphs: dict[str, GraphFile]
+    dtype: str
+    opset: int
+    source: Source
+    libraries: dict[str, str]
+    parity: dict[str, Any]
+    created: str
+    extra: dict[str, Any] = field(default_factory=dict)  # family facts the runtime needs (ids, sizes)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {version!r} is not supported (this runtime reads version {FORMAT_VERSION}); "
+                "export the bundle again with a matching lalm-export"
+            )
+        try:
+            graphs = {
+                name: GraphFile(
+                    path=g["path"],
+                    sha256=g["sha256"],
+                    inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["inputs"]),
+                    outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["outputs"]),
+                    data_files=dict(g.get("data_files", {})),
+                )
+                for name, g in data["graphs"].items()
+            }
+            manifest = cls(
+                family=data["family"],
+                role=data["role"],
+                model_type=data["model_type"],
+                input_kind=data["input_kind"],
+                graphs=graphs,
+                dtype=data["dtype"],
+                opset=int(data["opset"]),
+                source=Source(**data["source"]),
+                libraries=dict(data["libraries"]),
+                parity=dict(data["parity"]),
+                created=data["created"],
+                extra=dict(data.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"manifest is incomplete or malformed ({type(err).__name__}: {err})") from err
+        if manifest.role not in ROLES:
+            raise BundleError(f"manifest role {manifest.role!r} is not one of {', '.join(ROLES)}")
+        return manifest
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """The manifest of a bundle folder, with a clear error when it is not one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"bundle {folder} does not exist; pass a folder written by lalm-export")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{folder} is not a bundle (no {MANIFEST_NAME}); pass a folder written by lalm-export")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} must hold a JSON object")
+    return Manifest.from_dict(data)
+
+
+def verify_graph_files(folder: str | Path, graph: GraphFile) -> Path:
+    """The graph's path, after checking it and its external data against their sha256."""
+    folder = Path(folder)
+    for relative, expected in {graph.path: graph.sha256, **graph.data_files}.items():
+        file = folder / relative
+        if not file.is_file():
+            raise BundleError(f"bundle {folder} lacks {relative}; export it again")
+        if sha256_of(file) != expected:
+            raise BundleError(
+                f"{file} does not match the sha256 in the manifest: it was modified or truncated; export the bundle again"
+            )
+    return folder / graph.path

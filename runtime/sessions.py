@@ -1,0 +1,70 @@
+"""ONNX Runtime sessions: provider choice and session options from one typed object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnxruntime as ort
+
+from runtime.errors import ProviderError
+
+ProviderName = Literal["auto", "cuda", "cpu"]
+_ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    provider: ProviderName = "auto"
+    threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
+    optimization: str = "all"
+    save_optimized: bool = False  # write `<graph>.optimized.onnx` beside the graph for faster later starts
+
+    def validate(self) -> None:
+        if self.provider not in ("auto", "cuda", "cpu"):
+            raise ProviderError(f"provider must be auto, cuda or cpu, not {self.provider!r}")
+        if self.threads < 0:
+            raise ProviderError(f"threads must be 0 (default) or positive, not {self.threads}")
+        if self.optimization not in _OPT_LEVELS:
+            raise ProviderError(f"optimization must be one of {', '.join(_OPT_LEVELS)}, not {self.optimization!r}")
+
+
+def resolve_providers(provider: ProviderName) -> list[str]:
+    """ORT provider list for a choice; `cuda` where it is unavailable is an error, not a fallback."""
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return [_ORT_PROVIDER["cpu"]]
+    cuda_ready = _ORT_PROVIDER["cuda"] in available
+    if provider == "cuda":
+        if not cuda_ready:
+            raise ProviderError(
+                "--provider cuda: CUDAExecutionProvider is not available "
+                f"(installed providers: {', '.join(available)}); install onnxruntime-gpu on a machine with a GPU, "
+                "or use --provider cpu"
+            )
+        return [_ORT_PROVIDER["cuda"], _ORT_PROVIDER["cpu"]]
+    return [_ORT_PROVIDER["cuda"], _ORT_PROVIDER["cpu"]] if cuda_ready else [_ORT_PROVIDER["cpu"]]
+
+
+def create_session(graph: str | Path, options: SessionOptions | None = None) -> ort.InferenceSession:
+    options = options or SessionOptions()
+    options.validate()
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = _OPT_LEVELS[options.optimization]
+    session_options.log_severity_level = 3
+    if options.threads:
+        session_options.intra_op_num_threads = options.threads
+    if options.save_optimized:
+        session_options.optimized_model_filepath = str(Path(graph).with_suffix(".optimized.onnx"))
+    return ort.InferenceSession(str(graph), sess_options=session_options, providers=resolve_providers(options.provider))
+
+
+def active_provider(session: ort.InferenceSession) -> str:
+    return "cuda" if session.get_providers()[0] == _ORT_PROVIDER["cuda"] else "cpu"
