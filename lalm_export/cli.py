@@ -80,8 +80,20 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
+def quiet_libraries() -> None:
+    """Library chatter a user cannot act on (our own stages report progress)."""
+    import logging
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for name in ("optimum", "bitsandbytes", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     from lalm_export.errors import LalmExportError
     from lalm_export.export import export_bundle
     from runtime.errors import RuntimeUserError

@@ -1,0 +1,46 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def randomize_lora(model: nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """LoRA starts with B = 0 (no effect); give B values so a wrong merge shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def relative_error(reference: np.ndarray | torch.Tensor, candidate: np.ndarray | torch.Tensor) -> float:
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    return float(np.max(np.abs(reference - candidate)) / np.max(np.abs(reference)))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, module: str = "lalm_export.cli") -> subprocess.CompletedProcess:
+    """Run a command-line entry point as a user would, in a subprocess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    """Non-zero exit, no traceback, one line on stderr naming the problem."""
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, result.stderr
+    assert fragment in error_lines[0], error_lines[0]
