@@ -1,0 +1,1 @@
+"""Benchmarks of exported graphs against their eager modules."""
