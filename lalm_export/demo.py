@@ -25,7 +25,7 @@ from lalm_export.cli import quiet_libraries  # noqa: E402
 from lalm_export.export import ExportOptions, export_bundle  # noqa: E402
 from lalm_export.models import ENCODER_CLASSES, LLMDecoder  # noqa: E402
 from lalm_export.tiny import build_tiny_checkpoint, tiny_input  # noqa: E402
-from runtime.generation import GenerationOptions, OrtDecoderBackend, greedy_generate  # noqa: E402
+from runtime.generation import GenerationOptions, OrtDecoderBackend, generate  # noqa: E402
 from runtime.sessions import SessionOptions, create_session  # noqa: E402
 
 
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         eager_gen = median_seconds(lambda: decoder.generate(input_ids=prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False), 1, 5)
     backend = OrtDecoderBackend(create_session(root / "bundles" / "llm" / "model.onnx", SessionOptions(provider="cpu")))
     ids, ones = prompt.numpy(), np.ones_like(prompt.numpy())
-    ort_gen = median_seconds(lambda: greedy_generate(backend, ids, ones, GenerationOptions(max_new_tokens=16)), 1, 5)
-    tokens = greedy_generate(backend, ids, ones, GenerationOptions(max_new_tokens=16))[0]
+    ort_gen = median_seconds(lambda: generate(backend, ids, ones, GenerationOptions(max_new_tokens=16)), 1, 5)
+    tokens = generate(backend, ids, ones, GenerationOptions(max_new_tokens=16))[0]
     say(table(
         ["graph", "input", "eager (ms)", "ONNX Runtime (ms)", "speedup"],
         [

@@ -146,6 +146,19 @@ def build_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> Pat
     return folder
 
 
+def speech_like(seconds: float, rate: int = 16_000, seed: int = 0):
+    """Speech-like audio (numpy float32): voiced harmonics under a syllable-rate envelope, plus breath noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 0.5
+    return (0.2 * voiced * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
 def tiny_input(family: str, batch: int = 2, seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
     """A random input of the right kind: log-mel (Whisper, 3000 frames) or raw 16 kHz audio."""
     generator = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ from lalm_export.eager import EagerDecoderBackend, eager_encoder_outputs
 from lalm_export.errors import ParityError
 from lalm_export.families import FamilySpec
 from lalm_export.tolerances import FP32_RELATIVE, GREEDY_STEPS
-from runtime.generation import GenerationOptions, OrtDecoderBackend, greedy_generate
+from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,8 @@ def check_decoder(
     prompt = rng.integers(3, vocab_size, size=(1, 8))
     options = GenerationOptions(max_new_tokens=steps)
     ones = np.ones_like(prompt)
-    reference = greedy_generate(eager, prompt, ones, options)[0]
-    candidate = greedy_generate(onnx, prompt, ones, options)[0]
+    reference = generate(eager, prompt, ones, options)[0]
+    candidate = generate(onnx, prompt, ones, options)[0]
     same = reference == candidate
     report.greedy = {
         "steps": int(steps),

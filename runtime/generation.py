@@ -6,6 +6,7 @@ same two methods, so parity checks and benchmarks compare them by swapping one o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -71,24 +72,77 @@ class OrtDecoderBackend:
 @dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int = 32
-    eos_token_id: int | None = None  # None: never stop early
+    eos_token_id: int | None = None  # None: never stop on EOS
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    seed: int | None = None
+
+    def validate(self) -> None:
+        from runtime.errors import RuntimeUserError
+
+        if self.max_new_tokens < 1:
+            raise RuntimeUserError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise RuntimeUserError(f"temperature must be 0 (greedy) or positive, not {self.temperature}")
+        if self.top_k < 0:
+            raise RuntimeUserError(f"top_k must be 0 (off) or positive, not {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RuntimeUserError(f"top_p must be in (0, 1], not {self.top_p}")
 
 
-def greedy_generate(
-    backend: DecoderBackend, input_ids: np.ndarray, attention_mask: np.ndarray, options: GenerationOptions
+def choose_tokens(logits: np.ndarray, options: GenerationOptions, rng: np.random.Generator) -> np.ndarray:
+    """Greedy at temperature 0; else sample after temperature, top-k and top-p filtering."""
+    if options.temperature == 0.0:
+        return logits.argmax(axis=-1).astype(np.int64)
+    scores = logits.astype(np.float64) / options.temperature
+    if options.top_k:
+        kth = np.sort(scores, axis=-1)[:, -min(options.top_k, scores.shape[-1])][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if options.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        # keep the smallest set whose mass reaches top_p (always at least the best token)
+        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= options.top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
+
+
+def generate(
+    backend: DecoderBackend,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    options: GenerationOptions,
+    stop: Callable[[np.ndarray], np.ndarray] | None = None,
+    on_tokens: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """Greedy tokens `(batch, n)`; rows that hit EOS are padded with EOS until all have."""
+    """Generated tokens `(batch, n)`. A row ends at EOS or when `stop(tokens_so_far)` marks it;
+    finished rows are padded with EOS (or their last token) until every row has ended.
+    `on_tokens` receives each step's tokens, for streaming."""
+    options.validate()
+    rng = np.random.default_rng(options.seed)
     logits = backend.prefill(input_ids, attention_mask)
     batch = input_ids.shape[0]
     finished = np.zeros(batch, dtype=bool)
-    tokens: list[np.ndarray] = []
-    for step in range(options.max_new_tokens):
-        next_ids = logits.argmax(axis=-1).astype(np.int64)
+    tokens = np.zeros((batch, 0), dtype=np.int64)
+    for _ in range(options.max_new_tokens):
+        next_ids = choose_tokens(logits, options, rng)
+        if tokens.shape[1]:
+            filler = options.eos_token_id if options.eos_token_id is not None else tokens[:, -1]
+            next_ids = np.where(finished, filler, next_ids)
+        tokens = np.concatenate([tokens, next_ids[:, None]], axis=1)
+        if on_tokens is not None:
+            on_tokens(next_ids)
         if options.eos_token_id is not None:
-            next_ids = np.where(finished, options.eos_token_id, next_ids)
             finished |= next_ids == options.eos_token_id
-        tokens.append(next_ids)
-        if finished.all() or step == options.max_new_tokens - 1:
+        if stop is not None:
+            finished |= stop(tokens)
+        if finished.all() or tokens.shape[1] == options.max_new_tokens:
             break
         logits = backend.decode_step(next_ids)
-    return np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), dtype=np.int64)
+    return tokens

@@ -19,7 +19,7 @@ from lalm_export.models import ENCODER_CLASSES, LLMDecoder
 from lalm_export.models.loading import load_family_model
 from lalm_export.tiny import tiny_input
 from lalm_export.tolerances import FP32_RELATIVE
-from runtime.generation import GenerationOptions, OrtDecoderBackend, greedy_generate
+from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
 from runtime.manifest import read_manifest, sha256_of
 from tests.helpers import randomize_lora, relative_error
 
@@ -84,7 +84,7 @@ def test_decoder_lora_bundle_generates_the_same_greedy_tokens(checkpoints, tmp_p
     wrapper.eval()
     hf = wrapper.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    ours = greedy_generate(OrtDecoderBackend(session), ids.numpy(), np.ones_like(ids.numpy()), GenerationOptions(max_new_tokens=24))[0]
+    ours = generate(OrtDecoderBackend(session), ids.numpy(), np.ones_like(ids.numpy()), GenerationOptions(max_new_tokens=24))[0]
     assert ours.tolist() == hf.tolist()
 
 

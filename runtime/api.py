@@ -1,0 +1,186 @@
+"""The Python API under `python -m runtime.infer`: `load(bundle)` gives an encoder runner
+or a text generator over a verified ONNX Runtime session."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.audio import Audio, check_samples, features_for, load_audio
+from runtime.errors import BundleError, RuntimeUserError
+from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
+from runtime.manifest import Manifest, read_manifest, verify_graph_files
+from runtime.sessions import SessionOptions, active_provider, create_session
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise BundleError(f"bundle file {path} is missing or not valid JSON ({err})") from err
+
+
+class _BundleModel:
+    def __init__(self, folder: str | Path, options: SessionOptions) -> None:
+        self.folder = Path(folder)
+        self.manifest: Manifest = read_manifest(self.folder)
+        graph = verify_graph_files(self.folder, self.manifest.graphs["model"])
+        self.session = create_session(graph, options)
+        self.provider = active_provider(self.session)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+
+@dataclass
+class EncodedAudio:
+    name: str
+    seconds: float
+    hidden_states: np.ndarray  # (frames, hidden): the final layer
+    all_layers: np.ndarray | None = None  # (layers + 1, frames, hidden) when the bundle exports them
+    elapsed_s: float = 0.0
+
+
+class EncoderRunner(_BundleModel):
+    """Audio files or 16 kHz arrays in, final hidden states (and every layer when exported) out."""
+
+    def __init__(self, folder: str | Path, options: SessionOptions) -> None:
+        super().__init__(folder, options)
+        self.feature_config = _read_json(self.folder / "preprocessor_config.json")
+        self.input_name = self.session.get_inputs()[0].name
+
+    def encode_files(self, paths: Sequence[str | Path]) -> list[EncodedAudio]:
+        return self.encode([load_audio(p) for p in paths])
+
+    def encode_arrays(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[EncodedAudio]:
+        names = list(names or (f"array{i}" for i in range(len(arrays))))
+        return self.encode([Audio(n, check_samples(a, n), 16_000) for n, a in zip(names, arrays)])
+
+    def encode(self, clips: Sequence[Audio]) -> list[EncodedAudio]:
+        """Clips of equal input length run as one batch. The exported graphs take no attention
+        mask, and padding changes Wav2Vec2's group-normalised features, so unequal lengths
+        are never padded together: each such clip runs alone, which keeps results exact."""
+        features = [features_for(self.manifest.input_kind, clip.samples, self.feature_config) for clip in clips]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, feature in enumerate(features):
+            groups.setdefault(feature.shape, []).append(index)
+        results: dict[int, EncodedAudio] = {}
+        for indices in groups.values():
+            start = time.perf_counter()
+            outputs = dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: np.stack([features[i] for i in indices])})))
+            elapsed = (time.perf_counter() - start) / len(indices)
+            layers = sorted((n for n in outputs if n.startswith("hidden_states.")), key=lambda n: int(n.split(".")[1]))
+            for row, index in enumerate(indices):
+                results[index] = EncodedAudio(
+                    name=clips[index].name,
+                    seconds=clips[index].seconds,
+                    hidden_states=outputs["last_hidden_state"][row],
+                    all_layers=np.stack([outputs[n][row] for n in layers]) if layers else None,
+                    elapsed_s=elapsed,
+                )
+        return [results[i] for i in range(len(clips))]
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    tokens: list[int]
+    time_to_first_token_s: float
+    tokens_per_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class TextGenerator(_BundleModel):
+    """Prompts in, text out: tokenization, left padding, the generation loop, stop strings."""
+
+    def __init__(self, folder: str | Path, options: SessionOptions) -> None:
+        super().__init__(folder, options)
+        from tokenizers import Tokenizer
+
+        tokenizer_file = self.folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise BundleError(f"bundle {self.folder} lacks tokenizer.json; export it again")
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        extra = self.manifest.extra
+        self.eos_token_id = extra.get("eos_token_id")
+        self.pad_token_id = extra.get("pad_token_id", self.eos_token_id) or 0
+        self.backend = OrtDecoderBackend(self.session)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask, left-padded so that every prompt ends at the last column."""
+        encoded = [self.tokenizer.encode(p).ids for p in prompts]
+        if any(not ids for ids in encoded):
+            raise RuntimeUserError("a prompt encodes to no tokens; pass non-empty text")
+        width = max(map(len, encoded))
+        ids = np.full((len(encoded), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(encoded), width), dtype=np.int64)
+        for row, tokens in enumerate(encoded):
+            ids[row, width - len(tokens):] = tokens
+            mask[row, width - len(tokens):] = 1
+        return ids, mask
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        kept = [t for t in tokens if t != self.eos_token_id]
+        return self.tokenizer.decode(kept, skip_special_tokens=True)
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        options: GenerationOptions,
+        stop_strings: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> list[Completion]:
+        """Generate for each prompt; `on_text` streams the first prompt's new text as it comes."""
+        ids, mask = self.encode_prompts(prompts)
+        if options.eos_token_id is None and self.eos_token_id is not None:
+            options = GenerationOptions(**{**options.__dict__, "eos_token_id": self.eos_token_id})
+        marks: list[float] = []
+        streamed = [""]
+
+        def on_tokens(step_ids: np.ndarray) -> None:
+            marks.append(time.perf_counter())
+
+        def stop(tokens: np.ndarray) -> np.ndarray:
+            texts = [self.decode(row) for row in tokens]
+            if on_text is not None:
+                text = _cut_at_stop(texts[0], stop_strings)
+                if len(text) > len(streamed[0]) and text.startswith(streamed[0]):
+                    on_text(text[len(streamed[0]):])
+                    streamed[0] = text
+            return np.array([any(s in t for s in stop_strings) for t in texts], dtype=bool)
+
+        start = time.perf_counter()
+        tokens = generate(self.backend, ids, mask, options, stop=stop, on_tokens=on_tokens)
+        end = time.perf_counter()
+        ttft = marks[0] - start if marks else 0.0
+        rate = (len(marks) - 1) / (end - marks[0]) if len(marks) > 1 and end > marks[0] else 0.0
+        completions = []
+        for prompt, row in zip(prompts, tokens):
+            kept = _trim(list(map(int, row)), self.eos_token_id)
+            text = _cut_at_stop(self.decode(kept), stop_strings)
+            completions.append(Completion(prompt, text, kept, round(ttft, 6), round(rate, 3), {"total_s": round(end - start, 6)}))
+        return completions
+
+
+def _trim(tokens: list[int], eos: int | None) -> list[int]:
+    """Tokens up to and including the first EOS (the rest is padding of a finished row)."""
+    if eos is not None and eos in tokens:
+        return tokens[: tokens.index(eos) + 1]
+    return tokens
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    cuts = [text.index(s) for s in stop_strings if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def load(folder: str | Path, options: SessionOptions | None = None) -> EncoderRunner | TextGenerator:
+    """An encoder runner or a text generator for the bundle in `folder`."""
+    options = options or SessionOptions()
+    manifest = read_manifest(folder)
+    return EncoderRunner(folder, options) if manifest.role == "encoder" else TextGenerator(folder, options)

@@ -1,0 +1,125 @@
+"""Audio front end in numpy: decode, downmix, resample to 16 kHz, and each family's
+feature extraction from the bundle's `preprocessor_config.json`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import AudioError
+
+TARGET_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class Audio:
+    name: str
+    samples: np.ndarray  # mono float32 at TARGET_RATE
+    source_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / TARGET_RATE
+
+
+def check_samples(samples: np.ndarray, name: str) -> np.ndarray:
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 1:
+        raise AudioError(f"{name}: expected mono samples (one dimension), got shape {samples.shape}")
+    if samples.size == 0:
+        raise AudioError(f"{name}: the audio is empty (no samples)")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{name}: the audio contains NaN or infinite samples; fix or re-encode the file")
+    return samples
+
+
+def resample(samples: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.ndarray:
+    if rate == target:
+        return samples
+    import soxr
+
+    return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32)
+
+
+def load_audio(path: str | Path) -> Audio:
+    """Decode wav/flac/ogg, downmix to mono, resample to 16 kHz (soxr, high quality)."""
+    import soundfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file {path} does not exist")
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError, TypeError, ValueError) as err:
+        raise AudioError(f"{path} is not a readable audio file (wav, flac or ogg expected): {err}") from err
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    mono = check_samples(mono, str(path))
+    return Audio(name=path.name, samples=check_samples(resample(mono, rate), str(path)), source_rate=int(rate))
+
+
+# --- Wav2Vec2 / HuBERT ------------------------------------------------------------------
+
+
+def normalize_waveform(samples: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    """Wav2Vec2FeatureExtractor: zero mean, unit variance per utterance when `do_normalize`."""
+    if not config.get("do_normalize", True):
+        return samples.astype(np.float32)
+    return ((samples - samples.mean()) / np.sqrt(samples.var() + 1e-7)).astype(np.float32)
+
+
+# --- Whisper log-mel ------------------------------------------------------------------------
+
+
+def _hertz_to_mel(freq: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    freq = np.asarray(freq, dtype=np.float64)
+    logstep = 27.0 / np.log(6.4)
+    return np.where(freq >= 1000.0, 15.0 + np.log(np.maximum(freq, 1e-10) / 1000.0) * logstep, 3.0 * freq / 200.0)
+
+
+def _mel_to_hertz(mels: np.ndarray) -> np.ndarray:
+    mels = np.asarray(mels, dtype=np.float64)
+    logstep = np.log(6.4) / 27.0
+    return np.where(mels >= 15.0, 1000.0 * np.exp(logstep * (mels - 15.0)), 200.0 * mels / 3.0)
+
+
+def mel_filters(n_fft: int, n_mels: int, rate: int, max_hz: float = 8000.0) -> np.ndarray:
+    """Slaney-normalised triangular filters `(1 + n_fft // 2, n_mels)`, as transformers builds them."""
+    fft_freqs = np.linspace(0, rate // 2, 1 + n_fft // 2)
+    filter_freqs = _mel_to_hertz(np.linspace(_hertz_to_mel(0.0), _hertz_to_mel(max_hz), n_mels + 2))
+    slopes = filter_freqs[None, :] - fft_freqs[:, None]
+    diff = np.diff(filter_freqs)
+    down = -slopes[:, :-2] / diff[:-1]
+    up = slopes[:, 2:] / diff[1:]
+    filters = np.maximum(0.0, np.minimum(down, up))
+    return filters * (2.0 / (filter_freqs[2 : n_mels + 2] - filter_freqs[:n_mels]))[None, :]
+
+
+def log_mel(samples: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    """WhisperFeatureExtractor: pad/trim to the chunk, |STFT|², mel, log10, clamp, scale."""
+    n_fft, hop = int(config.get("n_fft", 400)), int(config.get("hop_length", 160))
+    n_samples = int(config.get("n_samples", 480_000))
+    n_mels, rate = int(config.get("feature_size", 80)), int(config.get("sampling_rate", TARGET_RATE))
+    audio = np.zeros(n_samples, dtype=np.float64)
+    audio[: min(len(samples), n_samples)] = samples[:n_samples]
+    padded = np.pad(audio, n_fft // 2, mode="reflect")
+    frames = 1 + (len(padded) - n_fft) // hop
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    index = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
+    power = np.abs(np.fft.rfft(padded[index] * window, n=n_fft, axis=1)) ** 2
+    mel = mel_filters(n_fft, n_mels, rate).T @ power.T
+    spec = np.log10(np.maximum(mel, 1e-10))[:, :-1]
+    spec = np.maximum(spec, spec.max() - 8.0)
+    return ((spec + 4.0) / 4.0).astype(np.float32)
+
+
+def features_for(input_kind: str, samples: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    """One utterance's model input: log-mel `(n_mels, frames)` or normalised samples."""
+    if input_kind == "log_mel":
+        return log_mel(samples, config)
+    if input_kind == "raw_audio":
+        return normalize_waveform(samples, config)
+    raise AudioError(f"the bundle's input kind {input_kind!r} takes no audio")

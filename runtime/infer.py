@@ -1,0 +1,158 @@
+"""`python -m runtime.infer BUNDLE ...`: encoder features from audio files, or text from prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+EPILOG = """examples:
+  # hidden states of two recordings (any rate, mono or stereo) into one .npz
+  python -m runtime.infer bundles/wav2vec2 --audio a.wav b.flac --output feats.npz
+
+  # stream a completion; or one JSON object per prompt with tokens and timings
+  python -m runtime.infer bundles/llm --prompt "The capital of France is" --max-new-tokens 32
+  python -m runtime.infer bundles/llm --prompt "Hello" --prompt "One two" --json --temperature 0.8 --top-p 0.9 --seed 1
+
+exit status: 0 done; 1 user error (one line on stderr); 2 bad flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.infer",
+        description="Run an lalm-export bundle with ONNX Runtime (no PyTorch): audio in, features out (encoders); prompts in, text out (decoders).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("bundle", type=Path, help="bundle folder written by lalm-export")
+    audio = parser.add_argument_group("encoder bundles")
+    audio.add_argument("--audio", nargs="+", type=Path, metavar="FILE", help="wav/flac/ogg files (downmixed, resampled to 16 kHz)")
+    audio.add_argument("--output", type=Path, help="the .npz to write: one (frames, hidden) array per file, under the file's name")
+    audio.add_argument("--force", action="store_true", help="replace an existing --output")
+    text = parser.add_argument_group("decoder bundles")
+    text.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for a batch (left-padded)")
+    text.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
+    text.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sampling temperature")
+    text.add_argument("--top-k", type=int, default=0, help="sample from the k best tokens (0: off)")
+    text.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    text.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    text.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a completion at this text; repeatable")
+    text.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    text.add_argument("--json", action="store_true", help="print one JSON object per prompt: text, tokens, timings")
+    run = parser.add_argument_group("session")
+    run.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
+    run.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    run.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+    return parser
+
+
+def say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def write_npz(path: Path, arrays: dict, force: bool) -> None:
+    """Write atomically: a failed run never leaves a half-written file in place."""
+    from runtime.errors import RuntimeUserError
+
+    import numpy as np
+
+    if path.exists() and not force:
+        raise RuntimeUserError(f"--output {path} exists; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    os.close(handle)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run_encoder(runner, args: argparse.Namespace) -> None:
+    from runtime.errors import RuntimeUserError
+
+    if args.prompt:
+        raise RuntimeUserError("this is an encoder bundle: it takes --audio, not --prompt")
+    if not args.audio or args.output is None:
+        raise RuntimeUserError("an encoder bundle needs --audio FILE [FILE ...] and --output OUT.npz")
+    names = [p.name for p in args.audio]
+    if len(set(names)) != len(names):
+        raise RuntimeUserError("two --audio files share a file name; the .npz stores each under its name, so rename one")
+    results = runner.encode_files(args.audio)
+    arrays = {}
+    for result in results:
+        arrays[result.name] = result.hidden_states
+        if result.all_layers is not None:
+            arrays[f"{result.name}:all_layers"] = result.all_layers
+        frames, hidden = result.hidden_states.shape
+        say(f"{result.name}: {result.seconds:.2f} s audio, {frames} frames x {hidden}, {result.elapsed_s * 1e3:.1f} ms", args.quiet)
+    write_npz(args.output, arrays, args.force)
+    say(f"wrote {args.output} ({len(results)} file(s), provider {runner.provider})", args.quiet)
+
+
+def run_decoder(generator, args: argparse.Namespace) -> None:
+    from runtime.errors import RuntimeUserError
+    from runtime.generation import GenerationOptions
+
+    if args.audio:
+        raise RuntimeUserError("this is a decoder bundle: it takes --prompt, not --audio")
+    if not args.prompt:
+        raise RuntimeUserError("a decoder bundle needs --prompt TEXT")
+    options = GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=-1 if args.ignore_eos else None,  # -1 never occurs: disables the EOS stop
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    stream = not args.json and len(args.prompt) == 1
+    on_text = (lambda text: print(text, end="", flush=True)) if stream else None
+    completions = generator.complete(args.prompt, options, stop_strings=args.stop, on_text=on_text)
+    for completion in completions:
+        if args.json:
+            print(json.dumps({
+                "prompt": completion.prompt,
+                "text": completion.text,
+                "tokens": completion.tokens,
+                "time_to_first_token_s": completion.time_to_first_token_s,
+                "tokens_per_s": completion.tokens_per_s,
+                **completion.timings,
+            }))
+        elif not stream:
+            print(f"{completion.prompt}{completion.text}")
+    if stream:
+        print()
+    first = completions[0]
+    say(f"[{len(first.tokens)} tokens, first after {first.time_to_first_token_s * 1e3:.1f} ms, {first.tokens_per_s:.1f} tokens/s, provider {generator.provider}]", args.quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.api import EncoderRunner, load
+    from runtime.errors import RuntimeUserError
+    from runtime.sessions import SessionOptions
+
+    try:
+        model = load(args.bundle, SessionOptions(provider=args.provider, threads=args.threads))
+        say(f"{args.bundle}: {model.manifest.family} {model.manifest.role}, provider {model.provider}", args.quiet)
+        if isinstance(model, EncoderRunner):
+            run_encoder(model, args)
+        else:
+            run_decoder(model, args)
+    except RuntimeUserError as err:
+        print(f"runtime.infer: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("runtime.infer: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""`python -m runtime.infer` and the runtime API on exported bundles, against the eager models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import AutoFeatureExtractor, AutoModelForCausalLM
+
+from lalm_export.export import ExportOptions, export_bundle
+from lalm_export.families import get_family
+from lalm_export.models.loading import load_family_model
+from runtime.api import load
+from runtime.generation import GenerationOptions
+from tests.helpers import REPO, assert_user_error, relative_error, run_cli
+from lalm_export.tiny import speech_like
+
+INFER = "runtime.infer"
+
+
+@pytest.fixture(scope="module")
+def bundles(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    for family in ("wav2vec2", "hubert", "whisper", "llm"):
+        export_bundle(ExportOptions(family=family, model=str(checkpoints[family]), output=root / family), quiet=True)
+    return root
+
+
+def test_runtime_imports_and_runs_without_torch(bundles):
+    code = (
+        "import sys, numpy as np\n"
+        "import runtime.infer, runtime.api\n"
+        f"model = runtime.api.load({str(bundles / 'hubert')!r})\n"
+        "model.encode_arrays([np.zeros(16000, dtype=np.float32) + 0.1])\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'lalm_export'))\n"
+        "print(bad)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "hubert", "whisper"])
+def test_encoder_cli_matches_eager_on_speech(family, bundles, checkpoints, tmp_path):
+    samples = speech_like(3.0)
+    sf.write(tmp_path / "speech.wav", samples, 16_000, subtype="FLOAT")
+    result = run_cli(bundles / family, "--audio", tmp_path / "speech.wav", "--output", tmp_path / "out.npz", module=INFER)
+    assert result.returncode == 0, result.stderr
+    assert "speech.wav: 3.00 s audio" in result.stderr
+    ours = np.load(tmp_path / "out.npz")["speech.wav"]
+    extractor = AutoFeatureExtractor.from_pretrained(str(checkpoints[family]))
+    features = extractor(samples, sampling_rate=16_000, return_tensors="pt")
+    model = load_family_model(get_family(family), str(checkpoints[family])).eval()
+    with torch.no_grad():
+        eager = model(**{get_family(family).input_name: features[get_family(family).input_name]}).last_hidden_state[0]
+    assert ours.shape == tuple(eager.shape)
+    assert relative_error(eager, ours) <= 1e-3
+
+
+def test_stereo_44k_flac_gives_the_right_number_of_frames(bundles, checkpoints, tmp_path):
+    stereo = np.stack([speech_like(2.5, 44_100), speech_like(2.5, 44_100, seed=2)], axis=1)
+    sf.write(tmp_path / "stereo.flac", stereo, 44_100)
+    runner = load(bundles / "wav2vec2")
+    (encoded,) = runner.encode_files([tmp_path / "stereo.flac"])
+    length = 40_000  # 2.5 s at 16 kHz
+    config = load_family_model(get_family("wav2vec2"), str(checkpoints["wav2vec2"])).config
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        length = (length - kernel) // stride + 1
+    assert encoded.hidden_states.shape == (length, 64)
+
+
+def test_files_of_different_lengths_match_each_alone(bundles):
+    runner = load(bundles / "wav2vec2")
+    clips = [speech_like(1.0), speech_like(1.7, seed=3), speech_like(1.0, seed=4)]
+    together = runner.encode_arrays(clips)
+    for clip, result in zip(clips, together):
+        (alone,) = runner.encode_arrays([clip])
+        np.testing.assert_allclose(result.hidden_states, alone.hidden_states, rtol=1e-5, atol=1e-5)
+
+
+def eager_greedy(checkpoint, prompt_ids: list[int], steps: int) -> list[int]:
+    """Greedy decoding by full recomputation: no cache, no generate()."""
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt_ids):].tolist()
+
+
+def test_decoder_json_tokens_equal_eager_greedy(bundles, checkpoints):
+    prompt = "The capital of France is"
+    result = run_cli(bundles / "llm", "--prompt", prompt, "--max-new-tokens", "32", "--ignore-eos", "--json", module=INFER)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    generator = load(bundles / "llm")
+    expected = eager_greedy(checkpoints["llm"], generator.tokenizer.encode(prompt).ids, 32)
+    assert record["tokens"] == expected
+    assert record["time_to_first_token_s"] > 0 and record["tokens_per_s"] > 0
+    assert record["text"] == generator.decode(expected)
+
+
+def test_streamed_text_equals_the_completion(bundles):
+    result = run_cli(bundles / "llm", "--prompt", "hello", "--max-new-tokens", "12", "--ignore-eos", module=INFER)
+    assert result.returncode == 0, result.stderr
+    generator = load(bundles / "llm")
+    (completion,) = generator.complete(["hello"], GenerationOptions(max_new_tokens=12, eos_token_id=-1))
+    assert result.stdout == completion.text + "\n"
+
+
+def test_sampling_is_reproducible_with_a_seed(bundles):
+    generator = load(bundles / "llm")
+    options = GenerationOptions(max_new_tokens=16, eos_token_id=-1, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    first = generator.complete(["one two"], options)[0].tokens
+    again = generator.complete(["one two"], options)[0].tokens
+    other = generator.complete(["one two"], GenerationOptions(**{**options.__dict__, "seed": 8}))[0].tokens
+    greedy = generator.complete(["one two"], GenerationOptions(max_new_tokens=16, eos_token_id=-1))[0].tokens
+    assert first == again
+    assert first != other and first != greedy
+
+
+def test_batch_of_prompts_equals_each_alone(bundles):
+    generator = load(bundles / "llm")
+    prompts = ["hi", "the quick brown fox jumps", "one two three"]
+    options = GenerationOptions(max_new_tokens=20, eos_token_id=-1)
+    batch = generator.complete(prompts, options)
+    for prompt, completion in zip(prompts, batch):
+        assert completion.tokens == generator.complete([prompt], options)[0].tokens
+
+
+def test_stop_string_ends_the_completion(bundles):
+    generator = load(bundles / "llm")
+    options = GenerationOptions(max_new_tokens=24, eos_token_id=-1)
+    full = generator.complete(["hello"], options)[0].text
+    stop = full[3:5]
+    cut = generator.complete(["hello"], options, stop_strings=[stop])[0]
+    assert cut.text == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("missing bundle", "does not exist"),
+        ("not a bundle", "is not a bundle"),
+        ("tampered graph", "does not match the sha256"),
+        ("future format", "format version 99"),
+        ("prompt to encoder", "takes --audio, not --prompt"),
+        ("audio to decoder", "takes --prompt, not --audio"),
+        pytest.param(
+            "cuda unavailable",
+            "CUDAExecutionProvider is not available",
+            marks=pytest.mark.skipif(
+                "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="CUDA is available here"
+            ),
+        ),
+        ("unreadable audio", "not a readable audio file"),
+        ("output exists", "pass --force"),
+    ],
+)
+def test_user_errors(case, fragment, bundles, tmp_path):
+    import shutil
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, speech_like(1.0), 16_000)
+    encoder = tmp_path / "encoder"
+    shutil.copytree(bundles / "hubert", encoder)
+    out = tmp_path / "out.npz"
+    if case == "tampered graph":
+        with open(encoder / "model.onnx", "ab") as handle:
+            handle.write(b"\0")
+    if case == "future format":
+        manifest = json.loads((encoder / "manifest.json").read_text())
+        (encoder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    if case == "unreadable audio":
+        wav.write_text("text")
+    if case == "output exists":
+        out.write_bytes(b"keep")
+    args = {
+        "missing bundle": [tmp_path / "nope", "--audio", wav, "--output", out],
+        "not a bundle": [tmp_path, "--audio", wav, "--output", out],
+        "prompt to encoder": [encoder, "--prompt", "hi"],
+        "audio to decoder": [bundles / "llm", "--audio", wav],
+        "cuda unavailable": [encoder, "--provider", "cuda", "--audio", wav, "--output", out],
+    }.get(case, [encoder, "--audio", wav, "--output", out])
+    result = run_cli(*args, module=INFER)
+    assert_user_error(result, fragment)
+    if case == "output exists":
+        assert out.read_bytes() == b"keep"
+    else:
+        assert not out.exists()
