@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 from lalm_export.cli import quiet_libraries  # noqa: E402
 from lalm_export.export import ExportOptions, export_bundle  # noqa: E402
 from lalm_export.models import ENCODER_CLASSES, LLMDecoder  # noqa: E402
-from lalm_export.tiny import build_tiny_checkpoint, tiny_input  # noqa: E402
+from lalm_export.tiny import build_tiny_checkpoint, speech_like, tiny_input  # noqa: E402
 from runtime.generation import GenerationOptions, OrtDecoderBackend, generate  # noqa: E402
 from runtime.sessions import SessionOptions, create_session  # noqa: E402
 
@@ -173,8 +174,31 @@ def main(argv: list[str] | None = None) -> int:
     ))
     say(f"   ONNX greedy text: {decoder.tokenizer.decode(tokens)!r}")
     say(f"   machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)\n")
-    say(f"bundles are in {root / 'bundles'}; each holds manifest.json with its parity report")
+
+    say("== 7. serve the bundles with the torch-free runtime")
+    run_runtime(root)
+    say(f"\nbundles are in {root / 'bundles'}; each holds manifest.json with its parity report")
     return 0
+
+
+def run_runtime(root: Path) -> None:
+    """Run `python -m runtime.infer` as a user would, on a speech-like file and on prompts."""
+    import soundfile
+
+    from runtime import infer
+
+    soundfile.write(root / "speech.wav", speech_like(3.0, rate=44_100), 44_100)
+    commands = [
+        [str(root / "bundles" / "wav2vec2"), "--audio", str(root / "speech.wav"), "--output", str(root / "features.npz")],
+        [str(root / "bundles" / "llm"), "--prompt", "the capital of france is", "--max-new-tokens", "12"],
+        [str(root / "bundles" / "llm"), "--prompt", "one two", "--prompt", "hello, how are", "--max-new-tokens", "8", "--json", "-q"],
+    ]
+    for command in commands:
+        print("$ python -m runtime.infer " + shlex.join(command), flush=True)
+        sys.stderr.flush()
+        infer.main(command)
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ class TextGenerator(_BundleModel):
         extra = self.manifest.extra
         self.eos_token_id = extra.get("eos_token_id")
         self.pad_token_id = extra.get("pad_token_id", self.eos_token_id) or 0
-        self.backend = OrtDecoderBackend(self.session)
+        # On CUDA the KV cache stays on the device between steps (IO binding).
+        self.backend = OrtDecoderBackend(self.session, binding_device="cuda" if self.provider == "cuda" else None)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, left-padded so that every prompt ends at the last column."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -30,10 +30,16 @@ def position_ids_for(attention_mask: np.ndarray) -> np.ndarray:
 
 
 class OrtDecoderBackend:
-    """Optimum's text-generation-with-past graph: `past_key_values.N.key/value` in, `present.N.*` out."""
+    """Optimum's text-generation-with-past graph: `past_key_values.N.key/value` in, `present.N.*` out.
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    With `binding_device` ("cuda", or "cpu" to exercise the same path without a GPU) the
+    session runs through IO binding: each step's `present.*` outputs stay where they were
+    computed as OrtValues and are bound as the next step's past, so the KV cache never
+    makes a host round trip; only the logits come back to the host."""
+
+    def __init__(self, session: ort.InferenceSession, binding_device: str | None = None) -> None:
         self.session = session
+        self.binding_device = binding_device
         inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = sorted(
             (name for name in inputs if name.startswith("past_key_values.")),
@@ -44,23 +50,43 @@ class OrtDecoderBackend:
         self.kv_shape = tuple(first.shape[1:]) if first is not None else ()  # (heads, past, head_dim)
         self.kv_dtype = _ORT_FLOAT.get(first.type, np.float32) if first is not None else np.float32
         self.output_names = [o.name for o in session.get_outputs()]
-        self._past: dict[str, np.ndarray] = {}
+        self._past: dict[str, Any] = {}
         self._mask = np.zeros((0, 0), dtype=np.int64)
 
-    def _run(self, input_ids: np.ndarray) -> np.ndarray:
-        feeds: dict[str, np.ndarray] = {"input_ids": input_ids.astype(np.int64), "attention_mask": self._mask}
+    def _feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": self._mask}
         if self.uses_position_ids:
-            positions = position_ids_for(self._mask)
-            feeds["position_ids"] = positions[:, -input_ids.shape[1]:]
-        feeds.update(self._past)
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+            feeds["position_ids"] = position_ids_for(self._mask)[:, -input_ids.shape[1]:]
+        return feeds
+
+    def _run(self, input_ids: np.ndarray) -> np.ndarray:
+        if self.binding_device is not None:
+            return self._run_bound(input_ids)
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, {**self._feeds(input_ids), **self._past})))
         self._past = {name: outputs[name.replace("past_key_values", "present")] for name in self.past_names}
         return outputs["logits"][:, -1, :]
+
+    def _run_bound(self, input_ids: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, value in self._feeds(input_ids).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in self._past.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu" if name == "logits" else self.binding_device)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(self.output_names, binding.get_outputs()))
+        self._past = {name: outputs[name.replace("past_key_values", "present")] for name in self.past_names}
+        return outputs["logits"].numpy()[:, -1, :]
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         batch = input_ids.shape[0]
         heads, _, head_dim = self.kv_shape
-        self._past = {name: np.zeros((batch, heads, 0, head_dim), dtype=self.kv_dtype) for name in self.past_names}
+        empty = np.zeros((batch, heads, 0, head_dim), dtype=self.kv_dtype)
+        if self.binding_device is not None:
+            self._past = {name: ort.OrtValue.ortvalue_from_numpy(empty, self.binding_device, 0) for name in self.past_names}
+        else:
+            self._past = {name: empty for name in self.past_names}
         self._mask = attention_mask.astype(np.int64)
         return self._run(input_ids)
 

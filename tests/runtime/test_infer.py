@@ -133,6 +133,20 @@ def test_batch_of_prompts_equals_each_alone(bundles):
         assert completion.tokens == generator.complete([prompt], options)[0].tokens
 
 
+def test_io_binding_path_gives_the_same_tokens(bundles):
+    """The CUDA path (IO binding, KV cache kept as OrtValues) run with the CPU device."""
+    from runtime.generation import OrtDecoderBackend, generate
+
+    generator = load(bundles / "llm")
+    ids, mask = generator.encode_prompts(["hi", "the quick brown fox"])
+    options = GenerationOptions(max_new_tokens=16, eos_token_id=-1)
+    plain = generate(OrtDecoderBackend(generator.session), ids, mask, options)
+    bound_backend = OrtDecoderBackend(generator.session, binding_device="cpu")
+    bound = generate(bound_backend, ids, mask, options)
+    np.testing.assert_array_equal(plain, bound)
+    assert all(type(v).__name__ == "OrtValue" for v in bound_backend._past.values())
+
+
 def test_stop_string_ends_the_completion(bundles):
     generator = load(bundles / "llm")
     options = GenerationOptions(max_new_tokens=24, eos_token_id=-1)
