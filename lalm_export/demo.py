@@ -37,16 +37,15 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
 
 
+def count_trainable(model: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}"
+
+
 def trainable_table(checkpoints: dict[str, Path]) -> str:
-    rows = []
-    for family, cls in ENCODER_CLASSES.items():
-        counts = []
-        for kwargs in ({}, {"finetune": True}, {"use_lora": True}, {"use_qlora": True}):
-            model = cls(str(checkpoints[family]), **kwargs)
-            counts.append(f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
-        rows.append([family, *counts])
-    llm = [LLMDecoder(str(checkpoints["llm"]), **kw) for kw in ({}, {"use_lora": True}, {"use_qlora": True})]
-    rows.append(["llm", *(f"{sum(p.numel() for p in m.parameters() if p.requires_grad):,}" for m in llm[:1]), "n/a", *(f"{sum(p.numel() for p in m.parameters() if p.requires_grad):,}" for m in llm[1:])])
+    modes = ({}, {"finetune": True}, {"use_lora": True}, {"use_qlora": True})
+    rows = [[family, *(count_trainable(cls(str(checkpoints[family]), **kw)) for kw in modes)] for family, cls in ENCODER_CLASSES.items()]
+    llm = str(checkpoints["llm"])
+    rows.append(["llm", count_trainable(LLMDecoder(llm)), "n/a", count_trainable(LLMDecoder(llm, use_lora=True)), count_trainable(LLMDecoder(llm, use_qlora=True))])
     return table(["family", "frozen", "finetune", "LoRA", "QLoRA"], rows)
 
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lalm_export.errors import CorruptWeightsError, ModelLoadError
+from runtime.manifest import sha256_of
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -88,21 +89,13 @@ def write_json(data: dict[str, Any], path: str | Path) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sha256_tree(folder: str | Path) -> str:
     """One digest over every file of a folder (relative names and contents)."""
     folder = Path(folder)
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(file.relative_to(folder).as_posix().encode())
-        digest.update(sha256_file(file).encode())
+        digest.update(sha256_of(file).encode())
     return digest.hexdigest()
 
 

@@ -138,7 +138,8 @@ def check_decoder(
     for batch, length in tqdm(shapes, desc="verify", unit="case", disable=not progress, leave=False):
         ids = rng.integers(3, vocab_size, size=(batch, length))
         mask = np.ones_like(ids)
-        mask[-1, : length // 3] = 0 if batch > 1 else 1  # left padding in the last row
+        if batch > 1:
+            mask[-1, : length // 3] = 0  # left padding in the last row
         report.record("logits (prefill)", eager.prefill(ids, mask), onnx.prefill(ids, mask))
         step_ids = rng.integers(3, vocab_size, size=(batch,))
         report.record("logits (decode step)", eager.decode_step(step_ids), onnx.decode_step(step_ids))

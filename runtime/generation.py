@@ -12,6 +12,8 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from runtime.errors import RuntimeUserError
+
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -105,8 +107,6 @@ class GenerationOptions:
     seed: int | None = None
 
     def validate(self) -> None:
-        from runtime.errors import RuntimeUserError
-
         if self.max_new_tokens < 1:
             raise RuntimeUserError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
         if self.temperature < 0:
