@@ -56,6 +56,7 @@ def test_help_explains_every_flag():
     "case, fragment",
     [
         ("missing model", "does not exist"),
+        ("hub id while offline", "pass a local checkpoint folder with --model"),
         ("missing adapter", "adapter folder"),
         ("adapter of another family", "trained for the 'hubert' family"),
         ("adapter of another base", "has shape"),
@@ -72,6 +73,7 @@ def test_user_errors(case, fragment, checkpoints, adapters, tmp_path):
     out = tmp_path / "out"
     args = {
         "missing model": ["--encoder", "hubert", "--model", tmp_path / "nope"],
+        "hub id while offline": ["--encoder", "hubert"],
         "missing adapter": ["--encoder", "hubert", "--model", checkpoints["hubert"], "--adapter", tmp_path / "nope"],
         "adapter of another family": ["--encoder", "wav2vec2", "--model", checkpoints["wav2vec2"], "--adapter", adapters / "hubert"],
         "adapter of another base": ["--encoder", "wav2vec2", "--model", checkpoints["wav2vec2"], "--adapter", adapters / "wider"],
