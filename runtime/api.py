@@ -15,8 +15,8 @@ import numpy as np
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import BundleError, RuntimeUserError
 from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
-from runtime.manifest import Manifest, read_manifest, verify_graph_files
-from runtime.sessions import SessionOptions, active_provider, create_session
+from runtime.manifest import Manifest, read_manifest, sha256_of, verify_graph_files
+from runtime.sessions import SessionOptions, active_provider, create_session, resolve_providers
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -30,10 +30,43 @@ class _BundleModel:
     def __init__(self, folder: str | Path, options: SessionOptions) -> None:
         self.folder = Path(folder)
         self.manifest: Manifest = read_manifest(self.folder)
-        graph = verify_graph_files(self.folder, self.manifest.graphs["model"])
-        self.session = create_session(graph, options)
+        source = verify_graph_files(self.folder, self.manifest.graphs["model"])
+        reusable = None if options.save_optimized else saved_optimized_graph(source, options)
+        self.graph_path = reusable or source
+        if reusable is not None:  # already optimized for this provider: skip that work at start-up
+            options = SessionOptions(**{**options.__dict__, "optimization": "disable"})
+        self.session = create_session(self.graph_path, options)
         self.provider = active_provider(self.session)
+        if options.save_optimized:
+            record_optimized_graph(source, self.provider)
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+
+def _optimized_record(graph: Path) -> Path:
+    return graph.with_suffix(".optimized.json")
+
+
+def record_optimized_graph(source: Path, provider: str) -> None:
+    """Tie the optimized graph to the verified graph it came from and to its provider:
+    it is reused only while both match, and only if its own sha256 still matches."""
+    optimized = source.with_suffix(".optimized.onnx")
+    record = {"source_sha256": sha256_of(source), "sha256": sha256_of(optimized), "provider": provider}
+    _optimized_record(source).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def saved_optimized_graph(source: Path, options: SessionOptions) -> Path | None:
+    optimized, record_path = source.with_suffix(".optimized.onnx"), _optimized_record(source)
+    if not (optimized.is_file() and record_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    provider = resolve_providers(options.provider)[0]
+    same_provider = record.get("provider") == ("cuda" if provider == "CUDAExecutionProvider" else "cpu")
+    if same_provider and record.get("source_sha256") == sha256_of(source) and record.get("sha256") == sha256_of(optimized):
+        return optimized
+    return None
 
 
 @dataclass

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("session")
     run.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
     run.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    run.add_argument("--save-optimized", action="store_true", help="write the optimized graph beside the bundle's graph (model.optimized.onnx) so later starts can skip optimization")
     run.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
     return parser
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.sessions import SessionOptions
 
     try:
-        model = load(args.bundle, SessionOptions(provider=args.provider, threads=args.threads))
+        model = load(args.bundle, SessionOptions(provider=args.provider, threads=args.threads, save_optimized=args.save_optimized))
         say(f"{args.bundle}: {model.manifest.family} {model.manifest.role}, provider {model.provider}", args.quiet)
         if isinstance(model, EncoderRunner):
             run_encoder(model, args)

@@ -147,6 +147,24 @@ def test_io_binding_path_gives_the_same_tokens(bundles):
     assert all(type(v).__name__ == "OrtValue" for v in bound_backend._past.values())
 
 
+def test_saved_optimized_graph_is_reused(bundles, tmp_path):
+    import shutil
+
+    from runtime.sessions import SessionOptions
+
+    bundle = tmp_path / "llm"
+    shutil.copytree(bundles / "llm", bundle)
+    options = GenerationOptions(max_new_tokens=10, eos_token_id=-1)
+    first = load(bundle, SessionOptions(save_optimized=True))
+    assert (bundle / "model.optimized.onnx").is_file()
+    reused = load(bundle)
+    assert reused.graph_path.name == "model.optimized.onnx"
+    assert reused.complete(["hi"], options)[0].tokens == first.complete(["hi"], options)[0].tokens
+    with open(bundle / "model.optimized.onnx", "ab") as handle:
+        handle.write(b"\0")  # a modified optimized graph is ignored, never run
+    assert load(bundle).graph_path.name == "model.onnx"
+
+
 def test_stop_string_ends_the_completion(bundles):
     generator = load(bundles / "llm")
     options = GenerationOptions(max_new_tokens=24, eos_token_id=-1)
