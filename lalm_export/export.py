@@ -87,10 +87,10 @@ def validate_options(opts: ExportOptions) -> None:
         raise OptionsError("--all-hidden-states is for encoders; decoders export logits and the KV cache")
     if spec.role == "decoder" and opts.weights is not None:
         raise OptionsError("--weights is for encoders saved with save_model_weights(); for a decoder pass --model")
-    if spec.role == "decoder" and opts.decoder_arch != "auto" and opts.decoder_arch not in supported_decoder_archs():
-        raise OptionsError(
-            f"unknown decoder architecture {opts.decoder_arch!r}; known: auto, {', '.join(supported_decoder_archs())}"
-        )
+    if spec.role == "decoder" and opts.decoder_arch != "auto":
+        known = supported_decoder_archs()
+        if opts.decoder_arch not in known:
+            raise OptionsError(f"unknown decoder architecture {opts.decoder_arch!r}; known: auto, {', '.join(known)}")
     if not 14 <= opts.opset <= 23:
         raise OptionsError(f"--opset must be between 14 and 23, not {opts.opset}")
     if opts.rtol <= 0 or (opts.atol is not None and opts.atol < 0):
@@ -312,7 +312,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             with stages.stage("verify", "ONNX Runtime (CPU) vs eager fp32"):
                 parity = verify_graph(model, graph, opts, stages)
         else:
-            stages.say("[4/5] verify: skipped (--no-verify)")
+            stages.skip("verify", "--no-verify")
             parity = {"verified": False, "reason": "--no-verify"}
         with stages.stage("write", str(opts.output)):
             extra = save_companions(model, opts, tmp)

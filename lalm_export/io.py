@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lalm_export.errors import CorruptWeightsError, ModelLoadError
-from runtime.manifest import sha256_of
+from runtime.errors import BundleError
+from runtime.manifest import read_json_object, sha256_of
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -73,16 +74,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
 
 
 def read_json(path: str | Path, what: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptWeightsError(f"{what} {path} does not exist")
+    """`runtime.manifest.read_json_object`, raising this package's `CorruptWeightsError`."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptWeightsError(f"{what} {path} is not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise CorruptWeightsError(f"{what} {path} must hold a JSON object")
-    return data
+        return read_json_object(path, what)
+    except BundleError as err:
+        raise CorruptWeightsError(str(err)) from err
 
 
 def write_json(data: dict[str, Any], path: str | Path) -> None:

@@ -18,6 +18,9 @@ class Stages:
         if not self.quiet:
             print(message, file=sys.stderr, flush=True)
 
+    def skip(self, name: str, reason: str) -> None:
+        self.say(f"[{self.names.index(name) + 1}/{len(self.names)}] {name}: skipped ({reason})")
+
     @contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[None]:
         index = self.names.index(name) + 1

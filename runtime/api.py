@@ -8,22 +8,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import BundleError, RuntimeUserError
 from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
-from runtime.manifest import Manifest, read_manifest, sha256_of, verify_graph_files
-from runtime.sessions import SessionOptions, active_provider, create_session, resolve_providers
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise BundleError(f"bundle file {path} is missing or not valid JSON ({err})") from err
+from runtime.manifest import Manifest, read_json_object, read_manifest, sha256_of, verify_graph_files
+from runtime.sessions import SessionOptions, active_provider, create_session, provider_label, resolve_providers
 
 
 class _BundleModel:
@@ -62,8 +54,7 @@ def saved_optimized_graph(source: Path, options: SessionOptions) -> Path | None:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    provider = resolve_providers(options.provider)[0]
-    same_provider = record.get("provider") == ("cuda" if provider == "CUDAExecutionProvider" else "cpu")
+    same_provider = record.get("provider") == provider_label(resolve_providers(options.provider)[0])
     if same_provider and record.get("source_sha256") == sha256_of(source) and record.get("sha256") == sha256_of(optimized):
         return optimized
     return None
@@ -83,7 +74,7 @@ class EncoderRunner(_BundleModel):
 
     def __init__(self, folder: str | Path, options: SessionOptions) -> None:
         super().__init__(folder, options)
-        self.feature_config = _read_json(self.folder / "preprocessor_config.json")
+        self.feature_config = read_json_object(self.folder / "preprocessor_config.json", "bundle file")
         self.input_name = self.session.get_inputs()[0].name
 
     def encode_files(self, paths: Sequence[str | Path]) -> list[EncodedAudio]:
@@ -180,16 +171,18 @@ class TextGenerator(_BundleModel):
             marks.append(time.perf_counter())
 
         def stop(tokens: np.ndarray) -> np.ndarray:
-            texts = [self.decode(row) for row in tokens]
             if on_text is not None:
-                text = _cut_at_stop(texts[0], stop_strings)
+                text = _cut_at_stop(self.decode(tokens[0]), stop_strings)
                 if len(text) > len(streamed[0]) and text.startswith(streamed[0]):
                     on_text(text[len(streamed[0]):])
                     streamed[0] = text
-            return np.array([any(s in t for s in stop_strings) for t in texts], dtype=bool)
+            if not stop_strings:
+                return np.zeros(len(tokens), dtype=bool)
+            return np.array([any(s in self.decode(row) for s in stop_strings) for row in tokens], dtype=bool)
 
         start = time.perf_counter()
-        tokens = generate(self.backend, ids, mask, options, stop=stop, on_tokens=on_tokens)
+        needs_text = bool(stop_strings) or on_text is not None  # else no decoding inside the loop
+        tokens = generate(self.backend, ids, mask, options, stop=stop if needs_text else None, on_tokens=on_tokens)
         end = time.perf_counter()
         ttft = marks[0] - start if marks else 0.0
         rate = (len(marks) - 1) / (end - marks[0]) if len(marks) > 1 and end > marks[0] else 0.0

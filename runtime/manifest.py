@@ -121,6 +121,20 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`; a missing file, bad JSON or another JSON type is a `BundleError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{what} {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise BundleError(f"{what} {path} must hold a JSON object")
+    return data
+
+
 def read_manifest(folder: str | Path) -> Manifest:
     """The manifest of a bundle folder, with a clear error when it is not one."""
     folder = Path(folder)
@@ -129,13 +143,7 @@ def read_manifest(folder: str | Path) -> Manifest:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{folder} is not a bundle (no {MANIFEST_NAME}); pass a folder written by lalm-export")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise BundleError(f"{path} must hold a JSON object")
-    return Manifest.from_dict(data)
+    return Manifest.from_dict(read_json_object(path, "manifest"))
 
 
 def verify_graph_files(folder: str | Path, graph: GraphFile) -> Path:

@@ -66,5 +66,10 @@ def create_session(graph: str | Path, options: SessionOptions | None = None) -> 
     return ort.InferenceSession(str(graph), sess_options=session_options, providers=resolve_providers(options.provider))
 
 
+def provider_label(ort_provider: str) -> str:
+    """`cuda` or `cpu` for an ORT provider name."""
+    return "cuda" if ort_provider == _ORT_PROVIDER["cuda"] else "cpu"
+
+
 def active_provider(session: ort.InferenceSession) -> str:
-    return "cuda" if session.get_providers()[0] == _ORT_PROVIDER["cuda"] else "cpu"
+    return provider_label(session.get_providers()[0])
