@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lalm_export.families import ENCODER_FAMILIES
+from lalm_export.precision import DEVICES, PRECISIONS
 from lalm_export.tolerances import FP32_RELATIVE
 
 EPILOG = """examples:
@@ -16,6 +17,13 @@ EPILOG = """examples:
 
   # a QLoRA adapter from plain peft: merged into the dequantized NF4 base it was trained on
   lalm-export --decoder auto --model ./qwen2.5-0.5b --adapter ./peft-adapter --qlora --output ./bundles/llm
+
+  # int8 for CPU serving (S8S8 MatMuls on AMX/VNNI), gated on cosine against eager fp32
+  lalm-export --encoder hubert --model ./hubert-base --precision int8 --output ./bundles/hubert-int8
+
+  # int4 weight-only decoder; fp16 verified on a GPU
+  lalm-export --decoder auto --model ./qwen2.5-0.5b --precision int4 --output ./bundles/llm-int4
+  lalm-export --encoder whisper --model ./whisper-base --precision fp16 --device cuda --output ./bundles/whisper-fp16
 
   # every layer's hidden states, printing the manifest as JSON
   lalm-export --encoder whisper --model ./whisper-small --all-hidden-states --output ./bundles/whisper --json
@@ -44,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-double-quant", action="store_true", help="that base did not use double quantization, with --qlora")
     parser.add_argument("--weights", type=Path, help="full weights folder from save_model_weights() (encoders)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (exact); int8: dynamic S8S8 MatMuls, for CPUs; int4: weight-only, decoders; fp16: for CUDA; "
+        "bf16 is refused (ONNX Runtime has no CPU kernel for it). Non-fp32 graphs are gated on cosine vs eager fp32 (default: fp32)",
+    )
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the parity gate runs: eager model and ONNX Runtime provider (default: cpu)")
+    parser.add_argument(
+        "--optimize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="graph rewrites with the same math that make it faster: decoder logits for the last position only, "
+        "convolutions as MatMuls in int8 encoders (default: on)",
+    )
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
     parser.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest records that it was skipped)")
@@ -77,6 +100,9 @@ def options_from_args(args: argparse.Namespace):
         atol=args.atol,
         trust_remote_code=args.trust_remote_code,
         seed=args.seed,
+        precision=args.precision,
+        device=args.device,
+        optimize=args.optimize,
     )
 
 
@@ -109,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     elif not args.quiet:
-        print(f"bundle written to {args.output} ({manifest.source.merge} merge, parity {'passed' if manifest.parity.get('passed') else 'not verified'})", file=sys.stderr)
+        print(
+            f"bundle written to {args.output} ({manifest.precision}, "
+            f"{'no adapter' if manifest.source.merge == 'none' else manifest.source.merge + ' merge'}, "
+            f"parity {'passed' if manifest.parity.get('passed') else 'not verified'})",
+            file=sys.stderr,
+        )
     return 0
 
 

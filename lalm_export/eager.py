@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,9 @@ class EagerDecoderBackend:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
+        self.device = next(model.parameters()).device
+        # Only the last position's logits are used: skip the lm_head for the others where the model allows.
+        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self._past: Any = None
         self._mask = torch.zeros(0, 0, dtype=torch.long)
 
@@ -23,14 +27,15 @@ class EagerDecoderBackend:
     def _run(self, input_ids: torch.Tensor) -> np.ndarray:
         positions = torch.from_numpy(position_ids_for(self._mask.numpy()))[:, -input_ids.shape[1]:]
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=self._mask,
-            position_ids=positions,
+            input_ids=input_ids.to(self.device),
+            attention_mask=self._mask.to(self.device),
+            position_ids=positions.to(self.device),
             past_key_values=self._past,
             use_cache=True,
+            **self._keep,
         )
         self._past = out.past_key_values
-        return out.logits[:, -1, :].float().numpy()
+        return out.logits[:, -1, :].float().cpu().numpy()
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         self._past = None
@@ -46,9 +51,12 @@ class EagerDecoderBackend:
 def eager_encoder_outputs(
     model: nn.Module, input_name: str, x: np.ndarray, all_hidden_states: bool
 ) -> dict[str, np.ndarray]:
-    """The encoder's outputs under the ONNX output names (`last_hidden_state`, `hidden_states.N`)."""
-    out = model(**{input_name: torch.from_numpy(x)}, output_hidden_states=all_hidden_states, return_dict=True)
-    result = {"last_hidden_state": out.last_hidden_state.float().numpy()}
+    """The encoder's outputs under the ONNX output names (`last_hidden_state`, `hidden_states.N`),
+    as float32 numpy arrays whatever the model's device and dtype."""
+    weight = next(model.parameters())
+    features = torch.from_numpy(x).to(device=weight.device, dtype=weight.dtype)
+    out = model(**{input_name: features}, output_hidden_states=all_hidden_states, return_dict=True)
+    result = {"last_hidden_state": out.last_hidden_state.float().cpu().numpy()}
     if all_hidden_states:
-        result.update({f"hidden_states.{i}": h.float().numpy() for i, h in enumerate(out.hidden_states)})
+        result.update({f"hidden_states.{i}": h.float().cpu().numpy() for i, h in enumerate(out.hidden_states)})
     return result

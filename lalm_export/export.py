@@ -5,8 +5,10 @@ when complete and verified: a failed or interrupted export leaves no bundle."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import importlib.metadata
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +28,16 @@ from lalm_export.models.adapters import (
     read_adapter_metadata,
 )
 from lalm_export.models.loading import load_family_model
+from lalm_export.precision import SPECS, apply_precision, check_precision, keep_last_position_logits, load_graph, save_graph
+from lalm_export.rewrites import convolutions_as_matmuls
 from lalm_export.progress import Stages
-from lalm_export.tolerances import FP32_RELATIVE
+from lalm_export.tolerances import FP32_RELATIVE, reduced_precision_tolerance
 from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
 from runtime.sessions import SessionOptions, create_session
 
 GRAPH_NAME = "model.onnx"
 DEFAULT_OPSET = 18
-STAGES = ["load", "merge", "export", "verify", "write"]
+STAGES = ["load", "merge", "export", "precision", "verify", "write"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ class ExportOptions:
     atol: float | None = None
     trust_remote_code: bool = False
     seed: int = 0
+    precision: str = "fp32"
+    device: str = "cpu"  # where the parity gate runs: the eager reference and ONNX Runtime's provider
+    optimize: bool = True
 
     @property
     def spec(self) -> FamilySpec:
@@ -91,6 +98,9 @@ def validate_options(opts: ExportOptions) -> None:
         known = supported_decoder_archs()
         if opts.decoder_arch not in known:
             raise OptionsError(f"unknown decoder architecture {opts.decoder_arch!r}; known: auto, {', '.join(known)}")
+    check_precision(opts.precision, spec.role, opts.device)
+    if opts.device == "cuda":
+        require_cuda()
     if not 14 <= opts.opset <= 23:
         raise OptionsError(f"--opset must be between 14 and 23, not {opts.opset}")
     if opts.rtol <= 0 or (opts.atol is not None and opts.atol < 0):
@@ -106,6 +116,15 @@ def validate_options(opts: ExportOptions) -> None:
         from lalm_export.models.loading import require_bitsandbytes
 
         require_bitsandbytes()
+
+
+def require_cuda() -> None:
+    """--device cuda needs a GPU for both sides of the parity gate."""
+    from runtime.sessions import resolve_providers
+
+    if not torch.cuda.is_available():
+        raise OptionsError("--device cuda: PyTorch sees no CUDA GPU here; run on a machine with one, or use --device cpu")
+    resolve_providers("cuda")
 
 
 def adapter_quantization(opts: ExportOptions) -> QuantizationSettings | None:
@@ -191,6 +210,7 @@ def export_graph(model: nn.Module, opts: ExportOptions, folder: Path) -> Path:
     from optimum.exporters.onnx.convert import export_pytorch, onnx_export_from_model
 
     spec = opts.spec
+    folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # The tracer warns about every Python-level branch; the parity gate checks the
         # graph on other batch sizes and lengths than the ones traced, which is the real test.
@@ -282,19 +302,66 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def verify_graph(model: nn.Module, graph: Path, opts: ExportOptions, stages: Stages) -> dict[str, Any]:
-    from lalm_export.verify import Tolerance, check_decoder, check_encoder
+def parity_tolerance(opts: ExportOptions) -> Any:
+    from lalm_export.verify import Tolerance
 
-    tolerance = Tolerance(relative=opts.rtol, absolute=opts.atol)
-    session = create_session(graph, SessionOptions(provider="cpu"))
+    if opts.precision == "fp32":
+        return Tolerance(relative=opts.rtol, absolute=opts.atol)
+    return Tolerance(relative=opts.rtol, absolute=opts.atol, **reduced_precision_tolerance(opts.spec.role, opts.precision))
+
+
+def check_parity(model: nn.Module, graph: Path, opts: ExportOptions, tolerance: Any, reference: str, progress: bool) -> Any:
+    """The graph on `opts.device` against `model` (already on that device, in its dtype)."""
+    from lalm_export.verify import check_decoder, check_encoder
+
+    session = create_session(graph, SessionOptions(provider=opts.device))
     if opts.spec.role == "decoder":
-        report = check_decoder(model, session, tolerance, int(model.config.vocab_size), seed=opts.seed, progress=not stages.quiet)
+        report = check_decoder(model, session, tolerance, int(model.config.vocab_size), seed=opts.seed, progress=progress)
     else:
-        report = check_encoder(model, session, opts.spec, opts.all_hidden_states, tolerance, seed=opts.seed, progress=not stages.quiet)
+        report = check_encoder(model, session, opts.spec, opts.all_hidden_states, tolerance, seed=opts.seed, progress=progress)
+    report.reference = reference
+    return report
+
+
+def verify_graph(model: nn.Module, graph: Path, opts: ExportOptions, stages: Stages) -> dict[str, Any]:
+    """Gate on eager fp32; an fp16 graph is also compared with eager fp16 (recorded, not gated)."""
+    model = model.to(opts.device)
+    report = check_parity(model, graph, opts, parity_tolerance(opts), f"eager PyTorch fp32 (merged) on {opts.device}", not stages.quiet)
     for line in report.summary_lines():
         stages.say(f"      {line}")
     report.raise_if_failed()
-    return report.to_dict()
+    parity = report.to_dict()
+    if opts.precision == "fp16":
+        half = copy.deepcopy(model).half()
+        loose = parity_tolerance(opts)
+        against_half = check_parity(half, graph, opts, loose, f"eager PyTorch fp16 on {opts.device}", not stages.quiet)
+        stages.say("      against eager fp16: " + "; ".join(against_half.summary_lines()))
+        parity["against_eager_fp16"] = against_half.to_dict()
+    return parity
+
+
+def prepare_for_export(model: nn.Module, opts: ExportOptions) -> tuple[nn.Module, list[str]]:
+    """The module to trace: for int8 encoders, a copy whose convolutions are MatMuls (so
+    they are quantized too); otherwise `model` itself. Returns the rewrites applied."""
+    if opts.optimize and opts.precision == "int8" and opts.spec.role == "encoder":
+        rewritten = copy.deepcopy(model)
+        count = convolutions_as_matmuls(rewritten)
+        if count:
+            return rewritten, [f"{count} Conv1d as MatMul"]
+    return model, []
+
+
+def optimize_graph(graph: Path, opts: ExportOptions) -> list[str]:
+    """Graph rewrites on the fp32 export: decoders compute logits for the last position only."""
+    if not opts.optimize or opts.spec.role != "decoder":
+        return []
+    proto = load_graph(graph)
+    if not keep_last_position_logits(proto):
+        return []
+    for data in graph.parent.glob(graph.name + "_data*"):
+        data.unlink()  # loaded into memory above; rewritten by save_graph
+    save_graph(proto, graph)
+    return ["logits for the last position only"]
 
 
 def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
@@ -304,12 +371,24 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
     torch.manual_seed(opts.seed)
     model, source = load_merged_model(opts, stages)
     spec = opts.spec
+    traced, optimizations = prepare_for_export(model, opts)
     # validate_options refused a non-empty output without --force; an empty folder is replaced.
     with atomic_folder(opts.output, replace=opts.force or Path(opts.output).is_dir()) as tmp:
-        with stages.stage("export", f"Optimum, opset {opts.opset}"):
-            graph = export_graph(model, opts, tmp)
+        fp32_folder = tmp if opts.precision == "fp32" else tmp / "fp32"
+        with stages.stage("export", f"Optimum, opset {opts.opset}" + (f"; {', '.join(optimizations)}" if optimizations else "")):
+            fp32_graph = export_graph(traced, opts, fp32_folder)
+            optimizations += optimize_graph(fp32_graph, opts)
+        del traced
+        if opts.precision == "fp32":
+            stages.skip("precision", "fp32")
+            graph = fp32_graph
+        else:
+            with stages.stage("precision", SPECS[opts.precision].summary):
+                graph = tmp / GRAPH_NAME
+                apply_precision(fp32_graph, graph, opts.precision, spec.role)
+                shutil.rmtree(fp32_folder)
         if opts.verify:
-            with stages.stage("verify", "ONNX Runtime (CPU) vs eager fp32"):
+            with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32"):
                 parity = verify_graph(model, graph, opts, stages)
         else:
             stages.skip("verify", "--no-verify")
@@ -322,13 +401,16 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
                 model_type=str(model.config.model_type),
                 input_kind=spec.input_kind,
                 graphs={"model": graph_file(tmp, graph)},
-                dtype="float32",
+                dtype=SPECS[opts.precision].weights,
                 opset=opts.opset,
                 source=source,
                 libraries=library_versions(),
                 parity=parity,
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 extra=extra,
+                precision=opts.precision,
+                optimizations=optimizations,
+                device=opts.device,
             )
             manifest.write(tmp)
     return manifest

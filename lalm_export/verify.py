@@ -5,6 +5,7 @@ max-abs and relative error against its tolerance."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,23 +23,52 @@ from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
 
 @dataclass(frozen=True)
 class Tolerance:
+    """fp32 graphs are gated on relative error; reduced precisions on cosine similarity,
+    since their error is spread over every element rather than a rounding difference."""
+
     relative: float = FP32_RELATIVE
     absolute: float | None = None  # when set, an output also passes if max-abs <= absolute
+    cosine: float | None = None  # when set: gate on cosine and per-row cosine instead of relative error
+    row_cosine: float | None = None
+    greedy_agreement: float | None = 1.0  # None: greedy agreement is recorded, not gated
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cosine_similarities(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """Cosine of the whole tensors, and the minimum over rows (a frame's or a position's
+    vector along the last axis)."""
+    a = reference.astype(np.float64).reshape(-1, reference.shape[-1])
+    b = candidate.astype(np.float64).reshape(-1, candidate.shape[-1])
+    whole = float(np.sum(a * b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
+    rows = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
+    return whole, float(rows.min())
 
 
 @dataclass
 class OutputError:
     max_abs: float = 0.0
     relative: float = 0.0
+    cosine: float = 1.0
+    row_cosine: float = 1.0
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         diff = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64))))
         scale = float(np.max(np.abs(reference))) or 1.0
+        whole, rows = cosine_similarities(reference, candidate)
         self.max_abs = max(self.max_abs, diff)
         self.relative = max(self.relative, diff / scale)
+        self.cosine = min(self.cosine, whole)
+        self.row_cosine = min(self.row_cosine, rows)
 
     def passes(self, tol: Tolerance) -> bool:
+        if tol.cosine is not None:
+            return self.cosine >= tol.cosine and self.row_cosine >= (tol.row_cosine or tol.cosine)
         return self.relative <= tol.relative or (tol.absolute is not None and self.max_abs <= tol.absolute)
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -47,10 +77,12 @@ class ParityReport:
     cases: list[str] = field(default_factory=list)
     outputs: dict[str, OutputError] = field(default_factory=dict)
     greedy: dict[str, Any] | None = None
+    reference: str = "eager PyTorch fp32 (merged)"
 
     @property
     def passed(self) -> bool:
-        greedy_ok = self.greedy is None or self.greedy["agreement"] == 1.0
+        bound = self.tolerance.greedy_agreement
+        greedy_ok = self.greedy is None or bound is None or self.greedy["agreement"] >= bound
         return greedy_ok and all(err.passes(self.tolerance) for err in self.outputs.values())
 
     def record(self, name: str, reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -62,17 +94,19 @@ class ParityReport:
         return {
             "verified": True,
             "passed": self.passed,
-            "reference": "eager PyTorch fp32 (merged)",
-            "tolerance": {"relative": self.tolerance.relative, "absolute": self.tolerance.absolute},
+            "reference": self.reference,
+            "tolerance": self.tolerance.to_dict(),
             "cases": self.cases,
-            "outputs": {n: {"max_abs": e.max_abs, "relative": e.relative} for n, e in self.outputs.items()},
+            "outputs": {n: e.to_dict() for n, e in self.outputs.items()},
             "greedy": self.greedy,
         }
 
     def summary_lines(self) -> list[str]:
+        tol = self.tolerance
+        bound = f"cosine >= {tol.cosine:g}, per-row >= {tol.row_cosine or tol.cosine:g}" if tol.cosine is not None else f"tolerance {tol.relative:g}"
         lines = [
-            f"{name}: max-abs {err.max_abs:.3g}, relative {err.relative:.3g} "
-            f"(tolerance {self.tolerance.relative:g}) {'ok' if err.passes(self.tolerance) else 'FAIL'}"
+            f"{name}: max-abs {err.max_abs:.3g}, relative {err.relative:.3g}, cosine {err.cosine:.6f} (min per row {err.row_cosine:.6f}) "
+            f"({bound}) {'ok' if err.passes(tol) else 'FAIL'}"
             for name, err in self.outputs.items()
         ]
         if self.greedy is not None:
@@ -85,7 +119,7 @@ class ParityReport:
 
     def raise_if_failed(self) -> None:
         if not self.passed:
-            raise ParityError("ONNX graph disagrees with the eager model: " + "; ".join(self.summary_lines()))
+            raise ParityError(f"ONNX graph disagrees with {self.reference}: " + "; ".join(self.summary_lines()))
 
 
 def encoder_cases(spec: FamilySpec, seed: int, n_mels: int = 80) -> list[tuple[str, np.ndarray]]:

@@ -63,6 +63,9 @@ class Manifest:
     parity: dict[str, Any]
     created: str
     extra: dict[str, Any] = field(default_factory=dict)  # family facts the runtime needs (ids, sizes)
+    precision: str = "fp32"  # fp32, fp16, int8 or int4: what `lalm-export --precision` made
+    optimizations: list[str] = field(default_factory=list)  # graph rewrites applied at export
+    device: str = "cpu"  # where the parity gate ran (the device the bundle was made for)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +103,9 @@ class Manifest:
                 parity=dict(data["parity"]),
                 created=data["created"],
                 extra=dict(data.get("extra", {})),
+                precision=str(data.get("precision", "fp32")),
+                optimizations=list(data.get("optimizations", [])),
+                device=str(data.get("device", "cpu")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"manifest is incomplete or malformed ({type(err).__name__}: {err})") from err

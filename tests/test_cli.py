@@ -35,7 +35,7 @@ def test_export_with_json_manifest(checkpoints, adapters, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)
     assert manifest["source"]["merge"] == "lora" and manifest["parity"]["passed"]
-    for stage in ("[1/5] load", "[2/5] merge", "[3/5] export", "[4/5] verify", "[5/5] write"):
+    for stage in ("[1/6] load", "[2/6] merge", "[3/6] export", "[4/6] precision: skipped (fp32)", "[5/6] verify", "[6/6] write"):
         assert stage in result.stderr
     assert "last_hidden_state: max-abs" in result.stderr
 
@@ -66,7 +66,7 @@ def test_help_explains_every_flag():
         ("qlora without adapter", "pass --adapter too"),
         ("unknown decoder arch", "known: auto"),
         ("wrong decoder arch", "is a 'llama' model"),
-        ("parity failure", "disagrees with the eager model"),
+        ("parity failure", "disagrees with eager PyTorch fp32"),
     ],
 )
 def test_user_errors(case, fragment, checkpoints, adapters, tmp_path):

@@ -1,0 +1,203 @@
+"""What each `--precision` means, and the graph transforms that produce it.
+
+Every precision starts from the verified-shape fp32 export and rewrites the ONNX graph:
+
+- fp32: unchanged.
+- int8 (CPU): dynamic quantization of the MatMuls with signed int8 weights and activations
+  (S8S8). ONNX Runtime runs S8S8 MatMuls on AMX/VNNI at ~7x its fp32 rate on this
+  machine; unsigned weights (QUInt8) run no faster than fp32. Convolutions, norms and
+  attention's softmax stay fp32.
+- int4 (decoders): weight-only MatMulNBits, symmetric blocks of 32, `accuracy_level` 4
+  (int8 compute), the tied lm_head included.
+- fp16 (CUDA): float16 weights and compute with float32 inputs and outputs; the RMS/layer
+  norm reductions stay float32, where float16 would overflow on large activations.
+- bf16: refused. ONNX Runtime's CPU provider has no bf16 MatMul kernel, and a graph that
+  casts to bf16 and back would only be slower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lalm_export.errors import OptionsError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+DEVICES = ("cpu", "cuda")
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: measured in benchmarks/NOTES.md
+# Kept in float32 in fp16 graphs: the RMS / layer-norm reductions (x^2 overflows float16).
+FP16_FLOAT32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "LayerNormalization", "SimplifiedLayerNormalization"]
+LARGE_GRAPH_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin: save weights beside the graph
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    name: str
+    weights: str  # what the manifest records as the weights' type
+    roles: tuple[str, ...]
+    devices: tuple[str, ...]
+    summary: str
+
+
+SPECS = {
+    "fp32": PrecisionSpec("fp32", "float32", ("encoder", "decoder"), DEVICES, "float32 throughout: the exact graph"),
+    "fp16": PrecisionSpec("fp16", "float16", ("encoder", "decoder"), DEVICES, "float16 weights and compute, float32 I/O and norms (for CUDA)"),
+    "int8": PrecisionSpec("int8", "int8", ("encoder", "decoder"), ("cpu",), "dynamic S8S8 int8 MatMuls, convolutions as int8 MatMuls (CPU)"),
+    "int4": PrecisionSpec("int4", "int4", ("decoder",), DEVICES, f"int4 weight-only MatMulNBits, blocks of {INT4_BLOCK_SIZE}, lm_head included"),
+}
+
+
+def check_precision(precision: str, role: str, device: str) -> PrecisionSpec:
+    """The spec for `precision`, or an `OptionsError` that says what to use instead."""
+    if precision == "bf16":
+        raise OptionsError(
+            "--precision bf16: ONNX Runtime has no bf16 MatMul kernel on the CPU provider, so a bf16 graph would run "
+            "slower than fp32; use --precision int8 on CPU (faster than eager bf16) or --precision fp16 with --device cuda"
+        )
+    if precision not in SPECS:
+        raise OptionsError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if device not in DEVICES:
+        raise OptionsError(f"unknown --device {device!r}; choose cpu or cuda")
+    spec = SPECS[precision]
+    if role not in spec.roles:
+        raise OptionsError(
+            f"--precision {precision} is for decoders (weight-only int4 pays off where weights dominate); "
+            "for an encoder use --precision int8"
+        )
+    if device not in spec.devices:
+        raise OptionsError(f"--precision {precision} is a CPU scheme (AMX/VNNI int8 kernels); with --device cuda use --precision fp16")
+    return spec
+
+
+def save_graph(model: onnx.ModelProto, target: Path) -> None:
+    """Save, with the weights in `<name>_data` beside the graph when protobuf cannot hold them."""
+    if model.ByteSize() > LARGE_GRAPH_BYTES:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + "_data")
+    else:
+        onnx.save_model(model, str(target))
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=True)
+
+
+def keep_last_position_logits(model: onnx.ModelProto) -> bool:
+    """Make a decoder graph compute logits for the last position only.
+
+    Optimum's graph multiplies every prompt position by the lm_head, though generation
+    needs only the last one: for a 0.5B decoder and a 128-token prompt that is ~35 GFLOP of
+    waste per prompt. A Slice of the final hidden states before the lm_head MatMul removes
+    it. Returns False (graph unchanged) when `logits` does not come from a MatMul."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type != "MatMul":
+        # Softcapping and similar elementwise tails: follow the first input upwards.
+        if node.op_type not in ("Tanh", "Mul", "Div", "Add", "Cast"):
+            return False
+        node = producers.get(node.input[0])
+    if node is None:
+        return False
+    hidden = node.input[0]
+    sliced = hidden + "/last_position"
+    constants = {
+        "lalm_last_start": -1,
+        "lalm_last_end": 2**62,
+        "lalm_last_axis": 1,
+    }
+    for name, value in constants.items():
+        model.graph.initializer.append(numpy_helper.from_array(_int64(value), name))
+    model.graph.node.insert(
+        list(model.graph.node).index(node),
+        helper.make_node("Slice", [hidden, "lalm_last_start", "lalm_last_end", "lalm_last_axis"], [sliced], name="lalm/last_position"),
+    )
+    node.input[0] = sliced
+    return True
+
+
+def _int64(value: int) -> np.ndarray:
+    return np.array([value], dtype=np.int64)
+
+
+def fold_constant_transposes(model: onnx.ModelProto) -> int:
+    """Replace Transpose(initializer) feeding a MatMul by the transposed initializer.
+
+    A tied lm_head is exported as MatMul(h, Transpose(embed_tokens)); the weight-only
+    quantizer only rewrites MatMuls whose weight is an initializer, so without this fold
+    the largest matrix of a small decoder stays fp32. The embedding keeps its own copy."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in initializers:
+            continue
+        users = consumers.get(node.output[0], [])
+        if not users or any(u.op_type != "MatMul" or u.input[1] != node.output[0] for u in users):
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(initializers[node.input[0]])
+        transposed = weight.transpose(perm) if perm else weight.T
+        model.graph.initializer.append(numpy_helper.from_array(transposed.copy(), node.output[0]))
+        model.graph.node.remove(node)
+        folded += 1
+    return folded
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic S8S8 quantization of the MatMuls with constant weights."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source),
+        str(target),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        use_external_data_format=source.stat().st_size + _data_size(source) > LARGE_GRAPH_BYTES,
+        # DefaultTensorType: the quantizer cannot infer some exported tensors' types otherwise.
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+    )
+
+
+def _data_size(graph: Path) -> int:
+    return sum(p.stat().st_size for p in graph.parent.glob(graph.name + "_data*"))
+
+
+def quantize_int4(source: Path, target: Path) -> None:
+    """Weight-only int4 (MatMulNBits), the tied lm_head included."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = load_graph(source)
+    fold_constant_transposes(model)
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL)
+    quantizer.process()
+    save_graph(quantizer.model.model, target)
+
+
+def convert_fp16(source: Path, target: Path, role: str) -> None:
+    """float16 weights and compute. Encoders keep float32 inputs and outputs; decoders keep
+    float32 logits, and their KV cache becomes float16 (half the memory traffic)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = load_graph(source)
+    keep = True if role == "encoder" else ["logits"]
+    converted = convert_float_to_float16(model, keep_io_types=keep, op_block_list=FP16_FLOAT32_OPS, disable_shape_infer=model.ByteSize() > LARGE_GRAPH_BYTES)
+    save_graph(converted, target)
+
+
+def apply_precision(source: Path, target: Path, precision: str, role: str) -> None:
+    """Write the `precision` graph for the fp32 graph `source` to `target`."""
+    if precision == "int8":
+        quantize_int8(source, target)
+    elif precision == "int4":
+        quantize_int4(source, target)
+    elif precision == "fp16":
+        convert_fp16(source, target, role)
+    else:
+        raise OptionsError(f"no graph transform for --precision {precision}")

@@ -1,0 +1,206 @@
+"""`--precision` and `--optimize`: each reduced-precision bundle is the graph it claims to be
+(int8 S8S8 MatMuls, int4 MatMulNBits with the lm_head, fp16 weights with fp32 I/O), passes
+its cosine gate against eager fp32, and runs in the runtime; refused combinations say why."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from lalm_export.export import ExportOptions, export_bundle
+from lalm_export.precision import fold_constant_transposes, keep_last_position_logits
+from lalm_export.rewrites import MatMulConv1d, convolutions_as_matmuls
+from lalm_export.verify import OutputError, Tolerance
+from runtime.api import load
+from runtime.generation import GenerationOptions
+from runtime.manifest import read_manifest
+from tests.helpers import assert_user_error, run_cli
+
+
+def graph_ops(bundle) -> Counter:
+    manifest = read_manifest(bundle)
+    proto = onnx.load(str(bundle / manifest.graphs["model"].path), load_external_data=False)
+    return Counter(node.op_type for node in proto.graph.node)
+
+
+def graph_proto(bundle) -> onnx.ModelProto:
+    return onnx.load(str(bundle / read_manifest(bundle).graphs["model"].path))
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(3, 2, 0), (2, 2, 0), (3, 1, 1), (3, 2, 1)])
+def test_matmul_conv_equals_the_convolution_at_every_length(kernel, stride, padding):
+    conv = nn.Conv1d(64, 32, kernel, stride, padding=padding)
+    rewritten = MatMulConv1d(conv)
+    for length in (40, 41, 97):
+        x = torch.randn(2, 64, length)
+        expected = conv(x)
+        assert rewritten(x).shape == expected.shape
+        assert torch.allclose(rewritten(x), expected, atol=1e-5)
+
+
+def test_only_wide_plain_convolutions_are_rewritten():
+    model = nn.Sequential(nn.Conv1d(1, 64, 10, 5), nn.Conv1d(64, 64, 3, 2), nn.Conv1d(64, 64, 3, groups=4), nn.Conv1d(64, 64, 3, dilation=2))
+    assert convolutions_as_matmuls(model) == 1
+    assert [type(m).__name__ for m in model] == ["Conv1d", "MatMulConv1d", "Conv1d", "Conv1d"]
+
+
+def test_int8_encoder_quantizes_linears_and_convolutions(encoder_family, checkpoints, tmp_path):
+    bundle = tmp_path / "int8"
+    manifest = export_bundle(ExportOptions(family=encoder_family, model=str(checkpoints[encoder_family]), output=bundle, precision="int8"), quiet=True)
+    ops = graph_ops(bundle)
+    assert manifest.precision == "int8" and manifest.dtype == "int8"
+    assert manifest.parity["passed"] and manifest.parity["tolerance"]["cosine"] == 0.999
+    assert ops["DynamicQuantizeLinear"] > 0 and ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] > 0
+    # Only a raw-waveform first convolution (1 input channel) stays a Conv.
+    assert ops["Conv"] <= (2 if encoder_family != "whisper" else 0), ops  # wav2vec2/hubert: first conv + pos_conv (grouped)
+    assert any("Conv1d as MatMul" in step for step in manifest.optimizations)
+    signed = [t for t in graph_proto(bundle).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert signed, "S8S8: the weights must be signed int8"
+    outputs = load(bundle).encode_arrays([np.random.default_rng(0).standard_normal(16_000).astype(np.float32) * 0.1])
+    assert np.isfinite(outputs[0].hidden_states).all()
+
+
+def test_no_optimize_keeps_the_plain_graph(checkpoints, tmp_path):
+    bundle = tmp_path / "plain"
+    manifest = export_bundle(
+        ExportOptions(family="wav2vec2", model=str(checkpoints["wav2vec2"]), output=bundle, precision="int8", optimize=False), quiet=True
+    )
+    assert manifest.optimizations == []
+    assert graph_ops(bundle)["Conv"] > 2
+
+
+def test_decoder_graph_returns_last_position_logits_only(checkpoints, tmp_path):
+    optimized = export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=tmp_path / "opt"), quiet=True)
+    plain = export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=tmp_path / "plain", optimize=False), quiet=True)
+    assert optimized.optimizations == ["logits for the last position only"] and plain.optimizations == []
+    ids = np.array([[5, 6, 7, 8, 9]], dtype=np.int64)
+    logits = {}
+    for name in ("opt", "plain"):
+        generator = load(tmp_path / name)
+        session = generator.session
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(5)[None]}
+        for past in generator.backend.past_names:
+            heads, _, dim = generator.backend.kv_shape
+            feeds[past] = np.zeros((1, heads, 0, dim), dtype=np.float32)
+        logits[name] = session.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0]
+    assert logits["opt"].shape[1] == 1 and logits["plain"].shape[1] == 5
+    np.testing.assert_allclose(logits["opt"][:, -1], logits["plain"][:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_int4_decoder_quantizes_every_matmul_including_the_tied_lm_head(checkpoints, tmp_path):
+    bundle = tmp_path / "int4"
+    manifest = export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=bundle, precision="int4"), quiet=True)
+    proto = graph_proto(bundle)
+    initializers = {t.name for t in proto.graph.initializer}
+    ops = Counter(node.op_type for node in proto.graph.node)
+    constant_matmuls = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
+    assert ops["MatMulNBits"] > 0 and not constant_matmuls
+    lm_head = next(n for n in proto.graph.node if "logits" in n.output or any("lm_head" in o for o in n.output))
+    assert lm_head.op_type == "MatMulNBits", lm_head
+    assert manifest.precision == "int4" and manifest.parity["passed"]
+    assert manifest.parity["greedy"]["steps"] > 0 and manifest.parity["tolerance"]["greedy_agreement"] is None
+    completion = load(bundle).complete(["hello"], GenerationOptions(max_new_tokens=4))[0]
+    assert len(completion.tokens) == 4
+
+
+def test_fp16_graph_has_half_weights_and_float_io(checkpoints, tmp_path):
+    bundle = tmp_path / "fp16"
+    manifest = export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=bundle, precision="fp16"), quiet=True)
+    proto = graph_proto(bundle)
+    weights = [t for t in proto.graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*proto.graph.input, *proto.graph.output])
+    assert manifest.parity["passed"] and manifest.parity["against_eager_fp16"]["outputs"]["last_hidden_state"]["cosine"] > 0.999
+    # the norms' reductions stay float32: every LayerNormalization is fed by a Cast to float
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    norms = [n for n in proto.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(producers[n.input[0]].op_type == "Cast" for n in norms)
+
+
+def test_fp16_decoder_keeps_a_half_kv_cache_and_float_logits(checkpoints, tmp_path):
+    bundle = tmp_path / "fp16"
+    manifest = export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=bundle, precision="fp16"), quiet=True)
+    kinds = {t.name: t.dtype for t in manifest.graphs["model"].inputs + manifest.graphs["model"].outputs}
+    assert kinds["logits"] == "float32" and kinds["past_key_values.0.key"] == "float16" and kinds["present.0.value"] == "float16"
+    generator = load(bundle)
+    for binding in (None, "cpu"):
+        generator.backend.binding_device = binding
+        assert len(generator.complete(["hi"], GenerationOptions(max_new_tokens=3))[0].tokens) == 3
+
+
+def test_fold_constant_transposes_feeds_matmul_the_transposed_weight():
+    weight = np.arange(6, dtype=np.float32).reshape(3, 2)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph)
+    assert fold_constant_transposes(model) == 1
+    folded = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert [n.op_type for n in model.graph.node] == ["MatMul"]
+    np.testing.assert_array_equal(folded["wt"], weight.T)
+
+
+def test_last_position_rewrite_leaves_graphs_without_a_matmul_head_alone():
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["e", "ids"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 2])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 2, 3])],
+        [numpy_helper.from_array(np.zeros((4, 3), np.float32), "e")],
+    )
+    model = helper.make_model(graph)
+    assert not keep_last_position_logits(model)
+    assert len(model.graph.node) == 1
+
+
+def test_per_row_cosine_catches_one_bad_frame_that_the_whole_output_cosine_misses():
+    reference = np.random.default_rng(0).standard_normal((2, 500, 16))
+    tolerance = Tolerance(cosine=0.999, row_cosine=0.995)
+    close = OutputError()
+    close.update(reference, reference + 1e-3 * np.random.default_rng(1).standard_normal(reference.shape))
+    assert close.passes(tolerance)
+    one_bad_frame = reference.copy()
+    one_bad_frame[1, 3] = np.random.default_rng(2).standard_normal(16)
+    broken = OutputError()
+    broken.update(reference, one_bad_frame)
+    assert broken.cosine > 0.999 and broken.row_cosine < 0.5
+    assert not broken.passes(tolerance)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--encoder", "wav2vec2", "--precision", "bf16"], "no bf16 MatMul kernel"),
+        (["--encoder", "hubert", "--precision", "int4"], "for an encoder use --precision int8"),
+        (["--decoder", "auto", "--precision", "int8", "--device", "cuda"], "with --device cuda use --precision fp16"),
+    ],
+)
+def test_refused_precisions_say_what_to_use(flags, fragment, checkpoints, tmp_path):
+    family = "llm" if "--decoder" in flags else flags[1]
+    result = run_cli(*flags, "--model", checkpoints[family], "--output", tmp_path / "out")
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(checkpoints, tmp_path):
+    result = run_cli("--encoder", "whisper", "--model", checkpoints["whisper"], "--precision", "fp16", "--device", "cuda", "--output", tmp_path / "out")
+    assert_user_error(result, "--device cuda")
+
+
+def test_manifest_records_precision_and_reads_back(checkpoints, tmp_path):
+    export_bundle(ExportOptions(family="wav2vec2", model=str(checkpoints["wav2vec2"]), output=tmp_path / "b", precision="int8"), quiet=True)
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert data["precision"] == "int8" and data["device"] == "cpu"
+    assert read_manifest(tmp_path / "b").precision == "int8"
