@@ -3,13 +3,73 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+from lalm_export.families import FAMILIES
+from lalm_export.precision import PRECISIONS
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Benchmarks of lalm-export's graphs.")
+EPILOG = """examples:
+  # the CI gate: tiny models, compared with the committed baseline
+  python -m benchmarks run --preset tiny --out bench-output/tiny
+  python -m benchmarks compare benchmarks/baselines/tiny.json bench-output/tiny/results.json
+
+  # real architecture sizes (random weights), about 15 minutes on 2 cores
+  python -m benchmarks run --preset base --out benchmarks/results/base --force
+
+  # one family, chosen variants, on a GPU
+  python -m benchmarks run --preset base --families whisper --variants fp32 fp16 --provider cuda --out gpu-whisper
+
+exit status: 0 done (compare: no regression); 1 a comparison failed or a user error; 2 bad flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Parity and latency of lalm-export's ONNX graphs against the eager PyTorch modules.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run",
+        help="export every variant, time it against eager PyTorch (interleaved), write results.json, report.md and plots",
+        description="Build random models of a preset's sizes, export each variant with lalm-export (parity gate on), and time eager "
+        "PyTorch and ONNX Runtime on the same inputs, interleaved after warm-up. Writes results.json, report.md and PNG plots to --out.",
+    )
+    run.add_argument("--preset", choices=("tiny", "base"), default="tiny", help="tiny: seconds, for CI; base: real architecture sizes (default: tiny)")
+    run.add_argument("--families", nargs="+", choices=FAMILIES, help="families to run (default: all)")
+    run.add_argument(
+        "--variants", nargs="+", choices=[p for p in PRECISIONS if p != "bf16"], help="precisions to export; each runs for the roles it suits "
+        "(default: fp32 int8 for encoders, fp32 int8 int4 for the decoder; on cuda fp32 fp16 (+ int4 for the decoder))"
+    )
+    run.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="eager device and ONNX Runtime provider (default: cpu)")
+    run.add_argument("--out", type=Path, required=True, help="folder for results.json, report.md and plots (refused if it holds results, unless --force)")
+    run.add_argument("--force", action="store_true", help="replace an existing --out folder, once the new results are complete")
+    run.add_argument("--work", type=Path, help="keep checkpoints and bundles here and reuse the checkpoints next time (default: a temporary folder)")
+    run.add_argument("--repeats", type=int, help="timed rounds per variant (default: the preset's)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare two results.json files on speedups and parity; non-zero exit on a regression",
+        description="Compare speedups over eager PyTorch (each measured within its own run) and parity figures. Fails on a speedup "
+        "that falls by more than the tolerance, a parity figure past its bound, a missing variant or a failed export.",
+    )
+    compare.add_argument("baseline", type=Path, help="results.json to compare against (e.g. benchmarks/baselines/tiny.json)")
+    compare.add_argument("new", type=Path, help="results.json of the new run")
+    compare.add_argument(
+        "--tolerance", type=float, help="largest accepted relative fall of a speedup, e.g. 0.2 (default: 3 standard errors of the two runs' speedups, at least 0.15)"
+    )
+    compare.add_argument("--figures", metavar="TEXT", help='gate only the speedups whose name contains TEXT, e.g. "vs eager-fp32" (parity is always gated)')
+    compare.add_argument("--all", action="store_true", help="list unchanged figures too")
+
+    report = commands.add_parser("report", help="write report.md and plots again from a results.json")
+    report.add_argument("results", type=Path, help="results.json; the report is written beside it")
+
     cost = commands.add_parser(
         "export-cost",
         help="time and peak RSS of exporting a base-sized encoder with verification",
@@ -17,12 +77,102 @@ def main(argv: list[str] | None = None) -> int:
     )
     cost.add_argument("--family", choices=("wav2vec2", "hubert"), default="wav2vec2")
     cost.add_argument("--out", type=Path, help="also write the JSON figures to this file")
-    args = parser.parse_args(argv)
-    if args.command == "export-cost":
+    return parser
+
+
+class UserError(Exception):
+    pass
+
+
+def read_results(path: Path) -> dict:
+    from runtime.errors import RuntimeUserError
+    from runtime.manifest import read_json_object
+
+    try:
+        data = read_json_object(path, "results file")
+    except RuntimeUserError as err:
+        raise UserError(str(err)) from err
+    if "rows" not in data or "settings" not in data:
+        raise UserError(f"{path} is not a results.json written by `python -m benchmarks run` (no rows/settings)")
+    return data
+
+
+def write_report(results: dict, folder: Path) -> None:
+    from benchmarks.report import render_markdown, render_plots
+
+    plots = render_plots(results, folder)
+    (folder / "report.md").write_text(render_markdown(results, plots) + "\n", encoding="utf-8")
+
+
+def command_run(args: argparse.Namespace, argv: list[str]) -> int:
+    from benchmarks.run import command_line, make_settings, run_benchmarks
+    from lalm_export.io import atomic_folder
+
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UserError(f"--out {out} already holds results; pass --force to replace them (only once the new run is complete)")
+    if args.repeats is not None and args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random checkpoints only: never the network
+    with tempfile.TemporaryDirectory(prefix="lalm-bench-") as tmp:
+        work = args.work or Path(tmp)
+        settings = make_settings(args.preset, args.families, args.variants, args.provider, work, args.repeats)
+        results = run_benchmarks(settings, command_line(argv), quiet=args.quiet)
+    with atomic_folder(out, replace=True) as folder:
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_report(results, folder)
+    failed = [r for r in results["rows"] if r["parity"]["passed"] is False] + [e for e in results["exports"] if "error" in e]
+    print(f"results, report.md and plots written to {out}" + (f"; {len(failed)} variant(s) FAILED parity or export" if failed else ""), file=sys.stderr)
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from benchmarks.compare import CROSS_MACHINE_TOLERANCE, compare_results, format_findings, same_machine
+
+    if args.tolerance is not None and not 0 < args.tolerance < 1:
+        raise UserError("--tolerance is a fraction between 0 and 1, e.g. 0.2 for 20 %")
+
+    baseline, new = read_results(args.baseline), read_results(args.new)
+    if not same_machine(baseline, new):
+        print(
+            f"note: the baseline was measured on {baseline['machine'].get('cpu')}, this run on {new['machine'].get('cpu')}: "
+            f"speedups are compared with a tolerance of at least {CROSS_MACHINE_TOLERANCE:.0%}",
+            file=sys.stderr,
+        )
+    findings = compare_results(baseline, new, args.tolerance, args.figures)
+    print(format_findings(findings, show_all=args.all))
+    return 1 if any(f.fails for f in findings) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from lalm_export.cli import quiet_libraries
+    from lalm_export.errors import LalmExportError
+
+    quiet_libraries()
+    try:
+        if args.command == "run":
+            return command_run(args, argv)
+        if args.command == "compare":
+            return command_compare(args)
+        if args.command == "report":
+            results = read_results(args.results)
+            write_report(results, args.results.parent)
+            print(f"report.md and plots written to {args.results.parent}", file=sys.stderr)
+            return 0
         from benchmarks.export_cost import run
 
         run(args.family, args.out)
-    return 0
+        return 0
+    except (UserError, LalmExportError) as err:
+        print(f"benchmarks: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("benchmarks: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimize",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="graph rewrites with the same math that make it faster: decoder logits for the last position only, "
-        "convolutions as MatMuls in int8 encoders (default: on)",
+        help="graph rewrites with the same math that make it faster: decoder graphs compute logits for the last position only "
+        "(default: on; ONNX Runtime's own fusions run when the runtime loads the graph)",
     )
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")

@@ -29,7 +29,6 @@ from lalm_export.models.adapters import (
 )
 from lalm_export.models.loading import load_family_model
 from lalm_export.precision import SPECS, apply_precision, check_precision, keep_last_position_logits, load_graph, save_graph
-from lalm_export.rewrites import convolutions_as_matmuls
 from lalm_export.progress import Stages
 from lalm_export.tolerances import FP32_RELATIVE, reduced_precision_tolerance
 from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
@@ -340,17 +339,6 @@ def verify_graph(model: nn.Module, graph: Path, opts: ExportOptions, stages: Sta
     return parity
 
 
-def prepare_for_export(model: nn.Module, opts: ExportOptions) -> tuple[nn.Module, list[str]]:
-    """The module to trace: for int8 encoders, a copy whose convolutions are MatMuls (so
-    they are quantized too); otherwise `model` itself. Returns the rewrites applied."""
-    if opts.optimize and opts.precision == "int8" and opts.spec.role == "encoder":
-        rewritten = copy.deepcopy(model)
-        count = convolutions_as_matmuls(rewritten)
-        if count:
-            return rewritten, [f"{count} Conv1d as MatMul"]
-    return model, []
-
-
 def optimize_graph(graph: Path, opts: ExportOptions) -> list[str]:
     """Graph rewrites on the fp32 export: decoders compute logits for the last position only."""
     if not opts.optimize or opts.spec.role != "decoder":
@@ -371,14 +359,12 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
     torch.manual_seed(opts.seed)
     model, source = load_merged_model(opts, stages)
     spec = opts.spec
-    traced, optimizations = prepare_for_export(model, opts)
     # validate_options refused a non-empty output without --force; an empty folder is replaced.
     with atomic_folder(opts.output, replace=opts.force or Path(opts.output).is_dir()) as tmp:
         fp32_folder = tmp if opts.precision == "fp32" else tmp / "fp32"
-        with stages.stage("export", f"Optimum, opset {opts.opset}" + (f"; {', '.join(optimizations)}" if optimizations else "")):
-            fp32_graph = export_graph(traced, opts, fp32_folder)
-            optimizations += optimize_graph(fp32_graph, opts)
-        del traced
+        with stages.stage("export", f"Optimum, opset {opts.opset}"):
+            fp32_graph = export_graph(model, opts, fp32_folder)
+            optimizations = optimize_graph(fp32_graph, opts)
         if opts.precision == "fp32":
             stages.skip("precision", "fp32")
             graph = fp32_graph

@@ -1,12 +1,14 @@
 """What each `--precision` means, and the graph transforms that produce it.
 
-Every precision starts from the verified-shape fp32 export and rewrites the ONNX graph:
+Every precision starts from the fp32 export and rewrites its ONNX graph:
 
 - fp32: unchanged.
-- int8 (CPU): dynamic quantization of the MatMuls with signed int8 weights and activations
-  (S8S8). ONNX Runtime runs S8S8 MatMuls on AMX/VNNI at ~7x its fp32 rate on this
-  machine; unsigned weights (QUInt8) run no faster than fp32. Convolutions, norms and
-  attention's softmax stay fp32.
+- int8 (CPU): dynamic quantization of the MatMuls with constant weights, signed int8
+  weights and activations (S8S8): ONNX Runtime runs them on VNNI/AMX at several times its
+  fp32 rate, while unsigned weights (QUInt8) run no faster than fp32. Convolutions, norms
+  and attention stay fp32: ORT's int8 Conv is slower than its fp32 Conv, and a convolution
+  rewritten as an int8 MatMul loses the quiet frames of real audio to the per-tensor
+  activation scale (cosine 0.95 on wav2vec2-base; benchmarks/NOTES.md).
 - int4 (decoders): weight-only MatMulNBits, symmetric blocks of 32, `accuracy_level` 4
   (int8 compute), the tied lm_head included.
 - fp16 (CUDA): float16 weights and compute with float32 inputs and outputs; the RMS/layer
@@ -17,6 +19,9 @@ Every precision starts from the verified-shape fp32 export and rewrites the ONNX
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +52,7 @@ class PrecisionSpec:
 SPECS = {
     "fp32": PrecisionSpec("fp32", "float32", ("encoder", "decoder"), DEVICES, "float32 throughout: the exact graph"),
     "fp16": PrecisionSpec("fp16", "float16", ("encoder", "decoder"), DEVICES, "float16 weights and compute, float32 I/O and norms (for CUDA)"),
-    "int8": PrecisionSpec("int8", "int8", ("encoder", "decoder"), ("cpu",), "dynamic S8S8 int8 MatMuls, convolutions as int8 MatMuls (CPU)"),
+    "int8": PrecisionSpec("int8", "int8", ("encoder", "decoder"), ("cpu",), "dynamic S8S8 int8 MatMuls (CPU)"),
     "int4": PrecisionSpec("int4", "int4", ("decoder",), DEVICES, f"int4 weight-only MatMulNBits, blocks of {INT4_BLOCK_SIZE}, lm_head included"),
 }
 
@@ -154,15 +159,27 @@ def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic S8S8 quantization of the MatMuls with constant weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(source),
-        str(target),
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        use_external_data_format=source.stat().st_size + _data_size(source) > LARGE_GRAPH_BYTES,
-        # DefaultTensorType: the quantizer cannot infer some exported tensors' types otherwise.
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
-    )
+    with _root_logger_quiet():  # "consider pre-processing": advice for static quantization only
+        quantize_dynamic(
+            str(source),
+            str(target),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            use_external_data_format=source.stat().st_size + _data_size(source) > LARGE_GRAPH_BYTES,
+            # DefaultTensorType: the quantizer cannot infer some exported tensors' types otherwise.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+        )
+
+
+@contextmanager
+def _root_logger_quiet() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _data_size(graph: Path) -> int:

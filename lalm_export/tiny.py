@@ -68,7 +68,10 @@ def tiny_whisper_config():
     )
 
 
-def build_tiny_tokenizer(folder: str | Path, vocab_size: int = 320):
+TINY_VOCAB = 320
+
+
+def build_tiny_tokenizer(folder: str | Path, vocab_size: int = TINY_VOCAB):
     """A byte-level BPE tokenizer trained on a few sentences; no pad token (the wrapper sets one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -105,45 +108,54 @@ def tiny_llama_config(vocab_size: int):
     )
 
 
-def _save_audio_model(cls_name: str, config_fn: Callable, folder: Path, seed: int) -> Path:
+AUDIO_MODEL_CLASSES = {"whisper": "WhisperModel", "hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model"}
+TINY_CONFIGS: dict[str, Callable] = {"whisper": tiny_whisper_config, "hubert": tiny_hubert_config, "wav2vec2": tiny_wav2vec2_config}
+
+
+def save_random_checkpoint(family: str, folder: str | Path, config, seed: int = 0) -> Path:
+    """Save a randomly initialised `family` model built from `config`, with the feature
+    extractor or tokenizer its loading code expects, to `folder`."""
     import transformers
-
-    torch.manual_seed(seed)
-    model = getattr(transformers, cls_name)(config_fn())
-    model.save_pretrained(str(folder), safe_serialization=True)
-    return folder
-
-
-def build_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> Path:
-    """Save a tiny random checkpoint of `family` (with feature extractor or tokenizer) to `folder`."""
-    from transformers import LlamaForCausalLM, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+    from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if family == "llm":
-        tokenizer = build_tiny_tokenizer(folder)
+        build_tiny_tokenizer(folder)
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
+        model = transformers.AutoModelForCausalLM.from_config(config)
         model.generation_config.pad_token_id = None
         model.save_pretrained(str(folder), safe_serialization=True)
         return folder
-    builders = {
-        "whisper": ("WhisperModel", tiny_whisper_config),
-        "hubert": ("HubertModel", tiny_hubert_config),
-        "wav2vec2": ("Wav2Vec2Model", tiny_wav2vec2_config),
-    }
-    if family not in builders:
+    if family not in AUDIO_MODEL_CLASSES:
         from lalm_export.families import get_family
 
         get_family(family)  # raises the error listing the known families
-        raise ValueError(f"no tiny checkpoint builder for family {family!r}")
-    cls_name, config_fn = builders[family]
-    _save_audio_model(cls_name, config_fn, folder, seed)
+        raise ValueError(f"no checkpoint builder for family {family!r}")
+    torch.manual_seed(seed)
+    getattr(transformers, AUDIO_MODEL_CLASSES[family])(config).save_pretrained(str(folder), safe_serialization=True)
     if family == "whisper":
-        WhisperFeatureExtractor(feature_size=80).save_pretrained(str(folder))
+        WhisperFeatureExtractor(feature_size=int(config.num_mel_bins)).save_pretrained(str(folder))
     else:
         Wav2Vec2FeatureExtractor(return_attention_mask=family == "wav2vec2").save_pretrained(str(folder))
     return folder
+
+
+def tiny_config(family: str):
+    """The tiny config of `family` (the decoder's vocabulary is the tiny tokenizer's)."""
+    if family == "llm":
+        return tiny_llama_config(TINY_VOCAB)
+    if family not in TINY_CONFIGS:
+        from lalm_export.families import get_family
+
+        get_family(family)
+        raise ValueError(f"no tiny config for family {family!r}")
+    return TINY_CONFIGS[family]()
+
+
+def build_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random checkpoint of `family` (with feature extractor or tokenizer) to `folder`."""
+    return save_random_checkpoint(family, folder, tiny_config(family), seed)
 
 
 def speech_like(seconds: float, rate: int = 16_000, seed: int = 0):

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from lalm_export.eager import EagerDecoderBackend, eager_encoder_outputs
 from lalm_export.errors import ParityError
 from lalm_export.families import FamilySpec
+from lalm_export.tiny import speech_like
 from lalm_export.tolerances import FP32_RELATIVE, GREEDY_STEPS
 from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
 
@@ -123,15 +124,22 @@ class ParityReport:
 
 
 def encoder_cases(spec: FamilySpec, seed: int, n_mels: int = 80) -> list[tuple[str, np.ndarray]]:
-    """At least two batch sizes and two lengths (Whisper: its fixed 30 s window only)."""
+    """At least two batch sizes and two lengths (Whisper: its fixed 30 s window only), of
+    noise and of speech-like audio: quiet stretches between syllables are where a reduced
+    precision loses most."""
     rng = np.random.default_rng(seed)
     if not spec.dynamic_length:
         return [(f"batch {b}, 3000 frames", rng.standard_normal((b, n_mels, 3000)).astype(np.float32)) for b in (1, 2)]
-    return [
-        (f"batch {b}, {samples / 16000:.2f} s", (0.1 * rng.standard_normal((b, samples))).astype(np.float32))
+    noise = [
+        (f"noise, batch {b}, {samples / 16000:.2f} s", (0.1 * rng.standard_normal((b, samples))).astype(np.float32))
         for b in (1, 2)
         for samples in (16_000, 25_600)
     ]
+    speech = [
+        (f"speech-like, batch {b}, {seconds:.2f} s", np.stack([speech_like(seconds, seed=seed + i) for i in range(b)]))
+        for b, seconds in ((1, 1.0), (2, 1.6))
+    ]
+    return noise + speech
 
 
 def check_encoder(

@@ -1,0 +1,117 @@
+"""`python -m benchmarks compare BASELINE NEW`: ratios, never absolute times.
+
+Absolute times differ between machines; a speedup over eager PyTorch measured in the same
+run does not (much). A speedup that falls by more than the tolerance, a parity figure past
+its bound, a variant that no longer runs or an export that failed makes the comparison fail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+MIN_TOLERANCE = 0.15
+# Speedups over eager PyTorch depend on the CPU (AMX, VNNI, cache sizes): against a baseline
+# from another CPU only a large fall counts.
+CROSS_MACHINE_TOLERANCE = 0.5
+SIGMAS = 3.0  # a fall counts when it exceeds 3 standard errors of the difference of the two runs
+
+
+@dataclass(frozen=True)
+class Finding:
+    row: str
+    figure: str
+    baseline: float | None
+    new: float | None
+    tolerance: float | None
+    verdict: str  # better, same, worse (within tolerance), REGRESSION, PARITY BREACH, MISSING, EXPORT FAILED
+
+    @property
+    def fails(self) -> bool:
+        return self.verdict.isupper()
+
+    @property
+    def change(self) -> float | None:
+        if self.baseline in (None, 0) or self.new is None:
+            return None
+        return self.new / self.baseline - 1
+
+
+def row_key(row: dict[str, Any]) -> str:
+    return f"{row['family']} | {row['case']} | {row['variant']}"
+
+
+def speed_tolerance(baseline: dict[str, float], new: dict[str, float], fixed: float | None) -> float:
+    if fixed is not None:
+        return fixed
+    combined = (baseline.get("spread", 0.0) ** 2 + new.get("spread", 0.0) ** 2) ** 0.5
+    return max(MIN_TOLERANCE, SIGMAS * combined)
+
+
+def breaches(row: dict[str, Any]) -> list[tuple[str, float | None, dict[str, float]]]:
+    """Parity figures of `row` past their bounds."""
+    figures = row["parity"]["figures"]
+    found = []
+    for name, bound in row["parity"].get("bounds", {}).items():
+        value = figures.get(name)
+        if value is None or ("min" in bound and value < bound["min"]) or ("max" in bound and value > bound["max"]):
+            found.append((name, value, bound))
+    return found
+
+
+def same_machine(baseline: dict[str, Any], new: dict[str, Any]) -> bool:
+    keys = ("cpu", "cpu_flags", "cores", "gpu")
+    return all(baseline.get("machine", {}).get(k) == new.get("machine", {}).get(k) for k in keys)
+
+
+def compare_results(
+    baseline: dict[str, Any], new: dict[str, Any], tolerance: float | None = None, figures: str | None = None
+) -> list[Finding]:
+    """Findings for every ONNX row of `baseline`; `figures` keeps only the speedups whose
+    name contains it (e.g. "vs eager-fp32"). Parity is always checked."""
+    floor = 0.0 if same_machine(baseline, new) else CROSS_MACHINE_TOLERANCE
+    findings = [
+        Finding(f"{e['family']} | export | {e['precision']}", "export", None, None, None, "EXPORT FAILED") for e in new.get("exports", []) if "error" in e
+    ]
+    new_rows = {row_key(r): r for r in new["rows"]}
+    for old in baseline["rows"]:
+        if old["runtime"] != "onnx":
+            continue  # eager rows are the yardstick, not the product
+        key = row_key(old)
+        row = new_rows.get(key)
+        if row is None:
+            findings.append(Finding(key, "variant", None, None, None, "MISSING"))
+            continue
+        for figure, before in old["speedups"].items():
+            if figures and figures not in figure:
+                continue
+            after = row["speedups"].get(figure)
+            if after is None:
+                findings.append(Finding(key, figure, before["value"], None, None, "MISSING"))
+                continue
+            tol = max(speed_tolerance(before, after, tolerance), floor)
+            change = after["value"] / before["value"] - 1
+            verdict = "REGRESSION" if change < -tol else "better" if change > tol else "worse" if change < 0 else "same"
+            findings.append(Finding(key, figure, before["value"], after["value"], tol, verdict))
+        old_figures = old["parity"]["figures"]
+        for name, value, bound in breaches(row):
+            findings.append(Finding(key, f"parity {name} (bound {bound})", old_figures.get(name), value, None, "PARITY BREACH"))
+    return findings
+
+
+def format_findings(findings: list[Finding], show_all: bool = False) -> str:
+    shown = [f for f in findings if show_all or f.verdict != "same"]
+    lines = [f"{'row':58} {'figure':34} {'baseline':>9} {'new':>9} {'change':>8} {'tolerance':>9}  verdict"]
+    for f in shown:
+        def num(v: float | None) -> str:
+            return "—" if v is None else f"{v:.4g}"
+
+        change = "—" if f.change is None else f"{100 * f.change:+.1f} %"
+        tol = "—" if f.tolerance is None else f"±{100 * f.tolerance:.0f} %"
+        lines.append(f"{f.row[:58]:58} {f.figure[:34]:34} {num(f.baseline):>9} {num(f.new):>9} {change:>8} {tol:>9}  {f.verdict}")
+    counts = {v: sum(f.verdict == v for f in findings) for v in dict.fromkeys(f.verdict for f in findings)}
+    failed = [f for f in findings if f.fails]
+    lines.append("")
+    lines.append(", ".join(f"{n} {v}" for v, n in counts.items()) + f" — {'FAIL' if failed else 'OK'}")
+    if not show_all and len(shown) < len(findings):
+        lines.append(f"({len(findings) - len(shown)} figures unchanged within tolerance not listed; --all lists them)")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""What the machine is, and what it can do at most: the ceilings each result is held against."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def describe_machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                flags = sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in present)
+                break
+    except OSError:
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(memory_gib, 1),
+        "gpu": gpu,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def _best_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def gemm_gflops(dtype: torch.dtype, size: int = 2048) -> float:
+    """Dense matmul rate of PyTorch (fp32: MKL/oneDNN; bf16: AMX where present)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    return 2 * size**3 / _best_seconds(lambda: torch.matmul(a, b)) / 1e9
+
+
+def int8_gemm_gops(m: int = 512, k: int = 768, n: int = 3072) -> float:
+    """ONNX Runtime's S8S8 dynamic int8 MatMul (the int8 variants' kernel), on a transformer-sized shape."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from lalm_export.precision import quantize_int8
+
+    weight = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemm",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [m, n])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(source))
+        quantize_int8(source, target)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    return 2 * m * k * n / _best_seconds(lambda: session.run(None, {"x": x}), repeats=20) / 1e9
+
+
+def memory_read_gbs(megabytes: int = 512) -> float:
+    """Streaming bandwidth: a large copy reads and writes each byte once."""
+    source = torch.ones(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    seconds = _best_seconds(lambda: target.copy_(source))
+    return 2 * source.numel() * 4 / seconds / 1e9
+
+
+def measure_ceilings() -> dict[str, float]:
+    return {
+        "fp32_gemm_gflops": round(gemm_gflops(torch.float32), 1),
+        "bf16_gemm_gflops": round(gemm_gflops(torch.bfloat16), 1),
+        "int8_gemm_gops": round(int8_gemm_gops(), 1),
+        "memory_bandwidth_gbs": round(memory_read_gbs(), 2),
+    }

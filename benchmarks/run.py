@@ -1,0 +1,397 @@
+"""`python -m benchmarks run`: every family, every exported variant, against eager PyTorch.
+
+For each family: build a random checkpoint from the preset's config, export each variant
+through the real `lalm-export` pipeline (parity gate included), load it through the
+runtime, then time eager PyTorch (fp32 and bf16 on CPU, fp16 on CUDA) and every ONNX
+variant on the same inputs, interleaved. Parity is measured against eager fp32."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from benchmarks.machine import describe_machine, measure_ceilings
+from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary, timed
+from benchmarks.presets import PRESETS, Preset
+from lalm_export.eager import EagerDecoderBackend, eager_encoder_outputs
+from lalm_export.errors import LalmExportError
+from lalm_export.export import ExportOptions, export_bundle, library_versions
+from lalm_export.families import FAMILIES, get_family
+from lalm_export.models.loading import load_family_model
+from lalm_export.tiny import save_random_checkpoint, speech_like
+from lalm_export.tolerances import FP32_RELATIVE, reduced_precision_tolerance
+from lalm_export.verify import OutputError
+from runtime.api import load
+from runtime.audio import features_for
+from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
+from runtime.manifest import read_manifest
+from runtime.sessions import SessionOptions
+
+RESULTS_SCHEMA = 1
+EAGER_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CEILING_FOR = {"fp32": "fp32_gemm_gflops", "bf16": "bf16_gemm_gflops", "int8": "int8_gemm_gops", "fp16": None, "int4": "int8_gemm_gops"}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    preset: Preset
+    families: tuple[str, ...]
+    variants: dict[str, tuple[str, ...]]  # role -> precisions to export
+    provider: str  # cpu or cuda: eager device and ONNX Runtime provider
+    work: Path
+    repeats: int
+    decoder_repeats: int
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.preset
+        return {
+            "preset": p.name,
+            "preset_description": p.description,
+            "families": list(self.families),
+            "variants": {role: list(v) for role, v in self.variants.items()},
+            "provider": self.provider,
+            "eager_references": list(EAGER_PRECISIONS[self.provider]),
+            "audio_seconds": p.audio_seconds,
+            "encoder_batches": list(p.encoder_batches),
+            "prompt_tokens": p.prompt_tokens,
+            "new_tokens": p.new_tokens,
+            "decoder_batch": 1,
+            "warmup_rounds": p.warmup,
+            "timed_rounds": {"encoder": self.repeats, "decoder": self.decoder_repeats},
+            "order": "interleaved: every variant once per round",
+            "torch_threads": torch.get_num_threads(),
+            "ort_threads": p.threads or "default (one per physical core)",
+        }
+
+
+def parity_bounds(role: str, precision: str) -> dict[str, dict[str, float]]:
+    """The same bounds as the export's parity gate: {figure: {"min"|"max": bound}}."""
+    if precision == "fp32":
+        bounds = {"relative": {"max": FP32_RELATIVE}}
+        return {**bounds, "greedy_agreement": {"min": 1.0}} if role == "decoder" else bounds
+    tolerance = reduced_precision_tolerance(role, precision)
+    return {"cosine": {"min": tolerance["cosine"]}, "row_cosine": {"min": tolerance["row_cosine"]}}
+
+
+def parity_passes(figures: dict[str, Any], bounds: dict[str, dict[str, float]]) -> bool:
+    for name, bound in bounds.items():
+        value = figures.get(name)
+        if value is None or ("min" in bound and value < bound["min"]) or ("max" in bound and value > bound["max"]):
+            return False
+    return True
+
+
+def output_figures(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    error = OutputError()
+    error.update(reference, candidate)
+    return error.to_dict()
+
+
+def export_variant(family: str, checkpoint: Path, precision: str, folder: Path, provider: str) -> dict[str, Any]:
+    options = ExportOptions(family=family, model=str(checkpoint), output=folder, precision=precision, device=provider, force=True)
+    start = time.perf_counter()
+    try:
+        manifest = export_bundle(options, quiet=True)
+    except LalmExportError as err:
+        return {"family": family, "precision": precision, "error": str(err), "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "family": family,
+        "precision": precision,
+        "seconds": round(time.perf_counter() - start, 2),
+        "parity_gate": "passed" if manifest.parity.get("passed") else "failed",
+        "optimizations": manifest.optimizations,
+        "graph_mib": round(sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 2**20, 1),
+    }
+
+
+def eager_models(family: str, checkpoint: Path, provider: str) -> dict[str, torch.nn.Module]:
+    base = load_family_model(get_family(family), str(checkpoint)).float().eval().to(provider)
+    models = {"fp32": base}
+    for precision in EAGER_PRECISIONS[provider][1:]:
+        models[precision] = copy.deepcopy(base).to(TORCH_DTYPES[precision])
+    return models
+
+
+def count_flops(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def achieved(flops: int, seconds: float, precision: str, ceilings: dict[str, float]) -> dict[str, Any]:
+    rate = flops / seconds / 1e9
+    key = CEILING_FOR.get(precision)
+    ceiling = ceilings.get(key) if key else None
+    return {"gflops_per_s": round(rate, 1), "ceiling": key, "ceiling_pct": round(100 * rate / ceiling, 1) if ceiling else None}
+
+
+def encoder_input(family: str, preset: Preset, batch: int, feature_config: dict[str, Any], seed: int) -> np.ndarray:
+    """Speech-like clips of the preset's length (Whisper: log-mel of its 30 s window)."""
+    spec = get_family(family)
+    clips = [speech_like(preset.audio_seconds, seed=seed + i) for i in range(batch)]
+    return np.stack([features_for(spec.input_kind, clip, feature_config) for clip in clips]).astype(np.float32)
+
+
+def bench_encoder(settings: RunSettings, family: str, bundles: dict[str, Path], ceilings: dict[str, float], bar: tqdm) -> list[dict[str, Any]]:
+    spec = get_family(family)
+    checkpoint = settings.work / "checkpoints" / family
+    models = eager_models(family, checkpoint, settings.provider)
+    runners_onnx = {p: load(path, SessionOptions(provider=settings.provider, threads=settings.preset.threads)) for p, path in bundles.items()}
+    feature_config = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    rows = []
+    for batch in settings.preset.encoder_batches:
+        x = encoder_input(family, settings.preset, batch, feature_config, settings.seed)
+        seconds_of_audio = batch * (30.0 if not spec.dynamic_length else settings.preset.audio_seconds)
+        case = f"batch {batch}, {seconds_of_audio / batch:g} s"
+
+        def eager_run(model: torch.nn.Module) -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                return eager_encoder_outputs(model, spec.input_name, x, False)
+
+        def onnx_run(runner) -> list[np.ndarray]:
+            return runner.session.run(["last_hidden_state"], {runner.input_name: x})
+
+        sample = settings.preset.min_sample_s
+        runners = {f"eager-{p}": timed(lambda m=m: eager_run(m), sample) for p, m in models.items()}
+        runners.update({f"onnx-{p}": timed(lambda r=r: onnx_run(r), sample) for p, r in runners_onnx.items()})
+        times = interleaved(runners, settings.preset.warmup, settings.repeats, on_run=bar.update)
+        reference = eager_run(models["fp32"])["last_hidden_state"]
+        flops = count_flops(lambda: eager_run(models["fp32"]))
+        for name, runs in times.items():
+            kind, precision = name.split("-", 1)
+            with peak_rss() as memory:
+                output = eager_run(models[precision])["last_hidden_state"] if kind == "eager" else onnx_run(runners_onnx[precision])[0]
+            figures = output_figures(reference, output)
+            bounds = {} if kind == "eager" else parity_bounds("encoder", precision)
+            latency = summary(runs)
+            rows.append(
+                {
+                    "family": family,
+                    "role": "encoder",
+                    "case": case,
+                    "batch": batch,
+                    "variant": name,
+                    "runtime": kind,
+                    "precision": precision,
+                    "latency_s": latency,
+                    "throughput": {"audio_seconds_per_s": round(seconds_of_audio / latency["median"], 2)},
+                    "speedups": {
+                        f"latency vs eager-{ref}": ratio_summary(times[f"eager-{ref}"], runs) for ref in EAGER_PRECISIONS[settings.provider]
+                    },
+                    "flops": flops,
+                    "achieved": achieved(flops, latency["median"], precision, ceilings),
+                    "peak_rss_gib": memory["peak_rss_gib"],
+                    "parity": {"figures": figures, "bounds": bounds, "passed": parity_passes(figures, bounds) if bounds else None},
+                }
+            )
+    return rows
+
+
+def weight_bytes_per_token(graph: Path) -> int:
+    """Bytes of weights a decode step reads: every initializer except tables only gathered
+    from (the embedding: one row per token)."""
+    proto = onnx.load(str(graph), load_external_data=False)
+    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
+    used_elsewhere = {name for n in proto.graph.node if n.op_type != "Gather" for name in n.input}
+    total = 0
+    for tensor in proto.graph.initializer:
+        if tensor.name in gathered and tensor.name not in used_elsewhere:
+            continue
+        external = {e.key: e.value for e in tensor.external_data}
+        if "length" in external:
+            total += int(external["length"])
+        else:
+            total += len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+    return total
+
+
+def eager_weight_bytes_per_token(model: torch.nn.Module) -> int:
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def forced_top1(backend, prompt: np.ndarray, reference: np.ndarray) -> float:
+    """Top-1 agreement under teacher forcing: feed the eager fp32 tokens, compare each argmax."""
+    logits = backend.prefill(prompt, np.ones_like(prompt))
+    hits = []
+    for token in reference:
+        hits.append(int(logits.argmax(-1)[0]) == int(token))
+        logits = backend.decode_step(np.array([token]))
+    return float(np.mean(hits))
+
+
+def bench_decoder(settings: RunSettings, bundles: dict[str, Path], ceilings: dict[str, float], bar: tqdm) -> list[dict[str, Any]]:
+    preset = settings.preset
+    checkpoint = settings.work / "checkpoints" / "llm"
+    models = eager_models("llm", checkpoint, settings.provider)
+    backends: dict[str, Any] = {f"eager-{p}": EagerDecoderBackend(m) for p, m in models.items()}
+    for precision, path in bundles.items():
+        backends[f"onnx-{precision}"] = load(path, SessionOptions(provider=settings.provider, threads=settings.preset.threads)).backend
+    vocab = int(models["fp32"].config.vocab_size)
+    prompt = np.random.default_rng(settings.seed).integers(3, min(vocab, 32_000), size=(1, preset.prompt_tokens))
+    options = GenerationOptions(max_new_tokens=preset.new_tokens)
+
+    def run(backend) -> dict[str, Any]:
+        marks: list[float] = []
+        start = time.perf_counter()
+        tokens = generate(backend, prompt, np.ones_like(prompt), options, on_tokens=lambda _: marks.append(time.perf_counter()))
+        end = time.perf_counter()
+        decode_seconds = marks[-1] - marks[0]
+        return {"total": end - start, "ttft": marks[0] - start, "tps": (len(marks) - 1) / decode_seconds if decode_seconds else 0.0, "tokens": tokens[0]}
+
+    results = interleaved({n: (lambda b=b: run(b)) for n, b in backends.items()}, preset.warmup, settings.decoder_repeats, on_run=bar.update)
+    reference_tokens = results["eager-fp32"][0]["tokens"]
+    reference_logits = backends["eager-fp32"].prefill(prompt, np.ones_like(prompt))
+    fp32_model = models["fp32"]
+    prefill_flops = count_flops(lambda: EagerDecoderBackend(fp32_model).prefill(prompt, np.ones_like(prompt)))
+    rows = []
+    for name, runs in results.items():
+        kind, precision = name.split("-", 1)
+        backend = backends[name]
+        if kind == "eager":
+            weight_bytes = eager_weight_bytes_per_token(models[precision])
+        else:
+            weight_bytes = weight_bytes_per_token(bundles[precision] / read_manifest(bundles[precision]).graphs["model"].path)
+        tokens = runs[0]["tokens"]
+        same = tokens == reference_tokens
+        with peak_rss() as memory:
+            logits = backend.prefill(prompt, np.ones_like(prompt))
+        figures = {
+            **output_figures(reference_logits, logits),
+            "greedy_agreement": float(same.mean()),
+            "first_divergence": None if same.all() else int(np.argmin(same)),
+            "top1_agreement": forced_top1(backend, prompt, reference_tokens),
+        }
+        bounds = {} if kind == "eager" else parity_bounds("decoder", precision)
+        ttft = summary([r["ttft"] for r in runs])
+        tps = summary([r["tps"] for r in runs])
+        floor = ceilings["memory_bandwidth_gbs"] * 1e9 / weight_bytes
+        speedups = {}
+        for ref in EAGER_PRECISIONS[settings.provider]:
+            reference_runs = results[f"eager-{ref}"]
+            speedups[f"decode tok/s vs eager-{ref}"] = ratio_summary([r["tps"] for r in runs], [r["tps"] for r in reference_runs])
+            speedups[f"TTFT vs eager-{ref}"] = ratio_summary([r["ttft"] for r in reference_runs], [r["ttft"] for r in runs])
+        rows.append(
+            {
+                "family": "llm",
+                "role": "decoder",
+                "case": f"batch 1, prompt {preset.prompt_tokens} + {preset.new_tokens} new tokens",
+                "batch": 1,
+                "variant": name,
+                "runtime": kind,
+                "precision": precision,
+                "latency_s": summary([r["total"] for r in runs]),
+                "ttft_s": ttft,
+                "decode_tokens_per_s": tps,
+                "throughput": {"tokens_per_s": round(tps["median"], 2)},
+                "speedups": speedups,
+                "flops": prefill_flops,
+                "achieved": achieved(prefill_flops, ttft["median"], precision, ceilings),
+                "weight_bytes_per_token": weight_bytes,
+                "bandwidth_floor": {"tokens_per_s": round(floor, 2), "reached_pct": round(100 * tps["median"] / floor, 1)},
+                "peak_rss_gib": memory["peak_rss_gib"],
+                "parity": {"figures": figures, "bounds": bounds, "passed": parity_passes(figures, bounds) if bounds else None},
+            }
+        )
+    return rows
+
+
+def total_runs(settings: RunSettings) -> int:
+    eager = len(EAGER_PRECISIONS[settings.provider])
+    rounds = settings.preset.warmup
+    count = 0
+    for family in settings.families:
+        role = get_family(family).role
+        variants = eager + len(settings.variants[role])
+        if role == "encoder":
+            count += len(settings.preset.encoder_batches) * variants * (rounds + settings.repeats)
+        else:
+            count += variants * (rounds + settings.decoder_repeats)
+    return count
+
+
+def run_benchmarks(settings: RunSettings, command: str, quiet: bool = False) -> dict[str, Any]:
+    say = (lambda text: None) if quiet else (lambda text: tqdm.write(text, file=sys.stderr))
+    if settings.preset.threads:
+        torch.set_num_threads(settings.preset.threads)
+    say("measuring this machine's ceilings (GEMM, int8 MatMul, memory bandwidth) ...")
+    ceilings = measure_ceilings()
+    rows: list[dict[str, Any]] = []
+    exports: list[dict[str, Any]] = []
+    with tqdm(total=total_runs(settings), desc="benchmark", unit="run", disable=quiet, file=sys.stderr) as bar:
+        for family in settings.families:
+            role = get_family(family).role
+            checkpoint = settings.work / "checkpoints" / family
+            if not (checkpoint / "config.json").is_file():
+                say(f"{family}: building a random checkpoint ({settings.preset.name} preset)")
+                save_random_checkpoint(family, checkpoint, settings.preset.config(family), seed=settings.seed)
+            bundles = {}
+            for precision in settings.variants[role]:
+                say(f"{family}: exporting {precision} with lalm-export (parity gate on)")
+                folder = settings.work / "bundles" / f"{family}-{precision}"
+                record = export_variant(family, checkpoint, precision, folder, settings.provider)
+                exports.append(record)
+                if "error" in record:
+                    say(f"{family}: {precision} export failed: {record['error']}")
+                else:
+                    bundles[precision] = folder
+            say(f"{family}: timing eager and ONNX Runtime, interleaved")
+            if role == "encoder":
+                rows += bench_encoder(settings, family, bundles, ceilings, bar)
+            else:
+                rows += bench_decoder(settings, bundles, ceilings, bar)
+    return {
+        "schema": RESULTS_SCHEMA,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": describe_machine(),
+        "libraries": library_versions(),
+        "settings": settings.to_dict(),
+        "ceilings": ceilings,
+        "exports": exports,
+        "rows": rows,
+    }
+
+
+CUDA_VARIANTS = {"encoder": ("fp32", "fp16"), "decoder": ("fp32", "fp16", "int4")}
+
+
+def make_settings(preset: str, families: list[str] | None, variants: list[str] | None, provider: str, work: Path, repeats: int | None) -> RunSettings:
+    """Settings for a run; `variants` are precisions, each exported for the roles and provider it suits."""
+    from lalm_export.precision import SPECS
+
+    chosen = PRESETS[preset]
+    wanted = CUDA_VARIANTS if provider == "cuda" else chosen.variants
+    if variants:
+        wanted = {role: tuple(v for v in variants if role in SPECS[v].roles and provider in SPECS[v].devices) for role in ("encoder", "decoder")}
+    return RunSettings(
+        preset=chosen,
+        families=tuple(families or FAMILIES),
+        variants=wanted,
+        provider=provider,
+        work=work,
+        repeats=repeats or chosen.repeats,
+        decoder_repeats=repeats or chosen.decoder_repeats,
+    )
+
+
+def command_line(argv: list[str]) -> str:
+    return "python -m benchmarks " + shlex.join(argv)
+

@@ -1,0 +1,126 @@
+"""`python -m benchmarks compare`: a real regression or parity breach fails, noise does not."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from benchmarks.compare import MIN_TOLERANCE, compare_results
+from tests.helpers import assert_user_error, run_cli
+
+MACHINE = {"cpu": "Test CPU", "cpu_flags": ["avx2"], "cores": 2, "gpu": None}
+
+
+def row(variant: str, speedup: float, spread: float = 0.02, cosine: float = 0.9995) -> dict:
+    return {
+        "family": "wav2vec2",
+        "case": "batch 1, 10 s",
+        "variant": variant,
+        "runtime": variant.split("-")[0],
+        "speedups": {"latency vs eager-fp32": {"value": speedup, "spread": spread}},
+        "parity": {"figures": {"cosine": cosine, "row_cosine": cosine}, "bounds": {"cosine": {"min": 0.999}, "row_cosine": {"min": 0.995}}, "passed": True},
+    }
+
+
+def results(speedup: float = 3.0, spread: float = 0.02, cosine: float = 0.9995, machine: dict | None = None) -> dict:
+    return {
+        "machine": machine or MACHINE,
+        "settings": {},
+        "exports": [{"family": "wav2vec2", "precision": "int8", "seconds": 1.0}],
+        "rows": [row("eager-fp32", 1.0), row("onnx-int8", speedup, spread, cosine)],
+    }
+
+
+def verdicts(findings) -> set[str]:
+    return {f.verdict for f in findings}
+
+
+def test_a_synthetic_regression_is_caught():
+    findings = compare_results(results(3.0), results(2.0))
+    assert "REGRESSION" in verdicts(findings)
+    assert any(f.fails for f in findings)
+
+
+def test_noise_within_tolerance_is_not_a_regression():
+    findings = compare_results(results(3.0), results(3.0 * (1 - MIN_TOLERANCE + 0.03)))
+    assert not any(f.fails for f in findings)
+    assert verdicts(findings) == {"worse"}
+
+
+def test_the_tolerance_grows_with_the_measured_spread():
+    fall = 3.0 * 0.75  # -25 %: a regression for tight runs, noise for runs with a 10 % standard error
+    assert "REGRESSION" in verdicts(compare_results(results(3.0, 0.02), results(fall, 0.02)))
+    assert "REGRESSION" not in verdicts(compare_results(results(3.0, 0.10), results(fall, 0.10)))
+
+
+def test_an_explicit_tolerance_overrides_the_default():
+    assert "REGRESSION" not in verdicts(compare_results(results(3.0), results(2.0), tolerance=0.4))
+
+
+def test_a_parity_breach_is_caught_even_when_faster():
+    findings = compare_results(results(3.0), results(4.0, cosine=0.99))
+    assert "PARITY BREACH" in verdicts(findings) and "better" in verdicts(findings)
+
+
+def test_a_missing_variant_and_a_failed_export_fail():
+    new = results(3.0)
+    new["rows"] = new["rows"][:1]
+    new["exports"][0]["error"] = "parity gate failed"
+    assert {"MISSING", "EXPORT FAILED"} <= verdicts(compare_results(results(3.0), new))
+
+
+def test_eager_rows_are_not_gated():
+    new = results(3.0)
+    new["rows"][0]["speedups"]["latency vs eager-fp32"]["value"] = 0.1
+    assert not any(f.fails for f in compare_results(results(3.0), new))
+
+
+def test_another_cpu_widens_the_tolerance():
+    other = results(2.0, machine={**MACHINE, "cpu": "Other CPU"})
+    assert "REGRESSION" not in verdicts(compare_results(results(3.0), other))  # -33 % < 50 %
+    assert "REGRESSION" in verdicts(compare_results(results(3.0), results(1.2, machine={**MACHINE, "cpu": "Other CPU"})))
+
+
+def test_figures_filter_keeps_parity_gated():
+    new = results(2.0, cosine=0.5)
+    findings = compare_results(results(3.0), new, figures="vs eager-bf16")
+    assert verdicts(findings) == {"PARITY BREACH"}
+
+
+def test_cli_exit_codes_and_table(tmp_path):
+    base, same, worse = tmp_path / "base.json", tmp_path / "same.json", tmp_path / "worse.json"
+    base.write_text(json.dumps(results(3.0)))
+    same.write_text(json.dumps(results(3.05)))
+    worse.write_text(json.dumps(results(1.5)))
+    ok = run_cli("compare", base, same, module="benchmarks")
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    failed = run_cli("compare", base, worse, module="benchmarks")
+    assert failed.returncode == 1 and "REGRESSION" in failed.stdout and "-50.0 %" in failed.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [(None, "does not exist"), ("{not json", "not valid JSON"), ('{"rows": []}', "not a results.json")],
+)
+def test_cli_bad_results_file_is_a_clear_error(tmp_path, content, fragment):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(results()))
+    new = tmp_path / "new.json"
+    if content is not None:
+        new.write_text(content)
+    assert_user_error(run_cli("compare", base, new, module="benchmarks"), fragment)
+
+
+def test_cli_refuses_a_tolerance_that_is_not_a_fraction(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(results()))
+    assert_user_error(run_cli("compare", base, base, "--tolerance", "15", module="benchmarks"), "fraction")
+
+
+def test_compare_does_not_modify_its_inputs():
+    baseline, new = results(3.0), results(2.0)
+    before = copy.deepcopy((baseline, new))
+    compare_results(baseline, new)
+    assert (baseline, new) == before

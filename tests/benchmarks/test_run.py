@@ -1,0 +1,87 @@
+"""`python -m benchmarks run` end to end on tiny models: every figure the report promises is
+in results.json, the report and plots are written, and earlier results are never overwritten."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import assert_user_error, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    result = run_cli("run", "--preset", "tiny", "--families", "wav2vec2", "llm", "--repeats", "2", "--out", out, module="benchmarks")
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_hold_every_variant_with_timings_speedups_and_parity(bench):
+    _, results = bench
+    variants = {(r["family"], r["case"], r["variant"]) for r in results["rows"]}
+    for batch in (1, 4):
+        for variant in ("eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8"):
+            assert ("wav2vec2", f"batch {batch}, 1 s", variant) in variants
+    assert {r["variant"] for r in results["rows"] if r["family"] == "llm"} == {"eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8", "onnx-int4"}
+    for row in results["rows"]:
+        assert row["latency_s"]["min"] <= row["latency_s"]["median"] <= row["latency_s"]["p90"]
+        assert len(row["latency_s"]["runs"]) == 2
+        assert set(row["speedups"]) >= {k for k in row["speedups"] if "eager-fp32" in k} and row["speedups"]
+        assert row["peak_rss_gib"] > 0 and row["flops"] > 0
+        if row["runtime"] == "onnx":
+            assert row["parity"]["passed"] is True, row["parity"]
+    encoder = next(r for r in results["rows"] if r["variant"] == "onnx-int8" and r["role"] == "encoder")
+    assert {"max_abs", "relative", "cosine", "row_cosine"} <= set(encoder["parity"]["figures"])
+    assert encoder["throughput"]["audio_seconds_per_s"] > 0 and encoder["achieved"]["ceiling"] == "int8_gemm_gops"
+    decoder = next(r for r in results["rows"] if r["variant"] == "onnx-int4")
+    assert {"greedy_agreement", "first_divergence", "top1_agreement"} <= set(decoder["parity"]["figures"])
+    assert decoder["weight_bytes_per_token"] > 0 and decoder["bandwidth_floor"]["tokens_per_s"] > 0
+    assert decoder["ttft_s"]["median"] > 0 and decoder["decode_tokens_per_s"]["median"] > 0
+    fp32 = next(r for r in results["rows"] if r["variant"] == "onnx-fp32" and r["role"] == "decoder")
+    assert decoder["weight_bytes_per_token"] < fp32["weight_bytes_per_token"] / 3, "int4 reads far fewer weight bytes"
+
+
+def test_results_describe_machine_ceilings_settings_and_exports(bench):
+    _, results = bench
+    assert results["machine"]["cores"] >= 1 and results["libraries"]["onnxruntime"]
+    assert all(results["ceilings"][k] > 0 for k in ("fp32_gemm_gflops", "bf16_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbs"))
+    assert results["settings"]["preset"] == "tiny" and results["command"].startswith("python -m benchmarks run")
+    assert {(e["family"], e["precision"]) for e in results["exports"]} == {
+        ("wav2vec2", "fp32"), ("wav2vec2", "int8"), ("llm", "fp32"), ("llm", "int8"), ("llm", "int4")
+    }
+    assert all(e["parity_gate"] == "passed" for e in results["exports"])
+
+
+def test_report_and_plots_are_written(bench):
+    out, _ = bench
+    report = (out / "report.md").read_text()
+    for heading in ("## Ceilings", "## Encoders", "## Decoder", "## Exports", "![speedup](speedup.png)"):
+        assert heading in report
+    for name in ("latency.png", "speedup.png", "parity.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_run_compared_with_itself_passes(bench):
+    out, _ = bench
+    result = run_cli("compare", out / "results.json", out / "results.json", module="benchmarks")
+    assert result.returncode == 0, result.stdout
+
+
+def test_existing_results_are_not_overwritten(bench):
+    out, _ = bench
+    before = (out / "results.json").read_bytes()
+    result = run_cli("run", "--preset", "tiny", "--families", "whisper", "--out", out, module="benchmarks")
+    assert_user_error(result, "--force")
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_report_command_rewrites_the_report_from_results(bench):
+    out, _ = bench
+    (out / "report.md").unlink()
+    result = run_cli("report", out / "results.json", module="benchmarks")
+    assert result.returncode == 0, result.stderr
+    assert "## Encoders" in (out / "report.md").read_text()
