@@ -40,21 +40,27 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
-def _best_seconds(fn, repeats: int = 5) -> float:
-    fn()
+def _best_seconds(fn, repeats: int = 5, device: str = "cpu") -> float:
+    def call() -> None:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def gemm_gflops(dtype: torch.dtype, size: int = 2048) -> float:
-    """Dense matmul rate of PyTorch (fp32: MKL/oneDNN; bf16: AMX where present)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    return 2 * size**3 / _best_seconds(lambda: torch.matmul(a, b)) / 1e9
+def gemm_gflops(dtype: torch.dtype, size: int = 2048, device: str = "cpu") -> float:
+    """Dense matmul rate of PyTorch (CPU fp32: oneDNN/MKL; bf16: AMX where present; CUDA: cuBLAS)."""
+    size = 8192 if device == "cuda" else size
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    return 2 * size**3 / _best_seconds(lambda: torch.matmul(a, b), device=device) / 1e9
 
 
 def int8_gemm_gops(m: int = 512, k: int = 768, n: int = 3072) -> float:
@@ -84,15 +90,21 @@ def int8_gemm_gops(m: int = 512, k: int = 768, n: int = 3072) -> float:
     return 2 * m * k * n / _best_seconds(lambda: session.run(None, {"x": x}), repeats=20) / 1e9
 
 
-def memory_read_gbs(megabytes: int = 512) -> float:
+def memory_read_gbs(megabytes: int = 512, device: str = "cpu") -> float:
     """Streaming bandwidth: a large copy reads and writes each byte once."""
-    source = torch.ones(megabytes * 2**20 // 4)
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
     target = torch.empty_like(source)
-    seconds = _best_seconds(lambda: target.copy_(source))
+    seconds = _best_seconds(lambda: target.copy_(source), device=device)
     return 2 * source.numel() * 4 / seconds / 1e9
 
 
-def measure_ceilings() -> dict[str, float]:
+def measure_ceilings(device: str = "cpu") -> dict[str, float]:
+    if device == "cuda":
+        return {
+            "fp32_gemm_gflops": round(gemm_gflops(torch.float32, device="cuda"), 1),
+            "fp16_gemm_gflops": round(gemm_gflops(torch.float16, device="cuda"), 1),
+            "memory_bandwidth_gbs": round(memory_read_gbs(2048, device="cuda"), 2),
+        }
     return {
         "fp32_gemm_gflops": round(gemm_gflops(torch.float32), 1),
         "bf16_gemm_gflops": round(gemm_gflops(torch.bfloat16), 1),

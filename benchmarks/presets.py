@@ -50,6 +50,7 @@ class Preset:
 
 
 DEFAULT_VARIANTS = {"encoder": ("fp32", "int8"), "decoder": ("fp32", "int8", "int4")}
+GPU_VARIANTS = {"encoder": ("fp32", "fp16"), "decoder": ("fp32", "fp16")}
 
 PRESETS = {
     "tiny": Preset(
@@ -82,5 +83,19 @@ PRESETS = {
         repeats=5,
         decoder_repeats=3,
         variants=DEFAULT_VARIANTS,
+    ),
+    "gpu": Preset(
+        name="gpu",
+        description="base sizes on a GPU (benchmarks/gpu/run.sh): wav2vec2-base, HuBERT-base, Whisper-base encoder, "
+        "Qwen2.5-0.5B-sized decoder, random weights",
+        config=base_config,
+        audio_seconds=10.0,
+        encoder_batches=(1, 8),
+        prompt_tokens=128,
+        new_tokens=64,
+        warmup=3,
+        repeats=20,
+        decoder_repeats=3,
+        variants=GPU_VARIANTS,
     ),
 }

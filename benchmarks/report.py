@@ -7,6 +7,20 @@ from pathlib import Path
 from typing import Any
 
 
+CEILING_NAMES = {
+    "fp32_gemm_gflops": "fp32 GEMM (PyTorch)",
+    "bf16_gemm_gflops": "bf16 GEMM (PyTorch)",
+    "fp16_gemm_gflops": "fp16 GEMM (PyTorch)",
+    "int8_gemm_gops": "int8 S8S8 MatMul (ONNX Runtime)",
+    "memory_bandwidth_gbs": "memory bandwidth (copy)",
+}
+
+
+def _ceiling(key: str, value: float) -> str:
+    unit = "GB/s" if key.endswith("gbs") else "GOP/s" if key.endswith("gops") else "GFLOP/s"
+    return f"{value:,.0f} {unit}" if unit != "GB/s" else f"{value:,.1f} {unit}"
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}" if seconds < 10 else f"{seconds * 1000:.0f}"
 
@@ -104,10 +118,7 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
         "",
         "## Ceilings of this machine (measured in this run)",
         "",
-        *_table(
-            ["fp32 GEMM (PyTorch)", "bf16 GEMM (PyTorch)", "int8 S8S8 MatMul (ONNX Runtime)", "memory bandwidth (copy)"],
-            [[f"{ceilings['fp32_gemm_gflops']:.0f} GFLOP/s", f"{ceilings['bf16_gemm_gflops']:.0f} GFLOP/s", f"{ceilings['int8_gemm_gops']:.0f} GOP/s", f"{ceilings['memory_bandwidth_gbs']:.1f} GB/s"]],
-        ),
+        *_table(list(CEILING_NAMES[k] for k in ceilings), [[_ceiling(k, v) for k, v in ceilings.items()]]),
         "",
     ]
     encoders = [r for r in results["rows"] if r["role"] == "encoder"]

@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp32 (exact); int8: dynamic S8S8 MatMuls, for CPUs; int4: weight-only, decoders; fp16: for CUDA; "
         "bf16 is refused (ONNX Runtime has no CPU kernel for it). Non-fp32 graphs are gated on cosine vs eager fp32 (default: fp32)",
     )
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        help="parity bound of a reduced precision: cosine, whole and per frame/position, against eager fp32 "
+        "(default: 0.999 for encoders, 0.99 for decoders, 0.8 for int4 decoders; see lalm_export/tolerances.py)",
+    )
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the parity gate runs: eager model and ONNX Runtime provider (default: cpu)")
     parser.add_argument(
         "--optimize",
@@ -101,6 +107,7 @@ def options_from_args(args: argparse.Namespace):
         trust_remote_code=args.trust_remote_code,
         seed=args.seed,
         precision=args.precision,
+        min_cosine=args.min_cosine,
         device=args.device,
         optimize=args.optimize,
     )

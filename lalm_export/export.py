@@ -59,6 +59,7 @@ class ExportOptions:
     trust_remote_code: bool = False
     seed: int = 0
     precision: str = "fp32"
+    min_cosine: float | None = None  # replaces the reduced-precision cosine bounds
     device: str = "cpu"  # where the parity gate runs: the eager reference and ONNX Runtime's provider
     optimize: bool = True
 
@@ -102,6 +103,8 @@ def validate_options(opts: ExportOptions) -> None:
         require_cuda()
     if not 14 <= opts.opset <= 23:
         raise OptionsError(f"--opset must be between 14 and 23, not {opts.opset}")
+    if opts.min_cosine is not None and (opts.precision == "fp32" or not 0 < opts.min_cosine <= 1):
+        raise OptionsError("--min-cosine is a bound in (0, 1] for --precision fp16, int8 or int4 (fp32 is gated by --rtol)")
     if opts.rtol <= 0 or (opts.atol is not None and opts.atol < 0):
         raise OptionsError("--rtol must be positive and --atol non-negative")
     output = Path(opts.output)
@@ -306,7 +309,7 @@ def parity_tolerance(opts: ExportOptions) -> Any:
 
     if opts.precision == "fp32":
         return Tolerance(relative=opts.rtol, absolute=opts.atol)
-    return Tolerance(relative=opts.rtol, absolute=opts.atol, **reduced_precision_tolerance(opts.spec.role, opts.precision))
+    return Tolerance(relative=opts.rtol, absolute=opts.atol, **reduced_precision_tolerance(opts.spec.role, opts.precision, opts.min_cosine))
 
 
 def check_parity(model: nn.Module, graph: Path, opts: ExportOptions, tolerance: Any, reference: str, progress: bool) -> Any:

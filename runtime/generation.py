@@ -31,13 +31,65 @@ def position_ids_for(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 1, positions).astype(np.int64)
 
 
+class KVBuffers:
+    """The KV cache in pre-allocated buffers on one device, two per cache tensor.
+
+    Optimum's graph reads `past_key_values.*` (length L) and writes `present.*` (L + n).
+    Each step reads the past from one buffer of a pair and writes the present into the
+    other; the next step swaps them. No step allocates, and the cache never leaves the
+    device. A sequence longer than the capacity moves to a larger pair in one step: the
+    present is the whole cache, so nothing needs copying."""
+
+    def __init__(self, names: list[str], batch: int, heads: int, head_dim: int, dtype: type, device: str, capacity: int) -> None:
+        self.names, self.batch, self.heads, self.head_dim = names, batch, heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.length = 0  # cached positions
+        self.allocations = 0
+        self.capacity = 0
+        self._pair = self._allocate(capacity)
+        self._current = 0  # index in the pair of the buffer holding the past
+
+    def _allocate(self, capacity: int) -> list[dict[str, ort.OrtValue]]:
+        elements = self.batch * self.heads * capacity * self.head_dim
+        self.capacity = capacity
+        self.allocations += 1
+        return [
+            {name: ort.OrtValue.ortvalue_from_shape_and_type((elements,), self.dtype, self.device, 0) for name in self.names}
+            for _ in range(2)
+        ]
+
+    def shape(self, length: int) -> tuple[int, int, int, int]:
+        return (self.batch, self.heads, length, self.head_dim)
+
+    def bind(self, binding: ort.IOBinding, new_positions: int) -> None:
+        """Bind the past as inputs and the buffers the present is written to as outputs."""
+        needed = self.length + new_positions
+        source = self._pair[self._current]
+        if needed > self.capacity:
+            self._pair, self._current = self._allocate(max(2 * self.capacity, needed)), 1
+        target = self._pair[1 - self._current]
+        for name in self.names:
+            binding.bind_input(name, self.device, 0, self.dtype, self.shape(self.length), source[name].data_ptr())
+            present = name.replace("past_key_values", "present")
+            binding.bind_output(present, self.device, 0, self.dtype, self.shape(needed), target[name].data_ptr())
+
+    def advance(self, new_positions: int) -> None:
+        self._current = 1 - self._current
+        self.length += new_positions
+
+    def buffer_pointers(self) -> set[int]:
+        return {value.data_ptr() for buffers in self._pair for value in buffers.values()}
+
+
 class OrtDecoderBackend:
     """Optimum's text-generation-with-past graph: `past_key_values.N.key/value` in, `present.N.*` out.
 
     With `binding_device` ("cuda", or "cpu" to exercise the same path without a GPU) the
-    session runs through IO binding: each step's `present.*` outputs stay where they were
-    computed as OrtValues and are bound as the next step's past, so the KV cache never
-    makes a host round trip; only the logits come back to the host."""
+    session runs through IO binding with the KV cache in pre-allocated `KVBuffers` on that
+    device; only the logits come back to the host. `reserve(total_length)` sizes the buffers
+    for a whole generation before it starts."""
+
+    DEFAULT_CAPACITY = 256
 
     def __init__(self, session: ort.InferenceSession, binding_device: str | None = None) -> None:
         self.session = session
@@ -52,8 +104,14 @@ class OrtDecoderBackend:
         self.kv_shape = tuple(first.shape[1:]) if first is not None else ()  # (heads, past, head_dim)
         self.kv_dtype = _ORT_FLOAT.get(first.type, np.float32) if first is not None else np.float32
         self.output_names = [o.name for o in session.get_outputs()]
+        self.kv: KVBuffers | None = None
+        self._capacity = self.DEFAULT_CAPACITY
         self._past: dict[str, Any] = {}
         self._mask = np.zeros((0, 0), dtype=np.int64)
+
+    def reserve(self, total_length: int) -> None:
+        """Size the KV buffers of the next generation for `total_length` positions."""
+        self._capacity = max(1, int(total_length))
 
     def _feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": self._mask}
@@ -62,7 +120,7 @@ class OrtDecoderBackend:
         return feeds
 
     def _run(self, input_ids: np.ndarray) -> np.ndarray:
-        if self.binding_device is not None:
+        if self.kv is not None:
             return self._run_bound(input_ids)
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, {**self._feeds(input_ids), **self._past})))
         self._past = {name: outputs[name.replace("past_key_values", "present")] for name in self.past_names}
@@ -72,24 +130,22 @@ class OrtDecoderBackend:
         binding = self.session.io_binding()
         for name, value in self._feeds(input_ids).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, value in self._past.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu" if name == "logits" else self.binding_device)
+        binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows the binding order
+        self.kv.bind(binding, input_ids.shape[1])
         self.session.run_with_iobinding(binding)
-        outputs = dict(zip(self.output_names, binding.get_outputs()))
-        self._past = {name: outputs[name.replace("past_key_values", "present")] for name in self.past_names}
-        return outputs["logits"].numpy()[:, -1, :]
+        self.kv.advance(input_ids.shape[1])
+        return binding.get_outputs()[0].numpy()[:, -1, :]
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         batch = input_ids.shape[0]
         heads, _, head_dim = self.kv_shape
-        empty = np.zeros((batch, heads, 0, head_dim), dtype=self.kv_dtype)
-        if self.binding_device is not None:
-            self._past = {name: ort.OrtValue.ortvalue_from_numpy(empty, self.binding_device, 0) for name in self.past_names}
-        else:
-            self._past = {name: empty for name in self.past_names}
         self._mask = attention_mask.astype(np.int64)
+        if self.binding_device is not None:
+            capacity = max(self._capacity, input_ids.shape[1])
+            self.kv = KVBuffers(self.past_names, batch, heads, head_dim, self.kv_dtype, self.binding_device, capacity)
+        else:
+            self.kv = None
+            self._past = {name: np.zeros((batch, heads, 0, head_dim), dtype=self.kv_dtype) for name in self.past_names}
         return self._run(input_ids)
 
     def decode_step(self, token_ids: np.ndarray) -> np.ndarray:
@@ -152,6 +208,9 @@ def generate(
     `on_tokens` receives each step's tokens, for streaming."""
     options.validate()
     rng = np.random.default_rng(options.seed)
+    reserve = getattr(backend, "reserve", None)
+    if reserve is not None:  # backends with pre-allocated caches size them once
+        reserve(input_ids.shape[1] + options.max_new_tokens)
     logits = backend.prefill(input_ids, attention_mask)
     batch = input_ids.shape[0]
     finished = np.zeros(batch, dtype=bool)

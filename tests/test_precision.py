@@ -176,3 +176,11 @@ def test_manifest_records_precision_and_reads_back(checkpoints, tmp_path):
     data = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert data["precision"] == "int8" and data["device"] == "cpu"
     assert read_manifest(tmp_path / "b").precision == "int8"
+
+
+def test_min_cosine_replaces_the_reduced_precision_bound(checkpoints, tmp_path):
+    strict = run_cli("--decoder", "auto", "--model", checkpoints["llm"], "--precision", "int4", "--min-cosine", "0.99999", "--output", tmp_path / "strict")
+    assert_user_error(strict, "cosine >= 0.99999")
+    assert not (tmp_path / "strict").exists()
+    wrong = run_cli("--encoder", "hubert", "--model", checkpoints["hubert"], "--min-cosine", "0.9", "--output", tmp_path / "fp32")
+    assert_user_error(wrong, "--min-cosine")

@@ -134,7 +134,7 @@ def test_batch_of_prompts_equals_each_alone(bundles):
 
 
 def test_io_binding_path_gives_the_same_tokens(bundles):
-    """The CUDA path (IO binding, KV cache kept as OrtValues) run with the CPU device."""
+    """The CUDA path (IO binding, KV cache in pre-allocated buffers) run with the CPU device."""
     from runtime.generation import OrtDecoderBackend, generate
 
     generator = load(bundles / "llm")
@@ -144,7 +144,37 @@ def test_io_binding_path_gives_the_same_tokens(bundles):
     bound_backend = OrtDecoderBackend(generator.session, binding_device="cpu")
     bound = generate(bound_backend, ids, mask, options)
     np.testing.assert_array_equal(plain, bound)
-    assert all(type(v).__name__ == "OrtValue" for v in bound_backend._past.values())
+    assert bound_backend.kv is not None and bound_backend.kv.length == ids.shape[1] + 15
+
+
+def test_kv_buffers_are_allocated_once_and_reused_every_step(bundles):
+    from runtime.generation import OrtDecoderBackend, generate
+
+    generator = load(bundles / "llm")
+    ids, mask = generator.encode_prompts(["the quick brown fox"])
+    backend = OrtDecoderBackend(generator.session, binding_device="cpu")
+    backend.reserve(ids.shape[1] + 12)
+    backend.prefill(ids, mask)
+    pointers = backend.kv.buffer_pointers()
+    assert len(pointers) == 2 * len(backend.past_names)  # a ping-pong pair per cache tensor
+    for _ in range(11):
+        binding_outputs_before = backend.kv.buffer_pointers()
+        backend.decode_step(np.array([5]))
+        assert backend.kv.buffer_pointers() == binding_outputs_before == pointers
+    assert backend.kv.allocations == 1 and backend.kv.capacity == ids.shape[1] + 12
+
+
+def test_kv_buffers_grow_past_their_capacity_without_changing_tokens(bundles):
+    from runtime.generation import OrtDecoderBackend, generate
+
+    generator = load(bundles / "llm")
+    ids, mask = generator.encode_prompts(["hi", "one two three"])
+    options = GenerationOptions(max_new_tokens=20, eos_token_id=-1)
+    expected = generate(OrtDecoderBackend(generator.session), ids, mask, options)
+    backend = OrtDecoderBackend(generator.session, binding_device="cpu")
+    backend.reserve = lambda total: OrtDecoderBackend.reserve(backend, 3)  # far too small: must grow
+    np.testing.assert_array_equal(generate(backend, ids, mask, options), expected)
+    assert backend.kv.allocations > 1 and backend.kv.capacity >= ids.shape[1] + 19
 
 
 def test_saved_optimized_graph_is_reused(bundles, tmp_path):
@@ -225,3 +255,20 @@ def test_user_errors(case, fragment, bundles, tmp_path):
         assert out.read_bytes() == b"keep"
     else:
         assert not out.exists()
+
+
+def test_encoder_io_binding_path_matches_the_plain_run(bundles):
+    """The CUDA encoder path (input and outputs bound on the device) run with the CPU device."""
+    import onnxruntime as ort
+
+    runner = load(bundles / "wav2vec2")
+    clips = [np.random.default_rng(0).standard_normal(16_000).astype(np.float32) * 0.1]
+    plain = runner.encode_arrays(clips)[0].hidden_states
+    runner.binding_device = "cpu"
+    bound = runner.encode_arrays(clips)[0].hidden_states
+    np.testing.assert_array_equal(plain, bound)
+    batch = np.stack(clips)
+    outputs = runner.run_on_device(ort.OrtValue.ortvalue_from_numpy(batch, "cpu", 0))
+    assert all(value.device_name() == "cpu" for value in outputs)
+    runner.binding_device = None
+    np.testing.assert_array_equal(outputs[0].numpy(), runner.run_batch(batch)["last_hidden_state"])

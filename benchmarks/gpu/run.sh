@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The prepared GPU run: install carried wheels, export fp32 and fp16 bundles on CUDA (parity
+# gate on), and time eager PyTorch (fp32, fp16) against ONNX Runtime CUDA (IO binding) for
+# the three encoders and the decoder at base sizes. Writes results.json and report.md.
+#
+#   bash benchmarks/gpu/run.sh --stash DIR            keep DIR's wheels/parts for a later call
+#   bash benchmarks/gpu/run.sh [--stash DIR] --out OUT   assemble, install, check, benchmark
+#   bash benchmarks/gpu/run.sh --dry-run --out OUT       every step on this CPU machine: the
+#        tiny preset, provider cpu, fp32 and fp16 variants, installs only printed
+#
+# Environment: STORE (default /tmp/lalm-wheels) holds stashed files between calls on one
+# warm machine; SITE (default /tmp/lalm-site) is where the wheels are installed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPO=$(pwd)
+STORE=${STORE:-/tmp/lalm-wheels}
+SITE=${SITE:-/tmp/lalm-site}
+PYTHON=${PYTHON:-python3}
+DRY=0; OUT=""; STASH=()
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+while (( $# )); do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --out) OUT=${2:?--out needs a folder}; shift ;;
+    --stash) STASH+=("${2:?--stash needs a folder}"); shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run.sh: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+step() { echo "== $*" >&2; }
+fail() { echo "run.sh: error: $*" >&2; exit 1; }
+
+step "1/5 stash carried files in $STORE"
+mkdir -p "$STORE"
+for dir in "${STASH[@]}"; do
+  [[ -d $dir ]] || fail "--stash $dir is not a folder"
+  cp -f "$dir"/* "$STORE"/ 2>/dev/null || true
+  echo "   stashed $(ls "$dir" | wc -l) file(s) from $dir" >&2
+done
+[[ -n $OUT ]] || { echo "   nothing else to do without --out (stashed files stay while this machine is warm)" >&2; exit 0; }
+
+step "2/5 assemble wheels carried in parts"
+missing=0
+for record in "$STORE"/*.whl.sha256; do
+  [[ -e $record ]] || continue
+  wheel=${record%.sha256}
+  if [[ -f $wheel ]] && [[ $(sha256sum "$wheel" | awk '{print $1}') == $(cat "$record") ]]; then
+    echo "   $(basename "$wheel"): already assembled" >&2; continue
+  fi
+  parts=("$wheel".part-*)
+  [[ -e ${parts[0]} ]] || { echo "   $(basename "$wheel"): no parts yet" >&2; missing=1; continue; }
+  cat "${parts[@]}" > "$wheel.tmp"
+  if [[ $(sha256sum "$wheel.tmp" | awk '{print $1}') == $(cat "$record") ]]; then
+    mv "$wheel.tmp" "$wheel"; echo "   $(basename "$wheel"): assembled from ${#parts[@]} parts" >&2
+  else
+    rm -f "$wheel.tmp"; echo "   $(basename "$wheel"): ${#parts[@]} part(s) so far, checksum not yet whole" >&2; missing=1
+  fi
+done
+if (( missing && !DRY )); then fail "some wheels are incomplete; carry the remaining .whl/call-N folders with --stash first"; fi
+
+step "3/5 install the wheels into $SITE"
+wheels=("$STORE"/*.whl)
+install=("$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE")
+if [[ ! -e ${wheels[0]} ]]; then
+  (( DRY )) || fail "no wheels in $STORE; run benchmarks/gpu/fetch_wheels.sh here and carry its folders"
+  echo "   dry run: no wheels stashed; would run: ${install[*]} $STORE/*.whl" >&2
+elif (( DRY )); then
+  for wheel in "${wheels[@]}"; do "$PYTHON" -m zipfile -l "$wheel" > /dev/null || fail "$wheel is not a valid wheel"; done
+  echo "   dry run: ${#wheels[@]} wheel(s) valid; would run: ${install[*]} $STORE/*.whl" >&2
+else
+  "${install[@]}" "${wheels[@]}"
+  export PYTHONPATH="$SITE:$REPO"
+fi
+export PYTHONPATH="${PYTHONPATH:-$REPO}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+step "4/5 check the stack"
+provider=cuda; preset=gpu; extra=()
+if (( DRY )); then provider=cpu; preset=tiny; extra=(--variants fp32 fp16 --repeats 2); fi
+"$PYTHON" - "$provider" <<'PY' || fail "the stack is not ready (see above)"
+import sys
+import onnxruntime as ort
+import torch
+import transformers
+provider = sys.argv[1]
+print(f"   torch {torch.__version__} (CUDA {torch.cuda.is_available()}), transformers {transformers.__version__}, "
+      f"onnxruntime {ort.__version__} {ort.get_available_providers()}", file=sys.stderr)
+if not transformers.__version__.startswith("4.57."):
+    sys.exit(f"transformers {transformers.__version__}: this project needs 4.57.x (carry the wheel)")
+if provider == "cuda" and ("CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available()):
+    sys.exit("no CUDA: onnxruntime-gpu or the GPU is missing")
+PY
+
+step "5/5 benchmark ($preset preset, provider $provider)"
+mkdir -p "$OUT"
+start=$(date +%s)
+"$PYTHON" -m benchmarks run --preset "$preset" --provider "$provider" "${extra[@]}" --out "$OUT/gpu" --force
+cp "$OUT/gpu/results.json" "$OUT/results.json"
+cp "$OUT/gpu/report.md" "$OUT/report.md"
+echo "   done in $(( $(date +%s) - start )) s: $OUT/results.json and $OUT/report.md" >&2

@@ -1,0 +1,40 @@
+"""Provider selection and CUDA provider options, checked without a GPU."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from runtime.errors import ProviderError
+from runtime.sessions import cuda_provider_options, provider_list, resolve_providers
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize(
+    ("available", "choice", "expected"),
+    [
+        ([CUDA, CPU], "auto", [CUDA, CPU]),
+        ([CPU], "auto", [CPU]),
+        ([CUDA, CPU], "cpu", [CPU]),
+        ([CUDA, CPU], "cuda", [CUDA, CPU]),
+    ],
+)
+def test_provider_choice(monkeypatch, available, choice, expected):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    assert resolve_providers(choice) == expected
+
+
+def test_cuda_where_it_is_missing_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    with pytest.raises(ProviderError, match="install onnxruntime-gpu"):
+        resolve_providers("cuda")
+
+
+def test_cuda_provider_gets_its_options_and_cpu_none():
+    providers = provider_list([CUDA, CPU])
+    assert providers[1] == CPU
+    name, options = providers[0]
+    assert name == CUDA and options == cuda_provider_options()
+    assert options["use_tf32"] == "0", "TF32 would break fp32 parity"
+    assert options["arena_extend_strategy"] == "kSameAsRequested"
