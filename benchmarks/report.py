@@ -8,11 +8,11 @@ from typing import Any
 
 
 CEILING_NAMES = {
-    "fp32_gemm_gflops": "fp32 GEMM (PyTorch)",
+    "fp32_gemm_gflops": "fp32 GEMM (best of PyTorch, ONNX Runtime)",
     "bf16_gemm_gflops": "bf16 GEMM (PyTorch)",
     "fp16_gemm_gflops": "fp16 GEMM (PyTorch)",
     "int8_gemm_gops": "int8 S8S8 MatMul (ONNX Runtime)",
-    "memory_bandwidth_gbs": "memory bandwidth (copy)",
+    "memory_bandwidth_gbs": "memory read bandwidth",
 }
 
 

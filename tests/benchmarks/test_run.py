@@ -85,3 +85,15 @@ def test_report_command_rewrites_the_report_from_results(bench):
     result = run_cli("report", out / "results.json", module="benchmarks")
     assert result.returncode == 0, result.stderr
     assert "## Encoders" in (out / "report.md").read_text()
+
+
+def test_accuracy_command_trains_exports_and_measures(tmp_path):
+    out = tmp_path / "accuracy"
+    result = run_cli("accuracy", "--seconds", "4", "--prompts", "1", "--out", out, "-q", module="benchmarks")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "accuracy.json").read_text())
+    rows = {r["precision"]: r for r in results["rows"]}
+    assert set(rows) == {"fp32", "int8", "int4"}
+    assert rows["fp32"]["top1_agreement"] == 1.0 and rows["fp32"]["greedy_agreement"] == 1.0, "fp32 is exact"
+    assert results["model"]["steps"] > 0 and results["corpus"]["tokens"] > 10_000
+    assert "| int4 |" in (out / "accuracy.md").read_text()
