@@ -48,6 +48,7 @@ class KVBuffers:
         self.capacity = 0
         self._pair = self._allocate(capacity)
         self._current = 0  # index in the pair of the buffer holding the past
+        self._outgrown: list[dict[str, ort.OrtValue]] | None = None  # read by the step in flight
 
     def _allocate(self, capacity: int) -> list[dict[str, ort.OrtValue]]:
         elements = self.batch * self.heads * capacity * self.head_dim
@@ -66,6 +67,8 @@ class KVBuffers:
         needed = self.length + new_positions
         source = self._pair[self._current]
         if needed > self.capacity:
+            # The binding holds raw pointers: the outgrown pair must live until the step has run.
+            self._outgrown = self._pair
             self._pair, self._current = self._allocate(max(2 * self.capacity, needed)), 1
         target = self._pair[1 - self._current]
         for name in self.names:
@@ -74,8 +77,10 @@ class KVBuffers:
             binding.bind_output(present, self.device, 0, self.dtype, self.shape(needed), target[name].data_ptr())
 
     def advance(self, new_positions: int) -> None:
+        """After the step has run: the buffer just written holds the past."""
         self._current = 1 - self._current
         self.length += new_positions
+        self._outgrown = None
 
     def buffer_pointers(self) -> set[int]:
         return {value.data_ptr() for buffers in self._pair for value in buffers.values()}

@@ -164,17 +164,22 @@ def test_kv_buffers_are_allocated_once_and_reused_every_step(bundles):
     assert backend.kv.allocations == 1 and backend.kv.capacity == ids.shape[1] + 12
 
 
-def test_kv_buffers_grow_past_their_capacity_without_changing_tokens(bundles):
-    from runtime.generation import OrtDecoderBackend, generate
+def test_kv_buffers_grow_past_their_capacity_without_changing_logits(bundles):
+    """Outgrowing the reserved length moves the cache to a larger pair mid-generation; every
+    step's logits stay those of the unbound backend."""
+    from runtime.generation import OrtDecoderBackend
 
     generator = load(bundles / "llm")
-    ids, mask = generator.encode_prompts(["hi", "one two three"])
-    options = GenerationOptions(max_new_tokens=20, eos_token_id=-1)
-    expected = generate(OrtDecoderBackend(generator.session), ids, mask, options)
-    backend = OrtDecoderBackend(generator.session, binding_device="cpu")
-    backend.reserve = lambda total: OrtDecoderBackend.reserve(backend, 3)  # far too small: must grow
-    np.testing.assert_array_equal(generate(backend, ids, mask, options), expected)
-    assert backend.kv.allocations > 1 and backend.kv.capacity >= ids.shape[1] + 19
+    ids = np.random.default_rng(0).integers(3, 300, size=(1, 100))
+    plain, bound = OrtDecoderBackend(generator.session), OrtDecoderBackend(generator.session, binding_device="cpu")
+    bound.reserve(110)
+    pairs = [(plain.prefill(ids, np.ones_like(ids)), bound.prefill(ids, np.ones_like(ids)))]
+    for step in range(40):
+        token = np.array([5 + step])
+        pairs.append((plain.decode_step(token), bound.decode_step(token)))
+    assert bound.kv.allocations == 2 and bound.kv.capacity >= 140
+    for expected, actual in pairs:
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_saved_optimized_graph_is_reused(bundles, tmp_path):
