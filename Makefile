@@ -32,7 +32,7 @@ bench-ci: $(STAMP)
 # Refresh the baseline deliberately (after a change that is meant to move the figures).
 bench-baseline: $(STAMP)
 	$(PY) -m benchmarks run --preset tiny --out $(BENCH_OUT) --force
-	cp $(BENCH_OUT)/results.json benchmarks/baselines/tiny.json
+	mkdir -p benchmarks/baselines && cp $(BENCH_OUT)/results.json benchmarks/baselines/tiny.json
 
 # The committed report of real architecture sizes (about 15 minutes on 2 cores).
 bench-base: $(STAMP)

@@ -36,7 +36,7 @@ from lalm_export.tolerances import FP32_RELATIVE, reduced_precision_tolerance
 from lalm_export.verify import OutputError
 from runtime.api import load
 from runtime.audio import features_for
-from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
+from runtime.generation import GenerationOptions, generate
 from runtime.manifest import read_manifest
 from runtime.sessions import SessionOptions
 

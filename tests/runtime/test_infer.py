@@ -148,7 +148,7 @@ def test_io_binding_path_gives_the_same_tokens(bundles):
 
 
 def test_kv_buffers_are_allocated_once_and_reused_every_step(bundles):
-    from runtime.generation import OrtDecoderBackend, generate
+    from runtime.generation import OrtDecoderBackend
 
     generator = load(bundles / "llm")
     ids, mask = generator.encode_prompts(["the quick brown fox"])
@@ -158,9 +158,8 @@ def test_kv_buffers_are_allocated_once_and_reused_every_step(bundles):
     pointers = backend.kv.buffer_pointers()
     assert len(pointers) == 2 * len(backend.past_names)  # a ping-pong pair per cache tensor
     for _ in range(11):
-        binding_outputs_before = backend.kv.buffer_pointers()
         backend.decode_step(np.array([5]))
-        assert backend.kv.buffer_pointers() == binding_outputs_before == pointers
+        assert backend.kv.buffer_pointers() == pointers
     assert backend.kv.allocations == 1 and backend.kv.capacity == ids.shape[1] + 12
 
 
