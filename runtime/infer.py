@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = load(args.bundle, SessionOptions(provider=args.provider, threads=args.threads, save_optimized=args.save_optimized))
-        say(f"{args.bundle}: {model.manifest.family} {model.manifest.role}, provider {model.provider}", args.quiet)
+        say(f"{args.bundle}: {model.manifest.family} {model.manifest.role} ({model.manifest.precision}), provider {model.provider}", args.quiet)
         if isinstance(model, EncoderRunner):
             run_encoder(model, args)
         else:

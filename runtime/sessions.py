@@ -70,9 +70,24 @@ def provider_list(names: list[str]) -> list[str | tuple[str, dict[str, str]]]:
     return [(name, cuda_provider_options()) if name == _ORT_PROVIDER["cuda"] else name for name in names]
 
 
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the `nvidia-*` pip packages (as PyTorch's wheels bring them)
+    where they are not on the library path; onnxruntime-gpu >= 1.21 knows where to look.
+    A system CUDA on the library path needs none of this, so a failure here is not an error."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except (OSError, RuntimeError, ValueError):
+            pass
+
+
 def create_session(graph: str | Path, options: SessionOptions | None = None) -> ort.InferenceSession:
     options = options or SessionOptions()
     options.validate()
+    providers = resolve_providers(options.provider)
+    if providers[0] == _ORT_PROVIDER["cuda"]:
+        preload_cuda_libraries()
     session_options = ort.SessionOptions()
     session_options.graph_optimization_level = _OPT_LEVELS[options.optimization]
     session_options.log_severity_level = 3
@@ -80,7 +95,7 @@ def create_session(graph: str | Path, options: SessionOptions | None = None) -> 
         session_options.intra_op_num_threads = options.threads
     if options.save_optimized:
         session_options.optimized_model_filepath = str(Path(graph).with_suffix(".optimized.onnx"))
-    return ort.InferenceSession(str(graph), sess_options=session_options, providers=provider_list(resolve_providers(options.provider)))
+    return ort.InferenceSession(str(graph), sess_options=session_options, providers=provider_list(providers))
 
 
 def provider_label(ort_provider: str) -> str:

@@ -90,6 +90,21 @@ if not transformers.__version__.startswith("4.57."):
     sys.exit(f"transformers {transformers.__version__}: this project needs 4.57.x (carry the wheel)")
 if provider == "cuda" and ("CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available()):
     sys.exit("no CUDA: onnxruntime-gpu or the GPU is missing")
+# A session on the provider itself: a listed CUDA provider can still fail to load its libraries.
+import tempfile, numpy as np, onnx
+from onnx import helper
+from runtime.sessions import SessionOptions, active_provider, create_session
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "smoke",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+with tempfile.TemporaryDirectory() as tmp:
+    path = f"{tmp}/smoke.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    session = create_session(path, SessionOptions(provider=provider))
+    session.run(None, {"x": np.array([-1.0, 1.0], dtype=np.float32)})
+if active_provider(session) != provider:
+    sys.exit(f"a {provider} session fell back to {active_provider(session)}: CUDA libraries missing?")
+print(f"   a {provider} session runs", file=sys.stderr)
 PY
 
 step "5/5 benchmark ($preset preset, provider $provider)"

@@ -38,3 +38,25 @@ def test_cuda_provider_gets_its_options_and_cpu_none():
     assert name == CUDA and options == cuda_provider_options()
     assert options["use_tf32"] == "0", "TF32 would break fp32 parity"
     assert options["arena_extend_strategy"] == "kSameAsRequested"
+
+
+def test_cuda_libraries_are_preloaded_only_for_cuda_sessions(monkeypatch, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    from runtime import sessions
+
+    calls = []
+    monkeypatch.setattr(sessions, "preload_cuda_libraries", lambda: calls.append(1))
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    session = sessions.create_session(path, sessions.SessionOptions(provider="cpu"))
+    assert session.run(None, {"x": np.array([-1.0, 1.0], dtype=np.float32)})[0].tolist() == [0.0, 1.0]
+    assert calls == []
