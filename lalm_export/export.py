@@ -32,7 +32,7 @@ from lalm_export.precision import SPECS, apply_precision, check_precision, keep_
 from lalm_export.progress import Stages
 from lalm_export.tolerances import FP32_RELATIVE, reduced_precision_tolerance
 from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
-from runtime.sessions import SessionOptions, create_session
+from runtime.sessions import SessionOptions, create_session, resolve_providers
 
 GRAPH_NAME = "model.onnx"
 DEFAULT_OPSET = 18
@@ -122,8 +122,6 @@ def validate_options(opts: ExportOptions) -> None:
 
 def require_cuda() -> None:
     """--device cuda needs a GPU for both sides of the parity gate."""
-    from runtime.sessions import resolve_providers
-
     if not torch.cuda.is_available():
         raise OptionsError("--device cuda: PyTorch sees no CUDA GPU here; run on a machine with one, or use --device cpu")
     resolve_providers("cuda")
@@ -335,8 +333,7 @@ def verify_graph(model: nn.Module, graph: Path, opts: ExportOptions, stages: Sta
     parity = report.to_dict()
     if opts.precision == "fp16":
         half = copy.deepcopy(model).half()
-        loose = parity_tolerance(opts)
-        against_half = check_parity(half, graph, opts, loose, f"eager PyTorch fp16 on {opts.device}", not stages.quiet)
+        against_half = check_parity(half, graph, opts, parity_tolerance(opts), f"eager PyTorch fp16 on {opts.device}", not stages.quiet)
         stages.say("      against eager fp16: " + "; ".join(against_half.summary_lines()))
         parity["against_eager_fp16"] = against_half.to_dict()
     return parity
