@@ -92,7 +92,7 @@ def train_decoder(ids: np.ndarray, folder: Path, seconds: float, seed: int, prog
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.n = min(int(time.perf_counter() - start), int(seconds))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.2f}")
     model.generation_config.pad_token_id = None
