@@ -184,3 +184,14 @@ def test_min_cosine_replaces_the_reduced_precision_bound(checkpoints, tmp_path):
     assert not (tmp_path / "strict").exists()
     wrong = run_cli("--encoder", "hubert", "--model", checkpoints["hubert"], "--min-cosine", "0.9", "--output", tmp_path / "fp32")
     assert_user_error(wrong, "--min-cosine")
+
+
+def test_a_manifest_without_precision_fields_reads_as_fp32(checkpoints, tmp_path):
+    from runtime.manifest import Manifest
+
+    export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=tmp_path / "b"), quiet=True)
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    for key in ("precision", "optimizations", "device"):
+        del data[key]
+    older = Manifest.from_dict(data)
+    assert (older.precision, older.optimizations, older.device) == ("fp32", [], "cpu")
