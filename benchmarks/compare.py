@@ -47,15 +47,19 @@ def speed_tolerance(baseline: dict[str, float], new: dict[str, float], fixed: fl
     return max(MIN_TOLERANCE, SIGMAS * combined)
 
 
-def breaches(row: dict[str, Any]) -> list[tuple[str, float | None, dict[str, float]]]:
-    """Parity figures of `row` past their bounds."""
-    figures = row["parity"]["figures"]
+def bounds_breached(figures: dict[str, Any], bounds: dict[str, dict[str, float]]) -> list[tuple[str, float | None, dict[str, float]]]:
+    """The figures past their bounds ({figure: {"min"|"max": bound}}); a missing figure counts."""
     found = []
-    for name, bound in row["parity"].get("bounds", {}).items():
+    for name, bound in bounds.items():
         value = figures.get(name)
         if value is None or ("min" in bound and value < bound["min"]) or ("max" in bound and value > bound["max"]):
             found.append((name, value, bound))
     return found
+
+
+def breaches(row: dict[str, Any]) -> list[tuple[str, float | None, dict[str, float]]]:
+    """Parity figures of `row` past their bounds."""
+    return bounds_breached(row["parity"]["figures"], row["parity"].get("bounds", {}))
 
 
 def same_machine(baseline: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -14,20 +14,19 @@ import tempfile
 import time
 from pathlib import Path
 
-BASE_CONFIGS = {"wav2vec2": "Wav2Vec2Config", "hubert": "HubertConfig"}
-MODEL_CLASSES = {"wav2vec2": "Wav2Vec2Model", "hubert": "HubertModel"}
+import numpy as np
 
 
 def build_base_checkpoint(family: str, folder: Path) -> int:
-    """Save a randomly initialised base-sized model; returns its parameter count."""
-    import torch
-    import transformers
+    """Save a randomly initialised base-sized model (the base preset's); returns its parameter count."""
+    from safetensors import safe_open
 
-    torch.manual_seed(0)
-    config = getattr(transformers, BASE_CONFIGS[family])()
-    model = getattr(transformers, MODEL_CLASSES[family])(config)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
+    from benchmarks.presets import base_config
+    from lalm_export.tiny import save_random_checkpoint
+
+    save_random_checkpoint(family, folder, base_config(family), seed=0)
+    with safe_open(str(folder / "model.safetensors"), framework="np") as weights:
+        return sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())
 
 
 def measure_export(family: str, work: Path) -> dict:

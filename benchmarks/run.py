@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from benchmarks.compare import bounds_breached
 from benchmarks.machine import describe_machine, measure_ceilings
 from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary, timed
 from benchmarks.presets import GPU_VARIANTS, PRESETS, Preset
@@ -89,11 +90,7 @@ def parity_bounds(role: str, precision: str) -> dict[str, dict[str, float]]:
 
 
 def parity_passes(figures: dict[str, Any], bounds: dict[str, dict[str, float]]) -> bool:
-    for name, bound in bounds.items():
-        value = figures.get(name)
-        if value is None or ("min" in bound and value < bound["min"]) or ("max" in bound and value > bound["max"]):
-            return False
-    return True
+    return not bounds_breached(figures, bounds)
 
 
 def output_figures(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:

@@ -127,11 +127,7 @@ def save_random_checkpoint(family: str, folder: str | Path, config, seed: int = 
         model.generation_config.pad_token_id = None
         model.save_pretrained(str(folder), safe_serialization=True)
         return folder
-    if family not in AUDIO_MODEL_CLASSES:
-        from lalm_export.families import get_family
-
-        get_family(family)  # raises the error listing the known families
-        raise ValueError(f"no checkpoint builder for family {family!r}")
+    _require_known(family, AUDIO_MODEL_CLASSES, "checkpoint builder")
     torch.manual_seed(seed)
     getattr(transformers, AUDIO_MODEL_CLASSES[family])(config).save_pretrained(str(folder), safe_serialization=True)
     if family == "whisper":
@@ -145,12 +141,18 @@ def tiny_config(family: str):
     """The tiny config of `family` (the decoder's vocabulary is the tiny tokenizer's)."""
     if family == "llm":
         return tiny_llama_config(TINY_VOCAB)
-    if family not in TINY_CONFIGS:
+    _require_known(family, TINY_CONFIGS, "tiny config")
+    return TINY_CONFIGS[family]()
+
+
+def _require_known(family: str, table: dict, what: str) -> None:
+    """An unknown family raises the registry's error listing the known ones; a registered
+    family missing from `table` is a gap in this module."""
+    if family not in table:
         from lalm_export.families import get_family
 
         get_family(family)
-        raise ValueError(f"no tiny config for family {family!r}")
-    return TINY_CONFIGS[family]()
+        raise ValueError(f"no {what} for family {family!r}")
 
 
 def build_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> Path:
