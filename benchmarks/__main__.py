@@ -40,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build random models of a preset's sizes, export each variant with lalm-export (parity gate on), and time eager "
         "PyTorch and ONNX Runtime on the same inputs, interleaved after warm-up. Writes results.json, report.md and PNG plots to --out.",
     )
-    run.add_argument("--preset", choices=("tiny", "base"), default="tiny", help="tiny: seconds, for CI; base: real architecture sizes (default: tiny)")
+    run.add_argument(
+        "--preset", choices=("tiny", "base", "gpu"), default="tiny",
+        help="tiny: seconds, for CI; base: real architecture sizes; gpu: base sizes, batches 1 and 8, for --provider cuda (default: tiny)",
+    )
     run.add_argument("--families", nargs="+", choices=FAMILIES, help="families to run (default: all)")
     run.add_argument(
         "--variants", nargs="+", choices=[p for p in PRECISIONS if p != "bf16"], help="precisions to export; each runs for the roles it suits "
-        "(default: fp32 int8 for encoders, fp32 int8 int4 for the decoder; on cuda fp32 fp16 (+ int4 for the decoder))"
+        "(default: fp32 int8 for encoders, fp32 int8 int4 for the decoder; on cuda fp32 fp16)"
     )
     run.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="eager device and ONNX Runtime provider (default: cpu)")
     run.add_argument("--out", type=Path, required=True, help="folder for results.json, report.md and plots (refused if it holds results, unless --force)")
@@ -111,6 +114,13 @@ def read_results(path: Path) -> dict:
     return data
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file, so a run killed mid-write leaves the previous file whole."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
 def write_report(results: dict, folder: Path) -> None:
     from benchmarks.report import render_markdown, render_plots
 
@@ -151,13 +161,17 @@ def command_run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.repeats is not None and args.repeats < 1:
         raise UserError("--repeats must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random checkpoints only: never the network
+    if args.preset == "gpu" and args.provider != "cuda":
+        raise UserError("--preset gpu is for --provider cuda; use --preset base on the CPU")
+    partial = out.parent / f"{out.name}.partial.json"
     with tempfile.TemporaryDirectory(prefix="lalm-bench-") as tmp:
         work = args.work or Path(tmp)
         settings = make_settings(args.preset, args.families, args.variants, args.provider, work, args.repeats)
-        results = run_benchmarks(settings, command_line(argv), quiet=args.quiet)
+        results = run_benchmarks(settings, command_line(argv), quiet=args.quiet, on_family_done=lambda so_far: write_json(partial, so_far))
     with atomic_folder(out, replace=True) as folder:
         (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         write_report(results, folder)
+    partial.unlink(missing_ok=True)
     failed = [r for r in results["rows"] if r["parity"]["passed"] is False] + [e for e in results["exports"] if "error" in e]
     print(f"results, report.md and plots written to {out}" + (f"; {len(failed)} variant(s) FAILED parity or export" if failed else ""), file=sys.stderr)
     return 0

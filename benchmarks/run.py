@@ -13,6 +13,8 @@ import json
 import shlex
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,9 @@ def export_variant(family: str, checkpoint: Path, precision: str, folder: Path, 
         manifest = export_bundle(options, quiet=True)
     except LalmExportError as err:
         return {"family": family, "precision": precision, "error": str(err), "seconds": round(time.perf_counter() - start, 2)}
+    except Exception as err:  # noqa: BLE001 - a crash (CUDA, ONNX Runtime) is recorded; the other variants still run
+        traceback.print_exc()
+        return {"family": family, "precision": precision, "error": f"{type(err).__name__}: {err}", "seconds": round(time.perf_counter() - start, 2)}
     return {
         "family": family,
         "precision": precision,
@@ -352,47 +357,65 @@ def total_runs(settings: RunSettings) -> int:
     return count
 
 
-def run_benchmarks(settings: RunSettings, command: str, quiet: bool = False) -> dict[str, Any]:
+def run_benchmarks(
+    settings: RunSettings, command: str, quiet: bool = False, on_family_done: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Every family in turn. A family whose timing fails is recorded as a failed export and the
+    run goes on; `on_family_done` receives the results so far after each family, so a run cut
+    short (a time limit on a lent GPU) still leaves what it measured."""
     say = (lambda text: None) if quiet else (lambda text: tqdm.write(text, file=sys.stderr))
     if settings.preset.threads:
         torch.set_num_threads(settings.preset.threads)
     say("measuring this machine's ceilings (GEMM, int8 MatMul, memory bandwidth) ...")
-    ceilings = measure_ceilings(settings.provider)
-    rows: list[dict[str, Any]] = []
-    exports: list[dict[str, Any]] = []
-    with tqdm(total=total_runs(settings), desc="benchmark", unit="run", disable=quiet, file=sys.stderr) as bar:
-        for family in settings.families:
-            role = get_family(family).role
-            checkpoint = settings.work / "checkpoints" / family
-            if not (checkpoint / "config.json").is_file():
-                say(f"{family}: building a random checkpoint ({settings.preset.name} preset)")
-                save_random_checkpoint(family, checkpoint, settings.preset.config(family), seed=settings.seed)
-            bundles = {}
-            for precision in settings.variants[role]:
-                say(f"{family}: exporting {precision} with lalm-export (parity gate on)")
-                folder = settings.work / "bundles" / f"{family}-{precision}"
-                record = export_variant(family, checkpoint, precision, folder, settings.provider)
-                exports.append(record)
-                if "error" in record:
-                    say(f"{family}: {precision} export failed: {record['error']}")
-                else:
-                    bundles[precision] = folder
-            say(f"{family}: timing eager and ONNX Runtime, interleaved")
-            if role == "encoder":
-                rows += bench_encoder(settings, family, bundles, ceilings, bar)
-            else:
-                rows += bench_decoder(settings, bundles, ceilings, bar)
-    return {
+    results = {
         "schema": RESULTS_SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "machine": describe_machine(),
         "libraries": library_versions(),
         "settings": settings.to_dict(),
-        "ceilings": ceilings,
-        "exports": exports,
-        "rows": rows,
+        "ceilings": measure_ceilings(settings.provider),
+        "exports": [],
+        "rows": [],
     }
+    with tqdm(total=total_runs(settings), desc="benchmark", unit="run", disable=quiet, file=sys.stderr) as bar:
+        for family in settings.families:
+            bundles = export_family(settings, family, results["exports"], say)
+            say(f"{family}: timing eager and ONNX Runtime, interleaved")
+            start = time.perf_counter()
+            try:
+                if get_family(family).role == "encoder":
+                    results["rows"] += bench_encoder(settings, family, bundles, results["ceilings"], bar)
+                else:
+                    results["rows"] += bench_decoder(settings, bundles, results["ceilings"], bar)
+            except Exception as err:  # noqa: BLE001 - recorded as a failure; the other families still run
+                traceback.print_exc()
+                say(f"{family}: timing failed: {err}")
+                elapsed = round(time.perf_counter() - start, 2)
+                results["exports"].append({"family": family, "precision": "timing", "error": f"{type(err).__name__}: {err}", "seconds": elapsed})
+            if on_family_done is not None:
+                on_family_done(results)
+    return results
+
+
+def export_family(settings: RunSettings, family: str, exports: list[dict[str, Any]], say: Callable[[str], None]) -> dict[str, Path]:
+    """Build the family's random checkpoint (once per --work folder) and export each variant;
+    returns the bundles that exported, and appends a record of every export to `exports`."""
+    checkpoint = settings.work / "checkpoints" / family
+    if not (checkpoint / "config.json").is_file():
+        say(f"{family}: building a random checkpoint ({settings.preset.name} preset)")
+        save_random_checkpoint(family, checkpoint, settings.preset.config(family), seed=settings.seed)
+    bundles = {}
+    for precision in settings.variants[get_family(family).role]:
+        say(f"{family}: exporting {precision} with lalm-export (parity gate on)")
+        folder = settings.work / "bundles" / f"{family}-{precision}"
+        record = export_variant(family, checkpoint, precision, folder, settings.provider)
+        exports.append(record)
+        if "error" in record:
+            say(f"{family}: {precision} export failed: {record['error']}")
+        else:
+            bundles[precision] = folder
+    return bundles
 
 
 def make_settings(preset: str, families: list[str] | None, variants: list[str] | None, provider: str, work: Path, repeats: int | None) -> RunSettings:

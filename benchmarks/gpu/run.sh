@@ -110,7 +110,8 @@ PY
 step "5/5 benchmark ($preset preset, provider $provider)"
 mkdir -p "$OUT"
 start=$(date +%s)
-"$PYTHON" -m benchmarks run --preset "$preset" --provider "$provider" "${extra[@]}" --out "$OUT/gpu" --force
+# The log and, after each family, gpu.partial.json land in OUT too: a run cut short keeps what it measured.
+"$PYTHON" -m benchmarks run --preset "$preset" --provider "$provider" "${extra[@]}" --out "$OUT/gpu" --force 2>&1 | tee "$OUT/run.log"
 cp "$OUT/gpu/results.json" "$OUT/results.json"
 cp "$OUT/gpu/report.md" "$OUT/report.md"
 echo "   done in $(( $(date +%s) - start )) s: $OUT/results.json and $OUT/report.md" >&2

@@ -79,6 +79,34 @@ def test_existing_results_are_not_overwritten(bench):
     assert (out / "results.json").read_bytes() == before
 
 
+def test_a_complete_run_leaves_no_partial_results(bench):
+    out, _ = bench
+    assert not (out.parent / f"{out.name}.partial.json").exists()
+
+
+def test_gpu_preset_needs_the_cuda_provider(tmp_path):
+    result = run_cli("run", "--preset", "gpu", "--out", tmp_path / "gpu", module="benchmarks")
+    assert_user_error(result, "--provider cuda")
+    assert not (tmp_path / "gpu").exists()
+
+
+def test_a_family_that_fails_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    from benchmarks import run as bench_run
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench_run, "bench_encoder", crash)
+    settings = bench_run.make_settings("tiny", ["whisper", "llm"], ["fp32"], "cpu", tmp_path, repeats=1)
+    snapshots = []
+    results = bench_run.run_benchmarks(settings, "test", quiet=True, on_family_done=lambda so_far: snapshots.append(len(so_far["rows"])))
+    failures = [e for e in results["exports"] if "error" in e]
+    assert [(e["family"], e["precision"]) for e in failures] == [("whisper", "timing")]
+    assert "illegal memory access" in failures[0]["error"]
+    assert {r["family"] for r in results["rows"]} == {"llm"}
+    assert snapshots == [0, len(results["rows"])]  # called after each family with the rows so far
+
+
 def test_report_command_rewrites_the_report_from_results(bench):
     out, _ = bench
     (out / "report.md").unlink()
