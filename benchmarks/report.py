@@ -112,7 +112,13 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
         f"at batch {', '.join(map(str, settings['encoder_batches']))} (Whisper: its 30 s window); decoder: prompt "
         f"{settings['prompt_tokens']} tokens + {settings['new_tokens']} new, greedy, batch 1; {settings['warmup_rounds']} warm-up round(s), "
         f"{settings['timed_rounds']['encoder']} (encoders) / {settings['timed_rounds']['decoder']} (decoder) timed rounds, {settings['order']}; "
-        f"torch threads {settings['torch_threads']}, ONNX Runtime threads {settings['ort_threads']}.",
+        f"torch threads {settings['torch_threads']}, ONNX Runtime threads {settings['ort_threads']}"
+        + (
+            "; CUDA provider options " + ", ".join(f"{k}={v}" for k, v in settings["cuda_provider_options"].items()) + "; eager fp32 without TF32"
+            if settings.get("cuda_provider_options")
+            else ""
+        )
+        + ".",
         "- Speedups are ratios of medians measured in this run; ± is the relative standard error of the median per-round ratio. "
         "Parity is against eager fp32 on the same inputs; a variant's bounds are those of the export's parity gate.",
         "",

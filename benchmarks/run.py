@@ -29,7 +29,7 @@ from benchmarks.compare import bounds_breached
 from benchmarks.machine import describe_machine, measure_ceilings
 from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary, timed
 from benchmarks.presets import GPU_VARIANTS, PRESETS, Preset
-from lalm_export.eager import EagerDecoderBackend
+from lalm_export.eager import EagerDecoderBackend, full_fp32
 from lalm_export.errors import LalmExportError
 from lalm_export.export import ExportOptions, export_bundle, library_versions
 from lalm_export.families import FAMILIES, get_family
@@ -41,7 +41,7 @@ from runtime.api import load
 from runtime.audio import features_for
 from runtime.generation import GenerationOptions, generate
 from runtime.manifest import read_manifest
-from runtime.sessions import SessionOptions
+from runtime.sessions import SessionOptions, cuda_provider_options
 
 RESULTS_SCHEMA = 1
 EAGER_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
@@ -373,12 +373,13 @@ def run_benchmarks(
         "command": command,
         "machine": describe_machine(),
         "libraries": library_versions(),
-        "settings": settings.to_dict(),
+        "settings": {**settings.to_dict(), "cuda_provider_options": cuda_provider_options() if settings.provider == "cuda" else None},
         "ceilings": measure_ceilings(settings.provider),
         "exports": [],
         "rows": [],
     }
-    with tqdm(total=total_runs(settings), desc="benchmark", unit="run", disable=quiet, file=sys.stderr) as bar:
+    # Eager fp32 without TF32, as ONNX Runtime runs (use_tf32=0): the same arithmetic on both sides.
+    with full_fp32(), tqdm(total=total_runs(settings), desc="benchmark", unit="run", disable=quiet, file=sys.stderr) as bar:
         for family in settings.families:
             bundles = export_family(settings, family, results["exports"], say)
             say(f"{family}: timing eager and ONNX Runtime, interleaved")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -10,6 +12,19 @@ import torch
 from torch import nn
 
 from runtime.generation import position_ids_for
+
+
+@contextmanager
+def full_fp32() -> Iterator[None]:
+    """No TF32 inside: PyTorch lets cuDNN convolutions use TF32 (10 mantissa bits) by default,
+    which puts eager "fp32" 1e-3 away from real fp32 (measured on wav2vec2's 128-tap positional
+    convolution on an H100). ONNX Runtime runs with use_tf32=0, so the reference does too."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class EagerDecoderBackend:

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
 import torch
 from torch import nn
 
+from lalm_export.eager import full_fp32
 from lalm_export.errors import AdapterMismatchError, OptionsError, OutputExistsError
 from lalm_export.families import FamilySpec, get_family
 from lalm_export.io import atomic_folder, sha256_tree
@@ -294,11 +296,13 @@ def save_feature_extractor(model: nn.Module, opts: ExportOptions, folder: Path) 
 def library_versions() -> dict[str, str]:
     names = ["lalm-export", "torch", "transformers", "optimum", "optimum-onnx", "peft", "bitsandbytes", "onnx", "onnxruntime"]
     versions = {}
-    for name in names:
+    for name in names + ["onnxruntime-gpu"]:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+    # onnxruntime-gpu installs the same `onnxruntime` module; the one imported is what ran.
+    versions["onnxruntime"] = ort.__version__
     return versions
 
 
@@ -326,7 +330,8 @@ def check_parity(model: nn.Module, graph: Path, opts: ExportOptions, tolerance: 
 def verify_graph(model: nn.Module, graph: Path, opts: ExportOptions, stages: Stages) -> dict[str, Any]:
     """Gate on eager fp32; an fp16 graph is also compared with eager fp16 (recorded, not gated)."""
     model = model.to(opts.device)
-    report = check_parity(model, graph, opts, parity_tolerance(opts), f"eager PyTorch fp32 (merged) on {opts.device}", not stages.quiet)
+    with full_fp32():
+        report = check_parity(model, graph, opts, parity_tolerance(opts), f"eager PyTorch fp32 (merged) on {opts.device}", not stages.quiet)
     for line in report.summary_lines():
         stages.say(f"      {line}")
     report.raise_if_failed()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,16 +54,36 @@ def resolve_providers(provider: ProviderName) -> list[str]:
     return [_ORT_PROVIDER["cuda"], _ORT_PROVIDER["cpu"]] if cuda_ready else [_ORT_PROVIDER["cpu"]]
 
 
+CONV_ALGO_SEARCH_ENV = "LALM_CUDNN_CONV_ALGO_SEARCH"
+CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+
+
+def conv_algo_search() -> str:
+    """cuDNN's convolution plan choice: HEURISTIC (cuDNN heuristic mode A) unless the
+    environment variable LALM_CUDNN_CONV_ALGO_SEARCH names EXHAUSTIVE (mode B) or DEFAULT (the
+    fallback engines). ONNX Runtime tries no second mode when the first finds no plan."""
+    choice = os.environ.get(CONV_ALGO_SEARCH_ENV, "HEURISTIC").strip().upper()
+    if choice not in CONV_ALGO_SEARCHES:
+        raise ProviderError(f"{CONV_ALGO_SEARCH_ENV}={choice!r}: use one of {', '.join(CONV_ALGO_SEARCHES)}")
+    return choice
+
+
 def cuda_provider_options() -> dict[str, str]:
     """CUDAExecutionProvider settings, each for a reason:
     - use_tf32 0: TF32 matmuls keep 10 mantissa bits, so fp32 graphs would miss the 1e-4 parity
-      of eager fp32 (PyTorch leaves TF32 off for matmuls by default);
+      of eager fp32 (which `lalm_export.eager.full_fp32` also runs without TF32);
     - arena_extend_strategy kSameAsRequested: the memory arena grows by what is asked, not by
       doubling, so a 0.5B decoder does not reserve twice its size;
-    - cudnn_conv_algo_search HEURISTIC: no exhaustive search on the first call of each new
-      input shape (every new audio length would pay it);
+    - cudnn_conv_algo_search (see `conv_algo_search`): no timing of every algorithm on the first
+      call of each new input shape (every new audio length would pay it);
     - do_copy_in_default_stream 1: host-device copies ordered with the kernels."""
-    return {"device_id": "0", "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
+    return {
+        "device_id": "0",
+        "use_tf32": "0",
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": conv_algo_search(),
+        "do_copy_in_default_stream": "1",
+    }
 
 
 def provider_list(names: list[str]) -> list[str | tuple[str, dict[str, str]]]:

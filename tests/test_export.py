@@ -183,3 +183,14 @@ def test_force_replaces_only_a_complete_bundle(checkpoints, tmp_path):
     assert (bundle / "manifest.json").read_text() == before
     export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=bundle, force=True, seed=1), quiet=True)
     assert (bundle / "manifest.json").read_text() != before
+
+
+def test_the_eager_reference_runs_without_tf32_and_restores_the_settings():
+    import torch
+
+    from lalm_export.eager import full_fp32
+
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
+    with full_fp32():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.allow_tf32

@@ -7,22 +7,25 @@
 #   bash benchmarks/gpu/run.sh [--stash DIR] --out OUT   assemble, install, check, benchmark
 #   bash benchmarks/gpu/run.sh --dry-run --out OUT       every step on this CPU machine: the
 #        tiny preset, provider cpu, fp32 and fp16 variants, installs only printed
+#   ... --out OUT -- --families wav2vec2 hubert         arguments after -- go to the benchmark
 #
 # Environment: STORE (default /tmp/lalm-wheels) holds stashed files between calls on one
-# warm machine; SITE (default /tmp/lalm-site) is where the wheels are installed.
+# warm machine; SITE (default /tmp/lalm-site) is where the wheels are installed;
+# LALM_CUDNN_CONV_ALGO_SEARCH is set from conv_probe.py (step 4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
 STORE=${STORE:-/tmp/lalm-wheels}
 SITE=${SITE:-/tmp/lalm-site}
 PYTHON=${PYTHON:-python3}
-DRY=0; OUT=""; STASH=()
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+DRY=0; OUT=""; STASH=(); BENCH_ARGS=()
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 while (( $# )); do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) OUT=${2:?--out needs a folder}; shift ;;
     --stash) STASH+=("${2:?--stash needs a folder}"); shift ;;
+    --) shift; BENCH_ARGS=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -99,7 +102,7 @@ graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "smoke",
                           [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
 with tempfile.TemporaryDirectory() as tmp:
     path = f"{tmp}/smoke.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
     session = create_session(path, SessionOptions(provider=provider))
     session.run(None, {"x": np.array([-1.0, 1.0], dtype=np.float32)})
 if active_provider(session) != provider:
@@ -107,11 +110,16 @@ if active_provider(session) != provider:
 print(f"   a {provider} session runs", file=sys.stderr)
 PY
 
-step "5/5 benchmark ($preset preset, provider $provider)"
 mkdir -p "$OUT"
+# The cuDNN plan search that runs wav2vec2/HuBERT's positional convolution here (see conv_probe.py).
+search=$("$PYTHON" benchmarks/gpu/conv_probe.py --provider "$provider" --out "$OUT/conv_probe.json") || fail "the convolution probe failed (see above)"
+export LALM_CUDNN_CONV_ALGO_SEARCH=$search
+echo "   cuDNN plan search for the benchmark: $search" >&2
+
+step "5/5 benchmark ($preset preset, provider $provider)"
 start=$(date +%s)
 # The log and, after each family, gpu.partial.json land in OUT too: a run cut short keeps what it measured.
-"$PYTHON" -m benchmarks run --preset "$preset" --provider "$provider" "${extra[@]}" --out "$OUT/gpu" --force 2>&1 | tee "$OUT/run.log"
+"$PYTHON" -m benchmarks run --preset "$preset" --provider "$provider" "${extra[@]}" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} --out "$OUT/gpu" --force 2>&1 | tee "$OUT/run.log"
 cp "$OUT/gpu/results.json" "$OUT/results.json"
 cp "$OUT/gpu/report.md" "$OUT/report.md"
 echo "   done in $(( $(date +%s) - start )) s: $OUT/results.json and $OUT/report.md" >&2

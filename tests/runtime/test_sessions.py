@@ -40,6 +40,16 @@ def test_cuda_provider_gets_its_options_and_cpu_none():
     assert options["arena_extend_strategy"] == "kSameAsRequested"
 
 
+def test_cudnn_conv_algo_search_can_be_chosen_and_a_typo_is_refused(monkeypatch):
+    monkeypatch.delenv("LALM_CUDNN_CONV_ALGO_SEARCH", raising=False)
+    assert cuda_provider_options()["cudnn_conv_algo_search"] == "HEURISTIC"
+    monkeypatch.setenv("LALM_CUDNN_CONV_ALGO_SEARCH", "exhaustive")
+    assert cuda_provider_options()["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    monkeypatch.setenv("LALM_CUDNN_CONV_ALGO_SEARCH", "FASTEST")
+    with pytest.raises(ProviderError, match="HEURISTIC, EXHAUSTIVE, DEFAULT"):
+        cuda_provider_options()
+
+
 def test_cuda_libraries_are_preloaded_only_for_cuda_sessions(monkeypatch, tmp_path):
     import numpy as np
     import onnx
