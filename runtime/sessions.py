@@ -55,14 +55,17 @@ def resolve_providers(provider: ProviderName) -> list[str]:
 
 
 CONV_ALGO_SEARCH_ENV = "LALM_CUDNN_CONV_ALGO_SEARCH"
-CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+CONV_ALGO_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")  # in order of preference
 
 
 def conv_algo_search() -> str:
-    """cuDNN's convolution plan choice: HEURISTIC (cuDNN heuristic mode A) unless the
-    environment variable LALM_CUDNN_CONV_ALGO_SEARCH names EXHAUSTIVE (mode B) or DEFAULT (the
-    fallback engines). ONNX Runtime tries no second mode when the first finds no plan."""
-    choice = os.environ.get(CONV_ALGO_SEARCH_ENV, "HEURISTIC").strip().upper()
+    """cuDNN's convolution plan search, EXHAUSTIVE unless the environment variable
+    LALM_CUDNN_CONV_ALGO_SEARCH names HEURISTIC or DEFAULT. With cuDNN 9, ONNX Runtime maps
+    these to cuDNN heuristic modes B, A and the fallback engines, and tries no second mode when
+    the first finds no plan. Measured on an H100 (benchmarks/results/gpu/conv_probe.json, NOTES):
+    mode A found no fp16 plan for wav2vec2/HuBERT's 128-tap grouped positional convolution;
+    mode B ran every case, as fast as A where A ran; the fallback engines were 2-15x slower."""
+    choice = os.environ.get(CONV_ALGO_SEARCH_ENV, CONV_ALGO_SEARCHES[0]).strip().upper()
     if choice not in CONV_ALGO_SEARCHES:
         raise ProviderError(f"{CONV_ALGO_SEARCH_ENV}={choice!r}: use one of {', '.join(CONV_ALGO_SEARCHES)}")
     return choice
@@ -74,8 +77,8 @@ def cuda_provider_options() -> dict[str, str]:
       of eager fp32 (which `lalm_export.eager.full_fp32` also runs without TF32);
     - arena_extend_strategy kSameAsRequested: the memory arena grows by what is asked, not by
       doubling, so a 0.5B decoder does not reserve twice its size;
-    - cudnn_conv_algo_search (see `conv_algo_search`): no timing of every algorithm on the first
-      call of each new input shape (every new audio length would pay it);
+    - cudnn_conv_algo_search (see `conv_algo_search`): the cuDNN heuristic that finds a plan for
+      every convolution of the supported encoders;
     - do_copy_in_default_stream 1: host-device copies ordered with the kernels."""
     return {
         "device_id": "0",
@@ -116,7 +119,13 @@ def create_session(graph: str | Path, options: SessionOptions | None = None) -> 
         session_options.intra_op_num_threads = options.threads
     if options.save_optimized:
         session_options.optimized_model_filepath = str(Path(graph).with_suffix(".optimized.onnx"))
-    return ort.InferenceSession(str(graph), sess_options=session_options, providers=provider_list(providers))
+    session = ort.InferenceSession(str(graph), sess_options=session_options, providers=provider_list(providers))
+    if options.provider == "cuda":
+        # ORT's Python `run` otherwise answers a CUDA kernel failure (e.g. cuDNN finding no plan
+        # for a convolution) by moving the session to the CPU and carrying on, which made an
+        # fp16 parity check "on cuda" pass on the CPU. Asked for cuda, a failure is an error.
+        session.disable_fallback()
+    return session
 
 
 def provider_label(ort_provider: str) -> str:

@@ -1,11 +1,12 @@
 """Which cuDNN plan search runs wav2vec2/HuBERT's positional convolution on this GPU.
 
 ONNX Runtime's CUDA Conv asks cuDNN for plans with one heuristic mode (set by
-`cudnn_conv_algo_search`) and fails when that mode finds none. On an H100 with cuDNN 9.19,
-HEURISTIC (mode A) found no fp16 plan for the 128-tap grouped convolution on 10 s of audio
-(499 frames) although it found one for 1 s. This runs that convolution, fp16 and fp32, at the
-lengths the benchmark uses, under each search mode, times it, writes the table as JSON and
-prints the first mode that ran every case (run.sh exports it as LALM_CUDNN_CONV_ALGO_SEARCH).
+`cudnn_conv_algo_search`) and fails when that mode finds none. On an H100 (cuDNN 9.14 and
+9.19), HEURISTIC (mode A) found no fp16 plan for the 128-tap grouped convolution. This runs
+that convolution, fp16 and fp32, at the lengths the benchmark uses, under each search mode on
+the GPU (sessions never fall back to the CPU: `runtime.sessions.create_session`), times it,
+writes the table as JSON and prints the first mode, in `CONV_ALGO_SEARCHES`' order of
+preference, that ran every case (run.sh exports it as LALM_CUDNN_CONV_ALGO_SEARCH).
 
     python benchmarks/gpu/conv_probe.py --provider cuda --out conv_probe.json
 """
@@ -25,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.sessions import CONV_ALGO_SEARCH_ENV, CONV_ALGO_SEARCHES, SessionOptions, create_session
+from runtime.sessions import CONV_ALGO_SEARCH_ENV, CONV_ALGO_SEARCHES, SessionOptions, active_provider, create_session
 
 CHANNELS, GROUPS, TAPS = 768, 16, 128  # wav2vec2-base / HuBERT-base pos_conv_embed
 CASES = ((1, 49), (1, 499), (8, 499))  # (batch, frames): 1 s and 10 s of audio
@@ -72,6 +73,8 @@ def probe(provider: str, folder: Path) -> list[dict]:
                     row["median_ms"] = median_ms(session, x)
                 except Exception as err:  # noqa: BLE001 - a failed plan is the finding
                     row["error"] = str(err).splitlines()[0][:300]
+                if active_provider(session) != provider:
+                    row["error"] = f"ran on {active_provider(session)}, not {provider}"
                 rows.append(row)
     return rows
 

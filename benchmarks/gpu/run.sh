@@ -112,7 +112,9 @@ PY
 
 mkdir -p "$OUT"
 # The cuDNN plan search that runs wav2vec2/HuBERT's positional convolution here (see conv_probe.py).
-search=$("$PYTHON" benchmarks/gpu/conv_probe.py --provider "$provider" --out "$OUT/conv_probe.json") || fail "the convolution probe failed (see above)"
+# ONNX Runtime prints its own CPU-fallback notices on stdout: the choice is the last line. A value already set wins.
+search=$("$PYTHON" benchmarks/gpu/conv_probe.py --provider "$provider" --out "$OUT/conv_probe.json" | tail -n 1) || fail "the convolution probe failed (see above)"
+search=${LALM_CUDNN_CONV_ALGO_SEARCH:-$search}
 export LALM_CUDNN_CONV_ALGO_SEARCH=$search
 echo "   cuDNN plan search for the benchmark: $search" >&2
 

@@ -38,8 +38,8 @@ def test_dry_run_runs_every_step_and_writes_results(tmp_path):
     assert all(r["parity"]["passed"] for r in results["rows"] if r["runtime"] == "onnx")
     assert (out / "report.md").is_file()
     probe = json.loads((out / "conv_probe.json").read_text())
-    assert probe["chosen"] == "HEURISTIC" and all("median_ms" in row for row in probe["rows"])
-    assert "cuDNN plan search for the benchmark: HEURISTIC" in result.stderr
+    assert probe["chosen"] == "EXHAUSTIVE" and all("median_ms" in row for row in probe["rows"])
+    assert "cuDNN plan search for the benchmark: EXHAUSTIVE" in result.stderr
 
 
 def test_parts_carried_over_several_calls_are_assembled_and_checked(tmp_path):

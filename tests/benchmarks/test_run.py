@@ -97,6 +97,7 @@ def test_a_family_that_fails_is_recorded_and_the_others_still_run(tmp_path, monk
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(bench_run, "bench_encoder", crash)
+    monkeypatch.setattr(bench_run.torch, "set_num_threads", lambda n: None)  # the preset's thread count would outlive the test
     settings = bench_run.make_settings("tiny", ["whisper", "llm"], ["fp32"], "cpu", tmp_path, repeats=1)
     snapshots = []
     results = bench_run.run_benchmarks(settings, "test", quiet=True, on_family_done=lambda so_far: snapshots.append(len(so_far["rows"])))

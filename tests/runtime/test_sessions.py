@@ -42,12 +42,30 @@ def test_cuda_provider_gets_its_options_and_cpu_none():
 
 def test_cudnn_conv_algo_search_can_be_chosen_and_a_typo_is_refused(monkeypatch):
     monkeypatch.delenv("LALM_CUDNN_CONV_ALGO_SEARCH", raising=False)
-    assert cuda_provider_options()["cudnn_conv_algo_search"] == "HEURISTIC"
-    monkeypatch.setenv("LALM_CUDNN_CONV_ALGO_SEARCH", "exhaustive")
     assert cuda_provider_options()["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    monkeypatch.setenv("LALM_CUDNN_CONV_ALGO_SEARCH", "heuristic")
+    assert cuda_provider_options()["cudnn_conv_algo_search"] == "HEURISTIC"
     monkeypatch.setenv("LALM_CUDNN_CONV_ALGO_SEARCH", "FASTEST")
-    with pytest.raises(ProviderError, match="HEURISTIC, EXHAUSTIVE, DEFAULT"):
+    with pytest.raises(ProviderError, match="EXHAUSTIVE, HEURISTIC, DEFAULT"):
         cuda_provider_options()
+
+
+@pytest.mark.parametrize("provider, disabled", [("cuda", True), ("auto", False)])
+def test_a_cuda_session_never_falls_back_to_the_cpu_silently(monkeypatch, provider, disabled):
+    from runtime import sessions
+
+    class FakeSession:
+        def __init__(self, *args, **kwargs):
+            self.fallback = True
+
+        def disable_fallback(self):
+            self.fallback = False
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", FakeSession)
+    monkeypatch.setattr(sessions, "resolve_providers", lambda choice: [CUDA, CPU])
+    monkeypatch.setattr(sessions, "preload_cuda_libraries", lambda: None)
+    session = sessions.create_session("model.onnx", sessions.SessionOptions(provider=provider))
+    assert session.fallback is not disabled
 
 
 def test_cuda_libraries_are_preloaded_only_for_cuda_sessions(monkeypatch, tmp_path):
