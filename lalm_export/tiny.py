@@ -112,9 +112,10 @@ AUDIO_MODEL_CLASSES = {"whisper": "WhisperModel", "hubert": "HubertModel", "wav2
 TINY_CONFIGS: dict[str, Callable] = {"whisper": tiny_whisper_config, "hubert": tiny_hubert_config, "wav2vec2": tiny_wav2vec2_config}
 
 
-def save_random_checkpoint(family: str, folder: str | Path, config, seed: int = 0) -> Path:
+def save_random_checkpoint(family: str, folder: str | Path, config, seed: int = 0, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Save a randomly initialised `family` model built from `config`, with the feature
-    extractor or tokenizer its loading code expects, to `folder`."""
+    extractor or tokenizer its loading code expects, to `folder`. `weights` (a partial state
+    dict, e.g. real encoder weights) replace the random ones; every key must exist."""
     import transformers
     from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
@@ -129,7 +130,13 @@ def save_random_checkpoint(family: str, folder: str | Path, config, seed: int = 
         return folder
     _require_known(family, AUDIO_MODEL_CLASSES, "checkpoint builder")
     torch.manual_seed(seed)
-    getattr(transformers, AUDIO_MODEL_CLASSES[family])(config).save_pretrained(str(folder), safe_serialization=True)
+    model = getattr(transformers, AUDIO_MODEL_CLASSES[family])(config)
+    if weights:
+        unknown = set(weights) - set(model.state_dict())
+        if unknown:
+            raise ValueError(f"weights for parameters the model does not have: {sorted(unknown)[:5]}")
+        model.load_state_dict(weights, strict=False)
+    model.save_pretrained(str(folder), safe_serialization=True)
     if family == "whisper":
         WhisperFeatureExtractor(feature_size=int(config.num_mel_bins)).save_pretrained(str(folder))
     else:

@@ -126,3 +126,8 @@ def test_accuracy_command_trains_exports_and_measures(tmp_path):
     assert rows["fp32"]["top1_agreement"] == 1.0 and rows["fp32"]["greedy_agreement"] == 1.0, "fp32 is exact"
     assert results["model"]["steps"] > 0 and results["corpus"]["tokens"] > 10_000
     assert "| int4 |" in (out / "accuracy.md").read_text()
+    encoder = {r["precision"]: r for r in results["real_encoder"]["rows"]}
+    assert set(encoder) == {"fp32", "int8"}, "int4 is for decoders only"
+    assert encoder["fp32"]["parity_gate"] == "passed" and encoder["fp32"]["relative"] < 1e-4
+    assert 0.9 < encoder["int8"]["cosine"] < 1.0 and encoder["int8"]["parity_gate"] in ("passed", "failed")
+    assert "## Encoder on real weights" in (out / "accuracy.md").read_text()
