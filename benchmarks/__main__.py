@@ -116,6 +116,7 @@ def read_results(path: Path) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """Write through a temporary file, so a run killed mid-write leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     temporary.replace(path)

@@ -167,11 +167,11 @@ def export_gated(options: ExportOptions) -> tuple[Path, dict[str, Any]]:
     the gate lowered, only so that the error can be measured."""
     start = time.perf_counter()
     try:
-        manifest = export_bundle(options, quiet=True)
+        export_bundle(options, quiet=True)
         verdict = {"parity_gate": "passed"}
     except ParityError as err:
         verdict = {"parity_gate": "failed", "gate_message": str(err)}
-        manifest = export_bundle(replace(options, min_cosine=0.5), quiet=True)
+        export_bundle(replace(options, min_cosine=0.5), quiet=True)
     return options.output, {"precision": options.precision, "seconds": round(time.perf_counter() - start, 2), **verdict}
 
 

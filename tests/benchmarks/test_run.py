@@ -14,7 +14,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "tiny"
+    out = tmp_path_factory.mktemp("bench") / "not-yet" / "tiny"  # --out's parent is created too
     result = run_cli("run", "--preset", "tiny", "--families", "wav2vec2", "llm", "--repeats", "2", "--out", out, module="benchmarks")
     assert result.returncode == 0, result.stderr
     return out, json.loads((out / "results.json").read_text())
