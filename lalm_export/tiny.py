@@ -125,23 +125,29 @@ def save_random_checkpoint(family: str, folder: str | Path, config, seed: int = 
         build_tiny_tokenizer(folder)
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
+        _replace_weights(model, weights)
         model.generation_config.pad_token_id = None
         model.save_pretrained(str(folder), safe_serialization=True)
         return folder
     _require_known(family, AUDIO_MODEL_CLASSES, "checkpoint builder")
     torch.manual_seed(seed)
     model = getattr(transformers, AUDIO_MODEL_CLASSES[family])(config)
-    if weights:
-        unknown = set(weights) - set(model.state_dict())
-        if unknown:
-            raise ValueError(f"weights for parameters the model does not have: {sorted(unknown)[:5]}")
-        model.load_state_dict(weights, strict=False)
+    _replace_weights(model, weights)
     model.save_pretrained(str(folder), safe_serialization=True)
     if family == "whisper":
         WhisperFeatureExtractor(feature_size=int(config.num_mel_bins)).save_pretrained(str(folder))
     else:
         Wav2Vec2FeatureExtractor(return_attention_mask=family == "wav2vec2").save_pretrained(str(folder))
     return folder
+
+
+def _replace_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None) -> None:
+    if not weights:
+        return
+    unknown = set(weights) - set(model.state_dict())
+    if unknown:
+        raise ValueError(f"weights for parameters the model does not have: {sorted(unknown)[:5]}")
+    model.load_state_dict(weights, strict=False)
 
 
 def tiny_config(family: str):
