@@ -114,14 +114,6 @@ def read_results(path: Path) -> dict:
     return data
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write through a temporary file, so a run killed mid-write leaves the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    temporary.replace(path)
-
-
 def write_report(results: dict, folder: Path) -> None:
     from benchmarks.report import render_markdown, render_plots
 
@@ -155,7 +147,7 @@ def command_accuracy(args: argparse.Namespace, argv: list[str]) -> int:
 
 def command_run(args: argparse.Namespace, argv: list[str]) -> int:
     from benchmarks.run import command_line, make_settings, run_benchmarks
-    from lalm_export.io import atomic_folder
+    from lalm_export.io import atomic_folder, write_json
 
     out = args.out
     check_out(out, args.force)
@@ -165,10 +157,11 @@ def command_run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.preset == "gpu" and args.provider != "cuda":
         raise UserError("--preset gpu is for --provider cuda; use --preset base on the CPU")
     partial = out.parent / f"{out.name}.partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lalm-bench-") as tmp:
         work = args.work or Path(tmp)
         settings = make_settings(args.preset, args.families, args.variants, args.provider, work, args.repeats)
-        results = run_benchmarks(settings, command_line(argv), quiet=args.quiet, on_family_done=lambda so_far: write_json(partial, so_far))
+        results = run_benchmarks(settings, command_line(argv), quiet=args.quiet, on_family_done=lambda so_far: write_json(so_far, partial))
     with atomic_folder(out, replace=True) as folder:
         (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         write_report(results, folder)

@@ -82,7 +82,12 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def write_json(data: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Write through a temporary file beside `path`: a process killed mid-write leaves the
+    previous file whole."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    temporary.replace(path)
 
 
 def sha256_tree(folder: str | Path) -> str:
