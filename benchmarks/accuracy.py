@@ -162,7 +162,7 @@ def measure(model_folder: Path, bundles: dict[str, Path], held_out: np.ndarray, 
 ENCODER_EVAL_SEEDS = (100, 101, 102, 103)
 
 
-def export_gated(options: ExportOptions) -> tuple[Path, dict[str, Any]]:
+def export_gated(options: ExportOptions) -> dict[str, Any]:
     """Export with the default gate and record its verdict; if it refuses, export again with
     the gate lowered, only so that the error can be measured."""
     start = time.perf_counter()
@@ -172,7 +172,7 @@ def export_gated(options: ExportOptions) -> tuple[Path, dict[str, Any]]:
     except ParityError as err:
         verdict = {"parity_gate": "failed", "gate_message": str(err)}
         export_bundle(replace(options, min_cosine=0.5), quiet=True)
-    return options.output, {"precision": options.precision, "seconds": round(time.perf_counter() - start, 2), **verdict}
+    return {"precision": options.precision, "seconds": round(time.perf_counter() - start, 2), **verdict}
 
 
 def measure_real_encoder(work: Path, precisions: tuple[str, ...]) -> dict[str, Any]:
@@ -181,18 +181,14 @@ def measure_real_encoder(work: Path, precisions: tuple[str, ...]) -> dict[str, A
     spec = get_family("whisper")
     eager = load_family_model(spec, str(checkpoint)).eval()
     feature_config = json.loads((checkpoint / "preprocessor_config.json").read_text())
-    clips = [features_for(spec.input_kind, speech_like(10.0, seed=seed), feature_config) for seed in ENCODER_EVAL_SEEDS]
+    clips = [features_for(spec.input_kind, speech_like(10.0, seed=seed), feature_config)[None].astype(np.float32) for seed in ENCODER_EVAL_SEEDS]
+    references = [eager_encoder_outputs(eager, spec.input_name, clip, False)["last_hidden_state"] for clip in clips]
     rows = []
     for precision in precisions:
-        bundle, record = export_gated(ExportOptions(family="whisper", model=str(checkpoint), output=work / f"whisper-{precision}", precision=precision, force=True))
+        bundle = work / f"whisper-{precision}"
+        record = export_gated(ExportOptions(family="whisper", model=str(checkpoint), output=bundle, precision=precision, force=True))
         runner = load(bundle)
-        figures = [
-            output_figures(
-                eager_encoder_outputs(eager, spec.input_name, clip[None].astype(np.float32), False)["last_hidden_state"],
-                runner.session.run(["last_hidden_state"], {runner.input_name: clip[None].astype(np.float32)})[0],
-            )
-            for clip in clips
-        ]
+        figures = [output_figures(reference, runner.run_batch(clip)["last_hidden_state"]) for reference, clip in zip(references, clips)]
         rows.append(
             {
                 **record,
