@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: fp32 int8 for encoders, fp32 int8 int4 for the decoder; on cuda fp32 fp16)"
     )
     run.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="eager device and ONNX Runtime provider (default: cpu)")
+    run.add_argument(
+        "--decoder-graph", choices=("auto", "fused", "optimum"), default="auto",
+        help="lalm-export --decoder-graph for the decoder's exports: fused (ONNX Runtime's model builder) or optimum (default: auto)",
+    )
     run.add_argument("--out", type=Path, required=True, help="folder for results.json, report.md and plots (refused if it holds results, unless --force)")
     run.add_argument("--force", action="store_true", help="replace an existing --out folder, once the new results are complete")
     run.add_argument("--work", type=Path, help="keep checkpoints and bundles here and reuse the checkpoints next time (default: a temporary folder)")
@@ -160,7 +164,7 @@ def command_run(args: argparse.Namespace, argv: list[str]) -> int:
     partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lalm-bench-") as tmp:
         work = args.work or Path(tmp)
-        settings = make_settings(args.preset, args.families, args.variants, args.provider, work, args.repeats)
+        settings = make_settings(args.preset, args.families, args.variants, args.provider, work, args.repeats, args.decoder_graph)
         results = run_benchmarks(settings, command_line(argv), quiet=args.quiet, on_family_done=lambda so_far: write_json(so_far, partial))
     with atomic_folder(out, replace=True) as folder:
         (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

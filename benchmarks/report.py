@@ -110,7 +110,7 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
         f"- **Models**: {settings['preset_description']}.",
         f"- **Settings**: provider {settings['provider']}; encoders: {settings['audio_seconds']:g} s of speech-like audio "
         f"at batch {', '.join(map(str, settings['encoder_batches']))} (Whisper: its 30 s window); decoder: prompt "
-        f"{settings['prompt_tokens']} tokens + {settings['new_tokens']} new, greedy, batch 1; {settings['warmup_rounds']} warm-up round(s), "
+        f"{settings['prompt_tokens']} tokens + {settings['new_tokens']} new, greedy, batch 1, --decoder-graph {settings.get('decoder_graph', 'auto')}; {settings['warmup_rounds']} warm-up round(s), "
         f"{settings['timed_rounds']['encoder']} (encoders) / {settings['timed_rounds']['decoder']} (decoder) timed rounds, {settings['order']}; "
         f"torch threads {settings['torch_threads']}, ONNX Runtime threads {settings['ort_threads']}"
         + (

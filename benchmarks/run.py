@@ -59,6 +59,7 @@ class RunSettings:
     repeats: int
     decoder_repeats: int
     seed: int = 0
+    decoder_graph: str = "auto"  # lalm-export --decoder-graph for the decoder's exports
 
     def to_dict(self) -> dict[str, Any]:
         p = self.preset
@@ -68,6 +69,7 @@ class RunSettings:
             "families": list(self.families),
             "variants": {role: list(v) for role, v in self.variants.items()},
             "provider": self.provider,
+            "decoder_graph": self.decoder_graph,
             "eager_references": list(EAGER_PRECISIONS[self.provider]),
             "audio_seconds": p.audio_seconds,
             "encoder_batches": list(p.encoder_batches),
@@ -101,8 +103,9 @@ def output_figures(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     return error.to_dict()
 
 
-def export_variant(family: str, checkpoint: Path, precision: str, folder: Path, provider: str) -> dict[str, Any]:
-    options = ExportOptions(family=family, model=str(checkpoint), output=folder, precision=precision, device=provider, force=True)
+def export_variant(family: str, checkpoint: Path, precision: str, folder: Path, provider: str, decoder_graph: str = "auto") -> dict[str, Any]:
+    graph = decoder_graph if get_family(family).role == "decoder" else "auto"
+    options = ExportOptions(family=family, model=str(checkpoint), output=folder, precision=precision, device=provider, force=True, decoder_graph=graph)
     start = time.perf_counter()
     try:
         manifest = export_bundle(options, quiet=True)
@@ -117,6 +120,7 @@ def export_variant(family: str, checkpoint: Path, precision: str, folder: Path, 
         "seconds": round(time.perf_counter() - start, 2),
         "parity_gate": "passed" if manifest.parity.get("passed") else "failed",
         "optimizations": manifest.optimizations,
+        **({"decoder_graph": manifest.extra["decoder_graph"]} if "decoder_graph" in manifest.extra else {}),
         "graph_mib": round(sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 2**20, 1),
     }
 
@@ -410,7 +414,7 @@ def export_family(settings: RunSettings, family: str, exports: list[dict[str, An
     for precision in settings.variants[get_family(family).role]:
         say(f"{family}: exporting {precision} with lalm-export (parity gate on)")
         folder = settings.work / "bundles" / f"{family}-{precision}"
-        record = export_variant(family, checkpoint, precision, folder, settings.provider)
+        record = export_variant(family, checkpoint, precision, folder, settings.provider, settings.decoder_graph)
         exports.append(record)
         if "error" in record:
             say(f"{family}: {precision} export failed: {record['error']}")
@@ -419,7 +423,9 @@ def export_family(settings: RunSettings, family: str, exports: list[dict[str, An
     return bundles
 
 
-def make_settings(preset: str, families: list[str] | None, variants: list[str] | None, provider: str, work: Path, repeats: int | None) -> RunSettings:
+def make_settings(
+    preset: str, families: list[str] | None, variants: list[str] | None, provider: str, work: Path, repeats: int | None, decoder_graph: str = "auto"
+) -> RunSettings:
     """Settings for a run; `variants` are precisions, each exported for the roles and provider it suits."""
     from lalm_export.precision import SPECS
 
@@ -435,6 +441,7 @@ def make_settings(preset: str, families: list[str] | None, variants: list[str] |
         work=work,
         repeats=repeats or chosen.repeats,
         decoder_repeats=repeats or chosen.decoder_repeats,
+        decoder_graph=decoder_graph,
     )
 
 

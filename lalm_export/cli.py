@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="graph rewrites with the same math that make it faster: decoder graphs compute logits for the last position only "
         "(default: on; ONNX Runtime's own fusions run when the runtime loads the graph)",
     )
+    parser.add_argument(
+        "--decoder-graph",
+        choices=("auto", "fused", "optimum"),
+        default="auto",
+        help="decoders: fused = ONNX Runtime's model builder (GroupQueryAttention with rotary inside, fused norms; "
+        "Llama, Mistral, Qwen2, Qwen3; CPU), optimum = Optimum's op-by-op export; auto = fused where it applies and "
+        "--optimize is on, else optimum (default: auto)",
+    )
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
     parser.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest records that it was skipped)")
@@ -110,6 +118,7 @@ def options_from_args(args: argparse.Namespace):
         min_cosine=args.min_cosine,
         device=args.device,
         optimize=args.optimize,
+        decoder_graph=args.decoder_graph,
     )
 
 

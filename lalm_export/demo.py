@@ -26,7 +26,7 @@ from lalm_export.cli import quiet_libraries  # noqa: E402
 from lalm_export.export import ExportOptions, export_bundle  # noqa: E402
 from lalm_export.models import ENCODER_CLASSES, LLMDecoder  # noqa: E402
 from lalm_export.tiny import build_tiny_checkpoint, speech_like, tiny_input  # noqa: E402
-from runtime.generation import GenerationOptions, OrtDecoderBackend, generate  # noqa: E402
+from runtime.generation import GenerationOptions, decoder_backend, generate  # noqa: E402
 from runtime.sessions import SessionOptions, create_session  # noqa: E402
 
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ids, ones = prompt.numpy(), np.ones_like(prompt.numpy())
     decoder_rows = []
     for label, folder in (("fp32", "llm"), ("int4", "llm-int4")):
-        backend = OrtDecoderBackend(create_session(root / "bundles" / folder / "model.onnx", SessionOptions(provider="cpu")))
+        backend = decoder_backend(create_session(root / "bundles" / folder / "model.onnx", SessionOptions(provider="cpu")))
         ort_gen = median_seconds(lambda b=backend: generate(b, ids, ones, GenerationOptions(max_new_tokens=16)), 1, 5)
         decoder_rows.append([f"llm (tiny), ONNX {label}", "16 greedy tokens", f"{eager_gen * 1e3:.1f}", f"{ort_gen * 1e3:.1f}", f"{eager_gen / ort_gen:.2f}x"])
         if label == "fp32":

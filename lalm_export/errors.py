@@ -34,3 +34,7 @@ class OutputExistsError(LalmExportError, FileExistsError):
 
 class ParityError(LalmExportError):
     """The exported graph disagrees with the eager module beyond tolerance."""
+
+
+class ExportError(LalmExportError):
+    """A step of the export that cannot be done for this model, with what to use instead."""

@@ -21,6 +21,7 @@ from torch import nn
 from lalm_export.eager import full_fp32
 from lalm_export.errors import AdapterMismatchError, OptionsError, OutputExistsError
 from lalm_export.families import FamilySpec, get_family
+from lalm_export.fused import GRAPH_CHOICES, build_fused_decoder, choose_decoder_graph, mark_no_left_padding
 from lalm_export.io import atomic_folder, sha256_tree
 from lalm_export.merge import dequantize_4bit_linears, merge_adapter_into, read_lora_pairs
 from lalm_export.models.adapters import (
@@ -64,6 +65,7 @@ class ExportOptions:
     min_cosine: float | None = None  # replaces the reduced-precision cosine bounds
     device: str = "cpu"  # where the parity gate runs: the eager reference and ONNX Runtime's provider
     optimize: bool = True
+    decoder_graph: str = "auto"  # decoders: "fused" (ONNX Runtime's model builder), "optimum", or auto
 
     @property
     def spec(self) -> FamilySpec:
@@ -101,6 +103,10 @@ def validate_options(opts: ExportOptions) -> None:
         if opts.decoder_arch not in known:
             raise OptionsError(f"unknown decoder architecture {opts.decoder_arch!r}; known: auto, {', '.join(known)}")
     check_precision(opts.precision, spec.role, opts.device)
+    if opts.decoder_graph not in GRAPH_CHOICES:
+        raise OptionsError(f"unknown --decoder-graph {opts.decoder_graph!r}; choose one of {', '.join(GRAPH_CHOICES)}")
+    if spec.role == "encoder" and opts.decoder_graph != "auto":
+        raise OptionsError("--decoder-graph is for decoders; encoders are exported through Optimum")
     if opts.device == "cuda":
         require_cuda()
     if not 14 <= opts.opset <= 23:
@@ -208,10 +214,12 @@ def encoder_onnx_config(model: nn.Module, spec: FamilySpec, all_hidden_states: b
     return config
 
 
-def export_graph(model: nn.Module, opts: ExportOptions, folder: Path) -> Path:
+def export_graph(model: nn.Module, opts: ExportOptions, folder: Path, graph_kind: str = "optimum") -> Path:
     from optimum.exporters.onnx.convert import export_pytorch, onnx_export_from_model
 
     spec = opts.spec
+    if graph_kind == "fused":
+        return build_fused_decoder(model, opts.model_source, folder, opts.trust_remote_code)
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # The tracer warns about every Python-level branch; the parity gate checks the
@@ -225,6 +233,13 @@ def export_graph(model: nn.Module, opts: ExportOptions, folder: Path) -> Path:
             kwargs = {"output_hidden_states": True} if opts.all_hidden_states else None
             export_pytorch(model, config, opset=opts.opset, output=folder / GRAPH_NAME, model_kwargs=kwargs)
     return folder / GRAPH_NAME
+
+
+def graph_opset(graph: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def graph_file(folder: Path, graph: Path) -> GraphFile:
@@ -344,8 +359,10 @@ def verify_graph(model: nn.Module, graph: Path, opts: ExportOptions, stages: Sta
     return parity
 
 
-def optimize_graph(graph: Path, opts: ExportOptions) -> list[str]:
+def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[str]:
     """Graph rewrites on the fp32 export: decoders compute logits for the last position only."""
+    if graph_kind == "fused":
+        return ["fused attention (GroupQueryAttention, rotary inside) and norms: ONNX Runtime's model builder", "logits for the last position only"]
     if not opts.optimize or opts.spec.role != "decoder":
         return []
     proto = load_graph(graph)
@@ -365,11 +382,14 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
     model, source = load_merged_model(opts, stages)
     spec = opts.spec
     # validate_options refused a non-empty output without --force; an empty folder is replaced.
+    custom_opset = opts.opset if opts.opset != DEFAULT_OPSET else None
+    graph_kind, why = choose_decoder_graph(opts.decoder_graph, model, opts.optimize, opts.device, custom_opset) if spec.role == "decoder" else ("optimum", "")
+    exporter = f"ONNX Runtime model builder, fused graph ({why})" if graph_kind == "fused" else f"Optimum, opset {opts.opset}" + (f" ({why})" if why else "")
     with atomic_folder(opts.output, replace=opts.force or Path(opts.output).is_dir()) as tmp:
         fp32_folder = tmp if opts.precision == "fp32" else tmp / "fp32"
-        with stages.stage("export", f"Optimum, opset {opts.opset}"):
-            fp32_graph = export_graph(model, opts, fp32_folder)
-            optimizations = optimize_graph(fp32_graph, opts)
+        with stages.stage("export", exporter):
+            fp32_graph = export_graph(model, opts, fp32_folder, graph_kind)
+            optimizations = optimize_graph(fp32_graph, opts, graph_kind)
         if opts.precision == "fp32":
             stages.skip("precision", "fp32")
             graph = fp32_graph
@@ -378,6 +398,8 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
                 graph = tmp / GRAPH_NAME
                 apply_precision(fp32_graph, graph, opts.precision, spec.role)
                 shutil.rmtree(fp32_folder)
+        if graph_kind == "fused":
+            mark_no_left_padding(graph)
         if opts.verify:
             with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32"):
                 parity = verify_graph(model, graph, opts, stages)
@@ -386,6 +408,8 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             parity = {"verified": False, "reason": "--no-verify"}
         with stages.stage("write", str(opts.output)):
             extra = save_companions(model, opts, tmp)
+            if spec.role == "decoder":
+                extra["decoder_graph"] = graph_kind
             manifest = Manifest(
                 family=spec.name,
                 role=spec.role,
@@ -393,7 +417,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
                 input_kind=spec.input_kind,
                 graphs={"model": graph_file(tmp, graph)},
                 dtype=SPECS[opts.precision].weights,
-                opset=opts.opset,
+                opset=graph_opset(graph),
                 source=source,
                 libraries=library_versions(),
                 parity=parity,

@@ -19,7 +19,7 @@ from lalm_export.errors import ParityError
 from lalm_export.families import FamilySpec
 from lalm_export.tiny import speech_like
 from lalm_export.tolerances import FP32_RELATIVE, GREEDY_STEPS
-from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
+from runtime.generation import GenerationOptions, decoder_backend, generate
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def check_decoder(
     """Last-position logits over prompts of two batch sizes and lengths, then greedy tokens."""
     report = ParityReport(tolerance)
     rng = np.random.default_rng(seed)
-    eager, onnx = EagerDecoderBackend(model), OrtDecoderBackend(session)
+    eager, onnx = EagerDecoderBackend(model), decoder_backend(session)
     shapes = [(1, 5), (2, 9)]
     for batch, length in tqdm(shapes, desc="verify", unit="case", disable=not progress, leave=False):
         ids = rng.integers(3, vocab_size, size=(batch, length))

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import BundleError, RuntimeUserError
-from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
+from runtime.generation import GenerationOptions, decoder_backend, generate
 from runtime.manifest import Manifest, read_json_object, read_manifest, sha256_of, verify_graph_files
 from runtime.sessions import SessionOptions, active_provider, create_session, provider_label, resolve_providers
 
@@ -155,7 +155,7 @@ class TextGenerator(_BundleModel):
         self.pad_token_id = extra.get("pad_token_id", self.eos_token_id) or 0
         # The KV cache lives in pre-allocated buffers on the provider's device (IO binding): on
         # CUDA it never crosses to the host; on the CPU it saves an allocation per step (2.5 %).
-        self.backend = OrtDecoderBackend(self.session, binding_device=self.provider)
+        self.backend = decoder_backend(self.session, binding_device=self.provider)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, left-padded so that every prompt ends at the last column."""

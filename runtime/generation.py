@@ -15,6 +15,9 @@ import onnxruntime as ort
 from runtime.errors import RuntimeUserError
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Graph metadata key: "false" when the graph derives positions from the attention mask's row
+# sums (fused GroupQueryAttention), so a left-padded row would get wrong positions.
+LEFT_PADDING_METADATA = "lalm_export.left_padding"
 
 
 class DecoderBackend(Protocol):
@@ -156,6 +159,53 @@ class OrtDecoderBackend:
     def decode_step(self, token_ids: np.ndarray) -> np.ndarray:
         self._mask = np.concatenate([self._mask, np.ones((self._mask.shape[0], 1), dtype=np.int64)], axis=1)
         return self._run(token_ids.reshape(-1, 1))
+
+
+class RowByRowBackend:
+    """For graphs that take no left padding: an unpadded batch runs as one; a batch with
+    left padding runs each row alone, without its padding, and the logits are stacked."""
+
+    def __init__(self, make: Callable[[], OrtDecoderBackend]) -> None:
+        self._make = make
+        self._whole = make()
+        self._rows: list[OrtDecoderBackend] = []
+        self._capacity: int | None = None
+
+    def reserve(self, total_length: int) -> None:
+        self._capacity = total_length
+        self._whole.reserve(total_length)
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        mask = attention_mask.astype(bool)
+        if mask.all():
+            self._rows = []
+            return self._whole.prefill(input_ids, attention_mask)
+        starts = mask.argmax(axis=1)
+        if not all(mask[row, start:].all() and mask[row].any() for row, start in enumerate(starts)):
+            raise RuntimeUserError("the attention mask must be left padding only (zeros, then ones, at least one one per row)")
+        self._rows = [self._make() for _ in starts]
+        logits = []
+        for row, (backend, start) in enumerate(zip(self._rows, starts)):
+            if self._capacity is not None:
+                backend.reserve(self._capacity)
+            ids = input_ids[row : row + 1, start:]
+            logits.append(backend.prefill(ids, np.ones_like(ids)))
+        return np.concatenate(logits)
+
+    def decode_step(self, token_ids: np.ndarray) -> np.ndarray:
+        if not self._rows:
+            return self._whole.decode_step(token_ids)
+        return np.concatenate([backend.decode_step(token_ids[row : row + 1]) for row, backend in enumerate(self._rows)])
+
+
+def decoder_backend(session: ort.InferenceSession, binding_device: str | None = None) -> OrtDecoderBackend | RowByRowBackend:
+    """The backend a decoder graph needs: row by row when its metadata says it takes no left padding."""
+    def make() -> OrtDecoderBackend:
+        return OrtDecoderBackend(session, binding_device)
+
+    if session.get_modelmeta().custom_metadata_map.get(LEFT_PADDING_METADATA) == "false":
+        return RowByRowBackend(make)
+    return make()
 
 
 @dataclass(frozen=True)

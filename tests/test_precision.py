@@ -17,7 +17,7 @@ from lalm_export.export import ExportOptions, export_bundle
 from lalm_export.precision import fold_constant_transposes, keep_last_position_logits
 from lalm_export.verify import OutputError, Tolerance
 from runtime.api import load
-from runtime.generation import GenerationOptions
+from runtime.generation import GenerationOptions, OrtDecoderBackend, decoder_backend
 from runtime.manifest import read_manifest
 from tests.helpers import assert_user_error, run_cli
 
@@ -48,33 +48,43 @@ def test_int8_encoder_quantizes_the_linear_layers_with_signed_weights(encoder_fa
     assert np.isfinite(outputs[0].hidden_states).all()
 
 
-def test_decoder_graph_returns_last_position_logits_only(checkpoints, tmp_path):
-    optimized = export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=tmp_path / "opt"), quiet=True)
-    plain = export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=tmp_path / "plain", optimize=False), quiet=True)
-    assert optimized.optimizations == ["logits for the last position only"] and plain.optimizations == []
+def last_position_logits(bundle, ids: np.ndarray) -> np.ndarray:
+    """The graph's logits output for one unpadded prompt, fed directly (no generation loop)."""
+    session = load(bundle).session
+    backend = OrtDecoderBackend(session)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+    for past in backend.past_names:
+        heads, _, dim = backend.kv_shape
+        feeds[past] = np.zeros((1, heads, 0, dim), dtype=np.float32)
+    return session.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0]
+
+
+def test_decoder_graphs_return_last_position_logits_only(checkpoints, tmp_path):
+    model = str(checkpoints["llm"])
+    fused = export_bundle(ExportOptions(family="llm", model=model, output=tmp_path / "fused"), quiet=True)
+    optimum = export_bundle(ExportOptions(family="llm", model=model, output=tmp_path / "optimum", decoder_graph="optimum"), quiet=True)
+    plain = export_bundle(ExportOptions(family="llm", model=model, output=tmp_path / "plain", optimize=False), quiet=True)
+    assert "logits for the last position only" in fused.optimizations and fused.extra["decoder_graph"] == "fused"
+    assert optimum.optimizations == ["logits for the last position only"] and optimum.extra["decoder_graph"] == "optimum"
+    assert plain.optimizations == [] and plain.extra["decoder_graph"] == "optimum"
     ids = np.array([[5, 6, 7, 8, 9]], dtype=np.int64)
-    logits = {}
-    for name in ("opt", "plain"):
-        generator = load(tmp_path / name)
-        session = generator.session
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(5)[None]}
-        for past in generator.backend.past_names:
-            heads, _, dim = generator.backend.kv_shape
-            feeds[past] = np.zeros((1, heads, 0, dim), dtype=np.float32)
-        logits[name] = session.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0]
-    assert logits["opt"].shape[1] == 1 and logits["plain"].shape[1] == 5
-    np.testing.assert_allclose(logits["opt"][:, -1], logits["plain"][:, -1], rtol=1e-5, atol=1e-6)
+    logits = {name: last_position_logits(tmp_path / name, ids) for name in ("fused", "optimum", "plain")}
+    assert logits["fused"].shape[1] == 1 and logits["optimum"].shape[1] == 1 and logits["plain"].shape[1] == 5
+    for name in ("fused", "optimum"):
+        np.testing.assert_allclose(logits[name][:, -1], logits["plain"][:, -1], rtol=1e-5, atol=1e-6)
 
 
-def test_int4_decoder_quantizes_every_matmul_including_the_tied_lm_head(checkpoints, tmp_path):
+@pytest.mark.parametrize("decoder_graph", ["fused", "optimum"])
+def test_int4_decoder_quantizes_every_matmul_including_the_lm_head(decoder_graph, checkpoints, tmp_path):
     bundle = tmp_path / "int4"
-    manifest = export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=bundle, precision="int4"), quiet=True)
+    options = ExportOptions(family="llm", model=str(checkpoints["llm"]), output=bundle, precision="int4", decoder_graph=decoder_graph)
+    manifest = export_bundle(options, quiet=True)
     proto = graph_proto(bundle)
     initializers = {t.name for t in proto.graph.initializer}
     ops = Counter(node.op_type for node in proto.graph.node)
     constant_matmuls = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
     assert ops["MatMulNBits"] > 0 and not constant_matmuls
-    lm_head = next(n for n in proto.graph.node if "logits" in n.output or any("lm_head" in o for o in n.output))
+    lm_head = next(n for n in proto.graph.node if "logits" in n.output)
     assert lm_head.op_type == "MatMulNBits", lm_head
     assert manifest.precision == "int4" and manifest.parity["passed"]
     assert manifest.parity["greedy"]["steps"] > 0 and manifest.parity["tolerance"]["greedy_agreement"] is None
@@ -103,7 +113,7 @@ def test_fp16_decoder_keeps_a_half_kv_cache_and_float_logits(checkpoints, tmp_pa
     assert kinds["logits"] == "float32" and kinds["past_key_values.0.key"] == "float16" and kinds["present.0.value"] == "float16"
     generator = load(bundle)
     for binding in (None, "cpu"):
-        generator.backend.binding_device = binding
+        generator.backend = decoder_backend(generator.session, binding)
         assert len(generator.complete(["hi"], GenerationOptions(max_new_tokens=3))[0].tokens) == 3
 
 

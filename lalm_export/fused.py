@@ -1,0 +1,137 @@
+"""Decoder graphs with fused attention, built by ONNX Runtime's model builder.
+
+Optimum exports a decoder op by op: for a 24-layer decoder about 2,400 of the 2,536 nodes
+of the optimized graph are shape arithmetic (attention reshapes, rotary positions, masks),
+which costs an int4 decode step ~4 ms of its 13.9 ms (benchmarks/NOTES.md). The model
+builder of `onnxruntime-genai` writes the same math as ~11 fused nodes per layer:
+GroupQueryAttention with the rotary embedding inside, SkipSimplifiedLayerNormalization, one
+packed q/k/v MatMul, and logits for the last position only.
+
+The builder reads a checkpoint folder, so the merged model is saved first (safetensors).
+It is asked for fp32; `--precision` transforms the result like any other fp32 graph.
+
+GroupQueryAttention derives positions and key lengths from the attention mask's row sums,
+which assumes no left padding: the graph says so in its metadata, and the runtime runs
+left-padded rows of a batch one at a time (runtime.generation.decoder_backend)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from torch import nn
+
+from lalm_export.errors import ExportError, OptionsError
+from runtime.generation import LEFT_PADDING_METADATA
+
+GRAPH_CHOICES = ("auto", "fused", "optimum")
+BUILDER_PACKAGE = "onnxruntime-genai"
+BUILDER_REQUIREMENT = "onnxruntime-genai>=0.13,<0.14"  # 0.14+ imports transformers 5 classes
+# The builder's causal-LM architectures whose fused graphs this project tests for parity.
+FUSED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def builder_available() -> bool:
+    try:
+        import onnxruntime_genai.models.builder  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `model` cannot get a fused graph, or None when it can."""
+    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+    if architectures[0] not in FUSED_ARCHITECTURES:
+        return f"{architectures[0]} is not one of the fused-graph architectures ({', '.join(FUSED_ARCHITECTURES)})"
+    if getattr(model.config, "rope_scaling", None):
+        return "rotary scaling (rope_scaling) is not covered by the fused graph's tests"
+    if not builder_available():
+        return f"ONNX Runtime's model builder is not installed (pip install '{BUILDER_REQUIREMENT}')"
+    return None
+
+
+def choose_decoder_graph(requested: str, model: nn.Module, optimize: bool, device: str, opset: int | None = None) -> tuple[str, str]:
+    """The graph to build ("fused" or "optimum") and a short reason for the progress line.
+    `opset`: an opset the user asked for explicitly (the builder picks its own)."""
+    if requested == "optimum":
+        return "optimum", "--decoder-graph optimum"
+    if requested == "fused":
+        if opset is not None:
+            raise OptionsError(f"--opset {opset} applies to Optimum exports; the fused graph's builder chooses its opset: drop --opset or use --decoder-graph optimum")
+        if device != "cpu":
+            raise OptionsError("--decoder-graph fused is built and verified for the CPU provider; with --device cuda use --decoder-graph optimum")
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise OptionsError(f"--decoder-graph fused: {reason}; use --decoder-graph optimum")
+        return "fused", "--decoder-graph fused"
+    if not optimize:
+        return "optimum", "--no-optimize"
+    if opset is not None:
+        return "optimum", f"--opset {opset}"
+    if device != "cpu":
+        return "optimum", "fused graphs are for the CPU provider"
+    reason = unsupported_reason(model)
+    return ("optimum", reason) if reason else ("fused", "fused attention (GroupQueryAttention)")
+
+
+def build_fused_decoder(model: nn.Module, tokenizer_source: str, folder: Path, trust_remote_code: bool) -> Path:
+    """Write `folder/model.onnx` (+ `model.onnx.data`): the fp32 fused graph of `model`."""
+    from onnxruntime_genai.models.builder import create_model
+
+    from lalm_export.models.llm import load_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    work = folder / "builder"
+    checkpoint, built, cache = work / "checkpoint", work / "built", work / "cache"
+    model.save_pretrained(str(checkpoint), safe_serialization=True)
+    load_tokenizer(tokenizer_source, trust_remote_code).save_pretrained(str(checkpoint))
+    try:
+        with _builder_quiet():
+            create_model(
+                None,
+                str(checkpoint),
+                str(built),
+                "fp32",
+                "cpu",
+                str(cache),
+                hf_remote=trust_remote_code,  # the builder's default is True: run checkpoint code only when asked
+                hf_token="false",
+                prune_lm_head=True,
+                filename="model.onnx",
+            )
+    except (NotImplementedError, ValueError, KeyError) as err:
+        raise ExportError(f"ONNX Runtime's model builder could not build a fused graph ({err}); use --decoder-graph optimum") from None
+    graph = folder / "model.onnx"
+    shutil.move(str(built / "model.onnx"), graph)
+    if (built / "model.onnx.data").exists():
+        shutil.move(str(built / "model.onnx.data"), folder / "model.onnx.data")
+    shutil.rmtree(work)
+    return graph
+
+
+def mark_no_left_padding(graph: Path) -> None:
+    """Record in the graph itself that its batches must not be left-padded."""
+    proto = onnx.load(str(graph), load_external_data=False)
+    entries = {p.key: p for p in proto.metadata_props}
+    entry = entries.get(LEFT_PADDING_METADATA) or proto.metadata_props.add()
+    entry.key, entry.value = LEFT_PADDING_METADATA, "false"
+    onnx.save_model(proto, str(graph))
+
+
+@contextlib.contextmanager
+def _builder_quiet() -> Iterator[None]:
+    """The builder prints every tensor it saves and logs every node it visits."""
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
