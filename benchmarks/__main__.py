@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--force", action="store_true", help="replace an existing --out folder, once the new results are complete")
     accuracy.add_argument("--seconds", type=float, default=240, help="training time (default: 240)")
     accuracy.add_argument("--prompts", type=int, default=8, help="held-out prompts (default: 8)")
-    accuracy.add_argument("--variants", nargs="+", choices=("fp32", "int8", "int4"), default=["fp32", "int8", "int4"], help="precisions to export")
+    accuracy.add_argument(
+        "--variants", nargs="+", choices=("fp32", "int8", "int4", "int4-gptq"), default=["fp32", "int8", "int4", "int4-gptq"],
+        help="precisions to export; int4-gptq: --int4-method gptq calibrated on the training text (default: all)",
+    )
     accuracy.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     report = commands.add_parser("report", help="write report.md and plots again from a results.json")

@@ -240,8 +240,20 @@ def weight_bytes_per_token(graph: Path) -> int:
     """Bytes of weights a decode step reads: every initializer except tables only gathered
     from (the embedding: one row per token)."""
     proto = onnx.load(str(graph), load_external_data=False)
-    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
-    used_elsewhere = {name for n in proto.graph.node if n.op_type != "Gather" for name in n.input}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    gathered, table_nodes = set(), set()
+    for node in proto.graph.node:
+        if node.op_type != "Gather":
+            continue
+        table_nodes.add(id(node))
+        name = node.input[0]
+        # A fused graph gathers its tied embedding from Transpose(lm_head weight): ONNX Runtime
+        # folds that into a table at load; a step still reads one row of it.
+        while name in producers and producers[name].op_type in ("Transpose", "Cast", "Identity"):
+            table_nodes.add(id(producers[name]))
+            name = producers[name].input[0]
+        gathered.add(name)
+    used_elsewhere = {name for n in proto.graph.node if id(n) not in table_nodes for name in n.input}
     total = 0
     for tensor in proto.graph.initializer:
         if tensor.name in gathered and tensor.name not in used_elsewhere:

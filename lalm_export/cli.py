@@ -21,8 +21,9 @@ EPILOG = """examples:
   # int8 for CPU serving (S8S8 MatMuls on AMX/VNNI), gated on cosine against eager fp32
   lalm-export --encoder hubert --model ./hubert-base --precision int8 --output ./bundles/hubert-int8
 
-  # int4 weight-only decoder; fp16 verified on a GPU
+  # int4 weight-only decoder (a fused-attention graph on the CPU); fp16 verified on a GPU
   lalm-export --decoder auto --model ./qwen2.5-0.5b --precision int4 --output ./bundles/llm-int4
+  lalm-export --decoder auto --model ./qwen2.5-0.5b --precision int4 --int4-method gptq --calibration ./calib.txt --output ./bundles/llm-gptq
   lalm-export --encoder whisper --model ./whisper-base --precision fp16 --device cuda --output ./bundles/whisper-fp16
 
   # every layer's hidden states, printing the manifest as JSON
@@ -81,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Llama, Mistral, Qwen2, Qwen3; CPU), optimum = Optimum's op-by-op export; auto = fused where it applies and "
         "--optimize is on, else optimum (default: auto)",
     )
+    parser.add_argument(
+        "--int4-method",
+        choices=("rtn", "gptq"),
+        default="rtn",
+        help="int4 weights: rtn = round to nearest; gptq = error-compensating (GPTQ) from --calibration text, "
+        "each layer's rounding error spread over the weights not yet rounded (default: rtn)",
+    )
+    parser.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 text like the model's inputs, for --int4-method gptq (a few pages or more)")
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
     parser.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest records that it was skipped)")
@@ -119,6 +128,8 @@ def options_from_args(args: argparse.Namespace):
         device=args.device,
         optimize=args.optimize,
         decoder_graph=args.decoder_graph,
+        int4_method=args.int4_method,
+        calibration=args.calibration,
     )
 
 

@@ -40,6 +40,7 @@ from runtime.sessions import SessionOptions, create_session, resolve_providers
 GRAPH_NAME = "model.onnx"
 DEFAULT_OPSET = 18
 STAGES = ["load", "merge", "export", "precision", "verify", "write"]
+INT4_METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class ExportOptions:
     device: str = "cpu"  # where the parity gate runs: the eager reference and ONNX Runtime's provider
     optimize: bool = True
     decoder_graph: str = "auto"  # decoders: "fused" (ONNX Runtime's model builder), "optimum", or auto
+    int4_method: str = "rtn"  # int4 weights: round to nearest, or GPTQ on --calibration text
+    calibration: Path | None = None
 
     @property
     def spec(self) -> FamilySpec:
@@ -107,6 +110,14 @@ def validate_options(opts: ExportOptions) -> None:
         raise OptionsError(f"unknown --decoder-graph {opts.decoder_graph!r}; choose one of {', '.join(GRAPH_CHOICES)}")
     if spec.role == "encoder" and opts.decoder_graph != "auto":
         raise OptionsError("--decoder-graph is for decoders; encoders are exported through Optimum")
+    if opts.int4_method not in INT4_METHODS:
+        raise OptionsError(f"unknown --int4-method {opts.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
+    if opts.int4_method == "gptq" and (opts.precision != "int4" or opts.calibration is None):
+        raise OptionsError("--int4-method gptq quantizes int4 weights from calibration text: pass --precision int4 and --calibration FILE")
+    if opts.calibration is not None and opts.int4_method != "gptq":
+        raise OptionsError("--calibration is read by --int4-method gptq; add it, or drop --calibration")
+    if opts.calibration is not None and not Path(opts.calibration).is_file():
+        raise OptionsError(f"--calibration {opts.calibration} does not exist or is not a file; pass a UTF-8 text file")
     if opts.device == "cuda":
         require_cuda()
     if not 14 <= opts.opset <= 23:
@@ -374,6 +385,20 @@ def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[st
     return ["logits for the last position only"]
 
 
+def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of `model` whose Linear weights are GPTQ's int4 weights, and what was done."""
+    from lalm_export.gptq import CALIBRATION_WINDOW, Calibration, calibration_windows, gptq_quantize_decoder
+    from lalm_export.models.llm import load_tokenizer
+    from lalm_export.precision import INT4_BLOCK_SIZE
+
+    windows = calibration_windows(opts.calibration, load_tokenizer(opts.model_source, opts.trust_remote_code))
+    quantized = copy.deepcopy(model)
+    layers = gptq_quantize_decoder(quantized, windows, INT4_BLOCK_SIZE, progress=not stages.quiet)
+    calibration = Calibration(str(Path(opts.calibration).resolve()), sha256_of(Path(opts.calibration)), len(windows), CALIBRATION_WINDOW)
+    stages.say(f"      GPTQ: {layers} Linear layers quantized from {len(windows)} windows of {CALIBRATION_WINDOW} tokens of {opts.calibration}")
+    return quantized, {**calibration.to_dict(), "layers": layers}
+
+
 def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
     """Export one bundle to `opts.output`; raises a `LalmExportError` on any user error."""
     validate_options(opts)
@@ -388,7 +413,11 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
     with atomic_folder(opts.output, replace=opts.force or Path(opts.output).is_dir()) as tmp:
         fp32_folder = tmp if opts.precision == "fp32" else tmp / "fp32"
         with stages.stage("export", exporter):
-            fp32_graph = export_graph(model, opts, fp32_folder, graph_kind)
+            int4 = {"method": "rtn"} if opts.precision == "int4" else None
+            exported = model
+            if opts.int4_method == "gptq":
+                exported, int4 = gptq_model(model, opts, stages)
+            fp32_graph = export_graph(exported, opts, fp32_folder, graph_kind)
             optimizations = optimize_graph(fp32_graph, opts, graph_kind)
         if opts.precision == "fp32":
             stages.skip("precision", "fp32")
@@ -396,7 +425,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
         else:
             with stages.stage("precision", SPECS[opts.precision].summary):
                 graph = tmp / GRAPH_NAME
-                apply_precision(fp32_graph, graph, opts.precision, spec.role)
+                apply_precision(fp32_graph, graph, opts.precision, spec.role, exact_grids=opts.int4_method == "gptq")
                 shutil.rmtree(fp32_folder)
         if graph_kind == "fused":
             mark_no_left_padding(graph)
@@ -410,6 +439,8 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             extra = save_companions(model, opts, tmp)
             if spec.role == "decoder":
                 extra["decoder_graph"] = graph_kind
+            if int4 is not None:
+                extra["int4"] = int4
             manifest = Manifest(
                 family=spec.name,
                 role=spec.role,

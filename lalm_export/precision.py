@@ -10,7 +10,9 @@ Every precision starts from the fp32 export and rewrites its ONNX graph:
   rewritten as an int8 MatMul loses the quiet frames of real audio to the per-tensor
   activation scale (cosine 0.95 on wav2vec2-base; benchmarks/NOTES.md).
 - int4 (decoders): weight-only MatMulNBits, symmetric blocks of 32, `accuracy_level` 4
-  (int8 compute), the tied lm_head included.
+  (int8 compute), the tied lm_head included; weights rounded to nearest, or GPTQ's weights
+  (`lalm_export/gptq.py`, `--int4-method gptq`), which already lie on int4 grids and are
+  stored on those grids rather than rounded again.
 - fp16 (CUDA): float16 weights and compute with float32 inputs and outputs; the RMS/layer
   norm reductions stay float32, where float16 would overflow on large activations.
 - bf16: refused. ONNX Runtime's CPU provider has no bf16 MatMul kernel, and a graph that
@@ -186,12 +188,15 @@ def _data_size(graph: Path) -> int:
     return sum(p.stat().st_size for p in graph.parent.glob(graph.name + "_data*"))
 
 
-def quantize_int4(source: Path, target: Path) -> None:
-    """Weight-only int4 (MatMulNBits), the tied lm_head included."""
+def quantize_int4(source: Path, target: Path, exact_grids: bool = False) -> int:
+    """Weight-only int4 (MatMulNBits), the tied lm_head included. With `exact_grids` (weights
+    already on an int4 grid, e.g. from GPTQ), each block whose fp32 weights lie on a grid is
+    stored on that grid instead of being rounded again; returns the number of such blocks."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = load_graph(source)
     fold_constant_transposes(model)
+    originals = _constant_matmul_weights(model) if exact_grids else {}
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL)
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
@@ -200,7 +205,67 @@ def quantize_int4(source: Path, target: Path) -> None:
         quantizer.process()
     finally:
         logger.setLevel(level)
+    exact = store_exact_grids(quantizer.model.model, originals, INT4_BLOCK_SIZE) if exact_grids else 0
     save_graph(quantizer.model.model, target)
+    return exact
+
+
+def _constant_matmul_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    initializers = {t.name: t for t in model.graph.initializer}
+    names = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
+    return {name: numpy_helper.to_array(initializers[name]) for name in names}
+
+
+def exact_int4_grid(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a MatMul weight `(K, N)`: per (column, block) the symmetric int4 values `(N, blocks,
+    block)`, the scales `(N, blocks)` and whether that block lies exactly on them. A block on
+    a grid whose largest value is below 8 steps (GPTQ's error feedback can shrink it) is found
+    too; round-to-nearest would pick a new grid for it and round every weight again."""
+    k, n = weight.shape
+    blocks_k = -(-k // block)
+    padded = np.pad(weight.astype(np.float64), ((0, blocks_k * block - k), (0, 0)))
+    blocks = padded.T.reshape(n, blocks_k, block)
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    values = np.zeros(blocks.shape, dtype=np.int8)
+    scales = np.zeros(largest.shape, dtype=np.float32)
+    found = np.zeros(largest.shape, dtype=bool)
+    for steps in range(8, 0, -1):  # the finest grid first; every exact one dequantizes alike
+        scale = largest / -steps
+        safe = np.where(scale == 0, 1.0, scale)
+        ratio = blocks / safe[..., None]
+        rounded = np.round(ratio)
+        fits = (np.abs(ratio - rounded) <= 1e-3).all(-1) & (rounded >= -8).all(-1) & (rounded <= 7).all(-1)
+        new = fits & (scale != 0) & ~found
+        values[new] = rounded[new].astype(np.int8)
+        scales[new] = scale[new]
+        found |= new
+    return values, scales, found
+
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """MatMulNBits' 4-bit layout: value + 8, two per byte, the even element in the low nibble."""
+    unsigned = (values.astype(np.int16) + 8).astype(np.uint8)
+    return unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
+
+
+def store_exact_grids(model: onnx.ModelProto, originals: dict[str, np.ndarray], block: int) -> int:
+    """Overwrite the MatMulNBits blocks whose fp32 source lies on an int4 grid with that grid."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    stored = 0
+    for node in model.graph.node:
+        source = originals.get(node.input[1].removesuffix("_Q4")) if node.op_type == "MatMulNBits" else None
+        if source is None:
+            continue
+        values, scales, exact = exact_int4_grid(source, block)
+        packed_init, scales_init = initializers[node.input[1]], initializers[node.input[2]]
+        packed = numpy_helper.to_array(packed_init).copy()
+        stored_scales = numpy_helper.to_array(scales_init).copy()
+        packed[exact] = pack_int4(values)[exact]
+        stored_scales.reshape(scales.shape)[exact] = scales[exact]
+        packed_init.CopyFrom(numpy_helper.from_array(packed, packed_init.name))
+        scales_init.CopyFrom(numpy_helper.from_array(stored_scales, scales_init.name))
+        stored += int(exact.sum())
+    return stored
 
 
 def convert_fp16(source: Path, target: Path, role: str) -> None:
@@ -214,12 +279,13 @@ def convert_fp16(source: Path, target: Path, role: str) -> None:
     save_graph(converted, target)
 
 
-def apply_precision(source: Path, target: Path, precision: str, role: str) -> None:
-    """Write the `precision` graph for the fp32 graph `source` to `target`."""
+def apply_precision(source: Path, target: Path, precision: str, role: str, exact_grids: bool = False) -> None:
+    """Write the `precision` graph for the fp32 graph `source` to `target`; `exact_grids`: the
+    weights are already on int4 grids (GPTQ), keep them there."""
     if precision == "int8":
         quantize_int8(source, target)
     elif precision == "int4":
-        quantize_int4(source, target)
+        quantize_int4(source, target, exact_grids)
     elif precision == "fp16":
         convert_fp16(source, target, role)
     else:

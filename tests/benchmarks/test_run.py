@@ -122,12 +122,29 @@ def test_accuracy_command_trains_exports_and_measures(tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "accuracy.json").read_text())
     rows = {r["precision"]: r for r in results["rows"]}
-    assert set(rows) == {"fp32", "int8", "int4"}
+    assert set(rows) == {"fp32", "int8", "int4", "int4-gptq"}
+    assert results["exports"][-1]["precision"] == "int4-gptq" and results["exports"][-1]["parity_gate"]
     assert rows["fp32"]["top1_agreement"] == 1.0 and rows["fp32"]["greedy_agreement"] == 1.0, "fp32 is exact"
     assert results["model"]["steps"] > 0 and results["corpus"]["tokens"] > 10_000
-    assert "| int4 |" in (out / "accuracy.md").read_text()
+    assert "| int4 |" in (out / "accuracy.md").read_text() and "| int4-gptq |" in (out / "accuracy.md").read_text()
     encoder = {r["precision"]: r for r in results["real_encoder"]["rows"]}
     assert set(encoder) == {"fp32", "int8"}, "int4 is for decoders only"
     assert encoder["fp32"]["parity_gate"] == "passed" and encoder["fp32"]["relative"] < 1e-4
     assert 0.9 < encoder["int8"]["cosine"] < 1.0 and encoder["int8"]["parity_gate"] in ("passed", "failed")
     assert "## Encoder on real weights" in (out / "accuracy.md").read_text()
+
+
+def test_decode_floor_holds_each_bundle_against_the_bandwidth_of_its_round(checkpoints, tmp_path):
+    from lalm_export.export import ExportOptions, export_bundle
+
+    for graph in ("fused", "optimum"):
+        export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=tmp_path / graph, precision="int4", decoder_graph=graph), quiet=True)
+    result = run_cli(tmp_path / "fused", tmp_path / "optimum", "--rounds", "1", "--steps", "4", "--prompt", "8", "--json", module="benchmarks.decode_floor")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout[result.stdout.index("{") :])
+    assert figures["bandwidth_gbs_median"] > 0
+    for graph in ("fused", "optimum"):
+        bundle = figures["bundles"][str(tmp_path / graph)]
+        assert bundle["step_ms_median"] > 0 and bundle["weights_mb_per_token"] > 0 and 0 < bundle["floor_fraction_median"]
+    export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=tmp_path / "encoder"), quiet=True)
+    assert_user_error(run_cli(tmp_path / "encoder", module="benchmarks.decode_floor"), "pass decoder bundles")
