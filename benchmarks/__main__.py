@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from lalm_export.families import FAMILIES
+from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.precision import PRECISIONS
 
 EPILOG = """examples:
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="eager device and ONNX Runtime provider (default: cpu)")
     run.add_argument(
-        "--decoder-graph", choices=("auto", "fused", "optimum"), default="auto",
+        "--decoder-graph", choices=GRAPH_CHOICES, default="auto",
         help="lalm-export --decoder-graph for the decoder's exports: fused (ONNX Runtime's model builder) or optimum (default: auto)",
     )
     run.add_argument("--out", type=Path, required=True, help="folder for results.json, report.md and plots (refused if it holds results, unless --force)")

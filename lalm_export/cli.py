@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lalm_export.families import ENCODER_FAMILIES
+from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.precision import DEVICES, PRECISIONS
 from lalm_export.tolerances import FP32_RELATIVE
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--decoder-graph",
-        choices=("auto", "fused", "optimum"),
+        choices=GRAPH_CHOICES,
         default="auto",
         help="decoders: fused = ONNX Runtime's model builder (GroupQueryAttention with rotary inside, fused norms; "
         "Llama, Mistral, Qwen2, Qwen3; CPU), optimum = Optimum's op-by-op export; auto = fused where it applies and "
