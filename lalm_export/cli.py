@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.fused import GRAPH_CHOICES
-from lalm_export.precision import DEVICES, PRECISIONS
+from lalm_export.precision import DEVICES, INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, PRECISIONS
 from lalm_export.tolerances import FP32_RELATIVE
 
 EPILOG = """examples:
@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="int4 weights: rtn = round to nearest; gptq = error-compensating (GPTQ) from --calibration text, "
         "each layer's rounding error spread over the weights not yet rounded (default: rtn)",
     )
+    parser.add_argument(
+        "--int4-block-size",
+        type=int,
+        choices=INT4_BLOCK_SIZES,
+        default=INT4_BLOCK_SIZE,
+        help=f"weights per int4 scale: larger blocks read fewer scales per token (faster decode) and round coarser (default: {INT4_BLOCK_SIZE})",
+    )
     parser.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 text like the model's inputs, for --int4-method gptq (a few pages or more)")
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
@@ -131,6 +138,7 @@ def options_from_args(args: argparse.Namespace):
         decoder_graph=args.decoder_graph,
         int4_method=args.int4_method,
         calibration=args.calibration,
+        int4_block_size=args.int4_block_size,
     )
 
 

@@ -31,7 +31,7 @@ from lalm_export.models.adapters import (
     read_adapter_metadata,
 )
 from lalm_export.models.loading import load_family_model
-from lalm_export.precision import SPECS, apply_precision, check_precision, keep_last_position_logits, load_graph, save_graph
+from lalm_export.precision import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, SPECS, apply_precision, check_precision, keep_last_position_logits, load_graph, save_graph
 from lalm_export.progress import Stages
 from lalm_export.tolerances import FP32_RELATIVE, reduced_precision_tolerance
 from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
@@ -69,6 +69,7 @@ class ExportOptions:
     decoder_graph: str = "auto"  # decoders: "fused" (ONNX Runtime's model builder), "optimum", or auto
     int4_method: str = "rtn"  # int4 weights: round to nearest, or GPTQ on --calibration text
     calibration: Path | None = None
+    int4_block_size: int = INT4_BLOCK_SIZE
 
     @property
     def spec(self) -> FamilySpec:
@@ -116,6 +117,10 @@ def validate_options(opts: ExportOptions) -> None:
         raise OptionsError("--int4-method gptq quantizes int4 weights from calibration text: pass --precision int4 and --calibration FILE")
     if opts.calibration is not None and opts.int4_method != "gptq":
         raise OptionsError("--calibration is read by --int4-method gptq; add it, or drop --calibration")
+    if opts.int4_block_size not in INT4_BLOCK_SIZES:
+        raise OptionsError(f"--int4-block-size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, not {opts.int4_block_size}")
+    if opts.int4_block_size != INT4_BLOCK_SIZE and opts.precision != "int4":
+        raise OptionsError("--int4-block-size is for --precision int4")
     if opts.calibration is not None and not Path(opts.calibration).is_file():
         raise OptionsError(f"--calibration {opts.calibration} does not exist or is not a file; pass a UTF-8 text file")
     if opts.device == "cuda":
@@ -389,11 +394,10 @@ def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[n
     """A copy of `model` whose Linear weights are GPTQ's int4 weights, and what was done."""
     from lalm_export.gptq import CALIBRATION_WINDOW, Calibration, calibration_windows, gptq_quantize_decoder
     from lalm_export.models.llm import load_tokenizer
-    from lalm_export.precision import INT4_BLOCK_SIZE
 
     windows = calibration_windows(opts.calibration, load_tokenizer(opts.model_source, opts.trust_remote_code))
     quantized = copy.deepcopy(model)
-    layers = gptq_quantize_decoder(quantized, windows, INT4_BLOCK_SIZE, progress=not stages.quiet)
+    layers = gptq_quantize_decoder(quantized, windows, opts.int4_block_size, progress=not stages.quiet)
     calibration = Calibration(str(Path(opts.calibration).resolve()), sha256_of(Path(opts.calibration)), len(windows), CALIBRATION_WINDOW)
     stages.say(f"      GPTQ: {layers} Linear layers quantized from {len(windows)} windows of {CALIBRATION_WINDOW} tokens of {opts.calibration}")
     return quantized, {**calibration.to_dict(), "layers": layers}
@@ -417,15 +421,18 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             exported = model
             if opts.int4_method == "gptq":
                 exported, int4 = gptq_model(model, opts, stages)
+            if int4 is not None:
+                int4["block_size"] = opts.int4_block_size
             fp32_graph = export_graph(exported, opts, fp32_folder, graph_kind)
             optimizations = optimize_graph(fp32_graph, opts, graph_kind)
         if opts.precision == "fp32":
             stages.skip("precision", "fp32")
             graph = fp32_graph
         else:
-            with stages.stage("precision", SPECS[opts.precision].summary):
+            detail = SPECS[opts.precision].summary + (f", blocks of {opts.int4_block_size}" if opts.precision == "int4" else "")
+            with stages.stage("precision", detail):
                 graph = tmp / GRAPH_NAME
-                apply_precision(fp32_graph, graph, opts.precision, spec.role, exact_grids=opts.int4_method == "gptq")
+                apply_precision(fp32_graph, graph, opts.precision, spec.role, opts.int4_method == "gptq", opts.int4_block_size)
                 shutil.rmtree(fp32_folder)
         if graph_kind == "fused":
             mark_no_left_padding(graph)

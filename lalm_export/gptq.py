@@ -6,7 +6,7 @@ the columns not yet quantized, weighted by the inverse Hessian `H = 2 XᵀX` of 
 inputs X on calibration text: the layer's *outputs* stay close, not each weight. Layers are
 done in order, each seeing the already quantized layers before it.
 
-The grid is the one ONNX Runtime's MatMulNBits stores (symmetric, blocks of 32 along the
+The grid is the one ONNX Runtime's MatMulNBits stores (symmetric, blocks of 32 by default along the
 input dimension, the block's largest-magnitude weight at -8): the quantized weights are put
 back into the fp32 model, exported, and `precision.quantize_int4` writes them into
 MatMulNBits exactly (it recovers each block's grid instead of rounding again)."""

@@ -9,7 +9,7 @@ Every precision starts from the fp32 export and rewrites its ONNX graph:
   and attention stay fp32: ORT's int8 Conv is slower than its fp32 Conv, and a convolution
   rewritten as an int8 MatMul loses the quiet frames of real audio to the per-tensor
   activation scale (cosine 0.95 on wav2vec2-base; benchmarks/NOTES.md).
-- int4 (decoders): weight-only MatMulNBits, symmetric blocks of 32, `accuracy_level` 4
+- int4 (decoders): weight-only MatMulNBits, symmetric blocks of 32 (`--int4-block-size`), `accuracy_level` 4
   (int8 compute), the tied lm_head included; weights rounded to nearest, or GPTQ's weights
   (`lalm_export/gptq.py`, `--int4-method gptq`), which already lie on int4 grids and are
   stored on those grids rather than rounded again.
@@ -35,7 +35,8 @@ from lalm_export.errors import OptionsError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 DEVICES = ("cpu", "cuda")
-INT4_BLOCK_SIZE = 32
+INT4_BLOCK_SIZE = 32  # the default: larger blocks decode faster and round coarser (benchmarks/NOTES.md)
+INT4_BLOCK_SIZES = (16, 32, 64, 128)
 INT4_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: measured in benchmarks/NOTES.md
 # Kept in float32 in fp16 graphs: the RMS / layer-norm reductions (x^2 overflows float16).
 FP16_FLOAT32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "LayerNormalization", "SimplifiedLayerNormalization"]
@@ -55,7 +56,7 @@ SPECS = {
     "fp32": PrecisionSpec("fp32", "float32", ("encoder", "decoder"), DEVICES, "float32 throughout: the exact graph"),
     "fp16": PrecisionSpec("fp16", "float16", ("encoder", "decoder"), DEVICES, "float16 weights and compute, float32 I/O and norms (for CUDA)"),
     "int8": PrecisionSpec("int8", "int8", ("encoder", "decoder"), ("cpu",), "dynamic S8S8 int8 MatMuls (CPU)"),
-    "int4": PrecisionSpec("int4", "int4", ("decoder",), DEVICES, f"int4 weight-only MatMulNBits, blocks of {INT4_BLOCK_SIZE}, lm_head included"),
+    "int4": PrecisionSpec("int4", "int4", ("decoder",), DEVICES, "int4 weight-only MatMulNBits, lm_head included"),
 }
 
 
@@ -188,7 +189,7 @@ def _data_size(graph: Path) -> int:
     return sum(p.stat().st_size for p in graph.parent.glob(graph.name + "_data*"))
 
 
-def quantize_int4(source: Path, target: Path, exact_grids: bool = False) -> int:
+def quantize_int4(source: Path, target: Path, exact_grids: bool = False, block_size: int = INT4_BLOCK_SIZE) -> int:
     """Weight-only int4 (MatMulNBits), the tied lm_head included. With `exact_grids` (weights
     already on an int4 grid, e.g. from GPTQ), each block whose fp32 weights lie on a grid is
     stored on that grid instead of being rounded again; returns the number of such blocks."""
@@ -197,7 +198,7 @@ def quantize_int4(source: Path, target: Path, exact_grids: bool = False) -> int:
     model = load_graph(source)
     fold_constant_transposes(model)
     originals = _constant_matmul_weights(model) if exact_grids else {}
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL)
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL)
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)  # it logs every node at INFO
@@ -205,7 +206,7 @@ def quantize_int4(source: Path, target: Path, exact_grids: bool = False) -> int:
         quantizer.process()
     finally:
         logger.setLevel(level)
-    exact = store_exact_grids(quantizer.model.model, originals, INT4_BLOCK_SIZE) if exact_grids else 0
+    exact = store_exact_grids(quantizer.model.model, originals, block_size) if exact_grids else 0
     save_graph(quantizer.model.model, target)
     return exact
 
@@ -279,13 +280,13 @@ def convert_fp16(source: Path, target: Path, role: str) -> None:
     save_graph(converted, target)
 
 
-def apply_precision(source: Path, target: Path, precision: str, role: str, exact_grids: bool = False) -> None:
+def apply_precision(source: Path, target: Path, precision: str, role: str, exact_grids: bool = False, int4_block_size: int = INT4_BLOCK_SIZE) -> None:
     """Write the `precision` graph for the fp32 graph `source` to `target`; `exact_grids`: the
     weights are already on int4 grids (GPTQ), keep them there."""
     if precision == "int8":
         quantize_int8(source, target)
     elif precision == "int4":
-        quantize_int4(source, target, exact_grids)
+        quantize_int4(source, target, exact_grids, int4_block_size)
     elif precision == "fp16":
         convert_fp16(source, target, role)
     else:

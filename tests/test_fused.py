@@ -41,24 +41,26 @@ def test_fused_graph_replaces_the_shape_arithmetic_with_fused_attention(checkpoi
     assert manifest.parity["passed"] and manifest.parity["outputs"]["logits (prefill)"]["relative"] < 1e-5
 
 
-def tiny_decoder_config(architecture: str):
+def tiny_decoder_config(architecture: str, tied: bool = False):
     import transformers
 
     common = dict(
         hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied,
     )
     config_class = {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[architecture]
     extra = {"head_dim": TINY_HIDDEN // 4} if architecture == "qwen3" else {}
     return getattr(transformers, config_class)(**common, **extra)
 
 
-@pytest.mark.parametrize("architecture", ["mistral", "qwen2", "qwen3"])
-def test_each_fused_architecture_passes_the_parity_gate(architecture, tmp_path):
-    checkpoint = save_random_checkpoint("llm", tmp_path / "ckpt", tiny_decoder_config(architecture), seed=3)
+@pytest.mark.parametrize("architecture, tied", [("mistral", False), ("qwen2", False), ("qwen2", True), ("qwen3", False)])
+def test_each_fused_architecture_passes_the_parity_gate(architecture, tied, tmp_path):
+    checkpoint = save_random_checkpoint("llm", tmp_path / "ckpt", tiny_decoder_config(architecture, tied), seed=3)
     manifest = export_bundle(ExportOptions(family="llm", model=str(checkpoint), output=tmp_path / "bundle"), quiet=True)
     assert manifest.extra["decoder_graph"] == "fused" and manifest.model_type == architecture
     assert manifest.parity["passed"] and manifest.parity["greedy"]["agreement"] == 1.0
+    int4 = export_bundle(ExportOptions(family="llm", model=str(checkpoint), output=tmp_path / "int4", precision="int4"), quiet=True)
+    assert int4.parity["passed"], "the (tied) lm_head quantizes in the fused graph too"
 
 
 def test_a_ragged_batch_generates_what_each_prompt_generates_alone(checkpoints, tmp_path):

@@ -51,10 +51,10 @@ def stored_int4(path) -> tuple[np.ndarray, np.ndarray]:
     return initializers[node.input[1]], initializers[node.input[2]]
 
 
-def dequantized(path, k: int, n: int) -> np.ndarray:
+def dequantized(path, k: int, n: int, block: int = INT4_BLOCK_SIZE) -> np.ndarray:
     packed, scales = stored_int4(path)
     low, high = (packed & 0x0F).astype(np.int16) - 8, (packed >> 4).astype(np.int16) - 8
-    values = np.stack([low, high], axis=-1).reshape(n, -1, INT4_BLOCK_SIZE)
+    values = np.stack([low, high], axis=-1).reshape(n, -1, block)
     return (values * scales.reshape(n, -1)[..., None]).reshape(n, -1)[:, :k].T
 
 
@@ -106,21 +106,26 @@ def calibration_file(tmp_path):
     return path
 
 
-def test_gptq_export_stores_the_gptq_weights(checkpoints, calibration_file, tmp_path):
+@pytest.mark.parametrize("block", [32, 64])
+def test_gptq_export_stores_the_gptq_weights(block, checkpoints, calibration_file, tmp_path):
     checkpoint = str(checkpoints["llm"])
     bundle = tmp_path / "gptq"
-    options = ExportOptions(family="llm", model=checkpoint, output=bundle, precision="int4", int4_method="gptq", calibration=calibration_file)
+    options = ExportOptions(
+        family="llm", model=checkpoint, output=bundle, precision="int4", int4_method="gptq", calibration=calibration_file, int4_block_size=block
+    )
     manifest = export_bundle(options, quiet=True)
     int4 = manifest.extra["int4"]
     assert int4["method"] == "gptq" and int4["windows"] >= 2 and int4["layers"] == 2 * 7 + 1 and manifest.parity["passed"]
+    assert int4["block_size"] == block
     model = load_family_model(get_family("llm"), checkpoint).float().eval()
     reference = copy.deepcopy(model)
-    gptq_quantize_decoder(reference, calibration_windows(calibration_file, load_tokenizer(checkpoint)), INT4_BLOCK_SIZE, progress=False)
+    gptq_quantize_decoder(reference, calibration_windows(calibration_file, load_tokenizer(checkpoint)), block, progress=False)
     proto = onnx.load(str(bundle / read_manifest(bundle).graphs["model"].path))
     lm_head = next(n for n in proto.graph.node if "logits" in n.output)
+    assert {a.name: a.i for a in lm_head.attribute}["block_size"] == block
     k, n = int(reference.lm_head.in_features), int(reference.lm_head.out_features)
     onnx.save_model(helper.make_model(helper.make_graph([lm_head], "g", [], [], list(proto.graph.initializer))), str(tmp_path / "head.onnx"))
-    np.testing.assert_allclose(dequantized(tmp_path / "head.onnx", k, n), reference.lm_head.weight.detach().numpy().T, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(dequantized(tmp_path / "head.onnx", k, n, block), reference.lm_head.weight.detach().numpy().T, rtol=0, atol=1e-6)
     assert not np.allclose(reference.lm_head.weight.detach().numpy(), model.lm_head.weight.detach().numpy())
 
 
@@ -132,6 +137,7 @@ def test_gptq_export_stores_the_gptq_weights(checkpoints, calibration_file, tmp_
         (["--precision", "int4", "--calibration", "CAL"], "--calibration is read by --int4-method gptq"),
         (["--precision", "int4", "--int4-method", "gptq", "--calibration", "MISSING"], "does not exist"),
         (["--precision", "int4", "--int4-method", "gptq", "--calibration", "SHORT"], "GPTQ needs at least"),
+        (["--precision", "int8", "--int4-block-size", "64"], "--int4-block-size is for --precision int4"),
     ],
 )
 def test_gptq_user_errors(flags, fragment, checkpoints, calibration_file, tmp_path):

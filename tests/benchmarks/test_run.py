@@ -122,8 +122,8 @@ def test_accuracy_command_trains_exports_and_measures(tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "accuracy.json").read_text())
     rows = {r["precision"]: r for r in results["rows"]}
-    assert set(rows) == {"fp32", "int8", "int4", "int4-gptq"}
-    assert results["exports"][-1]["precision"] == "int4-gptq" and results["exports"][-1]["parity_gate"]
+    assert set(rows) == {"fp32", "int8", "int4", "int4-gptq", "int4-b128", "int4-gptq-b128"}
+    assert all(export["parity_gate"] for export in results["exports"])
     assert rows["fp32"]["top1_agreement"] == 1.0 and rows["fp32"]["greedy_agreement"] == 1.0, "fp32 is exact"
     assert results["model"]["steps"] > 0 and results["corpus"]["tokens"] > 10_000
     assert "| int4 |" in (out / "accuracy.md").read_text() and "| int4-gptq |" in (out / "accuracy.md").read_text()
