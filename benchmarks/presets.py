@@ -49,7 +49,7 @@ class Preset:
     variants: dict[str, tuple[str, ...]] = field(default_factory=dict)  # role -> exported precisions
 
 
-DEFAULT_VARIANTS = {"encoder": ("fp32", "int8"), "decoder": ("fp32", "int8", "int4")}
+DEFAULT_VARIANTS = {"encoder": ("fp32", "int8"), "decoder": ("fp32", "int8", "int4", "int4-b128")}
 GPU_VARIANTS = {"encoder": ("fp32", "fp16"), "decoder": ("fp32", "fp16")}
 
 PRESETS = {

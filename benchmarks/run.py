@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +84,25 @@ class RunSettings:
         }
 
 
-def parity_bounds(role: str, precision: str) -> dict[str, dict[str, float]]:
+def base_precision(variant: str) -> str:
+    return variant.split("-")[0]
+
+
+def variant_options(variant: str, options: ExportOptions, calibration: Path | None = None) -> ExportOptions:
+    """A variant name (a precision, then -gptq and/or -bN for the int4 block size) as export options."""
+    precision, *extras = variant.split("-")
+    options = replace(options, precision=precision)
+    for extra in extras:
+        if extra == "gptq":
+            options = replace(options, int4_method="gptq", calibration=calibration)
+        else:
+            options = replace(options, int4_block_size=int(extra.removeprefix("b")))
+    return options
+
+
+def parity_bounds(role: str, variant: str) -> dict[str, dict[str, float]]:
     """The same bounds as the export's parity gate: {figure: {"min"|"max": bound}}."""
+    precision = base_precision(variant)
     if precision == "fp32":
         bounds = {"relative": {"max": FP32_RELATIVE}}
         return {**bounds, "greedy_agreement": {"min": 1.0}} if role == "decoder" else bounds
@@ -105,7 +122,7 @@ def output_figures(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
 
 def export_variant(family: str, checkpoint: Path, precision: str, folder: Path, provider: str, decoder_graph: str = "auto") -> dict[str, Any]:
     graph = decoder_graph if get_family(family).role == "decoder" else "auto"
-    options = ExportOptions(family=family, model=str(checkpoint), output=folder, precision=precision, device=provider, force=True, decoder_graph=graph)
+    options = variant_options(precision, ExportOptions(family=family, model=str(checkpoint), output=folder, device=provider, force=True, decoder_graph=graph))
     start = time.perf_counter()
     try:
         manifest = export_bundle(options, quiet=True)
@@ -141,7 +158,7 @@ def count_flops(fn) -> int:
 
 def achieved(flops: int, seconds: float, precision: str, ceilings: dict[str, float]) -> dict[str, Any]:
     rate = flops / seconds / 1e9
-    key = CEILING_FOR.get(precision)
+    key = CEILING_FOR.get(base_precision(precision))
     ceiling = ceilings.get(key) if key else None
     return {"gflops_per_s": round(rate, 1), "ceiling": key, "ceiling_pct": round(100 * rate / ceiling, 1) if ceiling else None}
 
@@ -444,7 +461,10 @@ def make_settings(
     chosen = PRESETS[preset]
     wanted = GPU_VARIANTS if provider == "cuda" else chosen.variants
     if variants:
-        wanted = {role: tuple(v for v in variants if role in SPECS[v].roles and provider in SPECS[v].devices) for role in ("encoder", "decoder")}
+        wanted = {
+            role: tuple(v for v in variants if role in SPECS[base_precision(v)].roles and provider in SPECS[base_precision(v)].devices)
+            for role in ("encoder", "decoder")
+        }
     return RunSettings(
         preset=chosen,
         families=tuple(families or FAMILIES),

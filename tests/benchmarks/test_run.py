@@ -26,7 +26,7 @@ def test_results_hold_every_variant_with_timings_speedups_and_parity(bench):
     for batch in (1, 4):
         for variant in ("eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8"):
             assert ("wav2vec2", f"batch {batch}, 1 s", variant) in variants
-    assert {r["variant"] for r in results["rows"] if r["family"] == "llm"} == {"eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8", "onnx-int4"}
+    assert {r["variant"] for r in results["rows"] if r["family"] == "llm"} == {"eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8", "onnx-int4", "onnx-int4-b128"}
     for row in results["rows"]:
         assert row["latency_s"]["min"] <= row["latency_s"]["median"] <= row["latency_s"]["p90"]
         assert len(row["latency_s"]["runs"]) == 2
@@ -51,7 +51,7 @@ def test_results_describe_machine_ceilings_settings_and_exports(bench):
     assert all(results["ceilings"][k] > 0 for k in ("fp32_gemm_gflops", "bf16_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbs"))
     assert results["settings"]["preset"] == "tiny" and results["command"].startswith("python -m benchmarks run")
     assert {(e["family"], e["precision"]) for e in results["exports"]} == {
-        ("wav2vec2", "fp32"), ("wav2vec2", "int8"), ("llm", "fp32"), ("llm", "int8"), ("llm", "int4")
+        ("wav2vec2", "fp32"), ("wav2vec2", "int8"), ("llm", "fp32"), ("llm", "int8"), ("llm", "int4"), ("llm", "int4-b128")
     }
     assert all(e["parity_gate"] == "passed" for e in results["exports"])
 
