@@ -21,7 +21,7 @@ from torch import nn
 from lalm_export.eager import full_fp32
 from lalm_export.errors import AdapterMismatchError, OptionsError, OutputExistsError
 from lalm_export.families import FamilySpec, get_family
-from lalm_export.fused import GRAPH_CHOICES, build_fused_decoder, choose_decoder_graph, mark_no_left_padding
+from lalm_export.fused import GRAPH_CHOICES, build_fused_decoder, choose_decoder_graph
 from lalm_export.io import atomic_folder, sha256_tree
 from lalm_export.merge import dequantize_4bit_linears, merge_adapter_into, read_lora_pairs
 from lalm_export.models.adapters import (
@@ -251,17 +251,12 @@ def export_graph(model: nn.Module, opts: ExportOptions, folder: Path, graph_kind
     return folder / GRAPH_NAME
 
 
-def graph_opset(graph: Path) -> int:
+def graph_facts(folder: Path, graph: Path) -> tuple[GraphFile, int]:
+    """The manifest's record of `graph` and its default-domain opset, from one read of the graph."""
     import onnx
 
     proto = onnx.load(str(graph), load_external_data=False)
-    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
-
-
-def graph_file(folder: Path, graph: Path) -> GraphFile:
-    import onnx
-
-    proto = onnx.load(str(graph), load_external_data=False)
+    opset = next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
     def specs(values: Any) -> tuple[TensorSpec, ...]:
         result = []
@@ -274,9 +269,10 @@ def graph_file(folder: Path, graph: Path) -> GraphFile:
     data_files = {
         p.name: sha256_of(p) for p in folder.iterdir() if p.name.startswith(graph.name + "_data") or p.suffix == ".data"
     }
-    return GraphFile(
+    record = GraphFile(
         path=graph.name, sha256=sha256_of(graph), inputs=specs(proto.graph.input), outputs=specs(proto.graph.output), data_files=data_files
     )
+    return record, opset
 
 
 def save_companions(model: nn.Module, opts: ExportOptions, folder: Path) -> dict[str, Any]:
@@ -434,8 +430,6 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
                 graph = tmp / GRAPH_NAME
                 apply_precision(fp32_graph, graph, opts.precision, spec.role, opts.int4_method == "gptq", opts.int4_block_size)
                 shutil.rmtree(fp32_folder)
-        if graph_kind == "fused":
-            mark_no_left_padding(graph)
         if opts.verify:
             with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32"):
                 parity = verify_graph(model, graph, opts, stages)
@@ -444,6 +438,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             parity = {"verified": False, "reason": "--no-verify"}
         with stages.stage("write", str(opts.output)):
             extra = save_companions(model, opts, tmp)
+            record, opset = graph_facts(tmp, graph)
             if spec.role == "decoder":
                 extra["decoder_graph"] = graph_kind
             if int4 is not None:
@@ -453,9 +448,9 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
                 role=spec.role,
                 model_type=str(model.config.model_type),
                 input_kind=spec.input_kind,
-                graphs={"model": graph_file(tmp, graph)},
+                graphs={"model": record},
                 dtype=SPECS[opts.precision].weights,
-                opset=graph_opset(graph),
+                opset=opset,
                 source=source,
                 libraries=library_versions(),
                 parity=parity,

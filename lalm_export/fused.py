@@ -113,11 +113,13 @@ def build_fused_decoder(model: nn.Module, tokenizer_source: str, folder: Path, t
     if (built / "model.onnx.data").exists():
         shutil.move(str(built / "model.onnx.data"), folder / "model.onnx.data")
     shutil.rmtree(work)
+    mark_no_left_padding(graph)
     return graph
 
 
 def mark_no_left_padding(graph: Path) -> None:
-    """Record in the graph itself that its batches must not be left-padded."""
+    """Record in the graph itself that its batches must not be left-padded. Marked on the fp32
+    graph (its weights lie in model.onnx.data): the precision transforms keep metadata."""
     proto = onnx.load(str(graph), load_external_data=False)
     entries = {p.key: p for p in proto.metadata_props}
     entry = entries.get(LEFT_PADDING_METADATA) or proto.metadata_props.add()

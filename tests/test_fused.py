@@ -61,6 +61,7 @@ def test_each_fused_architecture_passes_the_parity_gate(architecture, tied, tmp_
     assert manifest.parity["passed"] and manifest.parity["greedy"]["agreement"] == 1.0
     int4 = export_bundle(ExportOptions(family="llm", model=str(checkpoint), output=tmp_path / "int4", precision="int4"), quiet=True)
     assert int4.parity["passed"], "the (tied) lm_head quantizes in the fused graph too"
+    assert {p.key: p.value for p in graph_of(tmp_path / "int4").metadata_props}[LEFT_PADDING_METADATA] == "false"
 
 
 def test_a_ragged_batch_generates_what_each_prompt_generates_alone(checkpoints, tmp_path):
