@@ -2,12 +2,15 @@
 
 Random weights give flat next-token distributions, where any rounding flips the argmax, so
 they make int8/int4 look worse than they are. This trains a small Llama-style decoder in
-process for a few minutes on English text (the Python standard library's docstrings, which
-every Python has), until its predictions are peaked, then exports it at each precision with
-lalm-export and measures, on held-out text, against eager fp32:
+process for a few minutes on the Python standard library's source (code, docstrings and
+comments: ~2 M tokens, which every Python has, so training never repeats a token and the
+model predicts held-out text rather than reciting its training text), then exports it at
+each precision with lalm-export and measures, on held-out modules, against eager fp32:
 
 - top-1 agreement: teacher-forced, the share of positions whose next-token argmax matches;
-- greedy agreement: 64 tokens generated from held-out prompts, the share of positions equal;
+  also over the positions where fp32 is decided (its top two probabilities ≥ 0.1 apart);
+- greedy agreement: 64 tokens generated from held-out prompts, the share of positions
+  equal; and fp32's top-2 probability margin where each generation first diverged;
 - logits cosine (whole and worst position).
 
 Encoders are measured on real weights, OpenAI's Whisper tiny.en (`benchmarks/real_whisper.py`):
@@ -19,9 +22,8 @@ fp32 on four 10 s speech-like clips that the gate never saw."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib
-import inspect
 import json
+import sysconfig
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,29 +46,30 @@ from runtime.audio import features_for
 from runtime.api import load
 from runtime.generation import GenerationOptions, generate
 
-CORPUS_MODULES = (
-    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal", "email", "enum",
-    "functools", "http.client", "inspect", "io", "itertools", "json", "logging", "os", "pathlib", "pickle", "random",
-    "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "threading", "typing",
-    "unittest", "urllib.request", "zipfile",
-)
+# Left out of the corpus: tests (generated data, long literal tables) and bundled applications.
+CORPUS_EXCLUDED_FOLDERS = ("test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages")
+CORPUS_CHARACTERS = 6_000_000
 VOCAB = 2048
 CONTEXT = 128
+TRAINING_BATCH = 16
+DECIDED_MARGIN = 0.1  # fp32's top-1 probability at least this far above its top-2
 
 
-def docstring_corpus() -> str:
-    """Docstrings of the listed standard-library modules and their public members."""
-    texts: list[str] = []
-    for name in CORPUS_MODULES:
-        module = importlib.import_module(name)
-        texts.append(inspect.getdoc(module) or "")
-        for member_name, member in sorted(vars(module).items()):
-            if member_name.startswith("_"):
-                continue
-            doc = inspect.getdoc(member) if (inspect.isclass(member) or inspect.isfunction(member)) else None
-            if doc and len(doc) > 80:
-                texts.append(doc)
-    return "\n\n".join(texts)
+def stdlib_source_corpus(limit: int = CORPUS_CHARACTERS) -> tuple[str, list[str]]:
+    """The standard library's Python files in path order, up to `limit` characters, and their names."""
+    library = Path(sysconfig.get_paths()["stdlib"])
+    texts, names, total = [], [], 0
+    for path in sorted(library.rglob("*.py")):
+        relative = path.relative_to(library)
+        if any(part in CORPUS_EXCLUDED_FOLDERS for part in relative.parts):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        names.append(str(relative))
+        total += len(text)
+        if total >= limit:
+            break
+    return "\n\n".join(texts), names
 
 
 def train_tokenizer(text: str, folder: Path):
@@ -99,7 +102,7 @@ def train_decoder(ids: np.ndarray, folder: Path, seconds: float, seed: int, prog
     start = time.perf_counter()
     with tqdm(total=int(seconds), desc="train", unit="s", disable=not progress) as bar:
         while time.perf_counter() - start < seconds:
-            starts = rng.integers(0, len(ids) - CONTEXT - 1, size=16)
+            starts = rng.integers(0, len(ids) - CONTEXT - 1, size=TRAINING_BATCH)
             batch = torch.from_numpy(np.stack([ids[s : s + CONTEXT] for s in starts]).astype(np.int64))
             loss = model(input_ids=batch, labels=batch).loss
             optimizer.zero_grad()
@@ -113,9 +116,9 @@ def train_decoder(ids: np.ndarray, folder: Path, seconds: float, seed: int, prog
     return {"steps": len(losses), "first_loss": round(losses[0], 3), "final_loss": round(float(np.mean(losses[-20:])), 3), "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def teacher_forced_top1(backend, eager: EagerDecoderBackend, window: np.ndarray, prompt: int) -> tuple[float, dict[str, float]]:
-    """Feed the same held-out tokens to both; share of positions whose argmax agrees, and the
-    logits' cosine over those positions."""
+def teacher_forced_top1(backend, eager: EagerDecoderBackend, window: np.ndarray, prompt: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Feed the same held-out tokens to both; per position whether the argmax agrees and
+    fp32's top-2 probability margin, and the logits' cosine over those positions."""
     ids = window[None, :prompt]
     ones = np.ones_like(ids)
     ours, theirs = [backend.prefill(ids, ones)], [eager.prefill(ids, ones)]
@@ -123,40 +126,77 @@ def teacher_forced_top1(backend, eager: EagerDecoderBackend, window: np.ndarray,
         ours.append(backend.decode_step(np.array([token])))
         theirs.append(eager.decode_step(np.array([token])))
     a, b = np.concatenate(theirs), np.concatenate(ours)
-    return float(np.mean(a.argmax(-1) == b.argmax(-1))), output_figures(a, b)
+    return a.argmax(-1) == b.argmax(-1), top2_margin(a), output_figures(a, b)
 
 
-def measure(model_folder: Path, bundles: dict[str, Path], held_out: np.ndarray, prompts: int, seed: int) -> list[dict[str, Any]]:
+def top2_margin(logits: np.ndarray) -> np.ndarray:
+    """Per row, the top-1 probability minus the top-2 probability."""
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities = shifted / shifted.sum(-1, keepdims=True)
+    top = np.sort(probabilities, axis=-1)[..., -2:]
+    return top[..., 1] - top[..., 0]
+
+
+def margin_at_divergence(model, prompt: np.ndarray, reference: np.ndarray, tokens: np.ndarray) -> float | None:
+    """fp32's top-2 margin where `tokens` first leaves fp32's own greedy `reference`; None if it never does."""
+    differs = np.flatnonzero(reference != tokens)
+    if differs.size == 0:
+        return None
+    sequence = np.concatenate([prompt[0], reference[: differs[0]]])[None]
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(sequence)).logits[0, -1:].float().numpy()
+    return float(top2_margin(logits)[0])
+
+
+def held_out_loss(model, windows: list[np.ndarray]) -> float:
+    """fp32's mean next-token cross-entropy (nats) over the held-out windows."""
+    with torch.no_grad():
+        batch = torch.from_numpy(np.stack(windows))
+        return float(model(input_ids=batch, labels=batch).loss)
+
+
+def measure(model_folder: Path, bundles: dict[str, Path], held_out: np.ndarray, prompts: int, seed: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """fp32's own figures on the held-out windows, and one row of agreement figures per bundle."""
     from transformers import AutoModelForCausalLM
 
     eager_model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32).eval()
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(held_out) - 2 * CONTEXT, size=prompts)
+    windows = [held_out[start : start + 2 * CONTEXT] for start in starts]
     options = GenerationOptions(max_new_tokens=64)
+    references = [generate(EagerDecoderBackend(eager_model), w[None, :CONTEXT], np.ones((1, CONTEXT), np.int64), options)[0] for w in windows]
+    reference_figures: dict[str, float] = {"held_out_loss": round(held_out_loss(eager_model, windows), 3)}
     rows = []
-    for precision, bundle in bundles.items():
+    for precision, bundle in tqdm(bundles.items(), desc="measure", unit="variant", leave=False):
         backend = load(bundle).backend
-        top1, greedy, figures = [], [], []
-        for start in starts:
-            window = held_out[start : start + 2 * CONTEXT]
-            agreement, logits = teacher_forced_top1(backend, EagerDecoderBackend(eager_model), window, CONTEXT)
-            top1.append(agreement)
+        agree, margins, greedy, divergence, figures = [], [], [], [], []
+        for window, reference in zip(windows, references):
+            agreement, margin, logits = teacher_forced_top1(backend, EagerDecoderBackend(eager_model), window, CONTEXT)
+            agree.append(agreement)
+            margins.append(margin)
             figures.append(logits)
             prompt = window[None, :CONTEXT]
-            reference = generate(EagerDecoderBackend(eager_model), prompt, np.ones_like(prompt), options)[0]
             tokens = generate(backend, prompt, np.ones_like(prompt), options)[0]
             greedy.append(float(np.mean(reference == tokens)))
+            divergence.append(margin_at_divergence(eager_model, prompt, reference, tokens))
+        agree_all, margin_all = np.concatenate(agree), np.concatenate(margins)
+        decided = margin_all >= DECIDED_MARGIN
+        reference_figures["decided_share"] = round(float(decided.mean()), 4)
+        diverged = [m for m in divergence if m is not None]
         rows.append(
             {
                 "precision": precision,
-                "top1_agreement": round(float(np.mean(top1)), 4),
+                "top1_agreement": round(float(agree_all.mean()), 4),
+                "top1_agreement_decided": round(float(agree_all[decided].mean()), 4) if decided.any() else None,
                 "greedy_agreement": round(float(np.mean(greedy)), 4),
                 "greedy_agreement_worst_prompt": round(float(np.min(greedy)), 4),
+                "greedy_diverged_prompts": len(diverged),
+                "divergence_margin_median": round(float(np.median(diverged)), 4) if diverged else None,
                 "logits_cosine": round(min(f["cosine"] for f in figures), 6),
                 "logits_min_position_cosine": round(min(f["row_cosine"] for f in figures), 6),
             }
         )
-    return rows
+    return reference_figures, rows
 
 
 ENCODER_EVAL_SEEDS = (100, 101, 102, 103)
@@ -203,10 +243,10 @@ def measure_real_encoder(work: Path, precisions: tuple[str, ...]) -> dict[str, A
 def run_accuracy(work: Path, seconds: float, prompts: int, precisions: tuple[str, ...], command: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     encoder = measure_real_encoder(work, tuple(p for p in precisions if not p.startswith("int4")))
     model_folder = work / "trained-decoder"
-    text = docstring_corpus()
+    text, files = stdlib_source_corpus()
     tokenizer = train_tokenizer(text, model_folder)
     ids = np.array(tokenizer(text)["input_ids"], dtype=np.int64)
-    split = int(0.9 * len(ids))
+    split = int(0.9 * len(ids))  # the files are in path order: the held-out tenth is whole modules
     training = train_decoder(ids[:split], model_folder, seconds, seed, progress)
     calibration = work / "calibration.txt"  # GPTQ's calibration text: the training split, never the held-out text
     calibration.write_text(tokenizer.decode(ids[:split].tolist()), encoding="utf-8")
@@ -219,43 +259,64 @@ def run_accuracy(work: Path, seconds: float, prompts: int, precisions: tuple[str
         manifest = export_bundle(options, quiet=True)
         exports.append({"precision": variant, "seconds": round(time.perf_counter() - start, 2), "parity_gate": manifest.parity.get("passed")})
         bundles[variant] = folder
+    fp32_figures, rows = measure(model_folder, bundles, ids[split:], prompts, seed)
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "machine": describe_machine(),
         "libraries": library_versions(),
-        "corpus": {"source": "docstrings of Python's standard library", "modules": list(CORPUS_MODULES), "tokens": int(len(ids)), "held_out_tokens": int(len(ids) - split)},
-        "model": {"architecture": "llama", "hidden": 256, "layers": 4, "vocab": VOCAB, **training},
-        "evaluation": {"prompts": prompts, "prompt_tokens": CONTEXT, "teacher_forced_tokens": CONTEXT, "greedy_new_tokens": 64, "reference": "eager PyTorch fp32"},
+        "corpus": {
+            "source": "the Python standard library's source files (code, docstrings, comments)",
+            "files": len(files), "first_file": files[0], "last_file": files[-1],
+            "tokens": int(len(ids)), "held_out_tokens": int(len(ids) - split),
+        },
+        "model": {"architecture": "llama", "hidden": 256, "layers": 4, "vocab": VOCAB, **training, "tokens_seen": training["steps"] * TRAINING_BATCH * CONTEXT},
+        "evaluation": {
+            "prompts": prompts, "prompt_tokens": CONTEXT, "teacher_forced_tokens": CONTEXT, "greedy_new_tokens": 64, "reference": "eager PyTorch fp32",
+            "decided_margin": DECIDED_MARGIN, **fp32_figures,
+        },
         "exports": exports,
-        "rows": measure(model_folder, bundles, ids[split:], prompts, seed),
+        "rows": rows,
         "real_encoder": encoder,
     }
 
 
 def render_accuracy(results: dict[str, Any]) -> str:
-    model, evaluation = results["model"], results["evaluation"]
+    model, evaluation, corpus = results["model"], results["evaluation"], results["corpus"]
     lines = [
         "# Quantization accuracy on trained and real weights",
         "",
         f"Made by `{results['command']}` on {results['created']} ({results['machine']['cpu']}, {results['machine']['cores']} cores).",
         "",
         f"A {model['parameters'] / 1e6:.1f} M-parameter Llama-style decoder (hidden {model['hidden']}, {model['layers']} layers, vocabulary "
-        f"{model['vocab']}) trained in process for {model['steps']} steps on {results['corpus']['tokens']:,} tokens of "
-        f"{results['corpus']['source']} (loss {model['first_loss']} → {model['final_loss']}). Evaluated on held-out text against eager fp32: "
-        f"{evaluation['prompts']} prompts of {evaluation['prompt_tokens']} tokens; top-1 agreement teacher-forced over the next "
-        f"{evaluation['teacher_forced_tokens']} tokens; greedy agreement over {evaluation['greedy_new_tokens']} generated tokens.",
+        f"{model['vocab']}) trained in process for {model['steps']} steps ({model['tokens_seen']:,} tokens) on {corpus['source']}: "
+        f"{corpus['files']} files, {corpus['tokens']:,} tokens, the last {corpus['held_out_tokens']:,} held out (training loss "
+        f"{model['first_loss']} → {model['final_loss']}; held-out loss {evaluation['held_out_loss']} nats). Evaluated on held-out text "
+        f"against eager fp32: {evaluation['prompts']} prompts of {evaluation['prompt_tokens']} tokens; top-1 agreement teacher-forced over "
+        f"the next {evaluation['teacher_forced_tokens']} tokens, over all positions and over the {evaluation['decided_share']:.0%} where fp32 "
+        f"is decided (top two probabilities ≥ {evaluation['decided_margin']} apart); greedy agreement over {evaluation['greedy_new_tokens']} "
+        "generated tokens, and fp32's own top-2 margin where a generation first diverged (median over the diverged prompts).",
         "",
-        "| precision | top-1 agreement | greedy agreement (mean) | greedy agreement (worst prompt) | logits cosine | worst position cosine |",
-        "|---|---|---|---|---|---|",
+        "| variant | top-1 agreement | top-1 where fp32 is decided | greedy agreement (mean) | greedy agreement (worst prompt) | prompts diverged | fp32 margin at divergence | logits cosine | worst position cosine |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
+        margin = "—" if row["divergence_margin_median"] is None else f"{row['divergence_margin_median']:.3f}"
+        decided = "—" if row["top1_agreement_decided"] is None else f"{row['top1_agreement_decided']:.1%}"
         lines.append(
-            f"| {row['precision']} | {row['top1_agreement']:.1%} | {row['greedy_agreement']:.1%} | {row['greedy_agreement_worst_prompt']:.1%} | "
+            f"| {row['precision']} | {row['top1_agreement']:.1%} | {decided} | {row['greedy_agreement']:.1%} | "
+            f"{row['greedy_agreement_worst_prompt']:.1%} | {row['greedy_diverged_prompts']}/{evaluation['prompts']} | {margin} | "
             f"{row['logits_cosine']:.6f} | {row['logits_min_position_cosine']:.6f} |"
         )
+    lines += ["", VARIANT_LEGEND]
     lines += render_real_encoder(results.get("real_encoder"))
     return "\n".join(lines) + "\n"
+
+
+VARIANT_LEGEND = (
+    "Variants: int4 = `--precision int4` with its defaults (round to nearest, blocks of 32, lm_head in 8 bits); -gptq: "
+    "`--int4-method gptq` calibrated on the training text; -bN: `--int4-block-size N`; -h4: `--int4-lm-head int4`."
+)
 
 
 def render_real_encoder(encoder: dict[str, Any] | None) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.fused import GRAPH_CHOICES
-from lalm_export.precision import DEVICES, INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, PRECISIONS
+from lalm_export.precision import DEVICES, INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, PRECISIONS
 from lalm_export.tolerances import FP32_RELATIVE
 
 EPILOG = """examples:
@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=INT4_BLOCK_SIZE,
         help=f"weights per int4 scale: larger blocks read fewer scales per token (faster decode) and round coarser (default: {INT4_BLOCK_SIZE})",
     )
+    parser.add_argument(
+        "--int4-lm-head",
+        choices=INT4_LM_HEADS,
+        default=INT4_LM_HEAD,
+        help="the lm_head of an int4 decoder: int8 = 8-bit blocks, the layer whose rounding flips the most next tokens; "
+        f"int4 = like the other layers, fewer bytes per token (default: {INT4_LM_HEAD})",
+    )
     parser.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 text like the model's inputs, for --int4-method gptq (a few pages or more)")
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
@@ -139,6 +146,7 @@ def options_from_args(args: argparse.Namespace):
         int4_method=args.int4_method,
         calibration=args.calibration,
         int4_block_size=args.int4_block_size,
+        int4_lm_head=args.int4_lm_head,
     )
 
 

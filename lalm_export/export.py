@@ -31,7 +31,7 @@ from lalm_export.models.adapters import (
     read_adapter_metadata,
 )
 from lalm_export.models.loading import load_family_model
-from lalm_export.precision import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, SPECS, apply_precision, check_precision, keep_last_position_logits, load_graph, save_graph
+from lalm_export.precision import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, SPECS, apply_precision, check_precision, keep_last_position_logits, load_graph, save_graph
 from lalm_export.progress import Stages
 from lalm_export.tolerances import FP32_RELATIVE, reduced_precision_tolerance
 from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
@@ -70,6 +70,7 @@ class ExportOptions:
     int4_method: str = "rtn"  # int4 weights: round to nearest, or GPTQ on --calibration text
     calibration: Path | None = None
     int4_block_size: int = INT4_BLOCK_SIZE
+    int4_lm_head: str = INT4_LM_HEAD  # the lm_head of an int4 decoder: 8-bit or 4-bit blocks
 
     @property
     def spec(self) -> FamilySpec:
@@ -121,6 +122,10 @@ def validate_options(opts: ExportOptions) -> None:
         raise OptionsError(f"--int4-block-size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, not {opts.int4_block_size}")
     if opts.int4_block_size != INT4_BLOCK_SIZE and opts.precision != "int4":
         raise OptionsError("--int4-block-size is for --precision int4")
+    if opts.int4_lm_head not in INT4_LM_HEADS:
+        raise OptionsError(f"unknown --int4-lm-head {opts.int4_lm_head!r}; choose one of {', '.join(INT4_LM_HEADS)}")
+    if opts.int4_lm_head != INT4_LM_HEAD and opts.precision != "int4":
+        raise OptionsError("--int4-lm-head is for --precision int4")
     if opts.calibration is not None and not Path(opts.calibration).is_file():
         raise OptionsError(f"--calibration {opts.calibration} does not exist or is not a file; pass a UTF-8 text file")
     if opts.device == "cuda":
@@ -393,7 +398,7 @@ def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[n
 
     windows = calibration_windows(opts.calibration, load_tokenizer(opts.model_source, opts.trust_remote_code))
     quantized = copy.deepcopy(model)
-    layers = gptq_quantize_decoder(quantized, windows, opts.int4_block_size, progress=not stages.quiet)
+    layers = gptq_quantize_decoder(quantized, windows, opts.int4_block_size, lm_head=opts.int4_lm_head == "int4", progress=not stages.quiet)
     calibration = Calibration(str(Path(opts.calibration).resolve()), sha256_of(Path(opts.calibration)), len(windows), CALIBRATION_WINDOW)
     stages.say(f"      GPTQ: {layers} Linear layers quantized from {len(windows)} windows of {CALIBRATION_WINDOW} tokens of {opts.calibration}")
     return quantized, {**calibration.to_dict(), "layers": layers}
@@ -425,10 +430,12 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             stages.skip("precision", "fp32")
             graph = fp32_graph
         else:
-            detail = SPECS[opts.precision].summary + (f", blocks of {opts.int4_block_size}" if opts.precision == "int4" else "")
+            detail = SPECS[opts.precision].summary + (f", blocks of {opts.int4_block_size}, lm_head {opts.int4_lm_head}" if opts.precision == "int4" else "")
             with stages.stage("precision", detail):
                 graph = tmp / GRAPH_NAME
-                apply_precision(fp32_graph, graph, opts.precision, spec.role, opts.int4_method == "gptq", opts.int4_block_size)
+                facts = apply_precision(fp32_graph, graph, opts.precision, spec.role, opts.int4_method == "gptq", opts.int4_block_size, opts.int4_lm_head)
+                if int4 is not None:
+                    int4["lm_head"] = facts["lm_head"]
                 shutil.rmtree(fp32_folder)
         if opts.verify:
             with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32"):

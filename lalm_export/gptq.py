@@ -132,24 +132,25 @@ def untie_lm_head(model: nn.Module) -> None:
         model.config.tie_word_embeddings = False
 
 
-def gptq_stages(model: nn.Module) -> list[dict[str, nn.Linear]]:
-    """The Linear layers to quantize, grouped by decoder layer in order, then the lm_head."""
+def gptq_stages(model: nn.Module, lm_head: bool) -> list[dict[str, nn.Linear]]:
+    """The Linear layers to quantize, grouped by decoder layer in order, then (with `lm_head`) the lm_head."""
     layers = model.get_decoder().layers
     stages = [{f"layers.{i}.{name}": m for name, m in layer.named_modules() if isinstance(m, nn.Linear)} for i, layer in enumerate(layers)]
     head = model.get_output_embeddings()
-    if isinstance(head, nn.Linear):
+    if lm_head and isinstance(head, nn.Linear):
         stages.append({"lm_head": head})
     return stages
 
 
 @torch.no_grad()
-def gptq_quantize_decoder(model: nn.Module, windows: np.ndarray, block: int, progress: bool = True) -> int:
-    """Replace every decoder Linear weight (and the lm_head's) by its GPTQ int4 weight, in place.
-    Returns the number of layers quantized. Linear layers whose input width is not a multiple
-    of `block` are left as they are (the int4 export rounds them to nearest)."""
-    untie_lm_head(model)
+def gptq_quantize_decoder(model: nn.Module, windows: np.ndarray, block: int, lm_head: bool = True, progress: bool = True) -> int:
+    """Replace every decoder Linear weight (and, with `lm_head`, the lm_head's) by its GPTQ int4
+    weight, in place. Returns the number of layers quantized. Linear layers whose input width
+    is not a multiple of `block` are left as they are (the int4 export rounds them to nearest)."""
+    if lm_head:
+        untie_lm_head(model)
     batches = torch.from_numpy(windows).split(8)
-    stages = gptq_stages(model)
+    stages = gptq_stages(model, lm_head)
     done = 0
     for stage in tqdm(stages, desc="gptq", unit="layer", disable=not progress, leave=False):
         stage = {name: m for name, m in stage.items() if m.in_features % block == 0}

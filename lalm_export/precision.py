@@ -10,9 +10,10 @@ Every precision starts from the fp32 export and rewrites its ONNX graph:
   rewritten as an int8 MatMul loses the quiet frames of real audio to the per-tensor
   activation scale (cosine 0.95 on wav2vec2-base; benchmarks/NOTES.md).
 - int4 (decoders): weight-only MatMulNBits, symmetric blocks of 32 (`--int4-block-size`), `accuracy_level` 4
-  (int8 compute), the tied lm_head included; weights rounded to nearest, or GPTQ's weights
-  (`lalm_export/gptq.py`, `--int4-method gptq`), which already lie on int4 grids and are
-  stored on those grids rather than rounded again.
+  (int8 compute); the lm_head (a tied one too) in 8-bit MatMulNBits blocks by default
+  (`--int4-lm-head`): it is the layer whose rounding flips the most next tokens; weights
+  rounded to nearest, or GPTQ's weights (`lalm_export/gptq.py`, `--int4-method gptq`),
+  which already lie on int4 grids and are stored on those grids rather than rounded again.
 - fp16 (CUDA): float16 weights and compute with float32 inputs and outputs; the RMS/layer
   norm reductions stay float32, where float16 would overflow on large activations.
 - bf16: refused. ONNX Runtime's CPU provider has no bf16 MatMul kernel, and a graph that
@@ -37,6 +38,8 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 DEVICES = ("cpu", "cuda")
 INT4_BLOCK_SIZE = 32  # the default: larger blocks decode faster and round coarser (benchmarks/NOTES.md)
 INT4_BLOCK_SIZES = (16, 32, 64, 128)
+INT4_LM_HEADS = ("int8", "int4")
+INT4_LM_HEAD = "int8"  # the default: measured in benchmarks/NOTES.md
 INT4_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: measured in benchmarks/NOTES.md
 # Kept in float32 in fp16 graphs: the RMS / layer-norm reductions (x^2 overflows float16).
 FP16_FLOAT32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "LayerNormalization", "SimplifiedLayerNormalization"]
@@ -94,6 +97,18 @@ def load_graph(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
+def logits_matmul(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The lm_head: the MatMul that `logits` comes from, through elementwise tails such as
+    softcapping; None when there is none."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type != "MatMul":
+        if node.op_type not in ("Tanh", "Mul", "Div", "Add", "Cast"):
+            return None
+        node = producers.get(node.input[0])
+    return node
+
+
 def keep_last_position_logits(model: onnx.ModelProto) -> bool:
     """Make a decoder graph compute logits for the last position only.
 
@@ -101,13 +116,7 @@ def keep_last_position_logits(model: onnx.ModelProto) -> bool:
     needs only the last one: for a 0.5B decoder and a 128-token prompt that is ~35 GFLOP of
     waste per prompt. A Slice of the final hidden states before the lm_head MatMul removes
     it. Returns False (graph unchanged) when `logits` does not come from a MatMul."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    node = producers.get("logits")
-    while node is not None and node.op_type != "MatMul":
-        # Softcapping and similar elementwise tails: follow the first input upwards.
-        if node.op_type not in ("Tanh", "Mul", "Div", "Add", "Cast"):
-            return False
-        node = producers.get(node.input[0])
+    node = logits_matmul(model)
     if node is None:
         return False
     hidden = node.input[0]
@@ -189,16 +198,36 @@ def _data_size(graph: Path) -> int:
     return sum(p.stat().st_size for p in graph.parent.glob(graph.name + "_data*"))
 
 
-def quantize_int4(source: Path, target: Path, exact_grids: bool = False, block_size: int = INT4_BLOCK_SIZE) -> int:
-    """Weight-only int4 (MatMulNBits), the tied lm_head included. With `exact_grids` (weights
-    already on an int4 grid, e.g. from GPTQ), each block whose fp32 weights lie on a grid is
-    stored on that grid instead of being rounded again; returns the number of such blocks."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+def quantize_int4(source: Path, target: Path, exact_grids: bool = False, block_size: int = INT4_BLOCK_SIZE, lm_head: str = INT4_LM_HEAD) -> dict[str, object]:
+    """Weight-only int4 (MatMulNBits); the lm_head (a tied one too) in 8 bits when `lm_head`
+    is "int8". With `exact_grids` (weights already on an int4 grid, e.g. from GPTQ), each
+    4-bit block whose fp32 weights lie on a grid is stored on that grid instead of being
+    rounded again. Returns what was done: the lm_head's precision and the exact blocks."""
     model = load_graph(source)
     fold_constant_transposes(model)
     originals = _constant_matmul_weights(model) if exact_grids else {}
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL)
+    head = logits_matmul(model) if lm_head == "int8" else None
+    if head is not None and not head.name:
+        head.name = "lalm/lm_head"  # the quantizer selects nodes by name
+    model = _matmul_nbits(model, 4, block_size, exclude=[head.name] if head is not None else [])
+    if head is not None:
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head.name]
+        model = _matmul_nbits(model, 8, block_size, exclude=others)
+    exact = store_exact_grids(model, originals, block_size) if exact_grids else 0
+    save_graph(model, target)
+    facts: dict[str, object] = {"lm_head": "int8" if head is not None else "int4"}
+    if exact_grids:
+        facts["exact_grid_blocks"] = exact
+    return facts
+
+
+def _matmul_nbits(model: onnx.ModelProto, bits: int, block_size: int, exclude: list[str]) -> onnx.ModelProto:
+    """The constant-weight MatMuls not in `exclude` as symmetric `bits`-bit MatMulNBits."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL, nodes_to_exclude=exclude
+    )
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)  # it logs every node at INFO
@@ -206,9 +235,7 @@ def quantize_int4(source: Path, target: Path, exact_grids: bool = False, block_s
         quantizer.process()
     finally:
         logger.setLevel(level)
-    exact = store_exact_grids(quantizer.model.model, originals, block_size) if exact_grids else 0
-    save_graph(quantizer.model.model, target)
-    return exact
+    return quantizer.model.model
 
 
 def _constant_matmul_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -254,7 +281,7 @@ def store_exact_grids(model: onnx.ModelProto, originals: dict[str, np.ndarray], 
     initializers = {t.name: t for t in model.graph.initializer}
     stored = 0
     for node in model.graph.node:
-        source = originals.get(node.input[1].removesuffix("_Q4")) if node.op_type == "MatMulNBits" else None
+        source = originals.get(node.input[1].removesuffix("_Q4")) if _is_4_bit(node) else None
         if source is None:
             continue
         values, scales, exact = exact_int4_grid(source, block)
@@ -269,6 +296,10 @@ def store_exact_grids(model: onnx.ModelProto, originals: dict[str, np.ndarray], 
     return stored
 
 
+def _is_4_bit(node: onnx.NodeProto) -> bool:
+    return node.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in node.attribute)
+
+
 def convert_fp16(source: Path, target: Path, role: str) -> None:
     """float16 weights and compute. Encoders keep float32 inputs and outputs; decoders keep
     float32 logits, and their KV cache becomes float16 (half the memory traffic)."""
@@ -280,14 +311,17 @@ def convert_fp16(source: Path, target: Path, role: str) -> None:
     save_graph(converted, target)
 
 
-def apply_precision(source: Path, target: Path, precision: str, role: str, exact_grids: bool = False, int4_block_size: int = INT4_BLOCK_SIZE) -> None:
+def apply_precision(
+    source: Path, target: Path, precision: str, role: str, exact_grids: bool = False, int4_block_size: int = INT4_BLOCK_SIZE, int4_lm_head: str = INT4_LM_HEAD
+) -> dict[str, object]:
     """Write the `precision` graph for the fp32 graph `source` to `target`; `exact_grids`: the
-    weights are already on int4 grids (GPTQ), keep them there."""
+    weights are already on int4 grids (GPTQ), keep them there. Returns facts for the manifest."""
     if precision == "int8":
         quantize_int8(source, target)
     elif precision == "int4":
-        quantize_int4(source, target, exact_grids, int4_block_size)
+        return quantize_int4(source, target, exact_grids, int4_block_size, int4_lm_head)
     elif precision == "fp16":
         convert_fp16(source, target, role)
     else:
         raise OptionsError(f"no graph transform for --precision {precision}")
+    return {}

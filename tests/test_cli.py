@@ -48,7 +48,7 @@ def test_quiet_prints_nothing(checkpoints, tmp_path):
 def test_help_explains_every_flag():
     result = run_cli("--help")
     assert result.returncode == 0
-    for flag in ("--encoder", "--decoder", "--model", "--adapter", "--qlora", "--weights", "--opset", "--decoder-graph", "--int4-method", "--int4-block-size", "--calibration", "--all-hidden-states", "--force", "--no-verify", "--atol", "-q", "--json", "examples:"):
+    for flag in ("--encoder", "--decoder", "--model", "--adapter", "--qlora", "--weights", "--opset", "--decoder-graph", "--int4-method", "--int4-block-size", "--int4-lm-head", "--calibration", "--all-hidden-states", "--force", "--no-verify", "--atol", "-q", "--json", "examples:"):
         assert flag in result.stdout
 
 

@@ -73,14 +73,14 @@ def test_weights_on_a_narrower_grid_are_stored_exactly_not_rounded_again(tmp_pat
     weight = grid_weight(96, 8, largest_step=5)
     matmul_graph(weight, tmp_path / "fp32.onnx")
     quantize_int4(tmp_path / "fp32.onnx", tmp_path / "rtn.onnx")
-    assert quantize_int4(tmp_path / "fp32.onnx", tmp_path / "exact.onnx", exact_grids=True) == 8 * 3
+    assert quantize_int4(tmp_path / "fp32.onnx", tmp_path / "exact.onnx", exact_grids=True)["exact_grid_blocks"] == 8 * 3
     np.testing.assert_allclose(dequantized(tmp_path / "exact.onnx", 96, 8), weight, rtol=0, atol=1e-7)
     assert np.abs(dequantized(tmp_path / "rtn.onnx", 96, 8) - weight).max() > 1e-3
     # Off-grid weights keep round-to-nearest, bit for bit.
     noisy = weight + np.random.default_rng(1).normal(0, 1e-3, weight.shape).astype(np.float32)
     matmul_graph(noisy, tmp_path / "noisy.onnx")
     quantize_int4(tmp_path / "noisy.onnx", tmp_path / "noisy-rtn.onnx")
-    assert quantize_int4(tmp_path / "noisy.onnx", tmp_path / "noisy-exact.onnx", exact_grids=True) == 0
+    assert quantize_int4(tmp_path / "noisy.onnx", tmp_path / "noisy-exact.onnx", exact_grids=True)["exact_grid_blocks"] == 0
     np.testing.assert_array_equal(stored_int4(tmp_path / "noisy-rtn.onnx")[0], stored_int4(tmp_path / "noisy-exact.onnx")[0])
 
 
@@ -106,27 +106,32 @@ def calibration_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("block", [32, 64])
-def test_gptq_export_stores_the_gptq_weights(block, checkpoints, calibration_file, tmp_path):
+@pytest.mark.parametrize("block, lm_head", [(32, "int4"), (64, "int8")])
+def test_gptq_export_stores_the_gptq_weights(block, lm_head, checkpoints, calibration_file, tmp_path):
     checkpoint = str(checkpoints["llm"])
     bundle = tmp_path / "gptq"
     options = ExportOptions(
-        family="llm", model=checkpoint, output=bundle, precision="int4", int4_method="gptq", calibration=calibration_file, int4_block_size=block
+        family="llm", model=checkpoint, output=bundle, precision="int4", int4_method="gptq", calibration=calibration_file,
+        int4_block_size=block, int4_lm_head=lm_head,
     )
     manifest = export_bundle(options, quiet=True)
     int4 = manifest.extra["int4"]
-    assert int4["method"] == "gptq" and int4["windows"] >= 2 and int4["layers"] == 2 * 7 + 1 and manifest.parity["passed"]
-    assert int4["block_size"] == block
+    assert int4["method"] == "gptq" and int4["windows"] >= 2 and manifest.parity["passed"]
+    assert int4["block_size"] == block and int4["lm_head"] == lm_head
+    assert int4["layers"] == 2 * 7 + (lm_head == "int4")
     model = load_family_model(get_family("llm"), checkpoint).float().eval()
     reference = copy.deepcopy(model)
-    gptq_quantize_decoder(reference, calibration_windows(calibration_file, load_tokenizer(checkpoint)), block, progress=False)
+    gptq_quantize_decoder(reference, calibration_windows(calibration_file, load_tokenizer(checkpoint)), block, lm_head=lm_head == "int4", progress=False)
     proto = onnx.load(str(bundle / read_manifest(bundle).graphs["model"].path))
-    lm_head = next(n for n in proto.graph.node if "logits" in n.output)
-    assert {a.name: a.i for a in lm_head.attribute}["block_size"] == block
-    k, n = int(reference.lm_head.in_features), int(reference.lm_head.out_features)
-    onnx.save_model(helper.make_model(helper.make_graph([lm_head], "g", [], [], list(proto.graph.initializer))), str(tmp_path / "head.onnx"))
-    np.testing.assert_allclose(dequantized(tmp_path / "head.onnx", k, n, block), reference.lm_head.weight.detach().numpy().T, rtol=0, atol=1e-6)
-    assert not np.allclose(reference.lm_head.weight.detach().numpy(), model.lm_head.weight.detach().numpy())
+    lm_head_node = next(n for n in proto.graph.node if "logits" in n.output)
+    attributes = {a.name: a.i for a in lm_head_node.attribute}
+    assert attributes["block_size"] == block and attributes["bits"] == {"int4": 4, "int8": 8}[lm_head]
+    head_changed = not np.allclose(reference.lm_head.weight.detach().numpy(), model.lm_head.weight.detach().numpy())
+    assert head_changed == (lm_head == "int4"), "GPTQ rounds the lm_head only when it is stored in 4 bits"
+    if lm_head == "int4":
+        k, n = int(reference.lm_head.in_features), int(reference.lm_head.out_features)
+        onnx.save_model(helper.make_model(helper.make_graph([lm_head_node], "g", [], [], list(proto.graph.initializer))), str(tmp_path / "head.onnx"))
+        np.testing.assert_allclose(dequantized(tmp_path / "head.onnx", k, n, block), reference.lm_head.weight.detach().numpy().T, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -138,6 +143,7 @@ def test_gptq_export_stores_the_gptq_weights(block, checkpoints, calibration_fil
         (["--precision", "int4", "--int4-method", "gptq", "--calibration", "MISSING"], "does not exist"),
         (["--precision", "int4", "--int4-method", "gptq", "--calibration", "SHORT"], "GPTQ needs at least"),
         (["--precision", "int8", "--int4-block-size", "64"], "--int4-block-size is for --precision int4"),
+        (["--precision", "int8", "--int4-lm-head", "int4"], "--int4-lm-head is for --precision int4"),
     ],
 )
 def test_gptq_user_errors(flags, fragment, checkpoints, calibration_file, tmp_path):

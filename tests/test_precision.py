@@ -75,7 +75,7 @@ def test_decoder_graphs_return_last_position_logits_only(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("decoder_graph", ["fused", "optimum"])
-def test_int4_decoder_quantizes_every_matmul_including_the_lm_head(decoder_graph, checkpoints, tmp_path):
+def test_int4_decoder_quantizes_every_matmul_the_lm_head_in_8_bits(decoder_graph, checkpoints, tmp_path):
     bundle = tmp_path / "int4"
     options = ExportOptions(family="llm", model=str(checkpoints["llm"]), output=bundle, precision="int4", decoder_graph=decoder_graph)
     manifest = export_bundle(options, quiet=True)
@@ -85,7 +85,10 @@ def test_int4_decoder_quantizes_every_matmul_including_the_lm_head(decoder_graph
     constant_matmuls = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
     assert ops["MatMulNBits"] > 0 and not constant_matmuls
     lm_head = next(n for n in proto.graph.node if "logits" in n.output)
-    assert lm_head.op_type == "MatMulNBits", lm_head
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in proto.graph.node if n.op_type == "MatMulNBits"}
+    assert lm_head.op_type == "MatMulNBits" and bits.pop(lm_head.name) == 8, lm_head
+    assert set(bits.values()) == {4}
+    assert manifest.extra["int4"] == {"method": "rtn", "block_size": 32, "lm_head": "int8"}
     assert manifest.precision == "int4" and manifest.parity["passed"]
     assert manifest.parity["greedy"]["steps"] > 0 and manifest.parity["tolerance"]["greedy_agreement"] is None
     completion = load(bundle).complete(["hello"], GenerationOptions(max_new_tokens=4))[0]

@@ -122,9 +122,16 @@ def test_accuracy_command_trains_exports_and_measures(tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "accuracy.json").read_text())
     rows = {r["precision"]: r for r in results["rows"]}
-    assert set(rows) == {"fp32", "int8", "int4", "int4-gptq", "int4-b128", "int4-gptq-b128"}
+    assert set(rows) == {"fp32", "int8", "int4", "int4-h4", "int4-gptq", "int4-gptq-h4", "int4-b128", "int4-gptq-b128"}
     assert all(export["parity_gate"] for export in results["exports"])
     assert rows["fp32"]["top1_agreement"] == 1.0 and rows["fp32"]["greedy_agreement"] == 1.0, "fp32 is exact"
+    assert rows["fp32"]["greedy_diverged_prompts"] == 0 and rows["fp32"]["divergence_margin_median"] is None
+    evaluation = results["evaluation"]
+    assert 0.0 < evaluation["held_out_loss"] < 8.0 and 0.0 <= evaluation["decided_share"] <= 1.0
+    for row in rows.values():  # a model trained for seconds may be decided nowhere
+        decided = row["top1_agreement_decided"]
+        assert decided is None if evaluation["decided_share"] == 0 else 0.0 <= decided <= 1.0
+    assert results["corpus"]["held_out_tokens"] > 0 and results["corpus"]["files"] > 1
     assert results["model"]["steps"] > 0 and results["corpus"]["tokens"] > 10_000
     assert "| int4 |" in (out / "accuracy.md").read_text() and "| int4-gptq |" in (out / "accuracy.md").read_text()
     encoder = {r["precision"]: r for r in results["real_encoder"]["rows"]}
