@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="precisions to export; -gptq: --int4-method gptq calibrated on the training text; -b128: --int4-block-size 128; "
         "-h4: --int4-lm-head int4 (default: all)",
     )
+    accuracy.add_argument("--seed", type=int, default=0, help="seed of the training and of the held-out prompts' choice (default: 0)")
     accuracy.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     report = commands.add_parser("report", help="write report.md and plots again from a results.json")
@@ -150,7 +151,7 @@ def command_accuracy(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError("--seconds must be positive and --prompts at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="lalm-accuracy-") as tmp:
-        results = run_accuracy(Path(tmp), args.seconds, args.prompts, tuple(args.variants), command_line(argv), progress=not args.quiet)
+        results = run_accuracy(Path(tmp), args.seconds, args.prompts, tuple(args.variants), command_line(argv), seed=args.seed, progress=not args.quiet)
     with atomic_folder(args.out, replace=True) as folder:
         write_accuracy(results, folder)
     print(f"accuracy.json and accuracy.md written to {args.out}", file=sys.stderr)

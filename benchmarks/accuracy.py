@@ -116,17 +116,13 @@ def train_decoder(ids: np.ndarray, folder: Path, seconds: float, seed: int, prog
     return {"steps": len(losses), "first_loss": round(losses[0], 3), "final_loss": round(float(np.mean(losses[-20:])), 3), "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def teacher_forced_top1(backend, eager: EagerDecoderBackend, window: np.ndarray, prompt: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Feed the same held-out tokens to both; per position whether the argmax agrees and
-    fp32's top-2 probability margin, and the logits' cosine over those positions."""
+def teacher_forced_logits(backend, window: np.ndarray, prompt: int) -> np.ndarray:
+    """Next-token logits `(positions, vocab)` after each held-out token past the first `prompt`."""
     ids = window[None, :prompt]
-    ones = np.ones_like(ids)
-    ours, theirs = [backend.prefill(ids, ones)], [eager.prefill(ids, ones)]
+    logits = [backend.prefill(ids, np.ones_like(ids))]
     for token in window[prompt:-1]:
-        ours.append(backend.decode_step(np.array([token])))
-        theirs.append(eager.decode_step(np.array([token])))
-    a, b = np.concatenate(theirs), np.concatenate(ours)
-    return a.argmax(-1) == b.argmax(-1), top2_margin(a), output_figures(a, b)
+        logits.append(backend.decode_step(np.array([token])))
+    return np.concatenate(logits)
 
 
 def top2_margin(logits: np.ndarray) -> np.ndarray:
@@ -165,23 +161,22 @@ def measure(model_folder: Path, bundles: dict[str, Path], held_out: np.ndarray, 
     windows = [held_out[start : start + 2 * CONTEXT] for start in starts]
     options = GenerationOptions(max_new_tokens=64)
     references = [generate(EagerDecoderBackend(eager_model), w[None, :CONTEXT], np.ones((1, CONTEXT), np.int64), options)[0] for w in windows]
-    reference_figures: dict[str, float] = {"held_out_loss": round(held_out_loss(eager_model, windows), 3)}
+    fp32_logits = [teacher_forced_logits(EagerDecoderBackend(eager_model), w, CONTEXT) for w in windows]
+    decided = top2_margin(np.concatenate(fp32_logits)) >= DECIDED_MARGIN
+    reference_figures = {"held_out_loss": round(held_out_loss(eager_model, windows), 3), "decided_share": round(float(decided.mean()), 4)}
     rows = []
     for precision, bundle in tqdm(bundles.items(), desc="measure", unit="variant", leave=False):
         backend = load(bundle).backend
-        agree, margins, greedy, divergence, figures = [], [], [], [], []
-        for window, reference in zip(windows, references):
-            agreement, margin, logits = teacher_forced_top1(backend, EagerDecoderBackend(eager_model), window, CONTEXT)
-            agree.append(agreement)
-            margins.append(margin)
-            figures.append(logits)
+        agree, greedy, divergence, figures = [], [], [], []
+        for window, reference, theirs in zip(windows, references, fp32_logits):
+            ours = teacher_forced_logits(backend, window, CONTEXT)
+            agree.append(theirs.argmax(-1) == ours.argmax(-1))
+            figures.append(output_figures(theirs, ours))
             prompt = window[None, :CONTEXT]
             tokens = generate(backend, prompt, np.ones_like(prompt), options)[0]
             greedy.append(float(np.mean(reference == tokens)))
             divergence.append(margin_at_divergence(eager_model, prompt, reference, tokens))
-        agree_all, margin_all = np.concatenate(agree), np.concatenate(margins)
-        decided = margin_all >= DECIDED_MARGIN
-        reference_figures["decided_share"] = round(float(decided.mean()), 4)
+        agree_all = np.concatenate(agree)
         diverged = [m for m in divergence if m is not None]
         rows.append(
             {
@@ -270,7 +265,7 @@ def run_accuracy(work: Path, seconds: float, prompts: int, precisions: tuple[str
             "files": len(files), "first_file": files[0], "last_file": files[-1],
             "tokens": int(len(ids)), "held_out_tokens": int(len(ids) - split),
         },
-        "model": {"architecture": "llama", "hidden": 256, "layers": 4, "vocab": VOCAB, **training, "tokens_seen": training["steps"] * TRAINING_BATCH * CONTEXT},
+        "model": {"architecture": "llama", "hidden": 256, "layers": 4, "vocab": VOCAB, **training, "tokens_seen": training["steps"] * TRAINING_BATCH * CONTEXT, "seed": seed},
         "evaluation": {
             "prompts": prompts, "prompt_tokens": CONTEXT, "teacher_forced_tokens": CONTEXT, "greedy_new_tokens": 64, "reference": "eager PyTorch fp32",
             "decided_margin": DECIDED_MARGIN, **fp32_figures,
@@ -289,7 +284,7 @@ def render_accuracy(results: dict[str, Any]) -> str:
         f"Made by `{results['command']}` on {results['created']} ({results['machine']['cpu']}, {results['machine']['cores']} cores).",
         "",
         f"A {model['parameters'] / 1e6:.1f} M-parameter Llama-style decoder (hidden {model['hidden']}, {model['layers']} layers, vocabulary "
-        f"{model['vocab']}) trained in process for {model['steps']} steps ({model['tokens_seen']:,} tokens) on {corpus['source']}: "
+        f"{model['vocab']}; seed {model.get('seed', 0)}) trained in process for {model['steps']} steps ({model['tokens_seen']:,} tokens) on {corpus['source']}: "
         f"{corpus['files']} files, {corpus['tokens']:,} tokens, the last {corpus['held_out_tokens']:,} held out (training loss "
         f"{model['first_loss']} → {model['final_loss']}; held-out loss {evaluation['held_out_loss']} nats). Evaluated on held-out text "
         f"against eager fp32: {evaluation['prompts']} prompts of {evaluation['prompt_tokens']} tokens; top-1 agreement teacher-forced over "
