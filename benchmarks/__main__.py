@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--prompts", type=int, default=16, help="held-out prompts of 128 tokens (default: 16)")
     accuracy.add_argument(
         "--variants", nargs="+", choices=ACCURACY_VARIANTS, default=list(ACCURACY_VARIANTS),
-        help="precisions to export; -gptq: --int4-method gptq calibrated on the training text; -b128: --int4-block-size 128; "
-        "-h4: --int4-lm-head int4 (default: all)",
+        help="precisions to export; -gptq: --int4-method gptq calibrated on the training text (-gptq-self: on the model's own samples, "
+        "no --calibration); -b128: --int4-block-size 128; -h4: --int4-lm-head int4 (default: all)",
     )
     accuracy.add_argument("--seed", type=int, default=0, help="seed of the training and of the held-out prompts' choice (default: 0)")
     accuracy.add_argument("-q", "--quiet", action="store_true", help="no progress output")

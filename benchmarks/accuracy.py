@@ -310,7 +310,8 @@ def render_accuracy(results: dict[str, Any]) -> str:
 
 VARIANT_LEGEND = (
     "Variants: int4 = `--precision int4` with its defaults (round to nearest, blocks of 32, lm_head in 8 bits); -gptq: "
-    "`--int4-method gptq` calibrated on the training text; -bN: `--int4-block-size N`; -h4: `--int4-lm-head int4`."
+    "`--int4-method gptq` calibrated on the training text; -gptq-self: `--int4-method gptq` without `--calibration` (the model's "
+    "own samples); -bN: `--int4-block-size N`; -h4: `--int4-lm-head int4`."
 )
 
 

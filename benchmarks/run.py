@@ -89,13 +89,16 @@ def base_precision(variant: str) -> str:
 
 
 def variant_options(variant: str, options: ExportOptions, calibration: Path | None = None) -> ExportOptions:
-    """A variant name (a precision, then -gptq, -bN for the int4 block size and/or -h4 for a
-    4-bit lm_head) as export options."""
+    """A variant name (a precision, then -gptq, -self for GPTQ on the model's own samples
+    instead of `calibration`, -bN for the int4 block size and/or -h4 for a 4-bit lm_head) as
+    export options."""
     precision, *extras = variant.split("-")
     options = replace(options, precision=precision)
     for extra in extras:
         if extra == "gptq":
             options = replace(options, int4_method="gptq", calibration=calibration)
+        elif extra == "self":
+            options = replace(options, calibration=None)
         elif extra == "h4":
             options = replace(options, int4_lm_head="int4")
         else:

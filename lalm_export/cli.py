@@ -24,7 +24,8 @@ EPILOG = """examples:
 
   # int4 weight-only decoder (a fused-attention graph on the CPU); fp16 verified on a GPU
   lalm-export --decoder auto --model ./qwen2.5-0.5b --precision int4 --output ./bundles/llm-int4
-  lalm-export --decoder auto --model ./qwen2.5-0.5b --precision int4 --int4-method gptq --calibration ./calib.txt --output ./bundles/llm-gptq
+  lalm-export --decoder auto --model ./qwen2.5-0.5b --precision int4 --int4-method gptq --output ./bundles/llm-gptq
+  lalm-export --decoder auto --model ./qwen2.5-0.5b --precision int4 --int4-method gptq --calibration ./calib.txt --output ./bundles/llm-gptq-text
   lalm-export --encoder whisper --model ./whisper-base --precision fp16 --device cuda --output ./bundles/whisper-fp16
 
   # every layer's hidden states, printing the manifest as JSON
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--int4-method",
         choices=("rtn", "gptq"),
         default="rtn",
-        help="int4 weights: rtn = round to nearest; gptq = error-compensating (GPTQ) from --calibration text, "
-        "each layer's rounding error spread over the weights not yet rounded (default: rtn)",
+        help="int4 weights: rtn = round to nearest; gptq = error-compensating (GPTQ): each layer's rounding error spread over "
+        "the weights not yet rounded, calibrated on --calibration text or, without it, on text the model samples itself (default: rtn)",
     )
     parser.add_argument(
         "--int4-block-size",
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the lm_head of an int4 decoder: int8 = 8-bit blocks, the layer whose rounding flips the most next tokens; "
         f"int4 = like the other layers, fewer bytes per token (default: {INT4_LM_HEAD})",
     )
-    parser.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 text like the model's inputs, for --int4-method gptq (a few pages or more)")
+    parser.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 text like the model's inputs, for --int4-method gptq (a few pages or more; default: the model's own samples)")
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
     parser.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest records that it was skipped)")

@@ -67,7 +67,7 @@ class ExportOptions:
     device: str = "cpu"  # where the parity gate runs: the eager reference and ONNX Runtime's provider
     optimize: bool = True
     decoder_graph: str = "auto"  # decoders: "fused" (ONNX Runtime's model builder), "optimum", or auto
-    int4_method: str = "rtn"  # int4 weights: round to nearest, or GPTQ on --calibration text
+    int4_method: str = "rtn"  # int4 weights: round to nearest, or GPTQ on --calibration text (else on the model's samples)
     calibration: Path | None = None
     int4_block_size: int = INT4_BLOCK_SIZE
     int4_lm_head: str = INT4_LM_HEAD  # the lm_head of an int4 decoder: 8-bit or 4-bit blocks
@@ -114,8 +114,8 @@ def validate_options(opts: ExportOptions) -> None:
         raise OptionsError("--decoder-graph is for decoders; encoders are exported through Optimum")
     if opts.int4_method not in INT4_METHODS:
         raise OptionsError(f"unknown --int4-method {opts.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
-    if opts.int4_method == "gptq" and (opts.precision != "int4" or opts.calibration is None):
-        raise OptionsError("--int4-method gptq quantizes int4 weights from calibration text: pass --precision int4 and --calibration FILE")
+    if opts.int4_method == "gptq" and opts.precision != "int4":
+        raise OptionsError("--int4-method gptq chooses int4 weights: pass --precision int4")
     if opts.calibration is not None and opts.int4_method != "gptq":
         raise OptionsError("--calibration is read by --int4-method gptq; add it, or drop --calibration")
     if opts.int4_block_size not in INT4_BLOCK_SIZES:
@@ -393,14 +393,23 @@ def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[st
 
 def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of `model` whose Linear weights are GPTQ's int4 weights, and what was done."""
-    from lalm_export.gptq import CALIBRATION_WINDOW, Calibration, calibration_windows, gptq_quantize_decoder
+    from lalm_export.gptq import CALIBRATION_WINDOW, Calibration, calibration_windows, gptq_quantize_decoder, sampled_calibration_windows
     from lalm_export.models.llm import load_tokenizer
 
-    windows = calibration_windows(opts.calibration, load_tokenizer(opts.model_source, opts.trust_remote_code))
+    tokenizer = load_tokenizer(opts.model_source, opts.trust_remote_code)
+    if opts.calibration is None:
+        stages.say("      GPTQ: sampling calibration text from the model (no --calibration)")
+        windows = sampled_calibration_windows(model, tokenizer, opts.seed, progress=not stages.quiet)
+        calibration = Calibration(len(windows), CALIBRATION_WINDOW, seed=opts.seed)
+        source = "the model's own samples"
+    else:
+        windows = calibration_windows(opts.calibration, tokenizer)
+        path = Path(opts.calibration)
+        calibration = Calibration(len(windows), CALIBRATION_WINDOW, path=str(path.resolve()), sha256=sha256_of(path))
+        source = str(opts.calibration)
     quantized = copy.deepcopy(model)
     layers = gptq_quantize_decoder(quantized, windows, opts.int4_block_size, lm_head=opts.int4_lm_head == "int4", progress=not stages.quiet)
-    calibration = Calibration(str(Path(opts.calibration).resolve()), sha256_of(Path(opts.calibration)), len(windows), CALIBRATION_WINDOW)
-    stages.say(f"      GPTQ: {layers} Linear layers quantized from {len(windows)} windows of {CALIBRATION_WINDOW} tokens of {opts.calibration}")
+    stages.say(f"      GPTQ: {layers} Linear layers quantized from {len(windows)} windows of {CALIBRATION_WINDOW} tokens of {source}")
     return quantized, {**calibration.to_dict(), "layers": layers}
 
 

@@ -4,7 +4,13 @@ Round-to-nearest int4 rounds every weight on its own. GPTQ (Frantar et al., 2022
 a Linear layer's input columns one at a time and spreads each column's rounding error over
 the columns not yet quantized, weighted by the inverse Hessian `H = 2 XᵀX` of the layer's
 inputs X on calibration text: the layer's *outputs* stay close, not each weight. Layers are
-done in order, each seeing the already quantized layers before it.
+done in order, each seeing the already quantized layers before it: the first decoder layer's
+inputs are captured once, and each layer then runs alone on its predecessor's outputs (one
+pass through the model in all, not one per layer).
+
+Without calibration text the model writes its own: sequences sampled at temperature 1 from
+its start token (on a trained decoder as accurate as calibrating on its training text;
+benchmarks/NOTES.md).
 
 The grid is the one ONNX Runtime's MatMulNBits stores (symmetric, blocks of 32 by default along the
 input dimension, the block's largest-magnitude weight at -8): the quantized weights are put
@@ -17,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,17 +37,24 @@ MAX_CALIBRATION_WINDOWS = 64
 MIN_CALIBRATION_TOKENS = 2 * CALIBRATION_WINDOW
 DAMPING = 0.01  # of the Hessian's mean diagonal, added for a stable Cholesky factorisation
 LAZY_BATCH = 128  # columns updated together (a multiple of the block size)
+SAMPLING_BATCH = 16  # sequences sampled together for self-calibration
 
 
 @dataclass(frozen=True)
 class Calibration:
-    path: str
-    sha256: str
+    """Where GPTQ's calibration windows came from: a text file, or samples of the model."""
+
     windows: int
     tokens_per_window: int
+    path: str | None = None
+    sha256: str | None = None
+    seed: int | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {"method": "gptq", "calibration_text": self.path, "sha256": self.sha256, "windows": self.windows, "tokens_per_window": self.tokens_per_window}
+        shape = {"windows": self.windows, "tokens_per_window": self.tokens_per_window}
+        if self.path is None:
+            return {"method": "gptq", "calibration": "model samples", "temperature": 1.0, "seed": self.seed, **shape}
+        return {"method": "gptq", "calibration": "text file", "calibration_text": self.path, "sha256": self.sha256, **shape}
 
 
 def calibration_windows(text_file: Path, tokenizer) -> np.ndarray:
@@ -57,6 +71,29 @@ def calibration_windows(text_file: Path, tokenizer) -> np.ndarray:
     count = min(MAX_CALIBRATION_WINDOWS, ids.size // CALIBRATION_WINDOW)
     starts = np.linspace(0, ids.size - CALIBRATION_WINDOW, count).astype(np.int64)
     return np.stack([ids[s : s + CALIBRATION_WINDOW] for s in starts])
+
+
+@torch.no_grad()
+def sampled_calibration_windows(model: nn.Module, tokenizer: Any, seed: int, count: int = MAX_CALIBRATION_WINDOWS, progress: bool = False) -> np.ndarray:
+    """`(count, CALIBRATION_WINDOW)` tokens the model samples itself at temperature 1 from its
+    start token (BOS, else EOS), never stopping early: calibration without a text file."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise OptionsError("--int4-method gptq without --calibration samples text from the model, which needs a BOS or EOS token; pass --calibration FILE")
+    windows = []
+    with torch.random.fork_rng(), tqdm(total=count, desc="sample", unit="window", disable=not progress, leave=False) as bar:
+        torch.manual_seed(seed)
+        for first in range(0, count, SAMPLING_BATCH):
+            rows = min(SAMPLING_BATCH, count - first)
+            prompt = torch.full((rows, 1), start, dtype=torch.long)
+            sampled = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                repetition_penalty=1.0, max_new_tokens=CALIBRATION_WINDOW, min_new_tokens=CALIBRATION_WINDOW,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start,
+            )
+            windows.append(sampled[:, 1:].numpy())
+            bar.update(rows)
+    return np.concatenate(windows).astype(np.int64)
 
 
 def signed_block_scales(weight: torch.Tensor, block: int) -> torch.Tensor:
@@ -132,14 +169,38 @@ def untie_lm_head(model: nn.Module) -> None:
         model.config.tie_word_embeddings = False
 
 
-def gptq_stages(model: nn.Module, lm_head: bool) -> list[dict[str, nn.Linear]]:
-    """The Linear layers to quantize, grouped by decoder layer in order, then (with `lm_head`) the lm_head."""
-    layers = model.get_decoder().layers
-    stages = [{f"layers.{i}.{name}": m for name, m in layer.named_modules() if isinstance(m, nn.Linear)} for i, layer in enumerate(layers)]
-    head = model.get_output_embeddings()
-    if lm_head and isinstance(head, nn.Linear):
-        stages.append({"lm_head": head})
-    return stages
+class _Captured(Exception):
+    """Stops the model's forward pass once the first decoder layer's inputs are recorded."""
+
+
+@torch.no_grad()
+def first_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """For each batch of token ids, the hidden states and keyword arguments (mask, positions,
+    rotary tables) that the model passes to its first decoder layer."""
+    layer = model.get_decoder().layers[0]
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, kwargs))
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    output = layer(hidden, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
 
 
 @torch.no_grad()
@@ -149,15 +210,25 @@ def gptq_quantize_decoder(model: nn.Module, windows: np.ndarray, block: int, lm_
     is not a multiple of `block` are left as they are (the int4 export rounds them to nearest)."""
     if lm_head:
         untie_lm_head(model)
-    batches = torch.from_numpy(windows).split(8)
-    stages = gptq_stages(model, lm_head)
+    batches = list(torch.from_numpy(windows).split(8))
+    inputs = first_layer_inputs(model, batches)
     done = 0
-    for stage in tqdm(stages, desc="gptq", unit="layer", disable=not progress, leave=False):
-        stage = {name: m for name, m in stage.items() if m.in_features % block == 0}
+    for layer in tqdm(model.get_decoder().layers, desc="gptq", unit="layer", disable=not progress, leave=False):
+        stage = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear) and m.in_features % block == 0}
         with _input_hessians(stage) as hessians:
-            for batch in batches:
-                model(input_ids=batch)
+            for hidden, kwargs in inputs:
+                run_layer(layer, hidden, kwargs)
         for name, module in stage.items():
             module.weight.copy_(gptq_weight(module.weight, hessians[name], block))
             done += 1
+        inputs = [(run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+    head = model.get_output_embeddings()
+    if lm_head and isinstance(head, nn.Linear) and head.in_features % block == 0:
+        # The final norm sits between the last layer and the lm_head: a full pass is the
+        # architecture-independent way to reach the lm_head's inputs.
+        with _input_hessians({"lm_head": head}) as hessians:
+            for batch in batches:
+                model(input_ids=batch, use_cache=False)
+        head.weight.copy_(gptq_weight(head.weight, hessians["lm_head"], block))
+        done += 1
     return done

@@ -59,7 +59,7 @@ SPECS = {
     "fp32": PrecisionSpec("fp32", "float32", ("encoder", "decoder"), DEVICES, "float32 throughout: the exact graph"),
     "fp16": PrecisionSpec("fp16", "float16", ("encoder", "decoder"), DEVICES, "float16 weights and compute, float32 I/O and norms (for CUDA)"),
     "int8": PrecisionSpec("int8", "int8", ("encoder", "decoder"), ("cpu",), "dynamic S8S8 int8 MatMuls (CPU)"),
-    "int4": PrecisionSpec("int4", "int4", ("decoder",), DEVICES, "int4 weight-only MatMulNBits, lm_head included"),
+    "int4": PrecisionSpec("int4", "int4", ("decoder",), DEVICES, "int4 weight-only MatMulNBits"),
 }
 
 

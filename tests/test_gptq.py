@@ -12,7 +12,17 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.gptq import calibration_windows, gptq_quantize_decoder, gptq_weight, quantize_to_grid, signed_block_scales
+from lalm_export.gptq import (
+    CALIBRATION_WINDOW,
+    calibration_windows,
+    first_layer_inputs,
+    gptq_quantize_decoder,
+    gptq_weight,
+    quantize_to_grid,
+    run_layer,
+    sampled_calibration_windows,
+    signed_block_scales,
+)
 from lalm_export.models.llm import load_tokenizer
 from lalm_export.models.loading import load_family_model
 from lalm_export.families import get_family
@@ -116,7 +126,7 @@ def test_gptq_export_stores_the_gptq_weights(block, lm_head, checkpoints, calibr
     )
     manifest = export_bundle(options, quiet=True)
     int4 = manifest.extra["int4"]
-    assert int4["method"] == "gptq" and int4["windows"] >= 2 and manifest.parity["passed"]
+    assert int4["method"] == "gptq" and int4["calibration"] == "text file" and int4["windows"] >= 2 and manifest.parity["passed"]
     assert int4["block_size"] == block and int4["lm_head"] == lm_head
     assert int4["layers"] == 2 * 7 + (lm_head == "int4")
     model = load_family_model(get_family("llm"), checkpoint).float().eval()
@@ -134,10 +144,51 @@ def test_gptq_export_stores_the_gptq_weights(block, lm_head, checkpoints, calibr
         np.testing.assert_allclose(dequantized(tmp_path / "head.onnx", k, n, block), reference.lm_head.weight.detach().numpy().T, rtol=0, atol=1e-6)
 
 
+def test_layer_by_layer_inputs_reproduce_the_model(checkpoints):
+    model = load_family_model(get_family("llm"), str(checkpoints["llm"])).float().eval()
+    batch = torch.from_numpy(np.random.default_rng(0).integers(3, 100, size=(2, 12)))
+    (hidden, kwargs), = first_layer_inputs(model, [batch])
+    for layer in model.get_decoder().layers:
+        hidden = run_layer(layer, hidden, kwargs)
+    with torch.no_grad():
+        logits = model.lm_head(model.get_decoder().norm(hidden))
+        torch.testing.assert_close(logits, model(input_ids=batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_self_calibration_samples_full_windows_reproducibly(checkpoints):
+    checkpoint = str(checkpoints["llm"])
+    model = load_family_model(get_family("llm"), checkpoint).float().eval()
+    tokenizer = load_tokenizer(checkpoint)
+    windows = sampled_calibration_windows(model, tokenizer, seed=3, count=20)
+    assert windows.shape == (20, CALIBRATION_WINDOW) and windows.dtype == np.int64
+    np.testing.assert_array_equal(windows, sampled_calibration_windows(model, tokenizer, seed=3, count=20))
+    assert not np.array_equal(windows, sampled_calibration_windows(model, tokenizer, seed=4, count=20))
+    assert len(np.unique(windows)) > 20, "sampled, not a repeated greedy token"
+
+
+def test_self_calibration_needs_a_start_token():
+    from types import SimpleNamespace
+
+    from lalm_export.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="needs a BOS or EOS token; pass --calibration FILE"):
+        sampled_calibration_windows(None, SimpleNamespace(bos_token_id=None, eos_token_id=None), seed=0)
+
+
+def test_gptq_without_calibration_text_calibrates_on_model_samples(checkpoints, tmp_path):
+    bundle = tmp_path / "gptq-self"
+    result = run_cli("--decoder", "auto", "--model", checkpoints["llm"], "--precision", "int4", "--int4-method", "gptq", "--output", bundle)
+    assert result.returncode == 0, result.stderr
+    assert "sampling calibration text from the model" in result.stderr + result.stdout
+    int4 = read_manifest(bundle).extra["int4"]
+    assert int4["method"] == "gptq" and int4["calibration"] == "model samples" and int4["seed"] == 0
+    assert int4["windows"] == 64 and int4["tokens_per_window"] == CALIBRATION_WINDOW and "calibration_text" not in int4
+    assert read_manifest(bundle).parity["passed"]
+
+
 @pytest.mark.parametrize(
     "flags, fragment",
     [
-        (["--precision", "int4", "--int4-method", "gptq"], "pass --precision int4 and --calibration FILE"),
         (["--precision", "int8", "--int4-method", "gptq", "--calibration", "CAL"], "pass --precision int4"),
         (["--precision", "int4", "--calibration", "CAL"], "--calibration is read by --int4-method gptq"),
         (["--precision", "int4", "--int4-method", "gptq", "--calibration", "MISSING"], "does not exist"),
