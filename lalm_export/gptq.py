@@ -37,7 +37,7 @@ MAX_CALIBRATION_WINDOWS = 64
 MIN_CALIBRATION_TOKENS = 2 * CALIBRATION_WINDOW
 DAMPING = 0.01  # of the Hessian's mean diagonal, added for a stable Cholesky factorisation
 LAZY_BATCH = 128  # columns updated together (a multiple of the block size)
-SAMPLING_BATCH = 16  # sequences sampled together for self-calibration
+SAMPLING_BATCH = 64  # sequences sampled together: 1.65x the rate of 16 on the 0.5B decoder (2 cores)
 
 
 @dataclass(frozen=True)
@@ -81,19 +81,34 @@ def sampled_calibration_windows(model: nn.Module, tokenizer: Any, seed: int, cou
     if start is None:
         raise OptionsError("--int4-method gptq without --calibration samples text from the model, which needs a BOS or EOS token; pass --calibration FILE")
     windows = []
-    with torch.random.fork_rng(), tqdm(total=count, desc="sample", unit="window", disable=not progress, leave=False) as bar:
+    steps = -(-count // SAMPLING_BATCH) * CALIBRATION_WINDOW
+    with torch.random.fork_rng(), tqdm(total=steps, desc="sample", unit="token", disable=not progress, leave=False) as bar:
         torch.manual_seed(seed)
         for first in range(0, count, SAMPLING_BATCH):
-            rows = min(SAMPLING_BATCH, count - first)
-            prompt = torch.full((rows, 1), start, dtype=torch.long)
+            prompt = torch.full((min(SAMPLING_BATCH, count - first), 1), start, dtype=torch.long)
             sampled = model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                 repetition_penalty=1.0, max_new_tokens=CALIBRATION_WINDOW, min_new_tokens=CALIBRATION_WINDOW,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start, streamer=_StepCounter(bar),
             )
             windows.append(sampled[:, 1:].numpy())
-            bar.update(rows)
     return np.concatenate(windows).astype(np.int64)
+
+
+class _StepCounter:
+    """A `generate` streamer that only advances a progress bar, one step per new token."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 def signed_block_scales(weight: torch.Tensor, block: int) -> torch.Tensor:
