@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rtol", type=float, default=FP32_RELATIVE, help=f"parity tolerance: max-abs / max|eager| per output (default: {FP32_RELATIVE:g})")
     parser.add_argument("--atol", type=float, help="also accept an output whose max-abs error is at most this")
     parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs and of GPTQ's self-calibration samples (default: 0)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json)")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout when done")
     return parser
