@@ -427,12 +427,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
     with atomic_folder(opts.output, replace=opts.force or Path(opts.output).is_dir()) as tmp:
         fp32_folder = tmp if opts.precision == "fp32" else tmp / "fp32"
         with stages.stage("export", exporter):
-            int4 = {"method": "rtn"} if opts.precision == "int4" else None
-            exported = model
-            if opts.int4_method == "gptq":
-                exported, int4 = gptq_model(model, opts, stages)
-            if int4 is not None:
-                int4["block_size"] = opts.int4_block_size
+            exported, int4_weights = gptq_model(model, opts, stages) if opts.int4_method == "gptq" else (model, {"method": "rtn"})
             fp32_graph = export_graph(exported, opts, fp32_folder, graph_kind)
             optimizations = optimize_graph(fp32_graph, opts, graph_kind)
         if opts.precision == "fp32":
@@ -443,8 +438,6 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             with stages.stage("precision", detail):
                 graph = tmp / GRAPH_NAME
                 facts = apply_precision(fp32_graph, graph, opts.precision, spec.role, opts.int4_method == "gptq", opts.int4_block_size, opts.int4_lm_head)
-                if int4 is not None:
-                    int4["lm_head"] = facts["lm_head"]
                 shutil.rmtree(fp32_folder)
         if opts.verify:
             with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32"):
@@ -457,8 +450,8 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             record, opset = graph_facts(tmp, graph)
             if spec.role == "decoder":
                 extra["decoder_graph"] = graph_kind
-            if int4 is not None:
-                extra["int4"] = int4
+            if opts.precision == "int4":
+                extra["int4"] = {**int4_weights, "block_size": opts.int4_block_size, "lm_head": facts["lm_head"]}
             manifest = Manifest(
                 family=spec.name,
                 role=spec.role,
