@@ -261,11 +261,15 @@ def bench_encoder(settings: RunSettings, family: str, bundles: dict[str, Path], 
 
 def weight_bytes_per_token(graph: Path) -> int:
     """Bytes of weights a decode step reads: every initializer except tables only gathered
-    from (the embedding: one row per token)."""
+    from (the embedding, and GroupQueryAttention's rotary caches: one row per token)."""
     proto = onnx.load(str(graph), load_external_data=False)
     producers = {out: node for node in proto.graph.node for out in node.output}
     gathered, table_nodes = set(), set()
     for node in proto.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            table_nodes.add(id(node))
+            gathered.update(node.input[7:9])  # cos_cache, sin_cache: read at the step's position
+            continue
         if node.op_type != "Gather":
             continue
         table_nodes.add(id(node))

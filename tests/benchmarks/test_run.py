@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 
+from benchmarks.run import weight_bytes_per_token
 from tests.helpers import assert_user_error, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -141,7 +143,7 @@ def test_accuracy_command_trains_exports_and_measures(tmp_path):
     assert "## Encoder on real weights" in (out / "accuracy.md").read_text()
 
 
-def test_decode_floor_holds_each_bundle_against_the_bandwidth_of_its_round(checkpoints, tmp_path):
+def test_decode_floor_holds_each_bundle_and_its_weight_kernels_against_the_bandwidth_of_its_round(checkpoints, tmp_path):
     from lalm_export.export import ExportOptions, export_bundle
 
     for graph in ("fused", "optimum"):
@@ -153,5 +155,13 @@ def test_decode_floor_holds_each_bundle_against_the_bandwidth_of_its_round(check
     for graph in ("fused", "optimum"):
         bundle = figures["bundles"][str(tmp_path / graph)]
         assert bundle["step_ms_median"] > 0 and bundle["weights_mb_per_token"] > 0 and 0 < bundle["floor_fraction_median"]
+        kernels = bundle["weight_kernels"]  # an int4 graph's weights are all MatMulNBits: measured alone
+        assert kernels["gbs_median"] > 0 and 0 < kernels["bandwidth_fraction_median"] and 0 < kernels["step_fraction_median"]
+    assert "its weight kernels alone stream" in result.stdout
+    fused = onnx.load(str(tmp_path / "fused" / "model.onnx"))
+    tables = {"model.embed_tokens.weight", "cos_cache", "sin_cache"}  # read one row per step
+    assert tables <= {t.name for t in fused.graph.initializer}
+    read = sum(onnx.numpy_helper.to_array(t).nbytes for t in fused.graph.initializer if t.name not in tables)
+    assert weight_bytes_per_token(tmp_path / "fused" / "model.onnx") == read
     export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=tmp_path / "encoder"), quiet=True)
     assert_user_error(run_cli(tmp_path / "encoder", module="benchmarks.decode_floor"), "pass decoder bundles")
