@@ -13,6 +13,8 @@ each precision with lalm-export and measures, on held-out modules, against eager
   equal; and fp32's top-2 probability margin where each generation first diverged;
 - logits cosine (whole and worst position).
 
+Eager PyTorch in bf16, what a user would run without an export, is measured the same way.
+
 Encoders are measured on real weights, OpenAI's Whisper tiny.en (`benchmarks/real_whisper.py`):
 each precision is exported with its default parity gate, whose verdict is recorded; a graph
 the gate refuses is exported again with the gate lowered (`--min-cosine 0.5`) so that its
@@ -21,6 +23,7 @@ fp32 on four 10 s speech-like clips that the gate never saw."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import sysconfig
@@ -53,6 +56,7 @@ VOCAB = 2048
 CONTEXT = 128
 TRAINING_BATCH = 16
 DECIDED_MARGIN = 0.1  # fp32's top-1 probability at least this far above its top-2
+EAGER_BF16 = "eager-bf16"
 
 
 def stdlib_source_corpus(limit: int = CORPUS_CHARACTERS) -> tuple[str, list[str]]:
@@ -164,9 +168,12 @@ def measure(model_folder: Path, bundles: dict[str, Path], held_out: np.ndarray, 
     fp32_logits = [teacher_forced_logits(EagerDecoderBackend(eager_model), w, CONTEXT) for w in windows]
     decided = top2_margin(np.concatenate(fp32_logits)) >= DECIDED_MARGIN
     reference_figures = {"held_out_loss": round(held_out_loss(eager_model, windows), 3), "decided_share": round(float(decided.mean()), 4)}
+    # What a user would run without an export: eager PyTorch in bf16, held to the same figures.
+    backends = {EAGER_BF16: lambda: EagerDecoderBackend(copy.deepcopy(eager_model).to(torch.bfloat16))}
+    backends.update({precision: (lambda bundle=bundle: load(bundle).backend) for precision, bundle in bundles.items()})
     rows = []
-    for precision, bundle in tqdm(bundles.items(), desc="measure", unit="variant", leave=False):
-        backend = load(bundle).backend
+    for precision, make_backend in tqdm(backends.items(), desc="measure", unit="variant", leave=False):
+        backend = make_backend()
         agree, greedy, divergence, figures = [], [], [], []
         for window, reference, theirs in zip(windows, references, fp32_logits):
             ours = teacher_forced_logits(backend, window, CONTEXT)
@@ -309,7 +316,8 @@ def render_accuracy(results: dict[str, Any]) -> str:
 
 
 VARIANT_LEGEND = (
-    "Variants: int4 = `--precision int4` with its defaults (round to nearest, blocks of 32, lm_head in 8 bits); -gptq: "
+    "Variants: eager-bf16 = the eager PyTorch model in bfloat16 (no export: what a user would run without one); the others are "
+    "ONNX bundles: int4 = `--precision int4` with its defaults (round to nearest, blocks of 32, lm_head in 8 bits); -gptq: "
     "`--int4-method gptq` calibrated on the training text; -gptq-self: `--int4-method gptq` without `--calibration` (the model's "
     "own samples); -bN: `--int4-block-size N`; -h4: `--int4-lm-head int4`."
 )

@@ -124,7 +124,8 @@ def test_accuracy_command_trains_exports_and_measures(tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "accuracy.json").read_text())
     rows = {r["precision"]: r for r in results["rows"]}
-    assert set(rows) == {"fp32", "int8", "int4", "int4-h4", "int4-gptq", "int4-gptq-self", "int4-gptq-h4", "int4-b128", "int4-gptq-b128"}
+    assert set(rows) == {"eager-bf16", "fp32", "int8", "int4", "int4-h4", "int4-gptq", "int4-gptq-self", "int4-gptq-h4", "int4-b128", "int4-gptq-b128"}
+    assert rows["eager-bf16"]["logits_cosine"] < 1.0, "bf16 rounds: it is not the fp32 reference"
     assert all(export["parity_gate"] for export in results["exports"])
     assert rows["fp32"]["top1_agreement"] == 1.0 and rows["fp32"]["greedy_agreement"] == 1.0, "fp32 is exact"
     assert rows["fp32"]["greedy_diverged_prompts"] == 0 and rows["fp32"]["divergence_margin_median"] is None
