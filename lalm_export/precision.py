@@ -251,23 +251,26 @@ def exact_int4_grid(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndar
     too; round-to-nearest would pick a new grid for it and round every weight again."""
     k, n = weight.shape
     blocks_k = -(-k // block)
-    padded = np.pad(weight.astype(np.float64), ((0, blocks_k * block - k), (0, 0)))
-    blocks = padded.T.reshape(n, blocks_k, block)
-    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    padded = np.pad(weight.astype(np.float32), ((0, blocks_k * block - k), (0, 0)))
+    blocks = padded.T.reshape(n * blocks_k, block)
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[:, None], -1)[:, 0]
     values = np.zeros(blocks.shape, dtype=np.int8)
     scales = np.zeros(largest.shape, dtype=np.float32)
     found = np.zeros(largest.shape, dtype=bool)
+    remaining = np.flatnonzero(largest != 0)
     for steps in range(8, 0, -1):  # the finest grid first; every exact one dequantizes alike
-        scale = largest / -steps
-        safe = np.where(scale == 0, 1.0, scale)
-        ratio = blocks / safe[..., None]
+        scale = largest[remaining] / np.float32(-steps)
+        ratio = blocks[remaining] / scale[:, None]
         rounded = np.round(ratio)
         fits = (np.abs(ratio - rounded) <= 1e-3).all(-1) & (rounded >= -8).all(-1) & (rounded <= 7).all(-1)
-        new = fits & (scale != 0) & ~found
-        values[new] = rounded[new].astype(np.int8)
-        scales[new] = scale[new]
-        found |= new
-    return values, scales, found
+        hits = remaining[fits]
+        values[hits] = rounded[fits].astype(np.int8)
+        scales[hits] = scale[fits]
+        found[hits] = True
+        remaining = remaining[~fits]  # most blocks fit the first grid: later ones try only the rest
+        if remaining.size == 0:
+            break
+    return values.reshape(n, blocks_k, block), scales.reshape(n, blocks_k), found.reshape(n, blocks_k)
 
 
 def pack_int4(values: np.ndarray) -> np.ndarray:
