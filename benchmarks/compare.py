@@ -67,9 +67,7 @@ def same_machine(baseline: dict[str, Any], new: dict[str, Any]) -> bool:
     return all(baseline.get("machine", {}).get(k) == new.get("machine", {}).get(k) for k in keys)
 
 
-def compare_results(
-    baseline: dict[str, Any], new: dict[str, Any], tolerance: float | None = None, figures: str | None = None
-) -> list[Finding]:
+def compare_results(baseline: dict[str, Any], new: dict[str, Any], tolerance: float | None = None, figures: str | None = None) -> list[Finding]:
     """Findings for every ONNX row of `baseline`; `figures` keeps only the speedups whose
     name contains it (e.g. "vs eager-fp32"). Parity is always checked."""
     floor = 0.0 if same_machine(baseline, new) else CROSS_MACHINE_TOLERANCE
@@ -106,6 +104,7 @@ def format_findings(findings: list[Finding], show_all: bool = False) -> str:
     shown = [f for f in findings if show_all or f.verdict != "same"]
     lines = [f"{'row':58} {'figure':34} {'baseline':>9} {'new':>9} {'change':>8} {'tolerance':>9}  verdict"]
     for f in shown:
+
         def num(v: float | None) -> str:
             return "—" if v is None else f"{v:.4g}"
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +41,7 @@ def ratio_summary(numerators: list[float], denominators: list[float]) -> dict[st
 SETTLE_S = 0.03
 
 
-def interleaved(
-    runners: dict[str, Callable[[], Any]], warmup: int, repeats: int, on_run: Callable[[], None] | None = None
-) -> dict[str, list[Any]]:
+def interleaved(runners: dict[str, Callable[[], Any]], warmup: int, repeats: int, on_run: Callable[[], None] | None = None) -> dict[str, list[Any]]:
     """Each runner's results over `repeats` rounds; a runner returns its own timing figures
     (seconds, or a dict for decoders) so that setup outside the timed part is not counted."""
     results: dict[str, list[Any]] = {name: [] for name in runners}

@@ -6,30 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lalm_export.families import get_family
 from lalm_export.tiny import tiny_config
 
 
 def base_config(family: str) -> Any:
-    """Real architecture sizes: wav2vec2-base and HuBERT-base (the default configs), the
-    Whisper-base encoder and a Qwen2.5-0.5B-sized decoder."""
-    import transformers
-
-    if family == "wav2vec2":
-        return transformers.Wav2Vec2Config()
-    if family == "hubert":
-        return transformers.HubertConfig()
-    if family == "whisper":
-        # The decoder is not benchmarked: one small layer keeps the checkpoint light.
-        return transformers.WhisperConfig(
-            d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048, num_mel_bins=80,
-            decoder_layers=1, decoder_attention_heads=8, decoder_ffn_dim=2048, max_source_positions=1500,
-        )
-    if family == "llm":
-        return transformers.Qwen2Config(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-            vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-        )
-    raise ValueError(f"no base config for family {family!r}")
+    """The registry's real architecture sizes of `family` (random weights): wav2vec2-base-sized
+    encoders, the Whisper-base encoder, a Qwen2.5-0.5B-sized decoder."""
+    return get_family(family).base.build()
 
 
 @dataclass(frozen=True)
@@ -72,8 +56,8 @@ PRESETS = {
     ),
     "base": Preset(
         name="base",
-        description="real architecture sizes with random weights: wav2vec2-base, HuBERT-base, Whisper-base encoder, "
-        "Qwen2.5-0.5B-sized decoder",
+        description="real architecture sizes with random weights: base-sized encoders (wav2vec2-base, HuBERT-base, "
+        "WavLM-base, Data2VecAudio-base, the Whisper-base encoder), Qwen2.5-0.5B-sized decoder",
         config=base_config,
         audio_seconds=10.0,
         encoder_batches=(1, 4),
@@ -86,8 +70,7 @@ PRESETS = {
     ),
     "gpu": Preset(
         name="gpu",
-        description="base sizes on a GPU (benchmarks/gpu/run.sh): wav2vec2-base, HuBERT-base, Whisper-base encoder, "
-        "Qwen2.5-0.5B-sized decoder, random weights",
+        description="base sizes on a GPU (benchmarks/gpu/run.sh): base-sized encoders, the Whisper-base encoder, Qwen2.5-0.5B-sized decoder, random weights",
         config=base_config,
         audio_seconds=10.0,
         encoder_batches=(1, 8),

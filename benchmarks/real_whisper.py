@@ -30,10 +30,21 @@ def tiny_en_config():
     from transformers import WhisperConfig
 
     return WhisperConfig(
-        d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536, num_mel_bins=80, max_source_positions=1500,
+        d_model=384,
+        encoder_layers=4,
+        encoder_attention_heads=6,
+        encoder_ffn_dim=1536,
+        num_mel_bins=80,
+        max_source_positions=1500,
         # The placeholder decoder: small, with token ids inside its small vocabulary.
-        decoder_layers=1, decoder_attention_heads=6, decoder_ffn_dim=1536, vocab_size=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
+        decoder_layers=1,
+        decoder_attention_heads=6,
+        decoder_ffn_dim=1536,
+        vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
     )
 
 
@@ -64,7 +75,7 @@ def read_ctranslate2(path: Path) -> dict[str, np.ndarray]:
     def text() -> str:
         nonlocal offset
         length = take("<H")
-        raw = data[offset:offset + length]
+        raw = data[offset : offset + length]
         offset += length
         return raw.rstrip(b"\0").decode("utf-8", errors="replace")
 
@@ -106,10 +117,13 @@ def encoder_weights(variables: dict[str, np.ndarray], layers: int) -> dict[str, 
         return torch.from_numpy(np.asarray(variables[name], dtype=np.float32).copy())
 
     weights = {
-        "encoder.conv1.weight": tensor("encoder/conv1/weight"), "encoder.conv1.bias": tensor("encoder/conv1/bias"),
-        "encoder.conv2.weight": tensor("encoder/conv2/weight"), "encoder.conv2.bias": tensor("encoder/conv2/bias"),
+        "encoder.conv1.weight": tensor("encoder/conv1/weight"),
+        "encoder.conv1.bias": tensor("encoder/conv1/bias"),
+        "encoder.conv2.weight": tensor("encoder/conv2/weight"),
+        "encoder.conv2.bias": tensor("encoder/conv2/bias"),
         "encoder.embed_positions.weight": tensor("encoder/position_encodings/encodings"),
-        "encoder.layer_norm.weight": tensor("encoder/layer_norm/gamma"), "encoder.layer_norm.bias": tensor("encoder/layer_norm/beta"),
+        "encoder.layer_norm.weight": tensor("encoder/layer_norm/gamma"),
+        "encoder.layer_norm.bias": tensor("encoder/layer_norm/beta"),
     }
     for i in range(layers):
         ct2, hf = f"encoder/layer_{i}", f"encoder.layers.{i}"
@@ -117,19 +131,25 @@ def encoder_weights(variables: dict[str, np.ndarray], layers: int) -> dict[str, 
         q_bias, k_bias, v_bias = tensor(f"{ct2}/self_attention/linear_0/bias").chunk(3)
         if k_bias.abs().max() != 0:
             raise CorruptWeightsError(f"{ct2}: the fused projection's middle third has a bias; expected Whisper's bias-free key")
-        weights.update({
-            f"{hf}.self_attn.q_proj.weight": q, f"{hf}.self_attn.q_proj.bias": q_bias,
-            f"{hf}.self_attn.k_proj.weight": k,
-            f"{hf}.self_attn.v_proj.weight": v, f"{hf}.self_attn.v_proj.bias": v_bias,
-            f"{hf}.self_attn.out_proj.weight": tensor(f"{ct2}/self_attention/linear_1/weight"),
-            f"{hf}.self_attn.out_proj.bias": tensor(f"{ct2}/self_attention/linear_1/bias"),
-            f"{hf}.self_attn_layer_norm.weight": tensor(f"{ct2}/self_attention/layer_norm/gamma"),
-            f"{hf}.self_attn_layer_norm.bias": tensor(f"{ct2}/self_attention/layer_norm/beta"),
-            f"{hf}.fc1.weight": tensor(f"{ct2}/ffn/linear_0/weight"), f"{hf}.fc1.bias": tensor(f"{ct2}/ffn/linear_0/bias"),
-            f"{hf}.fc2.weight": tensor(f"{ct2}/ffn/linear_1/weight"), f"{hf}.fc2.bias": tensor(f"{ct2}/ffn/linear_1/bias"),
-            f"{hf}.final_layer_norm.weight": tensor(f"{ct2}/ffn/layer_norm/gamma"),
-            f"{hf}.final_layer_norm.bias": tensor(f"{ct2}/ffn/layer_norm/beta"),
-        })
+        weights.update(
+            {
+                f"{hf}.self_attn.q_proj.weight": q,
+                f"{hf}.self_attn.q_proj.bias": q_bias,
+                f"{hf}.self_attn.k_proj.weight": k,
+                f"{hf}.self_attn.v_proj.weight": v,
+                f"{hf}.self_attn.v_proj.bias": v_bias,
+                f"{hf}.self_attn.out_proj.weight": tensor(f"{ct2}/self_attention/linear_1/weight"),
+                f"{hf}.self_attn.out_proj.bias": tensor(f"{ct2}/self_attention/linear_1/bias"),
+                f"{hf}.self_attn_layer_norm.weight": tensor(f"{ct2}/self_attention/layer_norm/gamma"),
+                f"{hf}.self_attn_layer_norm.bias": tensor(f"{ct2}/self_attention/layer_norm/beta"),
+                f"{hf}.fc1.weight": tensor(f"{ct2}/ffn/linear_0/weight"),
+                f"{hf}.fc1.bias": tensor(f"{ct2}/ffn/linear_0/bias"),
+                f"{hf}.fc2.weight": tensor(f"{ct2}/ffn/linear_1/weight"),
+                f"{hf}.fc2.bias": tensor(f"{ct2}/ffn/linear_1/bias"),
+                f"{hf}.final_layer_norm.weight": tensor(f"{ct2}/ffn/layer_norm/gamma"),
+                f"{hf}.final_layer_norm.bias": tensor(f"{ct2}/ffn/layer_norm/beta"),
+            }
+        )
     positions = weights["encoder.embed_positions.weight"].numpy()
     if np.abs(positions - sinusoids(*positions.shape)).max() > 2e-3:  # fp16 rounding is < 1e-3
         raise CorruptWeightsError("model.bin's encoder position table is not Whisper's sinusoids: wrong file or layout")

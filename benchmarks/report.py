@@ -6,7 +6,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-
 CEILING_NAMES = {
     "fp32_gemm_gflops": "fp32 GEMM (best of PyTorch, ONNX Runtime)",
     "bf16_gemm_gflops": "bf16 GEMM (PyTorch)",
@@ -131,7 +130,10 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
     decoders = [r for r in results["rows"] if r["role"] == "decoder"]
     if encoders:
         lines += ["## Encoders", "", *encoder_table(encoders, references), ""]
-        lines += ["GFLOP/s counts the eager model's FLOPs (torch.utils.flop_counter) over the variant's median; an int8 variant is held against the int8 ceiling.", ""]
+        lines += [
+            "GFLOP/s counts the eager model's FLOPs (torch.utils.flop_counter) over the variant's median; an int8 variant is held against the int8 ceiling.",
+            "",
+        ]
     if decoders:
         lines += ["## Decoder", "", f"{decoders[0]['case']}.", "", *decoder_table(decoders, references), ""]
         lines += [
@@ -139,10 +141,25 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
             "the KV cache, under 10 MB here, excluded). Top-1 agreement feeds the eager fp32 tokens and compares each next-token choice.",
             "",
         ]
-    lines += ["## Exports", "", *_table(
-        ["family", "precision", "seconds", "graph MiB", "parity gate", "rewrites"],
-        [[e["family"], e["precision"], e["seconds"], e.get("graph_mib", "—"), e.get("parity_gate", "error: " + e.get("error", "")), ", ".join(e.get("optimizations", [])) or "—"] for e in results["exports"]],
-    ), ""]
+    lines += [
+        "## Exports",
+        "",
+        *_table(
+            ["family", "precision", "seconds", "graph MiB", "parity gate", "rewrites"],
+            [
+                [
+                    e["family"],
+                    e["precision"],
+                    e["seconds"],
+                    e.get("graph_mib", "—"),
+                    e.get("parity_gate", "error: " + e.get("error", "")),
+                    ", ".join(e.get("optimizations", [])) or "—",
+                ]
+                for e in results["exports"]
+            ],
+        ),
+        "",
+    ]
     if plots:
         lines += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
     return "\n".join(lines)

@@ -29,13 +29,16 @@ from benchmarks.compare import bounds_breached
 from benchmarks.machine import describe_machine, measure_ceilings
 from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary, timed
 from benchmarks.presets import GPU_VARIANTS, PRESETS, Preset
+from lalm_export.bundle_facts import library_versions
 from lalm_export.eager import EagerDecoderBackend, full_fp32
 from lalm_export.errors import LalmExportError
-from lalm_export.export import ExportOptions, export_bundle, library_versions
+from lalm_export.export import ExportOptions, export_bundle
 from lalm_export.families import FAMILIES, get_family
 from lalm_export.models.loading import load_family_model
-from lalm_export.tiny import save_random_checkpoint, speech_like
-from lalm_export.tolerances import FP32_RELATIVE, reduced_precision_tolerance
+from lalm_export.precision import SPECS
+from lalm_export.signals import speech_like
+from lalm_export.tiny import save_random_checkpoint
+from lalm_export.tolerances import FP32_RELATIVE
 from lalm_export.verify import OutputError
 from runtime.api import load
 from runtime.audio import features_for
@@ -96,24 +99,23 @@ def variant_options(variant: str, options: ExportOptions, calibration: Path | No
     options = replace(options, precision=precision)
     for extra in extras:
         if extra == "gptq":
-            options = replace(options, int4_method="gptq", calibration=calibration)
+            options = replace(options, int4=replace(options.int4, method="gptq", calibration=calibration))
         elif extra == "self":
-            options = replace(options, calibration=None)
+            options = replace(options, int4=replace(options.int4, calibration=None))
         elif extra == "h4":
-            options = replace(options, int4_lm_head="int4")
+            options = replace(options, int4=replace(options.int4, lm_head="int4"))
         else:
-            options = replace(options, int4_block_size=int(extra.removeprefix("b")))
+            options = replace(options, int4=replace(options.int4, block_size=int(extra.removeprefix("b"))))
     return options
 
 
 def parity_bounds(role: str, variant: str) -> dict[str, dict[str, float]]:
     """The same bounds as the export's parity gate: {figure: {"min"|"max": bound}}."""
-    precision = base_precision(variant)
-    if precision == "fp32":
+    bound = SPECS[base_precision(variant)].cosine_bound(role)  # the defaults: no --min-cosine here
+    if bound is None:
         bounds = {"relative": {"max": FP32_RELATIVE}}
         return {**bounds, "greedy_agreement": {"min": 1.0}} if role == "decoder" else bounds
-    tolerance = reduced_precision_tolerance(role, precision)  # the defaults: no --min-cosine here
-    return {"cosine": {"min": tolerance["cosine"]}, "row_cosine": {"min": tolerance["row_cosine"]}}
+    return {"cosine": {"min": bound.cosine}, "row_cosine": {"min": bound.row_cosine}}
 
 
 def parity_passes(figures: dict[str, Any], bounds: dict[str, dict[str, float]]) -> bool:
@@ -224,11 +226,11 @@ def bench_encoder(settings: RunSettings, family: str, bundles: dict[str, Path], 
 
         eager_run, onnx_run = encoder_calls(spec.input_name, x, settings.provider)
         sample = settings.preset.min_sample_s
-        runners = {f"eager-{p}": timed(lambda m=m: eager_run(m), sample) for p, m in models.items()}
-        runners.update({f"onnx-{p}": timed(lambda r=r: onnx_run(r), sample) for p, r in runners_onnx.items()})
+        runners = {f"eager-{p}": timed(lambda m=m, run=eager_run: run(m), sample) for p, m in models.items()}
+        runners.update({f"onnx-{p}": timed(lambda r=r, run=onnx_run: run(r), sample) for p, r in runners_onnx.items()})
         times = interleaved(runners, settings.preset.warmup, settings.repeats, on_run=bar.update)
         reference = host_array(eager_run(models["fp32"]))
-        flops = count_flops(lambda: eager_run(models["fp32"]))
+        flops = count_flops(lambda run=eager_run: run(models["fp32"]))
         for name, runs in times.items():
             kind, precision = name.split("-", 1)
             with peak_rss() as memory:
@@ -247,9 +249,7 @@ def bench_encoder(settings: RunSettings, family: str, bundles: dict[str, Path], 
                     "precision": precision,
                     "latency_s": latency,
                     "throughput": {"audio_seconds_per_s": round(seconds_of_audio / latency["median"], 2)},
-                    "speedups": {
-                        f"latency vs eager-{ref}": ratio_summary(times[f"eager-{ref}"], runs) for ref in EAGER_PRECISIONS[settings.provider]
-                    },
+                    "speedups": {f"latency vs eager-{ref}": ratio_summary(times[f"eager-{ref}"], runs) for ref in EAGER_PRECISIONS[settings.provider]},
                     "flops": flops,
                     "achieved": achieved(flops, latency["median"], precision, ceilings),
                     "peak_rss_gib": memory["peak_rss_gib"],
@@ -324,7 +324,7 @@ def bench_decoder(settings: RunSettings, bundles: dict[str, Path], ceilings: dic
     def run(backend) -> dict[str, Any]:
         marks: list[float] = []
         start = time.perf_counter()
-        tokens = generate(backend, prompt, np.ones_like(prompt), options, on_tokens=lambda _: marks.append(time.perf_counter()))
+        tokens = generate(backend, prompt, np.ones_like(prompt), options, on_step=lambda _: marks.append(time.perf_counter()))
         end = time.perf_counter()
         decode_seconds = marks[-1] - marks[0]
         return {"total": end - start, "ttft": marks[0] - start, "tps": (len(marks) - 1) / decode_seconds if decode_seconds else 0.0, "tokens": tokens[0]}
@@ -400,9 +400,7 @@ def total_runs(settings: RunSettings) -> int:
     return count
 
 
-def run_benchmarks(
-    settings: RunSettings, command: str, quiet: bool = False, on_family_done: Callable[[dict[str, Any]], None] | None = None
-) -> dict[str, Any]:
+def run_benchmarks(settings: RunSettings, command: str, quiet: bool = False, on_family_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every family in turn. A family whose timing fails is recorded as a failed export and the
     run goes on; `on_family_done` receives the results so far after each family, so a run cut
     short (a time limit on a lent GPU) still leaves what it measured."""
@@ -466,8 +464,6 @@ def make_settings(
     preset: str, families: list[str] | None, variants: list[str] | None, provider: str, work: Path, repeats: int | None, decoder_graph: str = "auto"
 ) -> RunSettings:
     """Settings for a run; `variants` are precisions, each exported for the roles and provider it suits."""
-    from lalm_export.precision import SPECS
-
     chosen = PRESETS[preset]
     wanted = GPU_VARIANTS if provider == "cuda" else chosen.variants
     if variants:
@@ -489,4 +485,3 @@ def make_settings(
 
 def command_line(argv: list[str]) -> str:
     return "python -m benchmarks " + shlex.join(argv)
-

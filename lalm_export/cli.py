@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.fused import GRAPH_CHOICES
-from lalm_export.precision import DEVICES, INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, PRECISIONS
+from lalm_export.int4 import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, INT4_METHODS, Int4Options
+from lalm_export.options import DEFAULT_OPSET, ExportOptions
+from lalm_export.precision import DEVICES, PRECISIONS
 from lalm_export.tolerances import FP32_RELATIVE
 
 EPILOG = """examples:
@@ -49,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write (refused if it exists and is not empty, unless --force)")
     parser.add_argument("--model", help="local checkpoint folder or hub id (default: the family's usual public checkpoint)")
-    parser.add_argument("--adapter", type=Path, help="LoRA adapter folder: from save_lora_weights() or plain peft (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument(
+        "--adapter", type=Path, help="LoRA adapter folder: from save_lora_weights() or plain peft (adapter_config.json + adapter_model.safetensors)"
+    )
     parser.add_argument("--qlora", action="store_true", help="the (plain peft) adapter was trained on a 4-bit base: merge into that base, dequantized")
     parser.add_argument("--bnb-quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit type of that base, with --qlora (default: nf4)")
-    parser.add_argument("--no-double-quant", action="store_true", help="that base did not use double quantization, with --qlora")
+    parser.add_argument("--no-double-quant", dest="bnb_double_quant", action="store_false", help="that base did not use double quantization, with --qlora")
     parser.add_argument("--weights", type=Path, help="full weights folder from save_model_weights() (encoders)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--int4-method",
-        choices=("rtn", "gptq"),
+        choices=INT4_METHODS,
         default="rtn",
         help="int4 weights: rtn = round to nearest; gptq = error-compensating (GPTQ): each layer's rounding error spread over "
         "the weights not yet rounded, calibrated on --calibration text or, without it, on text the model samples itself (default: rtn)",
@@ -105,10 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the lm_head of an int4 decoder: int8 = 8-bit blocks, the layer whose rounding flips the most next tokens; "
         f"int4 = like the other layers, fewer bytes per token (default: {INT4_LM_HEAD})",
     )
-    parser.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 text like the model's inputs, for --int4-method gptq (a few pages or more; default: the model's own samples)")
+    parser.add_argument(
+        "--calibration",
+        dest="int4_calibration",
+        type=Path,
+        metavar="FILE",
+        help="UTF-8 text like the model's inputs, for --int4-method gptq (a few pages or more; default: the model's own samples)",
+    )
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
-    parser.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest records that it was skipped)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity gate (the manifest records that it was skipped)")
     parser.add_argument("--rtol", type=float, default=FP32_RELATIVE, help=f"parity tolerance: max-abs / max|eager| per output (default: {FP32_RELATIVE:g})")
     parser.add_argument("--atol", type=float, help="also accept an output whose max-abs error is at most this")
     parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
@@ -118,37 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from_args(args: argparse.Namespace):
-    from lalm_export.export import ExportOptions
-
-    return ExportOptions(
-        family=args.encoder or "llm",
-        output=args.output,
-        model=args.model,
-        decoder_arch=args.decoder or "auto",
-        adapter=args.adapter,
-        weights=args.weights,
-        qlora=args.qlora,
-        bnb_quant_type=args.bnb_quant_type,
-        bnb_double_quant=not args.no_double_quant,
-        opset=args.opset,
-        all_hidden_states=args.all_hidden_states,
-        force=args.force,
-        verify=not args.no_verify,
-        rtol=args.rtol,
-        atol=args.atol,
-        trust_remote_code=args.trust_remote_code,
-        seed=args.seed,
-        precision=args.precision,
-        min_cosine=args.min_cosine,
-        device=args.device,
-        optimize=args.optimize,
-        decoder_graph=args.decoder_graph,
-        int4_method=args.int4_method,
-        calibration=args.calibration,
-        int4_block_size=args.int4_block_size,
-        int4_lm_head=args.int4_lm_head,
-    )
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    """Flags are named after `ExportOptions` fields (int4's with an `int4_` prefix), so the
+    options are read off the namespace; only the family and architecture are derived."""
+    values = vars(args).copy()
+    values["family"] = values.pop("encoder") or "llm"
+    values["decoder_arch"] = values.pop("decoder") or "auto"
+    int4 = {name.removeprefix("int4_"): values.pop(name) for name in list(values) if name.startswith("int4_")}
+    known = {f.name for f in fields(ExportOptions)}
+    return ExportOptions(int4=Int4Options(**int4), **{name: value for name, value in values.items() if name in known})
 
 
 def quiet_libraries() -> None:

@@ -24,9 +24,12 @@ import torch  # noqa: E402
 
 from lalm_export.cli import quiet_libraries  # noqa: E402
 from lalm_export.export import ExportOptions, export_bundle  # noqa: E402
+from lalm_export.families import FAMILIES  # noqa: E402
 from lalm_export.models import ENCODER_CLASSES, LLMDecoder  # noqa: E402
-from lalm_export.tiny import build_tiny_checkpoint, speech_like, tiny_input  # noqa: E402
-from runtime.generation import GenerationOptions, decoder_backend, generate  # noqa: E402
+from lalm_export.signals import speech_like  # noqa: E402
+from lalm_export.tiny import build_tiny_checkpoint, tiny_input  # noqa: E402
+from runtime.generation import GenerationOptions, generate  # noqa: E402
+from runtime.ort_backends import decoder_backend  # noqa: E402
 from runtime.sessions import SessionOptions, create_session  # noqa: E402
 
 
@@ -45,7 +48,9 @@ def trainable_table(checkpoints: dict[str, Path]) -> str:
     modes = ({}, {"finetune": True}, {"use_lora": True}, {"use_qlora": True})
     rows = [[family, *(count_trainable(cls(str(checkpoints[family]), **kw)) for kw in modes)] for family, cls in ENCODER_CLASSES.items()]
     llm = str(checkpoints["llm"])
-    rows.append(["llm", count_trainable(LLMDecoder(llm)), "n/a", count_trainable(LLMDecoder(llm, use_lora=True)), count_trainable(LLMDecoder(llm, use_qlora=True))])
+    rows.append(
+        ["llm", count_trainable(LLMDecoder(llm)), "n/a", count_trainable(LLMDecoder(llm, use_lora=True)), count_trainable(LLMDecoder(llm, use_qlora=True))]
+    )
     return table(["family", "frozen", "finetune", "LoRA", "QLoRA"], rows)
 
 
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda s="": print(s, flush=True)  # noqa: E731
 
     say("== 1. tiny checkpoints (random weights, saved with save_pretrained)")
-    checkpoints = {f: build_tiny_checkpoint(f, root / "checkpoints" / f, seed=i) for i, f in enumerate(("whisper", "hubert", "wav2vec2", "llm"))}
+    checkpoints = {f: build_tiny_checkpoint(f, root / "checkpoints" / f, seed=i) for i, f in enumerate(FAMILIES)}
     say(f"   {', '.join(str(p) for p in checkpoints.values())}\n")
     say("== 2. trainable parameters per mode")
     say(trainable_table(checkpoints) + "\n")
@@ -132,18 +137,31 @@ def main(argv: list[str] | None = None) -> int:
 
     say("== 5. export with the parity gate (lalm-export)")
     encoder_bundle = export_bundle(
-        ExportOptions(family="wav2vec2", model=str(checkpoints["wav2vec2"]), adapter=root / "adapters" / "wav2vec2", output=root / "bundles" / "wav2vec2", all_hidden_states=True),
+        ExportOptions(
+            family="wav2vec2",
+            model=str(checkpoints["wav2vec2"]),
+            adapter=root / "adapters" / "wav2vec2",
+            output=root / "bundles" / "wav2vec2",
+            all_hidden_states=True,
+        ),
         quiet=True,
     )
     decoder_bundle = export_bundle(
         ExportOptions(family="llm", model=str(checkpoints["llm"]), adapter=root / "adapters" / "llm", output=root / "bundles" / "llm"), quiet=True
     )
     int8_bundle = export_bundle(
-        ExportOptions(family="wav2vec2", model=str(checkpoints["wav2vec2"]), adapter=root / "adapters" / "wav2vec2", output=root / "bundles" / "wav2vec2-int8", precision="int8"),
+        ExportOptions(
+            family="wav2vec2",
+            model=str(checkpoints["wav2vec2"]),
+            adapter=root / "adapters" / "wav2vec2",
+            output=root / "bundles" / "wav2vec2-int8",
+            precision="int8",
+        ),
         quiet=True,
     )
     int4_bundle = export_bundle(
-        ExportOptions(family="llm", model=str(checkpoints["llm"]), adapter=root / "adapters" / "llm", output=root / "bundles" / "llm-int4", precision="int4"), quiet=True
+        ExportOptions(family="llm", model=str(checkpoints["llm"]), adapter=root / "adapters" / "llm", output=root / "bundles" / "llm-int4", precision="int4"),
+        quiet=True,
     )
     rows = []
     bundles = (("wav2vec2 (LoRA merged)", encoder_bundle), ("wav2vec2 int8", int8_bundle), ("llm (LoRA merged)", decoder_bundle), ("llm int4", int4_bundle))
@@ -184,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             tokens = generate(backend, ids, ones, GenerationOptions(max_new_tokens=16))[0]
     say(table(["graph", "input", "eager fp32 (ms)", "ONNX Runtime (ms)", "speedup"], encoder_rows + decoder_rows))
     say(f"   ONNX fp32 greedy text: {decoder.tokenizer.decode(tokens)!r}")
-    say(f"   machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        "tiny models: real sizes are in benchmarks/results/base/report.md\n")
+    say(
+        f"   machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        "tiny models: real sizes are in benchmarks/results/base/report.md\n"
+    )
 
     say("== 7. serve the bundles with the torch-free runtime")
     run_runtime(root)

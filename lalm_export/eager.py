@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.generation import position_ids_for
+from runtime.ort_backends import position_ids_for
 
 
 @contextmanager
@@ -40,7 +40,7 @@ class EagerDecoderBackend:
 
     @torch.no_grad()
     def _run(self, input_ids: torch.Tensor) -> np.ndarray:
-        positions = torch.from_numpy(position_ids_for(self._mask.numpy()))[:, -input_ids.shape[1]:]
+        positions = torch.from_numpy(position_ids_for(self._mask.numpy()))[:, -input_ids.shape[1] :]
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=self._mask.to(self.device),
@@ -51,6 +51,9 @@ class EagerDecoderBackend:
         )
         self._past = out.past_key_values
         return out.logits[:, -1, :].float().cpu().numpy()
+
+    def reserve(self, total_length: int) -> None:
+        """Nothing to size: transformers' cache grows as it goes."""
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         self._past = None
@@ -63,9 +66,7 @@ class EagerDecoderBackend:
 
 
 @torch.no_grad()
-def eager_encoder_outputs(
-    model: nn.Module, input_name: str, x: np.ndarray, all_hidden_states: bool
-) -> dict[str, np.ndarray]:
+def eager_encoder_outputs(model: nn.Module, input_name: str, x: np.ndarray, all_hidden_states: bool) -> dict[str, np.ndarray]:
     """The encoder's outputs under the ONNX output names (`last_hidden_state`, `hidden_states.N`),
     as float32 numpy arrays whatever the model's device and dtype."""
     weight = next(model.parameters())

@@ -1,159 +1,41 @@
-"""The export pipeline: load → merge → export (Optimum) → verify → write the bundle.
+"""The export pipeline: load → merge → export (Optimum or ONNX Runtime's model builder) →
+precision → verify → write the bundle.
 
 The bundle is built in a temporary folder beside `--output` and renamed into place only
-when complete and verified: a failed or interrupted export leaves no bundle."""
+when complete and verified: a failed or interrupted export leaves no bundle. Options and
+their rules live in `options.py`, the parity gate in `gate.py`, the manifest in `bundle_facts.py`."""
 
 from __future__ import annotations
 
 import copy
-import datetime as dt
-import importlib.metadata
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from lalm_export.eager import full_fp32
-from lalm_export.errors import AdapterMismatchError, OptionsError, OutputExistsError
-from lalm_export.families import FamilySpec, get_family
-from lalm_export.fused import GRAPH_CHOICES, build_fused_decoder, choose_decoder_graph
+from lalm_export.bundle_facts import build_manifest, save_companions
+from lalm_export.errors import AdapterMismatchError, OptionsError
+from lalm_export.families import FamilySpec
+from lalm_export.fused import build_fused_decoder, choose_decoder_graph
+from lalm_export.gate import verify_graph
+from lalm_export.graph_files import load_graph, save_graph
 from lalm_export.io import atomic_folder, sha256_tree
 from lalm_export.merge import dequantize_4bit_linears, merge_adapter_into, read_lora_pairs
-from lalm_export.models.adapters import (
-    QuantizationSettings,
-    check_adapter_folder,
-    load_full_weights,
-    read_adapter_metadata,
-)
+from lalm_export.models.adapters import QuantizationSettings, load_full_weights, read_adapter_metadata
 from lalm_export.models.loading import load_family_model
-from lalm_export.precision import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, SPECS, apply_precision, check_precision, keep_last_position_logits, load_graph, save_graph
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, validate_options
+from lalm_export.precision import SPECS, TransformJob, apply_precision
 from lalm_export.progress import Stages
-from lalm_export.tolerances import FP32_RELATIVE, reduced_precision_tolerance
-from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
-from runtime.sessions import SessionOptions, create_session, resolve_providers
+from lalm_export.rewrites import keep_last_position_logits
+from runtime.manifest import Manifest, Source, sha256_of
 
 GRAPH_NAME = "model.onnx"
-DEFAULT_OPSET = 18
 STAGES = ["load", "merge", "export", "precision", "verify", "write"]
-INT4_METHODS = ("rtn", "gptq")
 
-
-@dataclass(frozen=True)
-class ExportOptions:
-    family: str  # an encoder family, or "llm" for decoders
-    output: Path
-    model: str | None = None
-    decoder_arch: str = "auto"
-    adapter: Path | None = None
-    weights: Path | None = None
-    qlora: bool = False
-    bnb_quant_type: str = "nf4"
-    bnb_double_quant: bool = True
-    opset: int = DEFAULT_OPSET
-    all_hidden_states: bool = False
-    force: bool = False
-    verify: bool = True
-    rtol: float = FP32_RELATIVE
-    atol: float | None = None
-    trust_remote_code: bool = False
-    seed: int = 0
-    precision: str = "fp32"
-    min_cosine: float | None = None  # replaces the reduced-precision cosine bounds
-    device: str = "cpu"  # where the parity gate runs: the eager reference and ONNX Runtime's provider
-    optimize: bool = True
-    decoder_graph: str = "auto"  # decoders: "fused" (ONNX Runtime's model builder), "optimum", or auto
-    int4_method: str = "rtn"  # int4 weights: round to nearest, or GPTQ on --calibration text (else on the model's samples)
-    calibration: Path | None = None
-    int4_block_size: int = INT4_BLOCK_SIZE
-    int4_lm_head: str = INT4_LM_HEAD  # the lm_head of an int4 decoder: 8-bit or 4-bit blocks
-
-    @property
-    def spec(self) -> FamilySpec:
-        return get_family(self.family)
-
-    @property
-    def model_source(self) -> str:
-        return self.model or self.spec.default_checkpoint
-
-
-def supported_decoder_archs() -> list[str]:
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers Optimum's ONNX configs)
-    from optimum.exporters.tasks import TasksManager
-
-    return sorted(
-        model_type
-        for model_type, exporters in TasksManager._SUPPORTED_MODEL_TYPE.items()
-        if "text-generation-with-past" in exporters.get("onnx", {})
-    )
-
-
-def validate_options(opts: ExportOptions) -> None:
-    """Every rule in one place; each error names the broken rule and the fix."""
-    spec = opts.spec
-    if opts.adapter is not None and opts.weights is not None:
-        raise OptionsError("--adapter and --weights together: pass one (an adapter is merged into the base; --weights replaces it)")
-    if opts.qlora and opts.adapter is None:
-        raise OptionsError("--qlora describes the 4-bit base an adapter was trained on: pass --adapter too")
-    if spec.role == "decoder" and opts.all_hidden_states:
-        raise OptionsError("--all-hidden-states is for encoders; decoders export logits and the KV cache")
-    if spec.role == "decoder" and opts.weights is not None:
-        raise OptionsError("--weights is for encoders saved with save_model_weights(); for a decoder pass --model")
-    if spec.role == "decoder" and opts.decoder_arch != "auto":
-        known = supported_decoder_archs()
-        if opts.decoder_arch not in known:
-            raise OptionsError(f"unknown decoder architecture {opts.decoder_arch!r}; known: auto, {', '.join(known)}")
-    check_precision(opts.precision, spec.role, opts.device)
-    if opts.decoder_graph not in GRAPH_CHOICES:
-        raise OptionsError(f"unknown --decoder-graph {opts.decoder_graph!r}; choose one of {', '.join(GRAPH_CHOICES)}")
-    if spec.role == "encoder" and opts.decoder_graph != "auto":
-        raise OptionsError("--decoder-graph is for decoders; encoders are exported through Optimum")
-    if opts.int4_method not in INT4_METHODS:
-        raise OptionsError(f"unknown --int4-method {opts.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
-    if opts.int4_method == "gptq" and opts.precision != "int4":
-        raise OptionsError("--int4-method gptq chooses int4 weights: pass --precision int4")
-    if opts.calibration is not None and opts.int4_method != "gptq":
-        raise OptionsError("--calibration is read by --int4-method gptq; add it, or drop --calibration")
-    if opts.int4_block_size not in INT4_BLOCK_SIZES:
-        raise OptionsError(f"--int4-block-size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, not {opts.int4_block_size}")
-    if opts.int4_block_size != INT4_BLOCK_SIZE and opts.precision != "int4":
-        raise OptionsError("--int4-block-size is for --precision int4")
-    if opts.int4_lm_head not in INT4_LM_HEADS:
-        raise OptionsError(f"unknown --int4-lm-head {opts.int4_lm_head!r}; choose one of {', '.join(INT4_LM_HEADS)}")
-    if opts.int4_lm_head != INT4_LM_HEAD and opts.precision != "int4":
-        raise OptionsError("--int4-lm-head is for --precision int4")
-    if opts.calibration is not None and not Path(opts.calibration).is_file():
-        raise OptionsError(f"--calibration {opts.calibration} does not exist or is not a file; pass a UTF-8 text file")
-    if opts.device == "cuda":
-        require_cuda()
-    if not 14 <= opts.opset <= 23:
-        raise OptionsError(f"--opset must be between 14 and 23, not {opts.opset}")
-    if opts.min_cosine is not None and (opts.precision == "fp32" or not 0 < opts.min_cosine <= 1):
-        raise OptionsError("--min-cosine is a bound in (0, 1] for --precision fp16, int8 or int4 (fp32 is gated by --rtol)")
-    if opts.rtol <= 0 or (opts.atol is not None and opts.atol < 0):
-        raise OptionsError("--rtol must be positive and --atol non-negative")
-    output = Path(opts.output)
-    if output.exists() and not output.is_dir():
-        raise OutputExistsError(f"--output {output} is a file; pass a folder path")
-    if output.is_dir() and any(output.iterdir()) and not opts.force:
-        raise OutputExistsError(f"--output {output} exists and is not empty; pass --force to replace it (only once the new bundle is complete)")
-    if opts.adapter is not None:
-        check_adapter_folder(opts.adapter)
-    if opts.qlora:
-        from lalm_export.models.loading import require_bitsandbytes
-
-        require_bitsandbytes()
-
-
-def require_cuda() -> None:
-    """--device cuda needs a GPU for both sides of the parity gate."""
-    if not torch.cuda.is_available():
-        raise OptionsError("--device cuda: PyTorch sees no CUDA GPU here; run on a machine with one, or use --device cpu")
-    resolve_providers("cuda")
+__all__ = ["ExportOptions", "export_bundle", "validate_options"]
 
 
 def adapter_quantization(opts: ExportOptions) -> QuantizationSettings | None:
@@ -256,126 +138,6 @@ def export_graph(model: nn.Module, opts: ExportOptions, folder: Path, graph_kind
     return folder / GRAPH_NAME
 
 
-def graph_facts(folder: Path, graph: Path) -> tuple[GraphFile, int]:
-    """The manifest's record of `graph` and its default-domain opset, from one read of the graph."""
-    import onnx
-
-    proto = onnx.load(str(graph), load_external_data=False)
-    opset = next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
-
-    def specs(values: Any) -> tuple[TensorSpec, ...]:
-        result = []
-        for value in values:
-            tensor = value.type.tensor_type
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-            result.append(TensorSpec(value.name, dtype, tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)))
-        return tuple(result)
-
-    data_files = {
-        p.name: sha256_of(p) for p in folder.iterdir() if p.name.startswith(graph.name + "_data") or p.suffix == ".data"
-    }
-    record = GraphFile(
-        path=graph.name, sha256=sha256_of(graph), inputs=specs(proto.graph.input), outputs=specs(proto.graph.output), data_files=data_files
-    )
-    return record, opset
-
-
-def save_companions(model: nn.Module, opts: ExportOptions, folder: Path) -> dict[str, Any]:
-    """Config plus feature-extractor or tokenizer files; returns the facts the runtime needs."""
-    spec = opts.spec
-    model.config.save_pretrained(str(folder))
-    if spec.role == "decoder":
-        from lalm_export.models.llm import load_tokenizer
-
-        tokenizer = load_tokenizer(opts.model_source, opts.trust_remote_code)
-        tokenizer.save_pretrained(str(folder))
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(str(folder))
-        return {
-            "vocab_size": int(model.config.vocab_size),
-            "num_hidden_layers": int(model.config.num_hidden_layers),
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-    feature_source = save_feature_extractor(model, opts, folder)
-    extractor = spec.feature_extractor
-    return {
-        "hidden_size": int(model.config.hidden_size),
-        "num_hidden_layers": int(model.config.num_hidden_layers),
-        "all_hidden_states": opts.all_hidden_states,
-        "sampling_rate": extractor.sampling_rate if extractor else 16_000,
-        "chunk_seconds": extractor.chunk_seconds if extractor else None,
-        "feature_extractor": feature_source,
-    }
-
-
-def save_feature_extractor(model: nn.Module, opts: ExportOptions, folder: Path) -> str:
-    """The checkpoint's feature extractor, or the family default when the checkpoint has none."""
-    from transformers import AutoFeatureExtractor, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
-
-    try:
-        AutoFeatureExtractor.from_pretrained(opts.model_source).save_pretrained(str(folder))
-        return "checkpoint"
-    except (OSError, ValueError):
-        if opts.spec.input_kind == "log_mel":
-            WhisperFeatureExtractor(feature_size=int(model.config.num_mel_bins)).save_pretrained(str(folder))
-        else:
-            Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(str(folder))
-        return "family default"
-
-
-def library_versions() -> dict[str, str]:
-    names = ["lalm-export", "torch", "transformers", "optimum", "optimum-onnx", "peft", "bitsandbytes", "onnx", "onnxruntime"]
-    versions = {}
-    for name in names + ["onnxruntime-gpu"]:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    # onnxruntime-gpu installs the same `onnxruntime` module; the one imported is what ran.
-    versions["onnxruntime"] = ort.__version__
-    return versions
-
-
-def parity_tolerance(opts: ExportOptions) -> Any:
-    from lalm_export.verify import Tolerance
-
-    if opts.precision == "fp32":
-        return Tolerance(relative=opts.rtol, absolute=opts.atol)
-    return Tolerance(relative=opts.rtol, absolute=opts.atol, **reduced_precision_tolerance(opts.spec.role, opts.precision, opts.min_cosine))
-
-
-def check_parity(model: nn.Module, graph: Path, opts: ExportOptions, tolerance: Any, reference: str, progress: bool) -> Any:
-    """The graph on `opts.device` against `model` (already on that device, in its dtype)."""
-    from lalm_export.verify import check_decoder, check_encoder
-
-    session = create_session(graph, SessionOptions(provider=opts.device))
-    if opts.spec.role == "decoder":
-        report = check_decoder(model, session, tolerance, int(model.config.vocab_size), seed=opts.seed, progress=progress)
-    else:
-        report = check_encoder(model, session, opts.spec, opts.all_hidden_states, tolerance, seed=opts.seed, progress=progress)
-    report.reference = reference
-    return report
-
-
-def verify_graph(model: nn.Module, graph: Path, opts: ExportOptions, stages: Stages) -> dict[str, Any]:
-    """Gate on eager fp32; an fp16 graph is also compared with eager fp16 (recorded, not gated)."""
-    model = model.to(opts.device)
-    with full_fp32():
-        report = check_parity(model, graph, opts, parity_tolerance(opts), f"eager PyTorch fp32 (merged) on {opts.device}", not stages.quiet)
-    for line in report.summary_lines():
-        stages.say(f"      {line}")
-    report.raise_if_failed()
-    parity = report.to_dict()
-    if opts.precision == "fp16":
-        half = copy.deepcopy(model).half()
-        against_half = check_parity(half, graph, opts, parity_tolerance(opts), f"eager PyTorch fp16 on {opts.device}", not stages.quiet)
-        stages.say("      against eager fp16: " + "; ".join(against_half.summary_lines()))
-        parity["against_eager_fp16"] = against_half.to_dict()
-    return parity
-
-
 def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[str]:
     """Graph rewrites on the fp32 export: decoders compute logits for the last position only."""
     if graph_kind == "fused":
@@ -397,18 +159,18 @@ def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[n
     from lalm_export.models.llm import load_tokenizer
 
     tokenizer = load_tokenizer(opts.model_source, opts.trust_remote_code)
-    if opts.calibration is None:
+    if opts.int4.calibration is None:
         stages.say("      GPTQ: sampling calibration text from the model (no --calibration)")
         windows = sampled_calibration_windows(model, tokenizer, opts.seed, progress=not stages.quiet)
         calibration = Calibration(len(windows), CALIBRATION_WINDOW, seed=opts.seed)
         source = "the model's own samples"
     else:
-        windows = calibration_windows(opts.calibration, tokenizer)
-        path = Path(opts.calibration)
+        windows = calibration_windows(opts.int4.calibration, tokenizer)
+        path = Path(opts.int4.calibration)
         calibration = Calibration(len(windows), CALIBRATION_WINDOW, path=str(path.resolve()), sha256=sha256_of(path))
-        source = str(opts.calibration)
+        source = str(opts.int4.calibration)
     quantized = copy.deepcopy(model)
-    layers = gptq_quantize_decoder(quantized, windows, opts.int4_block_size, lm_head=opts.int4_lm_head == "int4", progress=not stages.quiet)
+    layers = gptq_quantize_decoder(quantized, windows, opts.int4.block_size, lm_head=opts.int4.lm_head == "int4", progress=not stages.quiet)
     stages.say(f"      GPTQ: {layers} Linear layers quantized from {len(windows)} windows of {CALIBRATION_WINDOW} tokens of {source}")
     return quantized, {**calibration.to_dict(), "layers": layers}
 
@@ -424,20 +186,21 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
     custom_opset = opts.opset if opts.opset != DEFAULT_OPSET else None
     graph_kind, why = choose_decoder_graph(opts.decoder_graph, model, opts.optimize, opts.device, custom_opset) if spec.role == "decoder" else ("optimum", "")
     exporter = f"ONNX Runtime model builder, fused graph ({why})" if graph_kind == "fused" else f"Optimum, opset {opts.opset}" + (f" ({why})" if why else "")
+    precision = SPECS[opts.precision]
     with atomic_folder(opts.output, replace=opts.force or Path(opts.output).is_dir()) as tmp:
-        fp32_folder = tmp if opts.precision == "fp32" else tmp / "fp32"
+        fp32_folder = tmp if precision.transform is None else tmp / "fp32"
         with stages.stage("export", exporter):
-            exported, int4_weights = gptq_model(model, opts, stages) if opts.int4_method == "gptq" else (model, {"method": "rtn"})
+            exported, int4_weights = gptq_model(model, opts, stages) if opts.int4.method == "gptq" else (model, {"method": "rtn"})
             fp32_graph = export_graph(exported, opts, fp32_folder, graph_kind)
             optimizations = optimize_graph(fp32_graph, opts, graph_kind)
-        if opts.precision == "fp32":
-            stages.skip("precision", "fp32")
-            graph = fp32_graph
+        if precision.transform is None:
+            stages.skip("precision", opts.precision)
+            graph, facts = fp32_graph, {}
         else:
-            detail = SPECS[opts.precision].summary + (f", blocks of {opts.int4_block_size}, lm_head {opts.int4_lm_head}" if opts.precision == "int4" else "")
+            detail = precision.summary + (f", {opts.int4.describe()}" if opts.precision == "int4" else "")
             with stages.stage("precision", detail):
                 graph = tmp / GRAPH_NAME
-                facts = apply_precision(fp32_graph, graph, opts.precision, spec.role, opts.int4_method == "gptq", opts.int4_block_size, opts.int4_lm_head)
+                facts = apply_precision(fp32_graph, graph, opts.precision, TransformJob(spec.role, opts.int4))
                 shutil.rmtree(fp32_folder)
         if opts.verify:
             with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32"):
@@ -447,27 +210,10 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             parity = {"verified": False, "reason": "--no-verify"}
         with stages.stage("write", str(opts.output)):
             extra = save_companions(model, opts, tmp)
-            record, opset = graph_facts(tmp, graph)
             if spec.role == "decoder":
                 extra["decoder_graph"] = graph_kind
             if opts.precision == "int4":
-                extra["int4"] = {**int4_weights, "block_size": opts.int4_block_size, "lm_head": facts["lm_head"]}
-            manifest = Manifest(
-                family=spec.name,
-                role=spec.role,
-                model_type=str(model.config.model_type),
-                input_kind=spec.input_kind,
-                graphs={"model": record},
-                dtype=SPECS[opts.precision].weights,
-                opset=opset,
-                source=source,
-                libraries=library_versions(),
-                parity=parity,
-                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                extra=extra,
-                precision=opts.precision,
-                optimizations=optimizations,
-                device=opts.device,
-            )
+                extra["int4"] = {**int4_weights, "block_size": opts.int4.block_size, "lm_head": facts["lm_head"]}
+            manifest = build_manifest(model, opts, tmp, graph, source, parity, extra, optimizations)
             manifest.write(tmp)
     return manifest

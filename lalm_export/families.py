@@ -1,10 +1,10 @@
-"""The one table of model families. Wrappers, export, runtime metadata and benchmarks
-read it; adding a family is adding a row."""
+"""The one table of model families. Wrappers, export, runtime metadata, the tiny test
+models and the benchmark presets read it; adding a family is adding a row."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from lalm_export.errors import UnknownFamilyError
 
@@ -13,11 +13,38 @@ InputKind = Literal["log_mel", "raw_audio", "token_ids"]
 
 
 @dataclass(frozen=True)
-class FeatureExtractorSpec:
-    """What the audio front end must produce for this family."""
+class ConfigRecipe:
+    """A transformers config class and its keyword arguments, built on demand (imports stay cheap)."""
 
+    config_class: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def build(self, **overrides: Any) -> Any:
+        import transformers
+
+        return getattr(transformers, self.config_class)(**{**dict(self.kwargs), **overrides})
+
+
+def recipe(config_class: str, **kwargs: Any) -> ConfigRecipe:
+    return ConfigRecipe(config_class, tuple(kwargs.items()))
+
+
+@dataclass(frozen=True)
+class FeatureExtractorSpec:
+    """What the audio front end must produce for this family, and the extractor a checkpoint
+    without one gets (the runtime reads its settings from the bundle)."""
+
+    extractor_class: str = "Wav2Vec2FeatureExtractor"
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    from_config: tuple[tuple[str, str], ...] = ()  # extractor argument <- model config attribute
     sampling_rate: int = 16_000
     chunk_seconds: float | None = None  # Whisper pads/trims to 30 s; raw-audio families do not
+
+    def build(self, model_config: Any) -> Any:
+        import transformers
+
+        derived = {arg: getattr(model_config, attr) for arg, attr in self.from_config}
+        return getattr(transformers, self.extractor_class)(**dict(self.kwargs), **derived)
 
 
 @dataclass(frozen=True)
@@ -30,12 +57,19 @@ class FamilySpec:
     output_name: str  # the final output in ONNX (and the HF ModelOutput field)
     optimum_model_type: str | None  # model type for Optimum's ONNX config; None: from the checkpoint
     optimum_task: str
+    tiny: ConfigRecipe  # hidden 64, 2 layers: tests, the demo and the CI benchmark
+    base: ConfigRecipe  # real architecture sizes (random weights): the committed benchmarks
     submodule: str | None = None  # attribute of the loaded model that is kept (Whisper: "encoder")
     optimum_behavior: str | None = None  # Optimum config behaviour for that submodule
     default_lora_targets: tuple[str, ...] | None = None  # None: peft's per-architecture default
     default_checkpoint: str = ""
     feature_extractor: FeatureExtractorSpec | None = None
     dynamic_length: bool = True  # Whisper's encoder only accepts its full 30 s window
+    model_types: tuple[str, ...] = ()  # checkpoint model_type values of this family; () = any
+    # Layers a QLoRA base keeps in full precision: those the model reads by `.weight` instead
+    # of calling (a 4-bit weight cannot be used so), and those bitsandbytes' CPU 4-bit kernel
+    # cannot run (an output size not divisible by its block).
+    qlora_full_precision: tuple[str, ...] = ()
 
     def model_cls(self) -> type:
         import transformers
@@ -44,6 +78,53 @@ class FamilySpec:
 
 
 _AUDIO_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TINY_HIDDEN = 64
+TINY_VOCAB = 320  # the tiny tokenizer's vocabulary (lalm_export.tiny)
+# Raw-audio encoders at test size: every Linear has in_features >= 64 (bitsandbytes' CPU kernel).
+_TINY_RAW_AUDIO = dict(
+    hidden_size=TINY_HIDDEN,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    conv_dim=(64, 64, 64),
+    conv_stride=(5, 4, 4),
+    conv_kernel=(10, 8, 4),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    mask_time_prob=0.0,
+    vocab_size=32,
+)
+
+
+def _raw_audio_family(
+    name: str,
+    model_class: str,
+    config_class: str,
+    checkpoint: str,
+    attention_mask: bool,
+    lora_targets: tuple[str, ...] = _AUDIO_LORA_TARGETS,
+    qlora_full_precision: tuple[str, ...] = (),
+    **tiny: Any,
+) -> FamilySpec:
+    """A wav2vec2-style encoder: raw 16 kHz samples in, Optimum's feature-extraction export."""
+    return FamilySpec(
+        name=name,
+        role="encoder",
+        model_class=model_class,
+        input_kind="raw_audio",
+        input_name="input_values",
+        output_name="last_hidden_state",
+        optimum_model_type=name,
+        optimum_task="feature-extraction",
+        tiny=recipe(config_class, **{**_TINY_RAW_AUDIO, **tiny}),
+        base=recipe(config_class),  # the config defaults are the base-size model
+        default_lora_targets=lora_targets,
+        default_checkpoint=checkpoint,
+        feature_extractor=FeatureExtractorSpec(kwargs=(("return_attention_mask", attention_mask),)),
+        model_types=(name,),
+        qlora_full_precision=qlora_full_precision,
+    )
+
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
@@ -57,38 +138,70 @@ FAMILIES: dict[str, FamilySpec] = {
             output_name="last_hidden_state",
             optimum_model_type="whisper",
             optimum_task="feature-extraction",
+            tiny=recipe(
+                "WhisperConfig",
+                d_model=TINY_HIDDEN,
+                encoder_layers=2,
+                decoder_layers=1,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=128,
+                decoder_ffn_dim=128,
+                num_mel_bins=80,
+                max_source_positions=1500,
+                max_target_positions=64,
+                vocab_size=128,
+                decoder_start_token_id=1,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            # The Whisper-base encoder; the text decoder is not exported, so one small layer keeps the checkpoint light.
+            base=recipe(
+                "WhisperConfig",
+                d_model=512,
+                encoder_layers=6,
+                encoder_attention_heads=8,
+                encoder_ffn_dim=2048,
+                num_mel_bins=80,
+                decoder_layers=1,
+                decoder_attention_heads=8,
+                decoder_ffn_dim=2048,
+                max_source_positions=1500,
+            ),
             submodule="encoder",
             optimum_behavior="encoder",
             default_lora_targets=_AUDIO_LORA_TARGETS,
             default_checkpoint="openai/whisper-large-v3",
-            feature_extractor=FeatureExtractorSpec(chunk_seconds=30.0),
+            feature_extractor=FeatureExtractorSpec(
+                extractor_class="WhisperFeatureExtractor", from_config=(("feature_size", "num_mel_bins"),), chunk_seconds=30.0
+            ),
             dynamic_length=False,
+            model_types=("whisper",),
         ),
-        FamilySpec(
-            name="hubert",
-            role="encoder",
-            model_class="HubertModel",
-            input_kind="raw_audio",
-            input_name="input_values",
-            output_name="last_hidden_state",
-            optimum_model_type="hubert",
-            optimum_task="feature-extraction",
-            default_lora_targets=_AUDIO_LORA_TARGETS,
-            default_checkpoint="facebook/hubert-base-ls960",
-            feature_extractor=FeatureExtractorSpec(),
+        _raw_audio_family("hubert", "HubertModel", "HubertConfig", "facebook/hubert-base-ls960", attention_mask=False),
+        _raw_audio_family("wav2vec2", "Wav2Vec2Model", "Wav2Vec2Config", "facebook/wav2vec2-base", attention_mask=True),
+        # WavLM's attention passes q/k/v/out_proj's `.weight` to F.multi_head_attention_forward
+        # instead of calling them: LoRA there would train nothing, so it adapts the feed-forward.
+        _raw_audio_family(
+            "wavlm",
+            "WavLMModel",
+            "WavLMConfig",
+            "microsoft/wavlm-base-plus",
+            attention_mask=True,
+            lora_targets=("intermediate_dense", "output_dense"),
+            qlora_full_precision=(*_AUDIO_LORA_TARGETS, "gru_rel_pos_linear"),
+            num_buckets=32,
+            max_bucket_distance=100,
         ),
-        FamilySpec(
-            name="wav2vec2",
-            role="encoder",
-            model_class="Wav2Vec2Model",
-            input_kind="raw_audio",
-            input_name="input_values",
-            output_name="last_hidden_state",
-            optimum_model_type="wav2vec2",
-            optimum_task="feature-extraction",
-            default_lora_targets=_AUDIO_LORA_TARGETS,
-            default_checkpoint="facebook/wav2vec2-base",
-            feature_extractor=FeatureExtractorSpec(),
+        _raw_audio_family(
+            "data2vec-audio",
+            "Data2VecAudioModel",
+            "Data2VecAudioConfig",
+            "facebook/data2vec-audio-base",
+            attention_mask=True,
+            conv_pos_kernel_size=5,
+            num_conv_pos_embeddings=2,
         ),
         FamilySpec(
             name="llm",
@@ -99,6 +212,33 @@ FAMILIES: dict[str, FamilySpec] = {
             output_name="logits",
             optimum_model_type=None,
             optimum_task="text-generation-with-past",
+            tiny=recipe(
+                "LlamaConfig",
+                hidden_size=TINY_HIDDEN,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=TINY_VOCAB,
+                max_position_embeddings=256,
+                bos_token_id=1,
+                eos_token_id=2,
+                tie_word_embeddings=False,
+            ),
+            # Qwen2.5-0.5B's sizes.
+            base=recipe(
+                "Qwen2Config",
+                hidden_size=896,
+                intermediate_size=4864,
+                num_hidden_layers=24,
+                num_attention_heads=14,
+                num_key_value_heads=2,
+                vocab_size=151936,
+                tie_word_embeddings=True,
+                max_position_embeddings=4096,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
             default_checkpoint="Qwen/Qwen2.5-0.5B",
         ),
     )

@@ -2,7 +2,7 @@
 
 Optimum exports a decoder op by op: for a 24-layer decoder about 2,400 of the 2,536 nodes
 of the optimized graph are shape arithmetic (attention reshapes, rotary positions, masks),
-which costs an int4 decode step ~4 ms of its 13.9 ms (benchmarks/NOTES.md). The model
+a large share of an int4 decode step (measured in docs/performance-notes.md). The model
 builder of `onnxruntime-genai` writes the same math as ~11 fused nodes per layer:
 GroupQueryAttention with the rotary embedding inside, SkipSimplifiedLayerNormalization, one
 packed q/k/v MatMul, and logits for the last position only.
@@ -12,7 +12,7 @@ It is asked for fp32; `--precision` transforms the result like any other fp32 gr
 
 GroupQueryAttention derives positions and key lengths from the attention mask's row sums,
 which assumes no left padding: the graph says so in its metadata, and the runtime runs
-left-padded rows of a batch one at a time (runtime.generation.decoder_backend)."""
+left-padded rows of a batch one at a time (runtime.ort_backends.decoder_backend)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from lalm_export.errors import ExportError, OptionsError
-from runtime.generation import LEFT_PADDING_METADATA
+from runtime.ort_backends import LEFT_PADDING_METADATA
 
 if TYPE_CHECKING:  # torch stays out of the CLI's start-up, which reads GRAPH_CHOICES
     from torch import nn
@@ -64,7 +64,9 @@ def choose_decoder_graph(requested: str, model: nn.Module, optimize: bool, devic
         return "optimum", "--decoder-graph optimum"
     if requested == "fused":
         if opset is not None:
-            raise OptionsError(f"--opset {opset} applies to Optimum exports; the fused graph's builder chooses its opset: drop --opset or use --decoder-graph optimum")
+            raise OptionsError(
+                f"--opset {opset} applies to Optimum exports; the fused graph's builder chooses its opset: drop --opset or use --decoder-graph optimum"
+            )
         if device != "cpu":
             raise OptionsError("--decoder-graph fused is built and verified for the CPU provider; with --device cuda use --decoder-graph optimum")
         reason = unsupported_reason(model)

@@ -10,11 +10,11 @@ pass through the model in all, not one per layer).
 
 Without calibration text the model writes its own: sequences sampled at temperature 1 from
 its start token (on a trained decoder as accurate as calibrating on its training text;
-benchmarks/NOTES.md).
+docs/performance-notes.md).
 
 The grid is the one ONNX Runtime's MatMulNBits stores (symmetric, blocks of 32 by default along the
 input dimension, the block's largest-magnitude weight at -8): the quantized weights are put
-back into the fp32 model, exported, and `precision.quantize_int4` writes them into
+back into the fp32 model, exported, and `int4.quantize_int4` writes them into
 MatMulNBits exactly (it recovers each block's grid instead of rounding again)."""
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from torch import nn
 from tqdm import tqdm
 
 from lalm_export.errors import OptionsError
+from lalm_export.int4 import block_scale, grid_levels
 
 CALIBRATION_WINDOW = 128  # tokens per calibration sequence
 MAX_CALIBRATION_WINDOWS = 64
 MIN_CALIBRATION_TOKENS = 2 * CALIBRATION_WINDOW
 DAMPING = 0.01  # of the Hessian's mean diagonal, added for a stable Cholesky factorisation
 LAZY_BATCH = 128  # columns updated together (a multiple of the block size)
-SAMPLING_BATCH = 64  # sequences sampled together: 1.65x the rate of 16 on the 0.5B decoder (2 cores)
+SAMPLING_BATCH = 64  # sequences sampled together: a wider batch samples more tokens per second (docs/performance-notes.md)
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,17 @@ def sampled_calibration_windows(model: nn.Module, tokenizer: Any, seed: int, cou
         for first in range(0, count, SAMPLING_BATCH):
             prompt = torch.full((min(SAMPLING_BATCH, count - first), 1), start, dtype=torch.long)
             sampled = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                repetition_penalty=1.0, max_new_tokens=CALIBRATION_WINDOW, min_new_tokens=CALIBRATION_WINDOW,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start, streamer=_StepCounter(bar),
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                repetition_penalty=1.0,
+                max_new_tokens=CALIBRATION_WINDOW,
+                min_new_tokens=CALIBRATION_WINDOW,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start,
+                streamer=_StepCounter(bar),
             )
             windows.append(sampled[:, 1:].numpy())
     return np.concatenate(windows).astype(np.int64)
@@ -116,12 +125,12 @@ def signed_block_scales(weight: torch.Tensor, block: int) -> torch.Tensor:
     rows, cols = weight.shape
     blocks = weight.reshape(rows, cols // block, block)
     index = blocks.abs().argmax(dim=-1, keepdim=True)
-    return torch.gather(blocks, -1, index).squeeze(-1) / -8.0
+    return block_scale(torch.gather(blocks, -1, index).squeeze(-1))
 
 
 def quantize_to_grid(column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.clamp(torch.round(column / safe), -8, 7) * scale
+    return grid_levels(column / safe) * scale
 
 
 def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, block: int) -> torch.Tensor:

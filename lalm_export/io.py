@@ -24,12 +24,7 @@ from runtime.manifest import read_json_object, sha256_of
 
 def looks_like_local_path(name: str) -> bool:
     """A hub id is `org/name`; anything else with a separator, or a dot or tilde prefix, is a path."""
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or os.path.exists(name)
-    )
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
 def check_model_source(name: str) -> None:
@@ -40,9 +35,7 @@ def check_model_source(name: str) -> None:
     if not path.exists():
         raise ModelLoadError(f"model path {name} does not exist; pass a folder saved with save_pretrained()")
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise ModelLoadError(
-            f"{name} holds no model (no config.json); pass a folder saved with save_pretrained()"
-        )
+        raise ModelLoadError(f"{name} holds no model (no config.json); pass a folder saved with save_pretrained()")
 
 
 def load_hf_model(cls: Any, name: str, **kwargs: Any) -> Any:
@@ -64,9 +57,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CorruptWeightsError(
-            f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt: save it again"
-        ) from err
+        raise CorruptWeightsError(f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt: save it again") from err
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -108,13 +108,10 @@ def _resolve_prefix(modules: list[str], linears: dict[str, nn.Linear]) -> str:
     first = modules[0].split(".")
     for cut in range(len(first)):
         prefix = ".".join(first[:cut]) + ("." if cut else "")
-        if all(m.startswith(prefix) and m[len(prefix):] in linears for m in modules):
+        if all(m.startswith(prefix) and m[len(prefix) :] in linears for m in modules):
             return prefix
     missing = next(m for m in modules if m not in linears)
-    raise AdapterMismatchError(
-        f"adapter targets module {missing!r}, which the model has no Linear layer for: "
-        "it was trained for another model or family"
-    )
+    raise AdapterMismatchError(f"adapter targets module {missing!r}, which the model has no Linear layer for: it was trained for another model or family")
 
 
 def read_lora_pairs(folder: str | Path, model: nn.Module) -> dict[str, LoraPair]:
@@ -136,7 +133,7 @@ def read_lora_pairs(folder: str | Path, model: nn.Module) -> dict[str, LoraPair]
     r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     pairs: dict[str, LoraPair] = {}
     for adapter_module, ab in sorted(parts.items()):
-        module = adapter_module[len(prefix):]
+        module = adapter_module[len(prefix) :]
         if set(ab) != {"A", "B"}:
             raise AdapterMismatchError(f"adapter module {adapter_module} lacks its lora_{'A' if 'B' in ab else 'B'} tensor")
         out_features, in_features = linears[module].weight.shape

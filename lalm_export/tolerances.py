@@ -10,25 +10,13 @@ GREEDY_STEPS = 24
 # Reduced precisions are gated against eager fp32 on cosine similarity: of the whole output
 # and of its worst row (an encoder frame, a decoder position's logits). Encoder bounds are
 # the accuracy targets of int8/fp16 serving; decoder logits on random weights are flat, so
-# their cosine is lower than on trained weights (benchmarks/NOTES.md has both).
+# their cosine is lower than on trained weights (docs/performance-notes.md has both).
 ENCODER_COSINE, ENCODER_ROW_COSINE = 0.999, 0.995
 DECODER_COSINE, DECODER_ROW_COSINE = 0.99, 0.98
-# int4 weights (blocks of 32) on random weights: logits cosine 0.989 on the tiny decoder and
-# 0.86-0.89 on the 0.5B-sized one (24 layers compound the error; the same with asymmetric
-# blocks or fp32 compute). A broken graph scores near 0; trained weights far better
-# (benchmarks/NOTES.md), and --min-cosine raises the bound for them.
+# int4 weights on random weights: their logits' cosine falls with depth (24 layers compound
+# the error; docs/performance-notes.md has the figures). A broken graph scores near 0; trained
+# weights far better, and --min-cosine raises the bound for them.
 INT4_DECODER_COSINE, INT4_DECODER_ROW_COSINE = 0.8, 0.8
 # Greedy tokens of a quantized decoder diverge wherever two logits are near-tied (random
-# weights: everywhere), so their agreement is recorded, not gated (None).
-
-
-def reduced_precision_tolerance(role: str, precision: str, min_cosine: float | None = None) -> dict[str, float | None]:
-    """Keyword arguments of `verify.Tolerance` for a non-fp32 graph; `min_cosine` replaces
-    both cosine bounds."""
-    if min_cosine is not None:
-        return {"cosine": min_cosine, "row_cosine": min_cosine, "greedy_agreement": None}
-    if role == "encoder":
-        return {"cosine": ENCODER_COSINE, "row_cosine": ENCODER_ROW_COSINE, "greedy_agreement": None}
-    if precision == "int4":
-        return {"cosine": INT4_DECODER_COSINE, "row_cosine": INT4_DECODER_ROW_COSINE, "greedy_agreement": None}
-    return {"cosine": DECODER_COSINE, "row_cosine": DECODER_ROW_COSINE, "greedy_agreement": None}
+# weights: everywhere), so their agreement is recorded, not gated. lalm_export/precision.py
+# assigns these bounds to each precision's rows.

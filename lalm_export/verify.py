@@ -17,9 +17,10 @@ from tqdm import tqdm
 from lalm_export.eager import EagerDecoderBackend, eager_encoder_outputs
 from lalm_export.errors import ParityError
 from lalm_export.families import FamilySpec
-from lalm_export.tiny import speech_like
+from lalm_export.signals import speech_like
 from lalm_export.tolerances import FP32_RELATIVE, GREEDY_STEPS
-from runtime.generation import GenerationOptions, decoder_backend, generate
+from runtime.generation import GenerationOptions, generate
+from runtime.ort_backends import decoder_backend
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,7 @@ def encoder_cases(spec: FamilySpec, seed: int, n_mels: int = 80) -> list[tuple[s
         for samples in (16_000, 25_600)
     ]
     speech = [
-        (f"speech-like, batch {b}, {seconds:.2f} s", np.stack([speech_like(seconds, seed=seed + i) for i in range(b)]))
-        for b, seconds in ((1, 1.0), (2, 1.6))
+        (f"speech-like, batch {b}, {seconds:.2f} s", np.stack([speech_like(seconds, seed=seed + i) for i in range(b)])) for b, seconds in ((1, 1.0), (2, 1.6))
     ]
     return noise + speech
 

@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("session")
     run.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
     run.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
-    run.add_argument("--save-optimized", action="store_true", help="write the optimized graph beside the bundle's graph (model.optimized.onnx) so later starts can skip optimization")
+    run.add_argument(
+        "--save-optimized",
+        action="store_true",
+        help="write the optimized graph beside the bundle's graph (model.optimized.onnx) so later starts can skip optimization",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
     return parser
 
@@ -57,9 +61,9 @@ def say(message: str, quiet: bool) -> None:
 
 def write_npz(path: Path, arrays: dict, force: bool) -> None:
     """Write atomically: a failed run never leaves a half-written file in place."""
-    from runtime.errors import RuntimeUserError
-
     import numpy as np
+
+    from runtime.errors import RuntimeUserError
 
     if path.exists() and not force:
         raise RuntimeUserError(f"--output {path} exists; pass --force to replace it")
@@ -106,7 +110,7 @@ def run_decoder(generator, args: argparse.Namespace) -> None:
         raise RuntimeUserError("a decoder bundle needs --prompt TEXT")
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens,
-        eos_token_id=-1 if args.ignore_eos else None,  # -1 never occurs: disables the EOS stop
+        stop_at_eos=not args.ignore_eos,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -117,20 +121,27 @@ def run_decoder(generator, args: argparse.Namespace) -> None:
     completions = generator.complete(args.prompt, options, stop_strings=args.stop, on_text=on_text)
     for completion in completions:
         if args.json:
-            print(json.dumps({
-                "prompt": completion.prompt,
-                "text": completion.text,
-                "tokens": completion.tokens,
-                "time_to_first_token_s": completion.time_to_first_token_s,
-                "tokens_per_s": completion.tokens_per_s,
-                **completion.timings,
-            }))
+            print(
+                json.dumps(
+                    {
+                        "prompt": completion.prompt,
+                        "text": completion.text,
+                        "tokens": completion.tokens,
+                        "time_to_first_token_s": completion.time_to_first_token_s,
+                        "tokens_per_s": completion.tokens_per_s,
+                        **completion.timings,
+                    }
+                )
+            )
         elif not stream:
             print(f"{completion.prompt}{completion.text}")
     if stream:
         print()
     first = completions[0]
-    say(f"[{len(first.tokens)} tokens, first after {first.time_to_first_token_s * 1e3:.1f} ms, {first.tokens_per_s:.1f} tokens/s, provider {generator.provider}]", args.quiet)
+    say(
+        f"[{len(first.tokens)} tokens, first after {first.time_to_first_token_s * 1e3:.1f} ms, {first.tokens_per_s:.1f} tokens/s, provider {generator.provider}]",
+        args.quiet,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

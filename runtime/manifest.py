@@ -160,7 +160,5 @@ def verify_graph_files(folder: str | Path, graph: GraphFile) -> Path:
         if not file.is_file():
             raise BundleError(f"bundle {folder} lacks {relative}; export it again")
         if sha256_of(file) != expected:
-            raise BundleError(
-                f"{file} does not match the sha256 in the manifest: it was modified or truncated; export the bundle again"
-            )
+            raise BundleError(f"{file} does not match the sha256 in the manifest: it was modified or truncated; export the bundle again")
     return folder / graph.path

@@ -62,9 +62,9 @@ def conv_algo_search() -> str:
     """cuDNN's convolution plan search, EXHAUSTIVE unless the environment variable
     LALM_CUDNN_CONV_ALGO_SEARCH names HEURISTIC or DEFAULT. With cuDNN 9, ONNX Runtime maps
     these to cuDNN heuristic modes B, A and the fallback engines, and tries no second mode when
-    the first finds no plan. Measured on an H100 (benchmarks/results/gpu/conv_probe.json, NOTES):
-    mode A found no fp16 plan for wav2vec2/HuBERT's 128-tap grouped positional convolution;
-    mode B ran every case, as fast as A where A ran; the fallback engines were 2-15x slower."""
+    the first finds no plan. On an H100 (benchmarks/results/gpu/conv_probe.json, measured by
+    benchmarks/gpu/conv_probe.py) mode A found no fp16 plan for wav2vec2/HuBERT's grouped
+    positional convolution, mode B ran every case, and the fallback engines were slower."""
     choice = os.environ.get(CONV_ALGO_SEARCH_ENV, CONV_ALGO_SEARCHES[0]).strip().upper()
     if choice not in CONV_ALGO_SEARCHES:
         raise ProviderError(f"{CONV_ALGO_SEARCH_ENV}={choice!r}: use one of {', '.join(CONV_ALGO_SEARCHES)}")

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from lalm_export.families import ENCODER_FAMILIES, FAMILIES  # noqa: E402
 from lalm_export.tiny import build_tiny_checkpoint  # noqa: E402
 
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """family -> folder of a tiny random checkpoint."""

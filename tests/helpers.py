@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -32,12 +35,31 @@ def relative_error(reference: np.ndarray | torch.Tensor, candidate: np.ndarray |
 def run_cli(*args: str, env: dict[str, str] | None = None, module: str = "lalm_export.cli") -> subprocess.CompletedProcess:
     """Run a command-line entry point as a user would, in a subprocess."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300)
 
 
-def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+@dataclass(frozen=True)
+class Outcome:
+    """What a command-line run gave: exit status and its two streams."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(main: Callable[[list[str]], int], *args: object, capsys: pytest.CaptureFixture[str]) -> Outcome:
+    """Run a command's `main(argv)` in this process (argparse's exit 2 included), capturing
+    its output: user-error cases stay fast; each command keeps one subprocess test too."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return Outcome(code, captured.out, captured.err)
+
+
+def assert_user_error(result: subprocess.CompletedProcess | Outcome, fragment: str) -> None:
     """Non-zero exit, no traceback, one line on stderr naming the problem."""
     assert result.returncode != 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr

@@ -1,5 +1,5 @@
-"""`lalm-export` driven as a user would, in a subprocess: a real export, and every user
-error as one line, a non-zero exit and nothing written."""
+"""`lalm-export` driven as a user would: a real export in a subprocess, and every user
+error (in process, through `main`) as one line, a non-zero exit and nothing written."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
+from lalm_export.cli import main
+from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.models import HubertAudioEncoder, LLMDecoder
-from tests.helpers import assert_user_error, randomize_lora, run_cli
+from tests.helpers import assert_user_error, randomize_lora, run_cli, run_main
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,19 @@ def adapters(checkpoints, tmp_path_factory):
     randomize_lora(hubert)
     hubert.save_lora_weights(root / "hubert")
     LLMDecoder(str(checkpoints["llm"]), use_lora=True).save_lora_weights(root / "llm")
-    wider = Wav2Vec2Model(Wav2Vec2Config(hidden_size=96, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, conv_dim=(64, 64), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))
+    wider = Wav2Vec2Model(
+        Wav2Vec2Config(
+            hidden_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=128,
+            conv_dim=(64, 64),
+            conv_stride=(5, 4),
+            conv_kernel=(10, 8),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+        )
+    )
     get_peft_model(wider, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(root / "wider"))
     corrupt = root / "corrupt"
     hubert.save_lora_weights(corrupt)
@@ -45,10 +59,30 @@ def test_quiet_prints_nothing(checkpoints, tmp_path):
     assert result.returncode == 0 and result.stdout == "" and result.stderr.strip() == ""
 
 
-def test_help_explains_every_flag():
-    result = run_cli("--help")
+def test_help_explains_every_flag(capsys):
+    result = run_main(main, "--help", capsys=capsys)
     assert result.returncode == 0
-    for flag in ("--encoder", "--decoder", "--model", "--adapter", "--qlora", "--weights", "--opset", "--decoder-graph", "--int4-method", "--int4-block-size", "--int4-lm-head", "--calibration", "--all-hidden-states", "--force", "--no-verify", "--atol", "-q", "--json", "examples:"):
+    for flag in (
+        "--encoder",
+        "--decoder",
+        "--model",
+        "--adapter",
+        "--qlora",
+        "--weights",
+        "--opset",
+        "--decoder-graph",
+        "--int4-method",
+        "--int4-block-size",
+        "--int4-lm-head",
+        "--calibration",
+        "--all-hidden-states",
+        "--force",
+        "--no-verify",
+        "--atol",
+        "-q",
+        "--json",
+        "examples:",
+    ):
         assert flag in result.stdout
 
 
@@ -69,7 +103,7 @@ def test_help_explains_every_flag():
         ("parity failure", "disagrees with eager PyTorch fp32"),
     ],
 )
-def test_user_errors(case, fragment, checkpoints, adapters, tmp_path):
+def test_user_errors(case, fragment, checkpoints, adapters, tmp_path, capsys):
     out = tmp_path / "out"
     args = {
         "missing model": ["--encoder", "hubert", "--model", tmp_path / "nope"],
@@ -88,7 +122,7 @@ def test_user_errors(case, fragment, checkpoints, adapters, tmp_path):
     if case == "adapter targeting other modules":
         (adapters / "llm" / "lalm_adapter.json").rename(adapters / "llm_meta.json")  # as a plain peft folder
     try:
-        result = run_cli(*args, "--output", out)
+        result = run_main(main, *args, "--output", out, capsys=capsys)
     finally:
         if case == "adapter targeting other modules":
             (adapters / "llm_meta.json").rename(adapters / "llm" / "lalm_adapter.json")
@@ -97,17 +131,17 @@ def test_user_errors(case, fragment, checkpoints, adapters, tmp_path):
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_existing_output_is_refused(checkpoints, tmp_path):
+def test_existing_output_is_refused(checkpoints, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_user_error(run_cli("--encoder", "hubert", "--model", checkpoints["hubert"], "--output", out), "pass --force")
+    assert_user_error(run_main(main, "--encoder", "hubert", "--model", checkpoints["hubert"], "--output", out, capsys=capsys), "pass --force")
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_unknown_encoder_lists_the_known_ones(tmp_path):
-    result = run_cli("--encoder", "conformer", "--output", tmp_path / "o")
-    assert result.returncode == 2 and "whisper" in result.stderr and "wav2vec2" in result.stderr
+def test_unknown_encoder_lists_the_known_ones(tmp_path, capsys):
+    result = run_main(main, "--encoder", "conformer", "--output", tmp_path / "o", capsys=capsys)
+    assert result.returncode == 2 and all(family in result.stderr for family in ENCODER_FAMILIES)
 
 
 def test_qlora_without_bitsandbytes(checkpoints, adapters, tmp_path):
@@ -115,7 +149,15 @@ def test_qlora_without_bitsandbytes(checkpoints, adapters, tmp_path):
     blocker.mkdir()
     (blocker / "bitsandbytes.py").write_text("raise ImportError('bitsandbytes is not installed')\n")
     result = run_cli(
-        "--encoder", "hubert", "--model", checkpoints["hubert"], "--adapter", adapters / "hubert", "--qlora", "--output", tmp_path / "o",
+        "--encoder",
+        "hubert",
+        "--model",
+        checkpoints["hubert"],
+        "--adapter",
+        adapters / "hubert",
+        "--qlora",
+        "--output",
+        tmp_path / "o",
         env={"PYTHONPATH": str(blocker)},
     )
     assert_user_error(result, "QLoRA needs bitsandbytes")

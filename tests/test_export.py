@@ -19,8 +19,9 @@ from lalm_export.models import ENCODER_CLASSES, LLMDecoder
 from lalm_export.models.loading import load_family_model
 from lalm_export.tiny import tiny_input
 from lalm_export.tolerances import FP32_RELATIVE
-from runtime.generation import GenerationOptions, OrtDecoderBackend, generate
+from runtime.generation import GenerationOptions, generate
 from runtime.manifest import read_manifest, sha256_of
+from runtime.ort_backends import OrtDecoderBackend
 from tests.helpers import randomize_lora, relative_error
 
 
@@ -41,9 +42,7 @@ def test_encoder_lora_bundle_matches_the_eager_adapter(encoder_family, checkpoin
     wrapper = lora_wrapper(encoder_family, checkpoints)
     wrapper.save_lora_weights(tmp_path / "ckpt")
     bundle = tmp_path / "bundle"
-    manifest = export_bundle(
-        ExportOptions(family=encoder_family, model=str(checkpoints[encoder_family]), adapter=tmp_path / "ckpt", output=bundle), quiet=True
-    )
+    manifest = export_bundle(ExportOptions(family=encoder_family, model=str(checkpoints[encoder_family]), adapter=tmp_path / "ckpt", output=bundle), quiet=True)
     assert manifest.source.merge == "lora" and manifest.parity["passed"]
     for batch, seconds in ((1, 1.0), (3, 0.7)):
         x = tiny_input(encoder_family, batch=batch, seconds=seconds, seed=11)
@@ -82,7 +81,7 @@ def test_decoder_lora_bundle_generates_the_same_greedy_tokens(checkpoints, tmp_p
     assert (bundle / "tokenizer.json").is_file() and (bundle / "generation_config.json").is_file()
     ids = wrapper.tokenizer("The capital of France is", return_tensors="pt").input_ids
     wrapper.eval()
-    hf = wrapper.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+    hf = wrapper.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     ours = generate(OrtDecoderBackend(session), ids.numpy(), np.ones_like(ids.numpy()), GenerationOptions(max_new_tokens=24))[0]
     assert ours.tolist() == hf.tolist()

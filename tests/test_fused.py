@@ -12,14 +12,17 @@ import onnx
 import pytest
 
 import lalm_export.fused as fused
+from lalm_export.cli import main
 from lalm_export.errors import OptionsError
 from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.tiny import TINY_HIDDEN, TINY_VOCAB, save_random_checkpoint
+from lalm_export.families import TINY_HIDDEN, TINY_VOCAB
+from lalm_export.tiny import save_random_checkpoint
 from runtime.api import load
 from runtime.errors import RuntimeUserError
-from runtime.generation import LEFT_PADDING_METADATA, GenerationOptions, OrtDecoderBackend, RowByRowBackend
+from runtime.generation import GenerationOptions
 from runtime.manifest import read_manifest
-from tests.helpers import assert_user_error, run_cli
+from runtime.ort_backends import LEFT_PADDING_METADATA, OrtDecoderBackend, RowByRowBackend
+from tests.helpers import assert_user_error, run_main
 
 
 def graph_of(bundle) -> onnx.ModelProto:
@@ -45,8 +48,16 @@ def tiny_decoder_config(architecture: str, tied: bool = False):
     import transformers
 
     common = dict(
-        hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TINY_VOCAB,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tied,
     )
     config_class = {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[architecture]
     extra = {"head_dim": TINY_HIDDEN // 4} if architecture == "qwen3" else {}
@@ -129,9 +140,11 @@ def test_the_builder_runs_no_checkpoint_code_unless_asked(checkpoints, tmp_path,
     assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.suffix in (".onnx", ".data")) == ["model.onnx", "model.onnx.data"]
 
 
-def test_decoder_graph_flag_errors_are_one_line(checkpoints, tmp_path):
-    result = run_cli("--encoder", "hubert", "--model", checkpoints["hubert"], "--decoder-graph", "fused", "--output", tmp_path / "o")
+def test_decoder_graph_flag_errors_are_one_line(checkpoints, tmp_path, capsys):
+    result = run_main(main, "--encoder", "hubert", "--model", checkpoints["hubert"], "--decoder-graph", "fused", "--output", tmp_path / "o", capsys=capsys)
     assert_user_error(result, "--decoder-graph is for decoders")
-    result = run_cli("--decoder", "auto", "--model", checkpoints["llm"], "--decoder-graph", "fused", "--opset", "17", "--output", tmp_path / "o")
+    result = run_main(
+        main, "--decoder", "auto", "--model", checkpoints["llm"], "--decoder-graph", "fused", "--opset", "17", "--output", tmp_path / "o", capsys=capsys
+    )
     assert_user_error(result, "drop --opset")
     assert not (tmp_path / "o").exists()

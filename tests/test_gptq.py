@@ -11,7 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from lalm_export.cli import main
 from lalm_export.export import ExportOptions, export_bundle
+from lalm_export.families import get_family
 from lalm_export.gptq import (
     CALIBRATION_WINDOW,
     calibration_windows,
@@ -23,12 +25,11 @@ from lalm_export.gptq import (
     sampled_calibration_windows,
     signed_block_scales,
 )
+from lalm_export.int4 import INT4_BLOCK_SIZE, Int4Options, exact_int4_grid, pack_int4, quantize_int4
 from lalm_export.models.llm import load_tokenizer
 from lalm_export.models.loading import load_family_model
-from lalm_export.families import get_family
-from lalm_export.precision import INT4_BLOCK_SIZE, exact_int4_grid, pack_int4, quantize_int4
 from runtime.manifest import read_manifest
-from tests.helpers import assert_user_error, run_cli
+from tests.helpers import assert_user_error, run_cli, run_main
 
 CALIBRATION_TEXT = " ".join(["the quick brown fox jumps over the lazy dog, and one two three four five six seven."] * 40)
 
@@ -71,7 +72,7 @@ def dequantized(path, k: int, n: int, block: int = INT4_BLOCK_SIZE) -> np.ndarra
 def test_our_int4_packing_is_onnx_runtimes(tmp_path):
     weight = grid_weight(96, 8, largest_step=8)
     matmul_graph(weight, tmp_path / "fp32.onnx")
-    quantize_int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx")
+    quantize_int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", Int4Options())
     packed, scales = stored_int4(tmp_path / "int4.onnx")
     values, our_scales, exact = exact_int4_grid(weight, INT4_BLOCK_SIZE)
     assert exact.all()
@@ -82,15 +83,15 @@ def test_our_int4_packing_is_onnx_runtimes(tmp_path):
 def test_weights_on_a_narrower_grid_are_stored_exactly_not_rounded_again(tmp_path):
     weight = grid_weight(96, 8, largest_step=5)
     matmul_graph(weight, tmp_path / "fp32.onnx")
-    quantize_int4(tmp_path / "fp32.onnx", tmp_path / "rtn.onnx")
-    assert quantize_int4(tmp_path / "fp32.onnx", tmp_path / "exact.onnx", exact_grids=True)["exact_grid_blocks"] == 8 * 3
+    quantize_int4(tmp_path / "fp32.onnx", tmp_path / "rtn.onnx", Int4Options())
+    assert quantize_int4(tmp_path / "fp32.onnx", tmp_path / "exact.onnx", Int4Options(method="gptq"))["exact_grid_blocks"] == 8 * 3
     np.testing.assert_allclose(dequantized(tmp_path / "exact.onnx", 96, 8), weight, rtol=0, atol=1e-7)
     assert np.abs(dequantized(tmp_path / "rtn.onnx", 96, 8) - weight).max() > 1e-3
     # Off-grid weights keep round-to-nearest, bit for bit.
     noisy = weight + np.random.default_rng(1).normal(0, 1e-3, weight.shape).astype(np.float32)
     matmul_graph(noisy, tmp_path / "noisy.onnx")
-    quantize_int4(tmp_path / "noisy.onnx", tmp_path / "noisy-rtn.onnx")
-    assert quantize_int4(tmp_path / "noisy.onnx", tmp_path / "noisy-exact.onnx", exact_grids=True)["exact_grid_blocks"] == 0
+    quantize_int4(tmp_path / "noisy.onnx", tmp_path / "noisy-rtn.onnx", Int4Options())
+    assert quantize_int4(tmp_path / "noisy.onnx", tmp_path / "noisy-exact.onnx", Int4Options(method="gptq"))["exact_grid_blocks"] == 0
     np.testing.assert_array_equal(stored_int4(tmp_path / "noisy-rtn.onnx")[0], stored_int4(tmp_path / "noisy-exact.onnx")[0])
 
 
@@ -121,8 +122,11 @@ def test_gptq_export_stores_the_gptq_weights(block, lm_head, checkpoints, calibr
     checkpoint = str(checkpoints["llm"])
     bundle = tmp_path / "gptq"
     options = ExportOptions(
-        family="llm", model=checkpoint, output=bundle, precision="int4", int4_method="gptq", calibration=calibration_file,
-        int4_block_size=block, int4_lm_head=lm_head,
+        family="llm",
+        model=checkpoint,
+        output=bundle,
+        precision="int4",
+        int4=Int4Options(method="gptq", calibration=calibration_file, block_size=block, lm_head=lm_head),
     )
     manifest = export_bundle(options, quiet=True)
     int4 = manifest.extra["int4"]
@@ -147,7 +151,7 @@ def test_gptq_export_stores_the_gptq_weights(block, lm_head, checkpoints, calibr
 def test_layer_by_layer_inputs_reproduce_the_model(checkpoints):
     model = load_family_model(get_family("llm"), str(checkpoints["llm"])).float().eval()
     batch = torch.from_numpy(np.random.default_rng(0).integers(3, 100, size=(2, 12)))
-    (hidden, kwargs), = first_layer_inputs(model, [batch])
+    ((hidden, kwargs),) = first_layer_inputs(model, [batch])
     for layer in model.get_decoder().layers:
         hidden = run_layer(layer, hidden, kwargs)
     with torch.no_grad():
@@ -197,10 +201,10 @@ def test_gptq_without_calibration_text_calibrates_on_model_samples(checkpoints, 
         (["--precision", "int8", "--int4-lm-head", "int4"], "--int4-lm-head is for --precision int4"),
     ],
 )
-def test_gptq_user_errors(flags, fragment, checkpoints, calibration_file, tmp_path):
+def test_gptq_user_errors(flags, fragment, checkpoints, calibration_file, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("hello there", encoding="utf-8")
     paths = {"CAL": calibration_file, "MISSING": tmp_path / "nope.txt", "SHORT": short}
-    result = run_cli("--decoder", "auto", "--model", checkpoints["llm"], "--output", tmp_path / "out", *[paths.get(f, f) for f in flags])
+    result = run_main(main, "--decoder", "auto", "--model", checkpoints["llm"], "--output", tmp_path / "out", *[paths.get(f, f) for f in flags], capsys=capsys)
     assert_user_error(result, fragment)
     assert not (tmp_path / "out").exists()

@@ -10,10 +10,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import WhisperModel
 
 from lalm_export.errors import AdapterMismatchError
+from lalm_export.families import get_family
 from lalm_export.merge import LoraPair, lora_delta, merge_adapter_into, merge_lora, read_lora_pairs
 from lalm_export.models import Wav2Vec2AudioEncoder
 from lalm_export.models.loading import load_family_model
-from lalm_export.families import get_family
 from tests.helpers import randomize_lora
 
 

@@ -13,13 +13,15 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
+from lalm_export.cli import main
 from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.precision import fold_constant_transposes, keep_last_position_logits
+from lalm_export.rewrites import fold_constant_transposes, keep_last_position_logits
 from lalm_export.verify import OutputError, Tolerance
 from runtime.api import load
-from runtime.generation import GenerationOptions, OrtDecoderBackend, decoder_backend
+from runtime.generation import GenerationOptions
 from runtime.manifest import read_manifest
-from tests.helpers import assert_user_error, run_cli
+from runtime.ort_backends import OrtDecoderBackend, decoder_backend
+from tests.helpers import assert_user_error, run_main
 
 
 def graph_ops(bundle) -> Counter:
@@ -40,7 +42,9 @@ def test_int8_encoder_quantizes_the_linear_layers_with_signed_weights(encoder_fa
     assert manifest.parity["passed"] and manifest.parity["tolerance"]["cosine"] == 0.999
     assert ops["DynamicQuantizeLinear"] > 0 and ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] > 0
     assert ops["ConvInteger"] == 0, "int8 convolutions are slower than fp32 ones in ONNX Runtime"
-    constant_matmuls = [n for n in graph_proto(bundle).graph.node if n.op_type == "MatMul" and n.input[1] in {t.name for t in graph_proto(bundle).graph.initializer}]
+    constant_matmuls = [
+        n for n in graph_proto(bundle).graph.node if n.op_type == "MatMul" and n.input[1] in {t.name for t in graph_proto(bundle).graph.initializer}
+    ]
     assert not constant_matmuls, "every MatMul with a weight is quantized"
     signed = [t for t in graph_proto(bundle).graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert signed, "S8S8: the weights must be signed int8"
@@ -171,16 +175,18 @@ def test_per_row_cosine_catches_one_bad_frame_that_the_whole_output_cosine_misse
         (["--decoder", "auto", "--precision", "int8", "--device", "cuda"], "with --device cuda use --precision fp16"),
     ],
 )
-def test_refused_precisions_say_what_to_use(flags, fragment, checkpoints, tmp_path):
+def test_refused_precisions_say_what_to_use(flags, fragment, checkpoints, tmp_path, capsys):
     family = "llm" if "--decoder" in flags else flags[1]
-    result = run_cli(*flags, "--model", checkpoints[family], "--output", tmp_path / "out")
+    result = run_main(main, *flags, "--model", checkpoints[family], "--output", tmp_path / "out", capsys=capsys)
     assert_user_error(result, fragment)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_device_cuda_without_a_gpu_is_a_clear_error(checkpoints, tmp_path):
-    result = run_cli("--encoder", "whisper", "--model", checkpoints["whisper"], "--precision", "fp16", "--device", "cuda", "--output", tmp_path / "out")
+def test_device_cuda_without_a_gpu_is_a_clear_error(checkpoints, tmp_path, capsys):
+    result = run_main(
+        main, "--encoder", "whisper", "--model", checkpoints["whisper"], "--precision", "fp16", "--device", "cuda", "--output", tmp_path / "out", capsys=capsys
+    )
     assert_user_error(result, "--device cuda")
 
 
@@ -191,11 +197,24 @@ def test_manifest_records_precision_and_reads_back(checkpoints, tmp_path):
     assert read_manifest(tmp_path / "b").precision == "int8"
 
 
-def test_min_cosine_replaces_the_reduced_precision_bound(checkpoints, tmp_path):
-    strict = run_cli("--decoder", "auto", "--model", checkpoints["llm"], "--precision", "int4", "--min-cosine", "0.99999", "--output", tmp_path / "strict")
+def test_min_cosine_replaces_the_reduced_precision_bound(checkpoints, tmp_path, capsys):
+    strict = run_main(
+        main,
+        "--decoder",
+        "auto",
+        "--model",
+        checkpoints["llm"],
+        "--precision",
+        "int4",
+        "--min-cosine",
+        "0.99999",
+        "--output",
+        tmp_path / "strict",
+        capsys=capsys,
+    )
     assert_user_error(strict, "cosine >= 0.99999")
     assert not (tmp_path / "strict").exists()
-    wrong = run_cli("--encoder", "hubert", "--model", checkpoints["hubert"], "--min-cosine", "0.9", "--output", tmp_path / "fp32")
+    wrong = run_main(main, "--encoder", "hubert", "--model", checkpoints["hubert"], "--min-cosine", "0.9", "--output", tmp_path / "fp32", capsys=capsys)
     assert_user_error(wrong, "--min-cosine")
 
 

@@ -40,7 +40,8 @@ def positional_conv(path: Path, dtype: str) -> None:
     bias = np.zeros(CHANNELS, dtype=numpy_type)
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=GROUPS, kernel_shape=[TAPS], pads=[TAPS // 2, TAPS // 2])
     graph = helper.make_graph(
-        [node], "pos_conv",
+        [node],
+        "pos_conv",
         [helper.make_tensor_value_info("x", onnx_type, ["batch", CHANNELS, "frames"])],
         [helper.make_tensor_value_info("y", onnx_type, None)],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],

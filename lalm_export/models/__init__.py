@@ -1,20 +1,27 @@
 """PyTorch wrappers: the contract of the original usage guide (`src.model.*`)."""
 
+from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.models.audio_encoder import (
     BaseAudioEncoder,
+    Data2VecAudioEncoder,
     HubertAudioEncoder,
     Wav2Vec2AudioEncoder,
+    WavLMAudioEncoder,
     WhisperAudioEncoder,
+    encoder_class,
 )
 from lalm_export.models.llm import LLMDecoder
 
-ENCODER_CLASSES = {cls.family: cls for cls in (WhisperAudioEncoder, HubertAudioEncoder, Wav2Vec2AudioEncoder)}
+ENCODER_CLASSES = {family: encoder_class(family) for family in ENCODER_FAMILIES}
 
 __all__ = [
     "BaseAudioEncoder",
+    "Data2VecAudioEncoder",
     "ENCODER_CLASSES",
     "HubertAudioEncoder",
     "LLMDecoder",
     "Wav2Vec2AudioEncoder",
+    "WavLMAudioEncoder",
     "WhisperAudioEncoder",
+    "encoder_class",
 ]

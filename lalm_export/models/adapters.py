@@ -30,10 +30,14 @@ class QuantizationSettings:
     compute_dtype: str = "float32"
     base_dtype: str = "float32"  # dtype of the layers bitsandbytes leaves unquantized
 
-    def bnb_config(self) -> Any:
+    def bnb_config(self, keep_full_precision: tuple[str, ...] = ()) -> Any:
+        """bitsandbytes' settings; `keep_full_precision`: module names left unquantized (the
+        family's layers its 4-bit kernels cannot run), besides transformers' own choice."""
         from transformers import BitsAndBytesConfig
 
+        extra = {"llm_int8_skip_modules": list(keep_full_precision)} if keep_full_precision else {}
         return BitsAndBytesConfig(
+            **extra,
             load_in_4bit=True,
             bnb_4bit_quant_type=self.quant_type,
             bnb_4bit_use_double_quant=self.double_quant,
@@ -68,9 +72,7 @@ class TrainingMode:
     def quantization(self) -> QuantizationSettings | None:
         if not self.use_qlora:
             return None
-        return QuantizationSettings(
-            quant_type=self.bnb_4bit_quant_type, double_quant=self.bnb_4bit_use_double_quant
-        )
+        return QuantizationSettings(quant_type=self.bnb_4bit_quant_type, double_quant=self.bnb_4bit_use_double_quant)
 
     def validate(self) -> None:
         """Every rule in one place; each error names the rule and the fix."""
@@ -78,9 +80,7 @@ class TrainingMode:
             raise OptionsError("use_lora=True and use_qlora=True: choose one (QLoRA is LoRA on a 4-bit base)")
         if self.finetune and self.uses_adapter:
             flag = "use_qlora" if self.use_qlora else "use_lora"
-            raise OptionsError(
-                f"finetune=True and {flag}=True: choose full fine-tuning (finetune=True) or an adapter ({flag}=True)"
-            )
+            raise OptionsError(f"finetune=True and {flag}=True: choose full fine-tuning (finetune=True) or an adapter ({flag}=True)")
         if self.use_qlora and not self.load_in_4bit:
             raise OptionsError("use_qlora=True needs load_in_4bit=True (QLoRA trains LoRA on a 4-bit base); or use use_lora=True")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
@@ -140,15 +140,11 @@ def check_adapter_folder(folder: str | Path) -> Path:
         raise AdapterMismatchError(f"adapter folder {folder} does not exist")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).is_file():
-            raise AdapterMismatchError(
-                f"{folder} is not a peft adapter folder (no {name}); pass a folder written by save_lora_weights()"
-            )
+            raise AdapterMismatchError(f"{folder} is not a peft adapter folder (no {name}); pass a folder written by save_lora_weights()")
     return folder
 
 
-def first_mismatch(
-    expected: dict[str, torch.Size], found: dict[str, torch.Tensor], what: str
-) -> str | None:
+def first_mismatch(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], what: str) -> str | None:
     """A one-line description of the first key or shape that differs, else None."""
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
@@ -158,10 +154,7 @@ def first_mismatch(
         return f"{what} lacks tensor {missing[0]} that the model has ({len(missing)} such)"
     for key in sorted(expected):
         if tuple(found[key].shape) != tuple(expected[key]):
-            return (
-                f"{what} tensor {key} has shape {tuple(found[key].shape)}, "
-                f"the model expects {tuple(expected[key])}"
-            )
+            return f"{what} tensor {key} has shape {tuple(found[key].shape)}, the model expects {tuple(expected[key])}"
     return None
 
 
@@ -179,9 +172,7 @@ def load_adapter(peft_model: nn.Module, folder: str | Path, family: str) -> None
     folder = check_adapter_folder(folder)
     metadata = read_adapter_metadata(folder)
     if metadata is not None and metadata.family != family:
-        raise AdapterMismatchError(
-            f"adapter {folder} was trained for the {metadata.family!r} family, not {family!r}"
-        )
+        raise AdapterMismatchError(f"adapter {folder} was trained for the {metadata.family!r} family, not {family!r}")
     tensors = read_safetensors(folder / ADAPTER_WEIGHTS)
     expected = {k: v.shape for k, v in get_peft_model_state_dict(peft_model).items()}
     problem = first_mismatch(expected, tensors, f"adapter {folder}")
@@ -199,9 +190,7 @@ def save_full_weights(model: nn.Module, folder: str | Path, family: str, base_mo
 def read_full_weights(folder: str | Path, family: str) -> dict[str, torch.Tensor]:
     folder = Path(folder).expanduser()
     if not (folder / FULL_WEIGHTS).is_file():
-        raise AdapterMismatchError(
-            f"{folder} holds no {FULL_WEIGHTS}; pass a folder written by save_model_weights()"
-        )
+        raise AdapterMismatchError(f"{folder} holds no {FULL_WEIGHTS}; pass a folder written by save_model_weights()")
     meta_path = folder / FULL_WEIGHTS_METADATA
     if meta_path.exists():
         saved_family = read_json(meta_path, "weights metadata").get("family")
@@ -246,6 +235,45 @@ def attach_lora(model: nn.Module, mode: TrainingMode, target_modules: tuple[str,
 def lora_target_names(peft_model: nn.Module) -> tuple[str, ...]:
     config = peft_model.peft_config["default"]
     return tuple(sorted(config.target_modules))
+
+
+class AdapterCheckpoints:
+    """Adapter save/load shared by the encoder and decoder wrappers. A wrapper sets `family`,
+    `model_name`, `mode` and names the peft-wrapped module in `adapted_module`."""
+
+    family: str
+    model_name: str
+    mode: TrainingMode
+    adapted_module: str
+
+    @property
+    def _adapted(self) -> nn.Module:
+        return getattr(self, self.adapted_module)
+
+    def save_lora_weights(self, path: str | Path) -> None:
+        """The adapter (peft folder, safetensors) and `lalm_adapter.json`, which the export reads to merge it."""
+        self._require_adapter("save_lora_weights")
+        save_adapter(self._adapted, path, self.adapter_metadata())
+
+    def load_lora_weights(self, path: str | Path) -> None:
+        """Weights of a saved adapter, checked against this model's family, keys and shapes."""
+        self._require_adapter("load_lora_weights")
+        load_adapter(self._adapted, path, self.family)
+
+    def adapter_metadata(self) -> AdapterMetadata:
+        return AdapterMetadata(
+            family=self.family,
+            base_model=self.model_name,
+            model_type=self._adapted.config.model_type,
+            lora_r=self.mode.lora_r,
+            lora_alpha=self.mode.lora_alpha,
+            target_modules=lora_target_names(self._adapted),
+            quantization=self.mode.quantization(),
+        )
+
+    def _require_adapter(self, method: str) -> None:
+        if not self.mode.uses_adapter:
+            raise OptionsError(f"{method}() needs an adapter: construct {type(self).__name__} with use_lora=True or use_qlora=True")
 
 
 def set_trainable(model: nn.Module, mode: TrainingMode) -> None:

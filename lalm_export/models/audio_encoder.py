@@ -1,34 +1,40 @@
-"""Audio encoders (Whisper encoder, HuBERT, Wav2Vec2), each frozen, fully fine-tuned,
+"""Audio encoders (Whisper encoder, HuBERT, Wav2Vec2, WavLM, Data2VecAudio: every encoder row of
+the family registry), each frozen, fully fine-tuned,
 LoRA or QLoRA. `forward` returns every layer's hidden states, the final layer last."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lalm_export.errors import OptionsError
-from lalm_export.families import get_family
+from lalm_export.families import ENCODER_FAMILIES, get_family
 from lalm_export.models.adapters import (
-    AdapterMetadata,
+    AdapterCheckpoints,
     TrainingMode,
     attach_lora,
-    load_adapter,
     load_full_weights,
-    lora_target_names,
-    save_adapter,
     save_full_weights,
     set_trainable,
 )
 from lalm_export.models.loading import load_family_model, model_device
 
 
-class BaseAudioEncoder(nn.Module):
-    """Shared behaviour of the audio encoders; use a subclass, which names its family."""
+class BaseAudioEncoder(AdapterCheckpoints, nn.Module):
+    """Shared behaviour of the audio encoders; use a subclass, which names its family
+    (`encoder_class(family)` gives the one for any encoder row of the registry)."""
 
     family: ClassVar[str] = ""
+    adapted_module: ClassVar[str] = "encoder"
+    _by_family: ClassVar[dict[str, type[BaseAudioEncoder]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.family:
+            BaseAudioEncoder._by_family.setdefault(cls.family, cls)
 
     def __init__(
         self,
@@ -47,7 +53,8 @@ class BaseAudioEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if not self.family:
-            raise TypeError("BaseAudioEncoder is abstract: use WhisperAudioEncoder, HubertAudioEncoder or Wav2Vec2AudioEncoder")
+            named = ", ".join(encoder_class(f).__name__ for f in ENCODER_FAMILIES)
+            raise TypeError(f"BaseAudioEncoder is abstract: use one of {named}")
         self.spec = get_family(self.family)
         self.model_name = str(model_name)
         self.mode = TrainingMode(
@@ -92,14 +99,6 @@ class BaseAudioEncoder(nn.Module):
     def inference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.forward(x)
 
-    def save_lora_weights(self, path: str | Path) -> None:
-        self._require_adapter("save_lora_weights")
-        save_adapter(self.encoder, path, self._adapter_metadata())
-
-    def load_lora_weights(self, path: str | Path) -> None:
-        self._require_adapter("load_lora_weights")
-        load_adapter(self.encoder, path, self.family)
-
     def save_model_weights(self, path: str | Path) -> None:
         """Full weights as safetensors (frozen or fine-tuned encoders)."""
         self._forbid_adapter("save_model_weights")
@@ -109,26 +108,10 @@ class BaseAudioEncoder(nn.Module):
         self._forbid_adapter("load_model_weights")
         load_full_weights(self.encoder, path, self.family)
 
-    def _adapter_metadata(self) -> AdapterMetadata:
-        return AdapterMetadata(
-            family=self.family,
-            base_model=self.model_name,
-            model_type=self.encoder.config.model_type,
-            lora_r=self.mode.lora_r,
-            lora_alpha=self.mode.lora_alpha,
-            target_modules=lora_target_names(self.encoder),
-            quantization=self.mode.quantization(),
-        )
-
-    def _require_adapter(self, method: str) -> None:
-        if not self.mode.uses_adapter:
-            raise OptionsError(f"{method}() needs an adapter: construct the encoder with use_lora=True or use_qlora=True")
-
     def _forbid_adapter(self, method: str) -> None:
         if self.mode.uses_adapter:
             raise OptionsError(
-                f"{method}() is for frozen or fine-tuned encoders; with LoRA use save_lora_weights()/load_lora_weights() "
-                "(lalm-export merges the adapter)"
+                f"{method}() is for frozen or fine-tuned encoders; with LoRA use save_lora_weights()/load_lora_weights() (lalm-export merges the adapter)"
             )
 
 
@@ -148,3 +131,27 @@ class Wav2Vec2AudioEncoder(BaseAudioEncoder):
     """Wav2Vec2; input raw 16 kHz audio `(batch, samples)`."""
 
     family = "wav2vec2"
+
+
+class WavLMAudioEncoder(BaseAudioEncoder):
+    """WavLM; input raw 16 kHz audio `(batch, samples)`."""
+
+    family = "wavlm"
+
+
+class Data2VecAudioEncoder(BaseAudioEncoder):
+    """Data2VecAudio; input raw 16 kHz audio `(batch, samples)`."""
+
+    family = "data2vec-audio"
+
+
+def encoder_class(family: str) -> type[BaseAudioEncoder]:
+    """The wrapper class of an encoder family: its named subclass, or one made from the
+    registry row for a family that has none."""
+    spec = get_family(family)
+    if spec.role != "encoder":
+        raise OptionsError(f"{family!r} is a {spec.role} family, not an audio encoder")
+    if family not in BaseAudioEncoder._by_family:
+        name = "".join(part.capitalize() for part in family.replace("-", "_").split("_")) + "AudioEncoder"
+        type(name, (BaseAudioEncoder,), {"family": family, "__doc__": f"{family}; input {spec.input_kind}."})
+    return BaseAudioEncoder._by_family[family]

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lalm_export.errors import ModelLoadError, OptionsError
+from lalm_export.errors import ModelLoadError
 from lalm_export.families import get_family
 from lalm_export.io import check_model_source
-from lalm_export.models.adapters import (
-    AdapterMetadata,
-    TrainingMode,
-    attach_lora,
-    load_adapter,
-    lora_target_names,
-    save_adapter,
-    set_trainable,
-)
+from lalm_export.models.adapters import AdapterCheckpoints, TrainingMode, attach_lora, set_trainable
 from lalm_export.models.loading import load_family_model, model_device
 
 
@@ -37,8 +28,9 @@ def load_tokenizer(model_name: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-class LLMDecoder(nn.Module):
+class LLMDecoder(AdapterCheckpoints, nn.Module):
     family = "llm"
+    adapted_module = "model"
 
     def __init__(
         self,
@@ -85,9 +77,7 @@ class LLMDecoder(nn.Module):
         """The HF causal-LM output: `.logits`, and `.loss` when `labels` are given."""
         device = model_device(self.model)
         moved = {
-            name: value.to(device)
-            for name, value in {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}.items()
-            if value is not None
+            name: value.to(device) for name, value in {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}.items() if value is not None
         }
         return self.model(**moved, **kwargs)
 
@@ -105,24 +95,3 @@ class LLMDecoder(nn.Module):
 
     def get_hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
-
-    def save_lora_weights(self, path: str | Path) -> None:
-        self._require_adapter("save_lora_weights")
-        metadata = AdapterMetadata(
-            family=self.family,
-            base_model=self.model_name,
-            model_type=self.model.config.model_type,
-            lora_r=self.mode.lora_r,
-            lora_alpha=self.mode.lora_alpha,
-            target_modules=lora_target_names(self.model),
-            quantization=self.mode.quantization(),
-        )
-        save_adapter(self.model, path, metadata)
-
-    def load_lora_weights(self, path: str | Path) -> None:
-        self._require_adapter("load_lora_weights")
-        load_adapter(self.model, path, self.family)
-
-    def _require_adapter(self, method: str) -> None:
-        if not self.mode.uses_adapter:
-            raise OptionsError(f"{method}() needs an adapter: construct LLMDecoder with use_lora=True or use_qlora=True")

@@ -15,9 +15,7 @@ def require_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise OptionsError(
-            "QLoRA needs bitsandbytes (pip install 'bitsandbytes>=0.50'); it was not found"
-        ) from err
+        raise OptionsError("QLoRA needs bitsandbytes (pip install 'bitsandbytes>=0.50'); it was not found") from err
 
 
 def load_family_model(
@@ -30,7 +28,7 @@ def load_family_model(
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
     if quantization is not None:
         require_bitsandbytes()
-        kwargs["quantization_config"] = quantization.bnb_config()
+        kwargs["quantization_config"] = quantization.bnb_config(spec.qlora_full_precision)
         kwargs["dtype"] = getattr(torch, quantization.base_dtype)
     model = load_hf_model(spec.model_cls(), model_name, **kwargs)
     if spec.submodule:

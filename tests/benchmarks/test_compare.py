@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+from benchmarks.__main__ import main as bench_main
 from benchmarks.compare import MIN_TOLERANCE, compare_results
-from tests.helpers import assert_user_error, run_cli
+from tests.helpers import assert_user_error, run_cli, run_main
 
 MACHINE = {"cpu": "Test CPU", "cpu_flags": ["avx2"], "cores": 2, "gpu": None}
 
@@ -104,19 +105,19 @@ def test_cli_exit_codes_and_table(tmp_path):
     ("content", "fragment"),
     [(None, "does not exist"), ("{not json", "not valid JSON"), ('{"rows": []}', "not a results.json")],
 )
-def test_cli_bad_results_file_is_a_clear_error(tmp_path, content, fragment):
+def test_cli_bad_results_file_is_a_clear_error(tmp_path, content, fragment, capsys):
     base = tmp_path / "base.json"
     base.write_text(json.dumps(results()))
     new = tmp_path / "new.json"
     if content is not None:
         new.write_text(content)
-    assert_user_error(run_cli("compare", base, new, module="benchmarks"), fragment)
+    assert_user_error(run_main(bench_main, "compare", base, new, capsys=capsys), fragment)
 
 
-def test_cli_refuses_a_tolerance_that_is_not_a_fraction(tmp_path):
+def test_cli_refuses_a_tolerance_that_is_not_a_fraction(tmp_path, capsys):
     base = tmp_path / "base.json"
     base.write_text(json.dumps(results()))
-    assert_user_error(run_cli("compare", base, base, "--tolerance", "15", module="benchmarks"), "fraction")
+    assert_user_error(run_main(bench_main, "compare", base, base, "--tolerance", "15", capsys=capsys), "fraction")
 
 
 def test_compare_does_not_modify_its_inputs():

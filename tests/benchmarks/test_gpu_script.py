@@ -8,7 +8,11 @@ import os
 import subprocess
 import zipfile
 
+import pytest
+
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # each builds a virtual environment and runs the whole GPU script on the CPU
 
 
 def run_script(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -15,10 +15,11 @@ from transformers import AutoFeatureExtractor, AutoModelForCausalLM
 from lalm_export.export import ExportOptions, export_bundle
 from lalm_export.families import get_family
 from lalm_export.models.loading import load_family_model
+from lalm_export.signals import speech_like
 from runtime.api import load
 from runtime.generation import GenerationOptions
-from tests.helpers import REPO, assert_user_error, relative_error, run_cli
-from lalm_export.tiny import speech_like
+from runtime.infer import main as infer_main
+from tests.helpers import REPO, assert_user_error, relative_error, run_cli, run_main
 
 INFER = "runtime.infer"
 
@@ -90,7 +91,7 @@ def eager_greedy(checkpoint, prompt_ids: list[int], steps: int) -> list[int]:
     with torch.no_grad():
         for _ in range(steps):
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[0, len(prompt_ids):].tolist()
+    return ids[0, len(prompt_ids) :].tolist()
 
 
 def test_decoder_json_tokens_equal_eager_greedy(bundles, checkpoints):
@@ -109,17 +110,17 @@ def test_streamed_text_equals_the_completion(bundles):
     result = run_cli(bundles / "llm", "--prompt", "hello", "--max-new-tokens", "12", "--ignore-eos", module=INFER)
     assert result.returncode == 0, result.stderr
     generator = load(bundles / "llm")
-    (completion,) = generator.complete(["hello"], GenerationOptions(max_new_tokens=12, eos_token_id=-1))
+    (completion,) = generator.complete(["hello"], GenerationOptions(max_new_tokens=12, stop_at_eos=False))
     assert result.stdout == completion.text + "\n"
 
 
 def test_sampling_is_reproducible_with_a_seed(bundles):
     generator = load(bundles / "llm")
-    options = GenerationOptions(max_new_tokens=16, eos_token_id=-1, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    options = GenerationOptions(max_new_tokens=16, stop_at_eos=False, temperature=1.0, top_k=50, top_p=0.9, seed=7)
     first = generator.complete(["one two"], options)[0].tokens
     again = generator.complete(["one two"], options)[0].tokens
     other = generator.complete(["one two"], GenerationOptions(**{**options.__dict__, "seed": 8}))[0].tokens
-    greedy = generator.complete(["one two"], GenerationOptions(max_new_tokens=16, eos_token_id=-1))[0].tokens
+    greedy = generator.complete(["one two"], GenerationOptions(max_new_tokens=16, stop_at_eos=False))[0].tokens
     assert first == again
     assert first != other and first != greedy
 
@@ -127,7 +128,7 @@ def test_sampling_is_reproducible_with_a_seed(bundles):
 def test_batch_of_prompts_equals_each_alone(bundles):
     generator = load(bundles / "llm")
     prompts = ["hi", "the quick brown fox jumps", "one two three"]
-    options = GenerationOptions(max_new_tokens=20, eos_token_id=-1)
+    options = GenerationOptions(max_new_tokens=20, stop_at_eos=False)
     batch = generator.complete(prompts, options)
     for prompt, completion in zip(prompts, batch):
         assert completion.tokens == generator.complete([prompt], options)[0].tokens
@@ -135,11 +136,12 @@ def test_batch_of_prompts_equals_each_alone(bundles):
 
 def test_io_binding_path_gives_the_same_tokens(bundles):
     """The CUDA path (IO binding, KV cache in pre-allocated buffers) run with the CPU device."""
-    from runtime.generation import OrtDecoderBackend, generate
+    from runtime.generation import generate
+    from runtime.ort_backends import OrtDecoderBackend
 
     generator = load(bundles / "llm")
     ids, mask = generator.encode_prompts(["hi", "the quick brown fox"])
-    options = GenerationOptions(max_new_tokens=16, eos_token_id=-1)
+    options = GenerationOptions(max_new_tokens=16, stop_at_eos=False)
     plain = generate(OrtDecoderBackend(generator.session), ids, mask, options)
     bound_backend = OrtDecoderBackend(generator.session, binding_device="cpu")
     bound = generate(bound_backend, ids, mask, options)
@@ -148,7 +150,7 @@ def test_io_binding_path_gives_the_same_tokens(bundles):
 
 
 def test_kv_buffers_are_allocated_once_and_reused_every_step(bundles):
-    from runtime.generation import OrtDecoderBackend
+    from runtime.ort_backends import OrtDecoderBackend
 
     generator = load(bundles / "llm")
     ids, mask = generator.encode_prompts(["the quick brown fox"])
@@ -166,7 +168,7 @@ def test_kv_buffers_are_allocated_once_and_reused_every_step(bundles):
 def test_kv_buffers_grow_past_their_capacity_without_changing_logits(bundles):
     """Outgrowing the reserved length moves the cache to a larger pair mid-generation; every
     step's logits stay those of the unbound backend."""
-    from runtime.generation import OrtDecoderBackend
+    from runtime.ort_backends import OrtDecoderBackend
 
     generator = load(bundles / "llm")
     ids = np.random.default_rng(0).integers(3, 300, size=(1, 100))
@@ -188,7 +190,7 @@ def test_saved_optimized_graph_is_reused(bundles, tmp_path):
 
     bundle = tmp_path / "llm"
     shutil.copytree(bundles / "llm", bundle)
-    options = GenerationOptions(max_new_tokens=10, eos_token_id=-1)
+    options = GenerationOptions(max_new_tokens=10, stop_at_eos=False)
     first = load(bundle, SessionOptions(save_optimized=True))
     assert (bundle / "model.optimized.onnx").is_file()
     reused = load(bundle)
@@ -201,7 +203,7 @@ def test_saved_optimized_graph_is_reused(bundles, tmp_path):
 
 def test_stop_string_ends_the_completion(bundles):
     generator = load(bundles / "llm")
-    options = GenerationOptions(max_new_tokens=24, eos_token_id=-1)
+    options = GenerationOptions(max_new_tokens=24, stop_at_eos=False)
     full = generator.complete(["hello"], options)[0].text
     stop = full[3:5]
     cut = generator.complete(["hello"], options, stop_strings=[stop])[0]
@@ -220,15 +222,13 @@ def test_stop_string_ends_the_completion(bundles):
         pytest.param(
             "cuda unavailable",
             "CUDAExecutionProvider is not available",
-            marks=pytest.mark.skipif(
-                "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="CUDA is available here"
-            ),
+            marks=pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="CUDA is available here"),
         ),
         ("unreadable audio", "not a readable audio file"),
         ("output exists", "pass --force"),
     ],
 )
-def test_user_errors(case, fragment, bundles, tmp_path):
+def test_user_errors(case, fragment, bundles, tmp_path, capsys):
     import shutil
 
     wav = tmp_path / "a.wav"
@@ -253,7 +253,7 @@ def test_user_errors(case, fragment, bundles, tmp_path):
         "audio to decoder": [bundles / "llm", "--audio", wav],
         "cuda unavailable": [encoder, "--provider", "cuda", "--audio", wav, "--output", out],
     }.get(case, [encoder, "--audio", wav, "--output", out])
-    result = run_cli(*args, module=INFER)
+    result = run_main(infer_main, *args, capsys=capsys)
     assert_user_error(result, fragment)
     if case == "output exists":
         assert out.read_bytes() == b"keep"

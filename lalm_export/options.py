@@ -1,0 +1,128 @@
+"""What an export is asked to do (`ExportOptions`), and every rule those options must
+follow, checked before any work in `validate_options`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from lalm_export.errors import OptionsError, OutputExistsError
+from lalm_export.families import FamilySpec, get_family
+from lalm_export.fused import GRAPH_CHOICES
+from lalm_export.int4 import Int4Options
+from lalm_export.precision import check_precision
+from lalm_export.tolerances import FP32_RELATIVE
+
+DEFAULT_OPSET = 18
+OPSET_RANGE = (14, 23)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    family: str  # an encoder family, or "llm" for decoders
+    output: Path
+    model: str | None = None
+    decoder_arch: str = "auto"
+    adapter: Path | None = None
+    weights: Path | None = None
+    qlora: bool = False
+    bnb_quant_type: str = "nf4"
+    bnb_double_quant: bool = True
+    opset: int = DEFAULT_OPSET
+    all_hidden_states: bool = False
+    force: bool = False
+    verify: bool = True
+    rtol: float = FP32_RELATIVE
+    atol: float | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+    precision: str = "fp32"
+    min_cosine: float | None = None  # replaces the reduced-precision cosine bounds
+    device: str = "cpu"  # where the parity gate runs: the eager reference and ONNX Runtime's provider
+    optimize: bool = True
+    decoder_graph: str = "auto"  # decoders: "fused" (ONNX Runtime's model builder), "optimum", or auto
+    int4: Int4Options = Int4Options()
+
+    @property
+    def spec(self) -> FamilySpec:
+        return get_family(self.family)
+
+    @property
+    def model_source(self) -> str:
+        return self.model or self.spec.default_checkpoint
+
+
+def supported_decoder_archs() -> list[str]:
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers Optimum's ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    return sorted(
+        model_type for model_type, exporters in TasksManager._SUPPORTED_MODEL_TYPE.items() if "text-generation-with-past" in exporters.get("onnx", {})
+    )
+
+
+def validate_options(opts: ExportOptions) -> None:
+    """Every rule in one place; each error names the broken rule and the fix."""
+    spec = opts.spec
+    if opts.adapter is not None and opts.weights is not None:
+        raise OptionsError("--adapter and --weights together: pass one (an adapter is merged into the base; --weights replaces it)")
+    if opts.qlora and opts.adapter is None:
+        raise OptionsError("--qlora describes the 4-bit base an adapter was trained on: pass --adapter too")
+    if spec.role == "decoder" and opts.all_hidden_states:
+        raise OptionsError("--all-hidden-states is for encoders; decoders export logits and the KV cache")
+    if spec.role == "decoder" and opts.weights is not None:
+        raise OptionsError("--weights is for encoders saved with save_model_weights(); for a decoder pass --model")
+    if spec.role == "decoder" and opts.decoder_arch != "auto":
+        known = supported_decoder_archs()
+        if opts.decoder_arch not in known:
+            raise OptionsError(f"unknown decoder architecture {opts.decoder_arch!r}; known: auto, {', '.join(known)}")
+    check_precision(opts.precision, spec.role, opts.device)
+    if opts.decoder_graph not in GRAPH_CHOICES:
+        raise OptionsError(f"unknown --decoder-graph {opts.decoder_graph!r}; choose one of {', '.join(GRAPH_CHOICES)}")
+    if spec.role == "encoder" and opts.decoder_graph != "auto":
+        raise OptionsError("--decoder-graph is for decoders; encoders are exported through Optimum")
+    opts.int4.validate(opts.precision)
+    if opts.device == "cuda":
+        require_cuda()
+    _check_numbers(opts)
+    _check_output(opts)
+    if opts.adapter is not None:
+        from lalm_export.models.adapters import check_adapter_folder
+
+        check_adapter_folder(opts.adapter)
+    if opts.qlora:
+        from lalm_export.models.loading import require_bitsandbytes
+
+        require_bitsandbytes()
+
+
+def _check_numbers(opts: ExportOptions) -> None:
+    low, high = OPSET_RANGE
+    if not low <= opts.opset <= high:
+        raise OptionsError(f"--opset must be between {low} and {high}, not {opts.opset}")
+    if opts.min_cosine is not None and (opts.precision == "fp32" or not 0 < opts.min_cosine <= 1):
+        raise OptionsError("--min-cosine is a bound in (0, 1] for --precision fp16, int8 or int4 (fp32 is gated by --rtol)")
+    if not math.isfinite(opts.rtol) or opts.rtol <= 0:
+        raise OptionsError(f"--rtol must be a positive number, not {opts.rtol}")
+    if opts.atol is not None and (not math.isfinite(opts.atol) or opts.atol < 0):
+        raise OptionsError(f"--atol must be a non-negative number, not {opts.atol}")
+
+
+def _check_output(opts: ExportOptions) -> None:
+    output = Path(opts.output)
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"--output {output} is a file; pass a folder path")
+    if output.is_dir() and any(output.iterdir()) and not opts.force:
+        raise OutputExistsError(f"--output {output} exists and is not empty; pass --force to replace it (only once the new bundle is complete)")
+
+
+def require_cuda() -> None:
+    """--device cuda needs a GPU for both sides of the parity gate."""
+    import torch
+
+    from runtime.sessions import resolve_providers
+
+    if not torch.cuda.is_available():
+        raise OptionsError("--device cuda: PyTorch sees no CUDA GPU here; run on a machine with one, or use --device cpu")
+    resolve_providers("cuda")

@@ -1,0 +1,24 @@
+"""`make demo` as a new user runs it, with fewer training steps: every section runs and the
+bundles it writes passed their parity gates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import run_cli
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("--steps", "2", "--out", out, module="lalm_export.demo")
+    assert result.returncode == 0, result.stderr
+    for section in range(1, 8):
+        assert f"== {section}. " in result.stdout
+    assert "Traceback" not in result.stderr and "Failed to load CPU gemm_4bit_forward" not in result.stderr
+    manifests = sorted(out.glob("bundles/*/manifest.json"))
+    assert len(manifests) == 4
+    assert all(json.loads(m.read_text())["parity"]["passed"] for m in manifests)
+    assert (out / "features.npz").is_file()
