@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-ci bench-baseline bench-base constraints clean
+.PHONY: demo test test-slow lint bench-ci bench-baseline bench-base constraints clean
 
 # The CI benchmark gate: tiny models, speedups over eager fp32 and parity compared with the
 # committed baseline. Tiny-model speedups vary up to ~17 % between runs on one machine,
@@ -22,8 +22,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m lalm_export.demo
 
+# The fast suite; `make test-slow` runs the minutes-long end-to-end tests (marked slow). CI runs both.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench-ci: $(STAMP)
 	$(PY) -m benchmarks run --preset tiny --out $(BENCH_OUT) --force
