@@ -6,6 +6,7 @@ its bound, a variant that no longer runs or an export that failed makes the comp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +49,11 @@ def speed_tolerance(baseline: dict[str, float], new: dict[str, float], fixed: fl
 
 
 def bounds_breached(figures: dict[str, Any], bounds: dict[str, dict[str, float]]) -> list[tuple[str, float | None, dict[str, float]]]:
-    """The figures past their bounds ({figure: {"min"|"max": bound}}); a missing figure counts."""
+    """The figures past their bounds ({figure: {"min"|"max": bound}}); a missing or NaN figure counts."""
     found = []
     for name, bound in bounds.items():
         value = figures.get(name)
-        if value is None or ("min" in bound and value < bound["min"]) or ("max" in bound and value > bound["max"]):
+        if value is None or math.isnan(value) or ("min" in bound and value < bound["min"]) or ("max" in bound and value > bound["max"]):
             found.append((name, value, bound))
     return found
 
@@ -92,7 +93,8 @@ def compare_results(baseline: dict[str, Any], new: dict[str, Any], tolerance: fl
                 continue
             tol = max(speed_tolerance(before, after, tolerance), floor)
             change = after["value"] / before["value"] - 1
-            verdict = "REGRESSION" if change < -tol else "better" if change > tol else "worse" if change < 0 else "same"
+            # `not >=`: a NaN speedup is a regression too
+            verdict = "REGRESSION" if not change >= -tol else "better" if change > tol else "worse" if change < 0 else "same"
             findings.append(Finding(key, figure, before["value"], after["value"], tol, verdict))
         old_figures = old["parity"]["figures"]
         for name, value, bound in breaches(row):

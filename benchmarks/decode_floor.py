@@ -31,6 +31,12 @@ from runtime.api import load
 from runtime.manifest import read_manifest
 
 
+def significant(value: float, digits: int = 3) -> float:
+    """Rounded to significant digits, not decimals: a tiny model's fraction of the floor
+    (0.0004) must not print as 0."""
+    return float(f"{value:.{digits}g}")
+
+
 def decode_step_seconds(bundle_backend, prompt: np.ndarray, steps: int) -> float:
     """Median seconds of `steps` greedy decode steps after a prefill of `prompt`."""
     logits = bundle_backend.prefill(prompt, np.ones_like(prompt))
@@ -145,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             name: {
                 "weights_mb_per_token": round(weights[name] / 1e6, 1),
                 "step_ms_median": round(float(np.median(steps[name])) * 1e3, 2),
-                "floor_fraction_median": round(float(np.median(fractions[name])), 3),
-                "floor_fraction_range": [round(min(fractions[name]), 3), round(max(fractions[name]), 3)],
+                "floor_fraction_median": significant(float(np.median(fractions[name]))),
+                "floor_fraction_range": [significant(min(fractions[name])), significant(max(fractions[name]))],
                 "weight_kernels": _kernel_figures(kernel_rates[name], bandwidths, weights[name] / np.array(steps[name])),
             }
             for name in backends
@@ -178,9 +184,9 @@ def _kernel_figures(rates: list[float], bandwidths: list[float], step_rates: np.
     against_bandwidth = np.array(rates) / np.array(bandwidths)
     return {
         "gbs_median": round(float(np.median(rates)) / 1e9, 1),
-        "bandwidth_fraction_median": round(float(np.median(against_bandwidth)), 3),
-        "bandwidth_fraction_range": [round(float(against_bandwidth.min()), 3), round(float(against_bandwidth.max()), 3)],
-        "step_fraction_median": round(float(np.median(step_rates / np.array(rates))), 3),
+        "bandwidth_fraction_median": significant(float(np.median(against_bandwidth))),
+        "bandwidth_fraction_range": [significant(float(against_bandwidth.min())), significant(float(against_bandwidth.max()))],
+        "step_fraction_median": significant(float(np.median(step_rates / np.array(rates)))),
     }
 
 

@@ -112,10 +112,11 @@ def variant_options(variant: str, options: ExportOptions, calibration: Path | No
 def parity_bounds(role: str, variant: str) -> dict[str, dict[str, float]]:
     """The same bounds as the export's parity gate: {figure: {"min"|"max": bound}}."""
     bound = SPECS[base_precision(variant)].cosine_bound(role)  # the defaults: no --min-cosine here
+    finite = {"nonfinite_eager": {"max": 0}, "nonfinite_onnx": {"max": 0}}  # a NaN or inf fails, as at export
     if bound is None:
-        bounds = {"relative": {"max": FP32_RELATIVE}}
+        bounds = {"relative": {"max": FP32_RELATIVE}, **finite}
         return {**bounds, "greedy_agreement": {"min": 1.0}} if role == "decoder" else bounds
-    return {"cosine": {"min": bound.cosine}, "row_cosine": {"min": bound.row_cosine}}
+    return {"cosine": {"min": bound.cosine}, "row_cosine": {"min": bound.row_cosine}, **finite}
 
 
 def parity_passes(figures: dict[str, Any], bounds: dict[str, dict[str, float]]) -> bool:

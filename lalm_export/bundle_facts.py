@@ -49,6 +49,8 @@ def save_companions(model: nn.Module, opts: ExportOptions, folder: Path) -> dict
             model.generation_config.save_pretrained(str(folder))
         return {
             "vocab_size": int(model.config.vocab_size),
+            # positions the graph was exported for (a fused graph's rotary cache ends there): prompt + new tokens
+            "context_length": getattr(model.config, "max_position_embeddings", None),
             "num_hidden_layers": int(model.config.num_hidden_layers),
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -35,6 +39,17 @@ EPILOG = """examples:
   lalm-export --encoder whisper --model ./whisper-small --all-hidden-states --output ./bundles/whisper --json
 
 exit status: 0 exported and verified; 1 user error (message on stderr, nothing written); 2 bad flags."""
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a number, refusing NaN and infinity (they would pass or fail every bound)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--min-cosine",
-        type=float,
+        type=finite_float,
         help="parity bound of a reduced precision: cosine, whole and per frame/position, against eager fp32 "
         "(default: 0.999 for encoders, 0.99 for decoders, 0.8 for int4 decoders; see lalm_export/tolerances.py)",
     )
@@ -120,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity gate (the manifest records that it was skipped)")
-    parser.add_argument("--rtol", type=float, default=FP32_RELATIVE, help=f"parity tolerance: max-abs / max|eager| per output (default: {FP32_RELATIVE:g})")
-    parser.add_argument("--atol", type=float, help="also accept an output whose max-abs error is at most this")
+    parser.add_argument(
+        "--rtol", type=finite_float, default=FP32_RELATIVE, help=f"parity tolerance: max-abs / max|eager| per output (default: {FP32_RELATIVE:g})"
+    )
+    parser.add_argument("--atol", type=finite_float, help="also accept an output whose max-abs error is at most this")
     parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs and of GPTQ's self-calibration samples (default: 0)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json)")
@@ -151,6 +168,25 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so the same cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While the export runs, SIGTERM (a scheduler's kill, `timeout`) unwinds like SIGINT:
+    the partial bundle and any folders made for it are removed."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
@@ -159,10 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.errors import RuntimeUserError
 
     try:
-        manifest = export_bundle(options_from_args(args), quiet=args.quiet)
+        with terminate_as_interrupt():
+            manifest = export_bundle(options_from_args(args), quiet=args.quiet)
     except (LalmExportError, RuntimeUserError) as err:
         print(f"lalm-export: error: {err}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("lalm-export: terminated; no bundle was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("lalm-export: interrupted; no bundle was written", file=sys.stderr)
         return 130

@@ -32,6 +32,10 @@ class OutputExistsError(LalmExportError, FileExistsError):
     """The output folder exists and is not empty."""
 
 
+class OutputPathError(LalmExportError, OSError):
+    """An output path that cannot be written: under a file, or in a folder without write permission."""
+
+
 class ParityError(LalmExportError):
     """The exported graph disagrees with the eager module beyond tolerance."""
 

@@ -74,8 +74,10 @@ class Int4Options:
             raise OptionsError(f"unknown --int4-lm-head {self.lm_head!r}; choose one of {', '.join(INT4_LM_HEADS)}")
         if self.lm_head != INT4_LM_HEAD and precision != "int4":
             raise OptionsError("--int4-lm-head is for --precision int4")
+        if self.calibration is not None and Path(self.calibration).is_dir():
+            raise OptionsError(f"--calibration {self.calibration} is a folder; pass a UTF-8 text file")
         if self.calibration is not None and not Path(self.calibration).is_file():
-            raise OptionsError(f"--calibration {self.calibration} does not exist or is not a file; pass a UTF-8 text file")
+            raise OptionsError(f"--calibration {self.calibration} does not exist; pass a UTF-8 text file")
 
 
 def quantize_int4(source: Path, target: Path, options: Int4Options) -> dict[str, object]:

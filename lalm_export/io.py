@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lalm_export.errors import CorruptWeightsError, ModelLoadError
+from lalm_export.errors import CorruptWeightsError, ModelLoadError, OutputExistsError, OutputPathError
 from runtime.errors import BundleError
 from runtime.manifest import read_json_object, sha256_of
 
@@ -34,7 +34,11 @@ def check_model_source(name: str) -> None:
     path = Path(name).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {name} does not exist; pass a folder saved with save_pretrained()")
-    if not path.is_dir() or not (path / "config.json").is_file():
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {name} is a file; pass the checkpoint folder (saved with save_pretrained()) that holds it")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ModelLoadError(f"model folder {name}: permission denied; make it readable (chmod) or copy it where you can read it")
+    if not (path / "config.json").is_file():
         raise ModelLoadError(f"{name} holds no model (no config.json); pass a folder saved with save_pretrained()")
 
 
@@ -47,6 +51,13 @@ def load_hf_model(cls: Any, name: str, **kwargs: Any) -> Any:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if looks_like_local_path(name) else " (offline? pass a local checkpoint folder with --model)"
         raise ModelLoadError(f"cannot load model {name!r}: {first_line}{hint}") from err
+
+
+def load_hf_config(name: str, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's config (`AutoConfig`), with the same checks and one-line errors as `load_hf_model`."""
+    from transformers import AutoConfig
+
+    return load_hf_model(AutoConfig, name, trust_remote_code=trust_remote_code)
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -95,23 +106,92 @@ def sha256_tree(folder: str | Path) -> str:
 def atomic_folder(target: str | Path, replace: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it takes `target`'s place.
 
-    An exception leaves `target` as it was and removes the temporary folder, so an
-    interrupted write never leaves something that looks complete.
-    """
+    An exception (an interrupt included) leaves `target` as it was and removes the temporary
+    folder and any parent folders made for it, so a failed write leaves nothing behind. The
+    temporary folder is named `.NAME.partial-PID-*`: the next write to `target` removes those
+    whose process is gone (killed exports), and no other files."""
     target = Path(target).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    made = make_parents(target.parent)
+    remove_stale_partials(target)
+    done = False
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    except PermissionError:
+        remove_made(made)
+        raise OutputPathError(f"{target}: no permission to write in {target.parent}; pass a path in a folder you can write to") from None
     try:
         yield tmp
-        if target.exists():
-            if not replace:
-                raise FileExistsError(f"{target} appeared while writing")
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        _move_into_place(tmp, target, replace)
+        done = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            remove_made(made)
+
+
+def _move_into_place(tmp: Path, target: Path, replace: bool) -> None:
+    raced = OutputExistsError(f"{target} was written by another process while this one ran; nothing of this run was kept")
+    if target.exists():
+        if not replace:
+            raise raced
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        tmp.rename(target)
+    except OSError as err:  # another process renamed its folder into place first (ENOTEMPTY / EEXIST)
+        raise raced from err
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return those created, outermost first. A
+    parent that is a file, or no permission, is an `OutputPathError`."""
+    missing = []
+    for candidate in [folder, *folder.parents]:
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise OutputPathError(f"{candidate} is a file, so {folder} cannot be created under it; pass another path")
+            break
+        missing.append(candidate)
+    made = []
+    try:
+        for candidate in reversed(missing):
+            candidate.mkdir()
+            made.append(candidate)
+    except PermissionError:
+        remove_made(made)
+        raise OutputPathError(f"no permission to create {candidate}; pass a path in a folder you can write to") from None
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders `make_parents` created, innermost first, where still empty."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove `.NAME.partial-PID-*` folders beside `target` whose process no longer runs."""
+    removed = []
+    for candidate in target.parent.glob(f".{target.name}.partial-*"):
+        pid = candidate.name.removeprefix(f".{target.name}.partial-").split("-", 1)[0]
+        if candidate.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -20,7 +20,7 @@ from torch import nn
 
 from lalm_export.errors import AdapterMismatchError
 from lalm_export.io import read_json, read_safetensors
-from lalm_export.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_folder
+from lalm_export.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_folder, read_lora_scaling
 
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
@@ -130,22 +130,22 @@ def read_lora_pairs(folder: str | Path, model: nn.Module) -> dict[str, LoraPair]
         raise AdapterMismatchError(f"adapter {folder} holds no LoRA weights")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     prefix = _resolve_prefix(sorted(parts), linears)
-    r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    scaling = read_lora_scaling(folder, config)
     pairs: dict[str, LoraPair] = {}
     for adapter_module, ab in sorted(parts.items()):
         module = adapter_module[len(prefix) :]
         if set(ab) != {"A", "B"}:
             raise AdapterMismatchError(f"adapter module {adapter_module} lacks its lora_{'A' if 'B' in ab else 'B'} tensor")
         out_features, in_features = linears[module].weight.shape
-        r = int(_pattern_value(config.get("rank_pattern") or {}, module, r_default))
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
+        r = int(_pattern_value(config.get("rank_pattern") or {}, module, scaling.r))
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, scaling.alpha))
         for part, expected in (("A", (r, in_features)), ("B", (out_features, r))):
             if tuple(ab[part].shape) != expected:
                 raise AdapterMismatchError(
                     f"adapter tensor {adapter_module}.lora_{part}.weight has shape {tuple(ab[part].shape)}, "
                     f"the model expects {expected}: it was trained for another base model"
                 )
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        scale = alpha / math.sqrt(r) if scaling.rslora else alpha / r
         pairs[f"{module}.weight"] = LoraPair(a=ab["A"].float(), b=ab["B"].float(), scale=scale)
     return pairs
 

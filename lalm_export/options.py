@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from lalm_export.errors import OptionsError, OutputExistsError
+from lalm_export.errors import OptionsError, OutputExistsError, OutputPathError
 from lalm_export.families import FamilySpec, get_family
 from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.int4 import Int4Options
@@ -110,11 +110,31 @@ def _check_numbers(opts: ExportOptions) -> None:
 
 
 def _check_output(opts: ExportOptions) -> None:
-    output = Path(opts.output)
+    output = Path(opts.output).expanduser()
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"--output {output} is a file; pass a folder path")
-    if output.is_dir() and any(output.iterdir()) and not opts.force:
-        raise OutputExistsError(f"--output {output} exists and is not empty; pass --force to replace it (only once the new bundle is complete)")
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputPathError(f"--output {output}: {blocking} is a file, not a folder; pass a path in a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not opts.force:
+            raise OutputExistsError(f"--output {output} exists and is not empty; pass --force to replace it (only once the new bundle is complete)")
+        if not is_bundle(output):
+            raise OutputExistsError(
+                f"--output {output} holds files that are not a bundle: --force replaces only a bundle written by lalm-export or an "
+                "empty folder; choose another --output"
+            )
+
+
+def is_bundle(folder: Path) -> bool:
+    """A folder holding a manifest.json this tool wrote (a JSON object with its format version and graphs)."""
+    import json
+
+    try:
+        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and "graphs" in data
 
 
 def require_cuda() -> None:

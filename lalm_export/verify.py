@@ -40,7 +40,7 @@ class Tolerance:
 
 def cosine_similarities(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
     """Cosine of the whole tensors, and the minimum over rows (a frame's or a position's
-    vector along the last axis)."""
+    vector along the last axis). Callers pass finite values: NaN is counted, not averaged."""
     a = reference.astype(np.float64).reshape(-1, reference.shape[-1])
     b = candidate.astype(np.float64).reshape(-1, candidate.shape[-1])
     whole = float(np.sum(a * b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
@@ -48,26 +48,50 @@ def cosine_similarities(reference: np.ndarray, candidate: np.ndarray) -> tuple[f
     return whole, float(rows.min())
 
 
+def nonfinite_count(values: np.ndarray) -> int:
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
+
+
 @dataclass
 class OutputError:
+    """One output's disagreement over every case. A NaN or inf on either side fails the gate
+    whatever the other figures say: the statistics below are taken over finite values only
+    (a NaN would otherwise drop out of max/min and read as agreement)."""
+
     max_abs: float = 0.0
     relative: float = 0.0
     cosine: float = 1.0
     row_cosine: float = 1.0
+    nonfinite_eager: int = 0
+    nonfinite_onnx: int = 0
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        diff = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64))))
-        scale = float(np.max(np.abs(reference))) or 1.0
+        self.nonfinite_eager += nonfinite_count(reference)
+        self.nonfinite_onnx += nonfinite_count(candidate)
+        if self.nonfinite_eager or self.nonfinite_onnx:
+            reference, candidate = np.nan_to_num(reference, nan=0.0, posinf=0.0, neginf=0.0), np.nan_to_num(candidate, nan=0.0, posinf=0.0, neginf=0.0)
+        diff = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64)), initial=0.0))
+        scale = float(np.max(np.abs(reference), initial=0.0)) or 1.0
         whole, rows = cosine_similarities(reference, candidate)
         self.max_abs = max(self.max_abs, diff)
         self.relative = max(self.relative, diff / scale)
         self.cosine = min(self.cosine, whole)
         self.row_cosine = min(self.row_cosine, rows)
 
+    @property
+    def nonfinite(self) -> int:
+        return self.nonfinite_eager + self.nonfinite_onnx
+
     def passes(self, tol: Tolerance) -> bool:
+        if self.nonfinite:
+            return False
         if tol.cosine is not None:
             return self.cosine >= tol.cosine and self.row_cosine >= (tol.row_cosine or tol.cosine)
         return self.relative <= tol.relative or (tol.absolute is not None and self.max_abs <= tol.absolute)
+
+    def describe_nonfinite(self) -> str:
+        sides = [f"{count} in {side}" for side, count in (("eager PyTorch", self.nonfinite_eager), ("ONNX Runtime", self.nonfinite_onnx)) if count]
+        return f"NaN or inf values ({', '.join(sides)})"
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -107,7 +131,9 @@ class ParityReport:
         tol = self.tolerance
         bound = f"cosine >= {tol.cosine:g}, per-row >= {tol.row_cosine or tol.cosine:g}" if tol.cosine is not None else f"tolerance {tol.relative:g}"
         lines = [
-            f"{name}: max-abs {err.max_abs:.3g}, relative {err.relative:.3g}, cosine {err.cosine:.6f} (min per row {err.row_cosine:.6f}) "
+            f"{name}: {err.describe_nonfinite()} FAIL"
+            if err.nonfinite
+            else f"{name}: max-abs {err.max_abs:.3g}, relative {err.relative:.3g}, cosine {err.cosine:.6f} (min per row {err.row_cosine:.6f}) "
             f"({bound}) {'ok' if err.passes(tol) else 'FAIL'}"
             for name, err in self.outputs.items()
         ]
@@ -120,6 +146,9 @@ class ParityReport:
         return lines
 
     def raise_if_failed(self) -> None:
+        if any(err.nonfinite for err in self.outputs.values()):
+            broken = "; ".join(self.summary_lines())
+            raise ParityError(f"NaN or inf in the outputs, so nothing can be verified: {broken}; check the weights (--weights, --adapter) for NaN")
         if not self.passed:
             raise ParityError(f"ONNX graph disagrees with {self.reference}: " + "; ".join(self.summary_lines()))
 

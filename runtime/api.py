@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
-from runtime.errors import BundleError, RuntimeUserError
+from runtime.errors import AudioError, BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, generate
 from runtime.manifest import Manifest, read_json_object, read_manifest, sha256_of, verify_graph_files
 from runtime.ort_backends import decoder_backend
@@ -29,11 +29,36 @@ class _BundleModel:
         self.graph_path = reusable or source
         if reusable is not None:  # already optimized for this provider: skip that work at start-up
             options = SessionOptions(**{**options.__dict__, "optimization": "disable"})
-        self.session = create_session(self.graph_path, options)
+        self.session = _open_session(self.graph_path, options)
+        _check_graph_inputs(self.session, self.manifest, self.folder)
         self.provider = active_provider(self.session)
         if options.save_optimized:
             record_optimized_graph(source, self.provider)
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+
+def _open_session(graph: Path, options: SessionOptions) -> ort.InferenceSession:
+    """A session for the bundle's graph; a file ONNX Runtime cannot read is the bundle's fault."""
+    try:
+        return create_session(graph, options)
+    except RuntimeUserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes (InvalidProtobuf, Fail, InvalidGraph)
+        if not type(err).__module__.startswith("onnxruntime"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BundleError(f"{graph} is not a graph ONNX Runtime can load ({type(err).__name__}: {first[:200]}); export the bundle again") from err
+
+
+def _check_graph_inputs(session: ort.InferenceSession, manifest: Manifest, folder: Path) -> None:
+    """The graph must take the inputs its manifest records (a decoder graph in an encoder bundle does not)."""
+    found = sorted(i.name for i in session.get_inputs())
+    recorded = sorted(t.name for t in manifest.graphs["model"].inputs)
+    if found != recorded:
+        raise BundleError(
+            f"the graph of {folder} takes inputs {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}, but its manifest records "
+            f"{', '.join(recorded[:4]) or 'none'}{' ...' if len(recorded) > 4 else ''}: the graph was replaced; export the bundle again"
+        )
 
 
 def _optimized_record(graph: Path) -> Path:
@@ -78,6 +103,7 @@ class EncoderRunner(_BundleModel):
         super().__init__(folder, options)
         self.feature_config = read_json_object(self.folder / "preprocessor_config.json", "bundle file")
         self.input_name = self.session.get_inputs()[0].name
+        self.limits = audio_limits(self.manifest, self.folder)
         # On CUDA inputs and outputs go through IO binding (device buffers, no staging copies).
         self.binding_device = "cuda" if self.provider == "cuda" else None
 
@@ -109,6 +135,8 @@ class EncoderRunner(_BundleModel):
         """Clips of equal input length run as one batch. The exported graphs take no attention
         mask, and padding changes Wav2Vec2's group-normalised features, so unequal lengths
         are never padded together: each such clip runs alone, which keeps results exact."""
+        for clip in clips:
+            self.limits.check(clip)
         features = [features_for(self.manifest.input_kind, clip.samples, self.feature_config) for clip in clips]
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, feature in enumerate(features):
@@ -150,8 +178,12 @@ class TextGenerator(_BundleModel):
         tokenizer_file = self.folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise BundleError(f"bundle {self.folder} lacks tokenizer.json; export it again")
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+            raise BundleError(f"{tokenizer_file} is not a tokenizer file tokenizers can read ({str(err)[:120]}); export the bundle again") from err
         extra = self.manifest.extra
+        self.context_length = context_length(self.manifest, self.folder)
         self.eos_token_id = extra.get("eos_token_id")
         self.pad_token_id = extra.get("pad_token_id", self.eos_token_id) or 0
         # The KV cache lives in pre-allocated buffers on the provider's device (IO binding): on
@@ -160,6 +192,10 @@ class TextGenerator(_BundleModel):
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, left-padded so that every prompt ends at the last column."""
+        if not prompts:
+            raise RuntimeUserError("no prompt given; pass at least one prompt")
+        for prompt in prompts:
+            _check_text(prompt)
         encoded = [self.tokenizer.encode(p).ids for p in prompts]
         if any(not ids for ids in encoded):
             raise RuntimeUserError("a prompt encodes to no tokens; pass non-empty text")
@@ -183,7 +219,10 @@ class TextGenerator(_BundleModel):
         on_text: Callable[[str], None] | None = None,
     ) -> list[Completion]:
         """Generate for each prompt; `on_text` streams the first prompt's new text as it comes."""
+        options.validate()
         ids, mask = self.encode_prompts(prompts)
+        if ids.shape[1] + options.max_new_tokens > self.context_length:
+            raise ContextLengthError(ids.shape[1], options.max_new_tokens, self.context_length)
         if options.eos_token_id is None:
             options = replace(options, eos_token_id=self.eos_token_id)
         marks: list[float] = []
@@ -216,6 +255,71 @@ class TextGenerator(_BundleModel):
         """The completion's text: up to its first EOS when generation stops there, cut at a stop string."""
         kept = _trim(list(map(int, tokens)), options.eos_token_id if options.stop_at_eos else None)
         return _cut_at_stop(self.decode(kept), stop_strings)
+
+
+def _check_text(prompt: object) -> None:
+    """Prompts are text: refuse other types and strings that are not valid UTF-8 (the bytes of
+    a command-line argument in another encoding arrive as lone surrogates)."""
+    if not isinstance(prompt, str):
+        raise RuntimeUserError(f"a prompt must be text (str), not {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RuntimeUserError(f"a prompt is not valid UTF-8 text (character {err.start}); pass it in UTF-8 (e.g. convert with iconv)") from None
+
+
+def context_length(manifest: Manifest, folder: Path) -> int:
+    """The positions the decoder was exported for: from the manifest, else (bundles written
+    before it recorded them) the bundle's config.json."""
+    recorded = manifest.extra.get("context_length")
+    if isinstance(recorded, int) and recorded > 0:
+        return recorded
+    config = read_json_object(folder / "config.json", "bundle file")
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or positions < 1:
+        raise BundleError(f"bundle {folder} records no context length (manifest extra.context_length or config max_position_embeddings)")
+    return positions
+
+
+# The longest clip a raw-audio encoder runs at once: attention memory grows with the square of
+# the frames, and the exported graphs take whole clips. Whisper's limit is its window.
+MAX_RAW_AUDIO_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    min_samples: int  # the convolution front end's receptive field: no frame comes from fewer
+    max_seconds: float
+
+    def check(self, clip: Audio) -> None:
+        if len(clip.samples) < self.min_samples:
+            raise AudioError(
+                f"{clip.name}: {len(clip.samples)} samples ({clip.seconds * 1e3:.2f} ms) is shorter than the encoder's receptive field "
+                f"of {self.min_samples} samples ({self.min_samples / 16:.1f} ms at 16 kHz); pass a longer clip"
+            )
+        if clip.seconds > self.max_seconds:
+            raise AudioError(
+                f"{clip.name}: {clip.seconds:.1f} s of audio, more than this bundle encodes at once ({self.max_seconds:g} s); "
+                f"split it into clips of at most {self.max_seconds:g} s"
+            )
+
+
+def audio_limits(manifest: Manifest, folder: Path) -> AudioLimits:
+    chunk = manifest.extra.get("chunk_seconds")
+    config = read_json_object(folder / "config.json", "bundle file")
+    return AudioLimits(min_samples=receptive_field(config), max_seconds=float(chunk) if chunk else MAX_RAW_AUDIO_SECONDS)
+
+
+def receptive_field(config: dict) -> int:
+    """Input samples behind one output frame of a convolutional front end (`conv_kernel`,
+    `conv_stride` in the config); 1 for models without one (Whisper pads to its window)."""
+    kernels, strides = config.get("conv_kernel"), config.get("conv_stride")
+    if not kernels or not strides:
+        return 1
+    samples = 1
+    for kernel, stride in zip(reversed(kernels), reversed(strides)):
+        samples = (samples - 1) * int(stride) + int(kernel)
+    return samples
 
 
 def _trim(tokens: list[int], eos: int | None) -> list[int]:

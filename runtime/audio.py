@@ -49,6 +49,8 @@ def load_audio(path: str | Path) -> Audio:
     import soundfile
 
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"audio {path} is a folder; pass the audio files in it")
     if not path.is_file():
         raise AudioError(f"audio file {path} does not exist")
     try:

@@ -39,8 +39,8 @@ class GenerationOptions:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise RuntimeUserError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise RuntimeUserError(f"temperature must be 0 (greedy) or positive, not {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # `not >=`: NaN too
+            raise RuntimeUserError(f"temperature must be 0 (greedy) or a positive number, not {self.temperature}")
         if self.top_k < 0:
             raise RuntimeUserError(f"top_k must be 0 (off) or positive, not {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

@@ -65,10 +65,18 @@ def write_npz(path: Path, arrays: dict, force: bool) -> None:
 
     from runtime.errors import RuntimeUserError
 
+    if path.is_dir():
+        raise RuntimeUserError(f"--output {path} is a folder; pass a file path such as {path / 'features.npz'}")
     if path.exists() and not force:
         raise RuntimeUserError(f"--output {path} exists; pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RuntimeUserError(f"--output {path}: {blocking} is a file, not a folder; pass a path in a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    except PermissionError:
+        raise RuntimeUserError(f"--output {path}: no permission to write in {path.parent}; pass a path in a folder you can write to") from None
     os.close(handle)
     try:
         np.savez(tmp, **arrays)
@@ -108,6 +116,8 @@ def run_decoder(generator, args: argparse.Namespace) -> None:
         raise RuntimeUserError("this is a decoder bundle: it takes --prompt, not --audio")
     if not args.prompt:
         raise RuntimeUserError("a decoder bundle needs --prompt TEXT")
+    if any(not stop for stop in args.stop):
+        raise RuntimeUserError("--stop '' would stop every completion at once; pass the text to stop at")
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens,
         stop_at_eos=not args.ignore_eos,

@@ -107,10 +107,12 @@ class Manifest:
                 optimizations=list(data.get("optimizations", [])),
                 device=str(data.get("device", "cpu")),
             )
-        except (KeyError, TypeError, ValueError) as err:
-            raise BundleError(f"manifest is incomplete or malformed ({type(err).__name__}: {err})") from err
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"manifest is incomplete or malformed ({type(err).__name__}: {err}); export the bundle again") from err
         if manifest.role not in ROLES:
             raise BundleError(f"manifest role {manifest.role!r} is not one of {', '.join(ROLES)}")
+        if "model" not in manifest.graphs:
+            raise BundleError("manifest names no 'model' graph; export the bundle again")
         return manifest
 
     def write(self, folder: str | Path) -> Path:
@@ -130,6 +132,8 @@ def sha256_of(path: str | Path) -> str:
 def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
     """A JSON object from `path`; a missing file, bad JSON or another JSON type is a `BundleError`."""
     path = Path(path)
+    if path.is_dir():
+        raise BundleError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise BundleError(f"{what} {path} does not exist")
     try:
@@ -144,6 +148,8 @@ def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
 def read_manifest(folder: str | Path) -> Manifest:
     """The manifest of a bundle folder, with a clear error when it is not one."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BundleError(f"bundle {folder} is a file; pass the bundle folder written by lalm-export")
     if not folder.is_dir():
         raise BundleError(f"bundle {folder} does not exist; pass a folder written by lalm-export")
     path = folder / MANIFEST_NAME
@@ -155,8 +161,11 @@ def read_manifest(folder: str | Path) -> Manifest:
 def verify_graph_files(folder: str | Path, graph: GraphFile) -> Path:
     """The graph's path, after checking it and its external data against their sha256."""
     folder = Path(folder)
+    root = folder.resolve()
     for relative, expected in {graph.path: graph.sha256, **graph.data_files}.items():
         file = folder / relative
+        if not file.resolve().is_relative_to(root):
+            raise BundleError(f"manifest of {folder} points at {relative}, outside the bundle; refusing to load it: export the bundle again")
         if not file.is_file():
             raise BundleError(f"bundle {folder} lacks {relative}; export it again")
         if sha256_of(file) != expected:

@@ -33,6 +33,9 @@ class SessionOptions:
             raise ProviderError(f"provider must be auto, cuda or cpu, not {self.provider!r}")
         if self.threads < 0:
             raise ProviderError(f"threads must be 0 (default) or positive, not {self.threads}")
+        cores = os.cpu_count() or 1
+        if self.threads > cores:
+            raise ProviderError(f"threads {self.threads}: this machine has {cores} cores; pass at most {cores} (0: ONNX Runtime's default)")
         if self.optimization not in _OPT_LEVELS:
             raise ProviderError(f"optimization must be one of {', '.join(_OPT_LEVELS)}, not {self.optimization!r}")
 

@@ -99,8 +99,8 @@ def fp32_path_for_4bit(model: torch.nn.Module) -> None:
             module.train()
 
 
-@pytest.mark.parametrize("family", ["wav2vec2", "whisper"])
-def test_qlora_merge_reproduces_the_4bit_model(family, checkpoints, tmp_path, capsys):
+def test_qlora_merge_reproduces_the_4bit_model(encoder_family, checkpoints, tmp_path, capsys):
+    family = encoder_family
     qlora = ENCODER_CLASSES[family](str(checkpoints[family]), use_qlora=True, lora_dropout=0.0)
     randomize_lora(qlora, seed=5)
     qlora.save_lora_weights(tmp_path / "ckpt")

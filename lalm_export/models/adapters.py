@@ -136,12 +136,45 @@ def read_adapter_metadata(folder: str | Path) -> AdapterMetadata | None:
 
 def check_adapter_folder(folder: str | Path) -> Path:
     folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise AdapterMismatchError(f"adapter {folder} is a file; pass the adapter folder (adapter_config.json + adapter_model.safetensors)")
     if not folder.is_dir():
         raise AdapterMismatchError(f"adapter folder {folder} does not exist")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).is_file():
             raise AdapterMismatchError(f"{folder} is not a peft adapter folder (no {name}); pass a folder written by save_lora_weights()")
     return folder
+
+
+@dataclass(frozen=True)
+class LoraScaling:
+    """The rank and alpha an adapter was trained with: its scale is `alpha / r` (`alpha / √r` with rsLoRA)."""
+
+    r: int
+    alpha: float
+    rslora: bool = False
+
+
+def read_lora_scaling(folder: Path, config: dict[str, Any]) -> LoraScaling:
+    """Rank and alpha from the adapter's own `adapter_config.json`, checked against
+    `lalm_adapter.json` where both exist. A config without them is refused: peft's defaults
+    would merge the adapter at another scale than it was trained with."""
+    missing = [key for key in ("r", "lora_alpha") if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool)]
+    if missing:
+        raise AdapterMismatchError(
+            f"adapter {folder}/{ADAPTER_CONFIG} lacks {' and '.join(missing)} (numbers): the adapter's scale alpha / r cannot be "
+            "known; save the adapter again with peft or save_lora_weights()"
+        )
+    scaling = LoraScaling(r=int(config["r"]), alpha=float(config["lora_alpha"]), rslora=bool(config.get("use_rslora")))
+    if scaling.r < 1:
+        raise AdapterMismatchError(f"adapter {folder}/{ADAPTER_CONFIG} has rank r={scaling.r}; a LoRA rank is at least 1")
+    metadata = read_adapter_metadata(folder)
+    if metadata is not None and (metadata.lora_r, float(metadata.lora_alpha)) != (scaling.r, scaling.alpha):
+        raise AdapterMismatchError(
+            f"adapter {folder}: {ADAPTER_CONFIG} says r={scaling.r}, lora_alpha={scaling.alpha:g} but {ADAPTER_METADATA} says "
+            f"r={metadata.lora_r}, lora_alpha={metadata.lora_alpha}; the folder was edited or mixed from two adapters: save it again"
+        )
+    return scaling
 
 
 def first_mismatch(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], what: str) -> str | None:
@@ -173,6 +206,14 @@ def load_adapter(peft_model: nn.Module, folder: str | Path, family: str) -> None
     metadata = read_adapter_metadata(folder)
     if metadata is not None and metadata.family != family:
         raise AdapterMismatchError(f"adapter {folder} was trained for the {metadata.family!r} family, not {family!r}")
+    scaling = read_lora_scaling(folder, read_json(folder / ADAPTER_CONFIG, "adapter config"))
+    ours = peft_model.peft_config["default"]
+    if (int(ours.r), float(ours.lora_alpha)) != (scaling.r, scaling.alpha):
+        raise AdapterMismatchError(
+            f"adapter {folder} was trained with lora_r={scaling.r}, lora_alpha={scaling.alpha:g}, but this model was built with "
+            f"lora_r={ours.r}, lora_alpha={ours.lora_alpha}: its scale would be wrong; construct it with lora_r={scaling.r}, "
+            f"lora_alpha={scaling.alpha:g}"
+        )
     tensors = read_safetensors(folder / ADAPTER_WEIGHTS)
     expected = {k: v.shape for k, v in get_peft_model_state_dict(peft_model).items()}
     problem = first_mismatch(expected, tensors, f"adapter {folder}")
@@ -189,6 +230,8 @@ def save_full_weights(model: nn.Module, folder: str | Path, family: str, base_mo
 
 def read_full_weights(folder: str | Path, family: str) -> dict[str, torch.Tensor]:
     folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise AdapterMismatchError(f"weights {folder} is a file; pass the folder written by save_model_weights()")
     if not (folder / FULL_WEIGHTS).is_file():
         raise AdapterMismatchError(f"{folder} holds no {FULL_WEIGHTS}; pass a folder written by save_model_weights()")
     meta_path = folder / FULL_WEIGHTS_METADATA

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lalm_export.errors import OptionsError
-from lalm_export.families import FamilySpec
-from lalm_export.io import load_hf_model
+from lalm_export.errors import ModelLoadError, OptionsError
+from lalm_export.families import FAMILIES, FamilySpec
+from lalm_export.io import load_hf_config, load_hf_model
 from lalm_export.models.adapters import QuantizationSettings
 
 
@@ -24,16 +24,48 @@ def load_family_model(
     quantization: QuantizationSettings | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """The family's HF model (its kept submodule for Whisper), in fp32 or on a 4-bit base."""
-    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    """The family's HF model (its kept submodule for Whisper), in fp32 or on a 4-bit base.
+    A checkpoint of another family, or one that lacks weights the model needs, is refused:
+    transformers would otherwise fill them with random values."""
+    check_model_type(spec, model_name, trust_remote_code)
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "output_loading_info": True}
     if quantization is not None:
         require_bitsandbytes()
         kwargs["quantization_config"] = quantization.bnb_config(spec.qlora_full_precision)
         kwargs["dtype"] = getattr(torch, quantization.base_dtype)
-    model = load_hf_model(spec.model_cls(), model_name, **kwargs)
+    model, info = load_hf_model(spec.model_cls(), model_name, **kwargs)
     if spec.submodule:
         model = getattr(model, spec.submodule)
+        prefix = f"{spec.submodule}."
+        missing = [k.removeprefix(prefix) for k in info.get("missing_keys", []) if k.startswith(prefix)]
+    else:
+        missing = list(info.get("missing_keys", []))
+    mismatched = [str(entry[0]) for entry in info.get("mismatched_keys", [])]
+    if missing or mismatched:
+        names = sorted(missing + mismatched)
+        raise ModelLoadError(
+            f"{model_name} lacks {len(names)} weight(s) the {spec.name} model needs (e.g. {', '.join(names[:3])}), which would be "
+            "random: pass a complete checkpoint saved with save_pretrained()"
+        )
     return model
+
+
+def check_model_type(spec: FamilySpec, model_name: str, trust_remote_code: bool = False) -> None:
+    """The checkpoint's `model_type` must be one of the family's."""
+    if not spec.model_types:
+        return
+    model_type = load_hf_config(model_name, trust_remote_code).model_type
+    if model_type in spec.model_types:
+        return
+    owner = next((f.name for f in FAMILIES.values() if model_type in f.model_types), None)
+    hint = f"--encoder {owner}" if owner else "--decoder auto" if _is_causal_lm(model_type) else f"a {spec.name} checkpoint"
+    raise ModelLoadError(f"{model_name} is a {model_type!r} checkpoint, not a {spec.name} one; pass {hint}")
+
+
+def _is_causal_lm(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -47,6 +47,17 @@ def test_lora_trains_only_adapter_parameters(encoder_family, checkpoints):
     assert 0 < trainable(model) < sum(p.numel() for p in model.parameters())
 
 
+def test_every_lora_layer_is_on_the_forward_path(encoder_family, checkpoints):
+    """An adapter on a layer the model reads by `.weight` instead of calling (WavLM's attention
+    projections) would get no gradient and train nothing: the family's targets must all learn."""
+    model = lora_encoder(encoder_family, checkpoints)
+    model.set_training_mode()
+    model.eval()  # no LayerDrop: every layer runs
+    model(tiny_input(encoder_family, batch=1))[-1].pow(2).mean().backward()
+    dead = [n for n, p in model.named_parameters() if "lora_B" in n and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not dead, f"LoRA layers that receive no gradient: {dead[:4]}"
+
+
 def test_forward_returns_every_layer(encoder_family, checkpoints):
     model = ENCODER_CLASSES[encoder_family](str(checkpoints[encoder_family]))
     hidden = model(tiny_input(encoder_family, batch=2))
@@ -176,10 +187,11 @@ def test_adapter_of_another_family_is_refused(checkpoints, tmp_path):
         wav2vec2.load_lora_weights(tmp_path / "hubert_lora")
 
 
-def test_adapter_of_another_rank_names_the_tensor(checkpoints, tmp_path):
-    lora_encoder("hubert", checkpoints).save_lora_weights(tmp_path / "r8")
-    model = ENCODER_CLASSES["hubert"](str(checkpoints["hubert"]), use_lora=True, lora_r=4)
-    with pytest.raises(AdapterMismatchError, match=r"tensor .*lora_A.weight has shape \(8, 64\)"):
+@pytest.mark.parametrize("settings", [{"lora_r": 4}, {"lora_alpha": 64}], ids=["rank", "alpha"])
+def test_adapter_of_another_rank_or_alpha_says_how_to_build_the_model(settings, checkpoints, tmp_path):
+    lora_encoder("hubert", checkpoints).save_lora_weights(tmp_path / "r8")  # r=8, alpha=16: scale 2
+    model = ENCODER_CLASSES["hubert"](str(checkpoints["hubert"]), use_lora=True, **settings)
+    with pytest.raises(AdapterMismatchError, match=r"trained with lora_r=8, lora_alpha=16.*construct it with lora_r=8, lora_alpha=16"):
         model.load_lora_weights(tmp_path / "r8")
 
 
