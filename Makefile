@@ -13,10 +13,12 @@ STAMP := $(VENV)/.installed
 BENCH_OUT ?= bench-output/tiny
 BENCH_GATE := --tolerance 0.35 --figures "vs eager-fp32"
 
+# PYTHONWARNINGS: setuptools announces every editable install in a box ("be careful with folders
+# ... same name"), which pip >= 25 prints: advice for packagers, not for someone running the demo.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[cpu,dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[cpu,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

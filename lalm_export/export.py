@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from lalm_export.fused import build_fused_decoder, choose_decoder_graph
 from lalm_export.gate import verify_graph
 from lalm_export.graph_files import load_graph, save_graph
 from lalm_export.io import atomic_folder, sha256_tree
-from lalm_export.merge import dequantize_4bit_linears, merge_adapter_into, read_lora_pairs
+from lalm_export.merge import AdapterForPart, dequantize_4bit_linears, merge_adapter_into, read_adapter_for_part, read_lora_pairs
 from lalm_export.models.adapters import QuantizationSettings, load_full_weights, read_adapter_metadata
 from lalm_export.models.loading import load_family_model
 from lalm_export.options import DEFAULT_OPSET, ExportOptions, validate_options
@@ -54,23 +55,40 @@ def adapter_quantization(opts: ExportOptions) -> QuantizationSettings | None:
     return None
 
 
-def load_merged_model(opts: ExportOptions, stages: Stages) -> tuple[nn.Module, Source]:
-    """The eager fp32 module the graph must reproduce, and how it was made."""
+@dataclass(frozen=True)
+class Merged:
+    """The eager fp32 module the graph must reproduce, how it was made, and what the manifest
+    should say about the merge beyond its source."""
+
+    model: nn.Module
+    source: Source
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def load_merged_model(opts: ExportOptions, stages: Stages) -> Merged:
+    """Load the base, merge the adapter or load the weights: the module the graph must reproduce."""
     spec = opts.spec
     quantization = adapter_quantization(opts)
     detail = opts.model_source + (f" (4-bit {quantization.quant_type} base, as the adapter was trained)" if quantization else "")
     with stages.stage("load", detail):
         model = load_family_model(spec, opts.model_source, quantization, opts.trust_remote_code)
         check_decoder_arch(model, opts)
+    notes: dict[str, Any] = {}
     with stages.stage("merge"):
         source = Source(model=opts.model_source)
         if quantization is not None:
             count = dequantize_4bit_linears(model)
             stages.say(f"      dequantized {count} 4-bit Linear layers to fp32")
         if opts.adapter is not None:
-            pairs = read_lora_pairs(opts.adapter, model)
-            merge_adapter_into(model, pairs)
-            stages.say(f"      merged LoRA into {len(pairs)} Linear layers")
+            adapter = read_adapter_for_part(opts.adapter, model, spec.submodule) if spec.submodule else AdapterForPart(read_lora_pairs(opts.adapter, model))
+            merge_adapter_into(model, adapter.pairs)
+            stages.say(f"      merged LoRA into {len(adapter.pairs)} Linear layers")
+            if adapter.left_out:
+                stages.say(
+                    f"      note: the adapter also adapts {len(adapter.left_out)} modules outside the {spec.name} {spec.submodule} "
+                    f"(e.g. {adapter.left_out[0]}); they are not part of this bundle and were left out"
+                )
+                notes = {"adapter_modules_left_out": len(adapter.left_out), "adapter_left_out_example": adapter.left_out[0]}
             source = Source(
                 model=opts.model_source,
                 adapter=str(Path(opts.adapter).resolve()),
@@ -85,7 +103,7 @@ def load_merged_model(opts: ExportOptions, stages: Stages) -> tuple[nn.Module, S
                 weights_sha256=sha256_tree(opts.weights),
                 merge="full-weights",
             )
-    return model.float().eval(), source
+    return Merged(model.float().eval(), source, notes)
 
 
 def check_decoder_arch(model: nn.Module, opts: ExportOptions) -> None:
@@ -180,7 +198,8 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
     validate_options(opts)
     stages = Stages(STAGES, quiet=quiet)
     torch.manual_seed(opts.seed)
-    model, source = load_merged_model(opts, stages)
+    merged = load_merged_model(opts, stages)
+    model, source = merged.model, merged.source
     spec = opts.spec
     # validate_options refused a non-empty output without --force; an empty folder is replaced.
     custom_opset = opts.opset if opts.opset != DEFAULT_OPSET else None
@@ -209,7 +228,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             stages.skip("verify", "--no-verify")
             parity = {"verified": False, "reason": "--no-verify"}
         with stages.stage("write", str(opts.output)):
-            extra = save_companions(model, opts, tmp)
+            extra = {**save_companions(model, opts, tmp), **merged.notes}
             if spec.role == "decoder":
                 extra["decoder_graph"] = graph_kind
             if opts.precision == "int4":

@@ -114,8 +114,46 @@ def _resolve_prefix(modules: list[str], linears: dict[str, nn.Linear]) -> str:
     raise AdapterMismatchError(f"adapter targets module {missing!r}, which the model has no Linear layer for: it was trained for another model or family")
 
 
+@dataclass(frozen=True)
+class AdapterForPart:
+    """An adapter read for the part of a model that is exported: its pairs, and the adapted
+    modules outside that part (a whole-Whisper adapter's text decoder) that were left out."""
+
+    pairs: dict[str, LoraPair]
+    left_out: tuple[str, ...] = ()
+
+
+def read_adapter_for_part(folder: str | Path, model: nn.Module, part: str) -> AdapterForPart:
+    """`read_lora_pairs` for `model`, the `part` submodule of a larger model (Whisper's
+    encoder): an adapter trained on the whole model (peft on WhisperForConditionalGeneration
+    with q_proj/v_proj, the usual recipe) also adapts the rest, which is not exported; those
+    modules are left out and named. An adapter with nothing in `part` is still refused."""
+    return _read_pairs(folder, model, part)
+
+
 def read_lora_pairs(folder: str | Path, model: nn.Module) -> dict[str, LoraPair]:
     """The adapter's LoRA pairs keyed by the model's `<module>.weight`, every shape checked."""
+    return _read_pairs(folder, model, None).pairs
+
+
+def _split_by_part(parts: dict[str, dict[str, torch.Tensor]], part: str, linears: dict[str, nn.Linear]) -> tuple[dict, tuple[str, ...]]:
+    """The adapter's modules inside `part`, renamed relative to it (a module named as in the
+    part itself also counts), and the names of those outside it."""
+    inside, outside = {}, []
+    for name in sorted(parts):
+        segments = name.split(".")
+        if part in segments:
+            inside[".".join(segments[segments.index(part) + 1 :])] = parts[name]
+        elif name in linears:
+            inside[name] = parts[name]
+        else:
+            outside.append(name)
+    if not inside:
+        raise AdapterMismatchError(f"the adapter adapts nothing in the model's {part} (e.g. {outside[0]!r}): it was trained for another part or model")
+    return inside, tuple(outside)
+
+
+def _read_pairs(folder: str | Path, model: nn.Module, part: str | None) -> AdapterForPart:
     folder = check_adapter_folder(folder)
     config = read_json(folder / ADAPTER_CONFIG, "adapter config")
     _check_supported(config, folder)
@@ -129,6 +167,9 @@ def read_lora_pairs(folder: str | Path, model: nn.Module) -> dict[str, LoraPair]
     if not parts:
         raise AdapterMismatchError(f"adapter {folder} holds no LoRA weights")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    left_out: tuple[str, ...] = ()
+    if part is not None:
+        parts, left_out = _split_by_part(parts, part, linears)
     prefix = _resolve_prefix(sorted(parts), linears)
     scaling = read_lora_scaling(folder, config)
     pairs: dict[str, LoraPair] = {}
@@ -147,7 +188,7 @@ def read_lora_pairs(folder: str | Path, model: nn.Module) -> dict[str, LoraPair]
                 )
         scale = alpha / math.sqrt(r) if scaling.rslora else alpha / r
         pairs[f"{module}.weight"] = LoraPair(a=ab["A"].float(), b=ab["B"].float(), scale=scale)
-    return pairs
+    return AdapterForPart(pairs, left_out)
 
 
 def merge_adapter_into(model: nn.Module, pairs: dict[str, LoraPair]) -> None:

@@ -66,3 +66,15 @@ def assert_user_error(result: subprocess.CompletedProcess | Outcome, fragment: s
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1, result.stderr
     assert fragment in error_lines[0], error_lines[0]
+
+
+def run_encoder(bundle: Path, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every output of an encoder bundle's graph for input `x`, through a plain CPU session."""
+    import onnxruntime as ort
+
+    from runtime.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    session = ort.InferenceSession(str(bundle / manifest.graphs["model"].path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {session.get_inputs()[0].name: x.numpy()})))

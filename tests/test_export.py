@@ -20,22 +20,15 @@ from lalm_export.models.loading import load_family_model
 from lalm_export.tiny import tiny_input
 from lalm_export.tolerances import FP32_RELATIVE
 from runtime.generation import GenerationOptions, generate
-from runtime.manifest import read_manifest, sha256_of
+from runtime.manifest import sha256_of
 from runtime.ort_backends import OrtDecoderBackend
-from tests.helpers import randomize_lora, relative_error
+from tests.helpers import randomize_lora, relative_error, run_encoder
 
 
 def lora_wrapper(family, checkpoints, **kwargs):
     model = ENCODER_CLASSES[family](str(checkpoints[family]), use_lora=True, lora_dropout=0.0, **kwargs)
     randomize_lora(model)
     return model
-
-
-def run_encoder(bundle, x: torch.Tensor) -> dict[str, np.ndarray]:
-    manifest = read_manifest(bundle)
-    session = ort.InferenceSession(str(bundle / manifest.graphs["model"].path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {session.get_inputs()[0].name: x.numpy()})))
 
 
 def test_encoder_lora_bundle_matches_the_eager_adapter(encoder_family, checkpoints, tmp_path):

@@ -15,7 +15,7 @@ from lalm_export.tiny import build_tiny_checkpoint, tiny_input
 from runtime.api import load
 
 # Modules whose tests take the `encoder_family` fixture: every encoder row must appear in them.
-PER_FAMILY_MODULES = ("tests/models/test_audio_encoder.py", "tests/test_export.py", "tests/test_precision.py")
+PER_FAMILY_MODULES = ("tests/models/test_audio_encoder.py", "tests/test_export.py", "tests/test_precision.py", "tests/runtime/test_infer.py")
 
 
 def test_unknown_family_lists_the_known_ones():

@@ -11,10 +11,10 @@ from transformers import WhisperModel
 
 from lalm_export.errors import AdapterMismatchError
 from lalm_export.families import get_family
-from lalm_export.merge import LoraPair, lora_delta, merge_adapter_into, merge_lora, read_lora_pairs
+from lalm_export.merge import LoraPair, lora_delta, merge_adapter_into, merge_lora, read_adapter_for_part, read_lora_pairs
 from lalm_export.models import Wav2Vec2AudioEncoder
 from lalm_export.models.loading import load_family_model
-from tests.helpers import randomize_lora
+from tests.helpers import randomize_lora, relative_error, run_encoder
 
 
 def test_merge_lora_on_hand_placed_weights():
@@ -79,3 +79,33 @@ def test_dora_adapter_is_refused(checkpoints, tmp_path):
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dora": True}))
     with pytest.raises(AdapterMismatchError, match="use_dora"):
         read_lora_pairs(tmp_path / "d", base)
+
+
+def test_adapter_of_the_whole_whisper_model_exports_its_encoder_part(checkpoints, tmp_path):
+    """The usual recipe (peft on WhisperForConditionalGeneration, q_proj/v_proj) adapts the text
+    decoder too: the encoder's part is merged, the rest left out and counted in the manifest."""
+    from transformers import WhisperForConditionalGeneration
+
+    from lalm_export.export import ExportOptions, export_bundle
+
+    whole = WhisperForConditionalGeneration.from_pretrained(str(checkpoints["whisper"]))
+    peft_model = get_peft_model(whole, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "whole"))
+    decoder_modules = sum(1 for name, _ in peft_model.named_modules() if ".decoder." in name and name.endswith(("q_proj", "v_proj")))
+    manifest = export_bundle(ExportOptions(family="whisper", model=str(checkpoints["whisper"]), adapter=tmp_path / "whole", output=tmp_path / "b"), quiet=True)
+    assert manifest.parity["passed"] and manifest.extra["adapter_modules_left_out"] == decoder_modules > 0
+    # the bundle's encoder is the adapted encoder of the whole model, not the base
+    x = torch.randn(1, 80, 3000)
+    with torch.no_grad():
+        expected = peft_model.merge_and_unload().model.encoder(x).last_hidden_state
+    ours = run_encoder(tmp_path / "b", x)["last_hidden_state"]
+    assert relative_error(expected, ours) <= 1e-4
+
+
+def test_adapter_of_the_whisper_text_decoder_alone_is_refused(checkpoints, tmp_path):
+    whole = WhisperModel.from_pretrained(str(checkpoints["whisper"]))
+    get_peft_model(whole, LoraConfig(r=4, target_modules=r"decoder\.layers\.\d+\.self_attn\.q_proj")).save_pretrained(str(tmp_path / "dec"))
+    encoder = load_family_model(get_family("whisper"), str(checkpoints["whisper"]))
+    with pytest.raises(AdapterMismatchError, match="adapts nothing in the model's encoder"):
+        read_adapter_for_part(tmp_path / "dec", encoder, "encoder")

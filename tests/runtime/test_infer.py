@@ -13,7 +13,7 @@ import torch
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM
 
 from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.families import get_family
+from lalm_export.families import FAMILIES, get_family
 from lalm_export.models.loading import load_family_model
 from lalm_export.signals import speech_like
 from runtime.api import load
@@ -27,7 +27,7 @@ INFER = "runtime.infer"
 @pytest.fixture(scope="module")
 def bundles(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
-    for family in ("wav2vec2", "hubert", "whisper", "llm"):
+    for family in FAMILIES:
         export_bundle(ExportOptions(family=family, model=str(checkpoints[family]), output=root / family), quiet=True)
     return root
 
@@ -46,11 +46,11 @@ def test_runtime_imports_and_runs_without_torch(bundles):
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("family", ["wav2vec2", "hubert", "whisper"])
-def test_encoder_cli_matches_eager_on_speech(family, bundles, checkpoints, tmp_path):
+def test_encoder_cli_matches_eager_on_speech(encoder_family, bundles, checkpoints, tmp_path, capsys):
+    family = encoder_family
     samples = speech_like(3.0)
     sf.write(tmp_path / "speech.wav", samples, 16_000, subtype="FLOAT")
-    result = run_cli(bundles / family, "--audio", tmp_path / "speech.wav", "--output", tmp_path / "out.npz", module=INFER)
+    result = run_main(infer_main, bundles / family, "--audio", tmp_path / "speech.wav", "--output", tmp_path / "out.npz", capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert "speech.wav: 3.00 s audio" in result.stderr
     ours = np.load(tmp_path / "out.npz")["speech.wav"]
@@ -106,8 +106,8 @@ def test_decoder_json_tokens_equal_eager_greedy(bundles, checkpoints):
     assert record["text"] == generator.decode(expected)
 
 
-def test_streamed_text_equals_the_completion(bundles):
-    result = run_cli(bundles / "llm", "--prompt", "hello", "--max-new-tokens", "12", "--ignore-eos", module=INFER)
+def test_streamed_text_equals_the_completion(bundles, capsys):
+    result = run_main(infer_main, bundles / "llm", "--prompt", "hello", "--max-new-tokens", "12", "--ignore-eos", capsys=capsys)
     assert result.returncode == 0, result.stderr
     generator = load(bundles / "llm")
     (completion,) = generator.complete(["hello"], GenerationOptions(max_new_tokens=12, stop_at_eos=False))
