@@ -31,7 +31,7 @@ def graph_facts(folder: Path, graph: Path) -> tuple[GraphFile, int]:
             result.append(TensorSpec(value.name, dtype, tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)))
         return tuple(result)
 
-    data_files = {p.name: sha256_of(p) for p in folder.iterdir() if p.name.startswith(graph.name + "_data") or p.suffix == ".data"}
+    data_files = {p.name: sha256_of(p) for p in folder.iterdir() if p.name.startswith(graph.name) and p.name != graph.name and p.is_file()}
     record = GraphFile(path=graph.name, sha256=sha256_of(graph), inputs=specs(proto.graph.input), outputs=specs(proto.graph.output), data_files=data_files)
     return record, opset
 

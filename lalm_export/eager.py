@@ -39,10 +39,12 @@ class EagerDecoderBackend:
         self._mask = torch.zeros(0, 0, dtype=torch.long)
 
     @torch.no_grad()
-    def _run(self, input_ids: torch.Tensor) -> np.ndarray:
-        positions = torch.from_numpy(position_ids_for(self._mask.numpy()))[:, -input_ids.shape[1] :]
+    def _run(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> np.ndarray:
+        new = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+        positions = torch.from_numpy(position_ids_for(self._mask.numpy()))[:, -new:]
+        inputs = {"input_ids": input_ids.to(self.device)} if input_ids is not None else {"inputs_embeds": inputs_embeds.to(self.device)}
         out = self.model(
-            input_ids=input_ids.to(self.device),
+            **inputs,
             attention_mask=self._mask.to(self.device),
             position_ids=positions.to(self.device),
             past_key_values=self._past,
@@ -59,6 +61,12 @@ class EagerDecoderBackend:
         self._past = None
         self._mask = torch.from_numpy(attention_mask.astype(np.int64))
         return self._run(torch.from_numpy(input_ids.astype(np.int64)))
+
+    def prefill_embeds(self, inputs_embeds: torch.Tensor, attention_mask: np.ndarray) -> np.ndarray:
+        """`prefill` for a prompt given as embeddings `(batch, length, hidden)` (an LALM's audio in place)."""
+        self._past = None
+        self._mask = torch.from_numpy(attention_mask.astype(np.int64))
+        return self._run(None, inputs_embeds)
 
     def decode_step(self, token_ids: np.ndarray) -> np.ndarray:
         self._mask = torch.cat([self._mask, torch.ones(self._mask.shape[0], 1, dtype=torch.long)], dim=1)

@@ -140,7 +140,9 @@ def export_graph(model: nn.Module, opts: ExportOptions, folder: Path, graph_kind
 
     spec = opts.spec
     if graph_kind == "fused":
-        return build_fused_decoder(model, opts.model_source, folder, opts.trust_remote_code)
+        from lalm_export.models.llm import load_tokenizer
+
+        return build_fused_decoder(model, load_tokenizer(opts.model_source, opts.trust_remote_code), folder, opts.trust_remote_code)
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # The tracer warns about every Python-level branch; the parity gate checks the

@@ -65,6 +65,9 @@ class FamilySpec:
     default_checkpoint: str = ""
     feature_extractor: FeatureExtractorSpec | None = None
     dynamic_length: bool = True  # Whisper's encoder only accepts its full 30 s window
+    # Audio samples per encoder frame for an encoder without a convolution front end in its
+    # config (Whisper: a hop of 160, then a stride-2 convolution): an LALM cuts padding frames by it.
+    frame_samples: int | None = None
     model_types: tuple[str, ...] = ()  # checkpoint model_type values of this family; () = any
     # Layers a QLoRA base keeps in full precision: those the model reads by `.weight` instead
     # of calling (a 4-bit weight cannot be used so), and those bitsandbytes' CPU 4-bit kernel
@@ -177,6 +180,7 @@ FAMILIES: dict[str, FamilySpec] = {
                 extractor_class="WhisperFeatureExtractor", from_config=(("feature_size", "num_mel_bins"),), chunk_seconds=30.0
             ),
             dynamic_length=False,
+            frame_samples=320,
             model_types=("whisper",),
         ),
         _raw_audio_family("hubert", "HubertModel", "HubertConfig", "facebook/hubert-base-ls960", attention_mask=False),

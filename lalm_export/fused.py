@@ -21,7 +21,7 @@ import io
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -83,17 +83,18 @@ def choose_decoder_graph(requested: str, model: nn.Module, optimize: bool, devic
     return ("optimum", reason) if reason else ("fused", "fused attention (GroupQueryAttention)")
 
 
-def build_fused_decoder(model: nn.Module, tokenizer_source: str, folder: Path, trust_remote_code: bool) -> Path:
-    """Write `folder/model.onnx` (+ `model.onnx.data`): the fp32 fused graph of `model`."""
+def build_fused_decoder(
+    model: nn.Module, tokenizer: Any, folder: Path, trust_remote_code: bool, exclude_embeds: bool = False, filename: str = "model.onnx"
+) -> Path:
+    """Write `folder/<filename>` (+ `<filename>.data`): the fp32 fused graph of `model`;
+    `exclude_embeds`: without the embedding, taking `inputs_embeds` (an LALM's decoder)."""
     from onnxruntime_genai.models.builder import create_model
-
-    from lalm_export.models.llm import load_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     work = folder / "builder"
     checkpoint, built, cache = work / "checkpoint", work / "built", work / "cache"
     model.save_pretrained(str(checkpoint), safe_serialization=True)
-    load_tokenizer(tokenizer_source, trust_remote_code).save_pretrained(str(checkpoint))
+    tokenizer.save_pretrained(str(checkpoint))
     try:
         with _builder_quiet():
             create_model(
@@ -106,14 +107,15 @@ def build_fused_decoder(model: nn.Module, tokenizer_source: str, folder: Path, t
                 hf_remote=trust_remote_code,  # the builder's default is True: run checkpoint code only when asked
                 hf_token="false",
                 prune_lm_head=True,
-                filename="model.onnx",
+                filename=filename,
+                **({"exclude_embeds": "true"} if exclude_embeds else {}),
             )
     except (NotImplementedError, ValueError, KeyError) as err:
         raise ExportError(f"ONNX Runtime's model builder could not build a fused graph ({err}); use --decoder-graph optimum") from None
-    graph = folder / "model.onnx"
-    shutil.move(str(built / "model.onnx"), graph)
-    if (built / "model.onnx.data").exists():
-        shutil.move(str(built / "model.onnx.data"), folder / "model.onnx.data")
+    graph = folder / filename
+    shutil.move(str(built / filename), graph)
+    if (built / f"{filename}.data").exists():
+        shutil.move(str(built / f"{filename}.data"), folder / f"{filename}.data")
     shutil.rmtree(work)
     mark_no_left_padding(graph)
     return graph

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import AudioError, BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, generate
+from runtime.lalm import LalmRunner, load_lalm
 from runtime.manifest import Manifest, read_json_object, read_manifest, sha256_of, verify_graph_files
 from runtime.ort_backends import decoder_backend
 from runtime.sessions import SessionOptions, active_provider, create_session, provider_label, resolve_providers
@@ -334,8 +335,10 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def load(folder: str | Path, options: SessionOptions | None = None) -> EncoderRunner | TextGenerator:
-    """An encoder runner or a text generator for the bundle in `folder`."""
+def load(folder: str | Path, options: SessionOptions | None = None) -> EncoderRunner | TextGenerator | LalmRunner:
+    """An encoder runner, a text generator or (LALM bundles) an audio-to-text runner for the bundle in `folder`."""
     options = options or SessionOptions()
     manifest = read_manifest(folder)
+    if manifest.role == "lalm":
+        return load_lalm(Path(folder), manifest, options)
     return EncoderRunner(folder, options) if manifest.role == "encoder" else TextGenerator(folder, options)

@@ -26,6 +26,24 @@ class DecoderBackend(Protocol):
         """Append one token per row `(batch,)`; return the next logits `(batch, vocab)`."""
 
 
+class PromptEmbeds:
+    """A backend whose prefill runs a prompt given as embeddings (an LALM's prompt with the
+    audio in place; the ids `generate` passes are placeholders of the same length), around a
+    backend with `prefill_embeds`; decode steps run token ids as usual."""
+
+    def __init__(self, backend: object, inputs_embeds: object) -> None:
+        self.backend, self.inputs_embeds = backend, inputs_embeds
+
+    def reserve(self, total_length: int) -> None:
+        self.backend.reserve(total_length)
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.backend.prefill_embeds(self.inputs_embeds, attention_mask)
+
+    def decode_step(self, token_ids: np.ndarray) -> np.ndarray:
+        return self.backend.decode_step(token_ids)
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int = 32

@@ -17,8 +17,10 @@ from runtime.errors import BundleError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-MERGE_KINDS = ("none", "lora", "qlora-dequantized", "full-weights")
-ROLES = ("encoder", "decoder")
+MERGE_KINDS = ("none", "lora", "qlora-dequantized", "full-weights", "lalm")  # lalm: each component as extra.components says
+ROLES = ("encoder", "decoder", "lalm")
+# The graphs each role's bundle holds (an LALM: encoder + projector, and a decoder on embeddings).
+ROLE_GRAPHS = {"encoder": ("model",), "decoder": ("model",), "lalm": ("audio_encoder", "decoder")}
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,9 @@ class Manifest:
             raise BundleError(f"manifest is incomplete or malformed ({type(err).__name__}: {err}); export the bundle again") from err
         if manifest.role not in ROLES:
             raise BundleError(f"manifest role {manifest.role!r} is not one of {', '.join(ROLES)}")
-        if "model" not in manifest.graphs:
-            raise BundleError("manifest names no 'model' graph; export the bundle again")
+        missing = [name for name in ROLE_GRAPHS[manifest.role] if name not in manifest.graphs]
+        if missing:
+            raise BundleError(f"manifest names no {missing[0]!r} graph, which {manifest.role} bundles have; export the bundle again")
         return manifest
 
     def write(self, folder: str | Path) -> Path:

@@ -85,8 +85,11 @@ class OrtDecoderBackend:
 
     DEFAULT_CAPACITY = 256
 
-    def __init__(self, session: ort.InferenceSession, binding_device: str | None = None) -> None:
+    def __init__(self, session: ort.InferenceSession, binding_device: str | None = None, embed: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.session = session
+        # A decoder exported without its embedding (an LALM's) takes `inputs_embeds`: decode
+        # steps look their tokens up with `embed`, and prompts come as embeddings.
+        self.embed = embed
         self.binding_device = binding_device
         inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = sorted(
@@ -94,6 +97,9 @@ class OrtDecoderBackend:
             key=lambda n: (int(n.split(".")[1]), n.split(".")[2]),
         )
         self.uses_position_ids = "position_ids" in inputs
+        self.takes_embeds = "inputs_embeds" in inputs
+        if self.takes_embeds and embed is None:
+            raise RuntimeUserError("this decoder graph takes inputs_embeds: it needs the bundle's token table (load it through runtime.api)")
         first = inputs[self.past_names[0]] if self.past_names else None
         self.kv_shape = tuple(first.shape[1:]) if first is not None else ()  # (heads, past, head_dim)
         self.kv_dtype = _ORT_FLOAT.get(first.type, np.float32) if first is not None else np.float32
@@ -108,7 +114,12 @@ class OrtDecoderBackend:
         self._capacity = max(1, int(total_length))
 
     def _feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": self._mask}
+        """`input_ids` `(batch, new)`, or embeddings `(batch, new, hidden)` for a prompt."""
+        if self.takes_embeds:
+            embeds = input_ids if input_ids.ndim == 3 else self.embed(input_ids)
+            feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": self._mask}
+        else:
+            feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": self._mask}
         if self.uses_position_ids:
             feeds["position_ids"] = position_ids_for(self._mask)[:, -input_ids.shape[1] :]
         return feeds
@@ -141,6 +152,12 @@ class OrtDecoderBackend:
             self.kv = None
             self._past = {name: np.zeros((batch, heads, 0, head_dim), dtype=self.kv_dtype) for name in self.past_names}
         return self._run(input_ids)
+
+    def prefill_embeds(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """`prefill` for a prompt given as embeddings `(batch, length, hidden)`."""
+        if not self.takes_embeds:
+            raise RuntimeUserError("this decoder graph takes input_ids, not embeddings")
+        return self.prefill(inputs_embeds, attention_mask)
 
     def decode_step(self, token_ids: np.ndarray) -> np.ndarray:
         self._mask = np.concatenate([self._mask, np.ones((self._mask.shape[0], 1), dtype=np.int64)], axis=1)

@@ -194,7 +194,8 @@ def first_mismatch(expected: dict[str, torch.Size], found: dict[str, torch.Tenso
 def save_adapter(peft_model: nn.Module, folder: str | Path, metadata: AdapterMetadata) -> None:
     """Write the peft adapter (safetensors) and its metadata; replaces `folder` only once complete."""
     with atomic_folder(folder, replace=True) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        # Embedding rows an LALM adds for its audio token are zeros, made again on load: LoRA only.
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         write_json(metadata.to_dict(), tmp / ADAPTER_METADATA)
 
 

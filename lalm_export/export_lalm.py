@@ -1,0 +1,233 @@
+"""`lalm-export --lalm DIR`: an LALM saved with `LALM.save_pretrained` as one bundle.
+
+Three parts, every adapter merged as for the single components (QLoRA into its dequantized
+4-bit base):
+- `audio_encoder.onnx`: the family's input and each clip's length in samples →
+  `audio_features` (projected frames in the decoder's hidden size) and `audio_feature_lengths`
+  (the frames that are the clip's own; the rest is padding);
+- the embedding: the decoder's token table (`embed_tokens.npy`), looked up on the host, where
+  the audio rows take the placeholder's place;
+- `decoder.onnx`: the decoder without its embedding (ONNX Runtime's model builder,
+  `exclude_embeds`): `inputs_embeds`, `attention_mask` and the KV cache → logits.
+The parity gate compares the audio features with the eager encoder + projector, then the
+greedy tokens of the whole pipeline with the eager LALM's."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lalm_export.bundle_facts import graph_facts, library_versions
+from lalm_export.errors import OptionsError
+from lalm_export.export import load_merged_model
+from lalm_export.families import FamilySpec, get_family
+from lalm_export.fused import build_fused_decoder, unsupported_reason
+from lalm_export.io import atomic_folder, read_safetensors, sha256_tree
+from lalm_export.models.lalm import (
+    PROJECTOR_WEIGHTS,
+    AudioProjector,
+    ProjectorConfig,
+    encoder_feature_config_for,
+    encoder_frames,
+    read_lalm_config,
+    resize_for_tokenizer,
+)
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, is_bundle
+from lalm_export.progress import Stages
+from lalm_export.signals import speech_like
+from runtime.manifest import Manifest, Source, sha256_of
+
+STAGES = ["load", "merge", "export", "verify", "write"]
+ENCODER_GRAPH, DECODER_GRAPH, TOKEN_TABLE = "audio_encoder.onnx", "decoder.onnx", "embed_tokens.npy"
+GATE_TOKENS = 32
+GATE_CLIPS_S = (1.0, 1.6)
+
+
+@dataclass(frozen=True)
+class LalmExportOptions:
+    lalm: Path
+    output: Path
+    force: bool = False
+    verify: bool = True
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
+class AudioEncoderGraph(nn.Module):
+    """Encoder + projector as one module: the family's input and the clips' lengths in
+    samples → projected frames and how many of them are each clip's own."""
+
+    def __init__(self, encoder: nn.Module, projector: AudioProjector, spec: FamilySpec) -> None:
+        super().__init__()
+        self.encoder, self.projector, self.spec = encoder, projector, spec
+
+    def forward(self, features: torch.Tensor, audio_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(**{self.spec.input_name: features}, output_hidden_states=True).hidden_states
+        frames = encoder_frames(self.encoder.config, audio_lengths, self.spec.frame_samples)
+        return self.projector(hidden), self.projector.frames(frames)
+
+
+@dataclass
+class MergedLalm:
+    graph: AudioEncoderGraph
+    decoder: nn.Module  # the merged causal LM, its vocabulary grown by the audio token
+    tokenizer: Any
+    config: dict[str, Any]
+    feature_config: dict[str, Any]
+    sources: dict[str, Source]
+
+
+def component_options(folder: Path, part: str, config: dict[str, Any], trust_remote_code: bool) -> ExportOptions:
+    """The component as `--encoder`/`--decoder` would export it: its base, and its adapter or weights."""
+    mode, saved = config[part]["mode"], folder / part
+    adapter = saved if mode["use_lora"] or mode["use_qlora"] else None
+    weights = saved if mode.get("finetune") and adapter is None else None
+    return ExportOptions(
+        family=config[part]["family"], output=folder / ".unused", model=config[part]["base_model"], adapter=adapter, weights=weights,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
+    from transformers import AutoTokenizer
+
+    folder = Path(opts.lalm).expanduser()
+    config = read_lalm_config(folder)
+    parts = {part: load_merged_model(component_options(folder, part, config, opts.trust_remote_code), stages) for part in ("encoder", "decoder")}
+    spec = get_family(config["encoder"]["family"])
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    decoder = parts["decoder"].model
+    resize_for_tokenizer(decoder, len(tokenizer))
+    encoder = parts["encoder"].model
+    projector = AudioProjector(
+        int(encoder.config.hidden_size), int(encoder.config.num_hidden_layers), int(decoder.config.hidden_size), ProjectorConfig(**config["projector"])
+    )
+    projector.load_state_dict(read_safetensors(folder / PROJECTOR_WEIGHTS))
+    graph = AudioEncoderGraph(encoder, projector.eval(), spec).eval()
+    feature_config = encoder_feature_config_for(config["encoder"]["base_model"], spec, encoder.config)
+    return MergedLalm(graph, decoder.eval(), tokenizer, config, feature_config, {part: merged.source for part, merged in parts.items()})
+
+
+def export_audio_encoder(graph: AudioEncoderGraph, feature_config: dict[str, Any], target: Path) -> None:
+    from runtime.audio import features_for
+
+    clip = speech_like(GATE_CLIPS_S[0])
+    features = torch.from_numpy(features_for(graph.spec.input_kind, clip, feature_config)[None].astype(np.float32))
+    lengths = torch.tensor([len(clip)], dtype=torch.int64)
+    axes = {graph.spec.input_name: {0: "batch"} if not graph.spec.dynamic_length else {0: "batch", 1: "samples"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python branches; the gate checks other lengths
+        torch.onnx.export(
+            graph,
+            (features, lengths),
+            str(target),
+            input_names=[graph.spec.input_name, "audio_lengths"],
+            output_names=["audio_features", "audio_feature_lengths"],
+            dynamic_axes={**axes, "audio_lengths": {0: "batch"}, "audio_features": {0: "batch", 1: "frames"}, "audio_feature_lengths": {0: "batch"}},
+            opset_version=DEFAULT_OPSET,
+            dynamo=False,
+        )
+
+
+def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest:
+    """Export the LALM in `opts.lalm` to one bundle at `opts.output`; raises a `LalmExportError` on any user error."""
+    validate_lalm_options(opts)
+    stages = Stages(STAGES, quiet=quiet)
+    torch.manual_seed(opts.seed)
+    merged = load_merged_lalm(opts, stages)
+    reason = unsupported_reason(merged.decoder)
+    if reason is not None:
+        raise OptionsError(f"an LALM's decoder is exported as a fused graph that takes inputs_embeds, and {reason}")
+    with atomic_folder(opts.output, replace=Path(opts.output).is_dir()) as tmp:
+        with stages.stage("export", "audio encoder + projector (torch.onnx), decoder without embedding (ONNX Runtime's model builder)"):
+            export_audio_encoder(merged.graph, merged.feature_config, tmp / ENCODER_GRAPH)
+            build_fused_decoder(merged.decoder, merged.tokenizer, tmp, opts.trust_remote_code, exclude_embeds=True, filename=DECODER_GRAPH)
+            table = merged.decoder.get_input_embeddings().weight.detach().float().numpy()
+            np.save(tmp / TOKEN_TABLE, table, allow_pickle=False)
+            merged.tokenizer.save_pretrained(str(tmp))
+            dump_feature_config(merged.feature_config, tmp / "preprocessor_config.json")
+        if opts.verify:
+            with stages.stage("verify", "ONNX Runtime (cpu) vs eager fp32: audio features, then greedy tokens end to end"):
+                from lalm_export.lalm_gate import check_lalm
+
+                report = check_lalm(merged, tmp, seed=opts.seed, progress=not stages.quiet)
+                for line in report.summary_lines():
+                    stages.say(f"      {line}")
+                report.raise_if_failed()
+                parity = report.to_dict()
+        else:
+            stages.skip("verify", "--no-verify")
+            parity = {"verified": False, "reason": "--no-verify"}
+        with stages.stage("write", str(opts.output)):
+            manifest = lalm_manifest(merged, opts, tmp, parity)
+            manifest.write(tmp)
+    return manifest
+
+
+def dump_feature_config(config: dict[str, Any], path: Path) -> None:
+    import json
+
+    path.write_text(json.dumps({k: v for k, v in config.items() if k != "mel_filters"}, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, parity: dict[str, Any]) -> Manifest:
+    encoder_record, opset = graph_facts(folder, folder / ENCODER_GRAPH)
+    decoder_record, _ = graph_facts(folder, folder / DECODER_GRAPH)
+    spec = merged.graph.spec
+    config, tokenizer, decoder = merged.config, merged.tokenizer, merged.decoder
+    encoder_config = merged.graph.encoder.config
+    return Manifest(
+        family=spec.name,
+        role="lalm",
+        model_type=f"{encoder_config.model_type}+{decoder.config.model_type}",
+        input_kind=spec.input_kind,
+        graphs={"audio_encoder": encoder_record, "decoder": decoder_record},
+        dtype="float32",
+        opset=opset,
+        source=Source(model=str(Path(opts.lalm).resolve()), adapter=None, adapter_sha256=sha256_tree(opts.lalm), merge="lalm"),
+        libraries=library_versions(),
+        parity=parity,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        extra={
+            "components": {part: dataclasses.asdict(source) for part, source in merged.sources.items()},
+            "encoder": {"family": spec.name, "hidden_size": int(encoder_config.hidden_size), "sampling_rate": 16_000},
+            "chunk_seconds": spec.feature_extractor.chunk_seconds if spec.feature_extractor else None,
+            "embedding": {"kind": "host table", "file": TOKEN_TABLE, "sha256": sha256_of(folder / TOKEN_TABLE), "shape": list(np.load(folder / TOKEN_TABLE, mmap_mode="r").shape)},
+            "audio_token": config["audio_token"],
+            "audio_token_id": int(config["audio_token_id"]),
+            "prompt": config["prompt"],
+            "downsample": int(config["projector"]["downsample"]),
+            "context_length": int(decoder.config.max_position_embeddings),
+            "vocab_size": int(decoder.get_input_embeddings().num_embeddings),
+            "hidden_size": int(decoder.config.hidden_size),
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "decoder_graph": "fused (inputs_embeds)",
+        },
+        precision="fp32",
+        optimizations=["fused attention (GroupQueryAttention, rotary inside) and norms: ONNX Runtime's model builder", "logits for the last position only"],
+        device="cpu",
+    )
+
+
+def validate_lalm_options(opts: LalmExportOptions) -> None:
+    folder = Path(opts.lalm).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OptionsError(f"--lalm {folder} is a file; pass the folder written by LALM.save_pretrained()")
+    if not folder.is_dir():
+        raise OptionsError(f"--lalm {folder} does not exist; pass the folder written by LALM.save_pretrained()")
+    read_lalm_config(folder)
+    output = Path(opts.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise OptionsError(f"--output {output} is a file; pass a folder path")
+    if output.is_dir() and any(output.iterdir()) and not (opts.force and is_bundle(output)):
+        raise OptionsError(f"--output {output} exists and is not empty; pass --force to replace a bundle (only a bundle or an empty folder is replaced)")

@@ -1,0 +1,316 @@
+"""The audio LLM: an audio-encoder wrapper, a projector into the decoder's embedding space,
+and an `LLMDecoder` fed `inputs_embeds`.
+
+A prompt carries the audio through one placeholder token (`audio_token`), which expands to
+as many positions as the clip has projected frames. Padding is never a position: a clip of
+n samples gives the encoder frames its own length makes (Whisper's 30 s window is cut to
+ceil(n / 320) frames), then ceil(frames / downsample) projected frames."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lalm_export.errors import AdapterMismatchError, OptionsError
+from lalm_export.io import atomic_folder, read_json, read_safetensors, write_json, write_safetensors
+from lalm_export.models.adapters import TrainingMode, set_trainable
+from lalm_export.models.audio_encoder import BaseAudioEncoder, encoder_class
+from lalm_export.models.llm import LLMDecoder
+from lalm_export.models.loading import model_device
+
+DEFAULT_AUDIO_TOKEN = "<|audio|>"
+LALM_CONFIG = "lalm_config.json"
+PROJECTOR_WEIGHTS = "projector.safetensors"
+IGNORE = -100  # label of positions that carry no loss (audio, prompt, padding)
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """Encoder frames → decoder embeddings: stack `downsample` frames, then a two-layer MLP
+    (`hidden_size` wide; None: the decoder's hidden size). `layer_weights`: a learned
+    softmax-weighted sum over every encoder layer instead of the final layer alone."""
+
+    downsample: int = 4
+    hidden_size: int | None = None
+    layer_weights: bool = False
+
+    def validate(self) -> None:
+        if self.downsample < 1:
+            raise OptionsError(f"projector downsample must be at least 1, not {self.downsample}")
+        if self.hidden_size is not None and self.hidden_size < 1:
+            raise OptionsError(f"projector hidden_size must be positive, not {self.hidden_size}")
+
+
+class AudioProjector(nn.Module):
+    def __init__(self, encoder_hidden: int, encoder_layers: int, decoder_hidden: int, config: ProjectorConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        width = config.hidden_size or decoder_hidden
+        self.layer_weights = nn.Parameter(torch.zeros(encoder_layers + 1)) if config.layer_weights else None
+        # Stacking k frames and a Linear over them is a convolution of kernel k and stride k:
+        # written so, it needs no shape arithmetic, and an exported graph takes any length.
+        k = config.downsample
+        self.stack = nn.Conv1d(encoder_hidden, width, kernel_size=k, stride=k)
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(width, decoder_hidden))
+
+    def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Every encoder layer `(batch, frames, hidden)` → `(batch, ceil(frames / k), decoder hidden)`."""
+        if self.layer_weights is not None:
+            weights = torch.softmax(self.layer_weights, dim=0)
+            x = sum(w * h for w, h in zip(weights, hidden_states))
+        else:
+            x = hidden_states[-1]
+        k = self.config.downsample
+        stacked = self.stack(nn.functional.pad(x.transpose(1, 2), (0, k - 1)))  # ceil(frames / k) outputs
+        return self.mlp(stacked.transpose(1, 2))
+
+    def frames(self, encoder_frames: Any) -> Any:
+        """Projected frames of `encoder_frames` (an int, or an int64 tensor inside an exported graph)."""
+        k = self.config.downsample
+        return (encoder_frames + k - 1) // k
+
+
+def encoder_frames(config: Any, samples: Any, frame_samples: int | None) -> Any:
+    """Encoder frames a clip of `samples` makes (an int, or an int64 tensor inside an exported
+    graph): through the convolution front end in the config (`conv_kernel`, `conv_stride`),
+    else `frame_samples` per frame up to the encoder's window."""
+    kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+    if kernels and strides:
+        length = samples
+        for kernel, stride in zip(kernels, strides):
+            length = (length - int(kernel)) // int(stride) + 1
+        return length.clamp(min=0) if isinstance(length, torch.Tensor) else max(length, 0)
+    if not frame_samples:
+        raise OptionsError(f"no frame rule for a {config.model_type} encoder: its registry row needs frame_samples")
+    frames = (samples + frame_samples - 1) // frame_samples
+    window = int(getattr(config, "max_source_positions", 1 << 30))
+    return frames.clamp(max=window) if isinstance(frames, torch.Tensor) else min(frames, window)
+
+
+class LALM(nn.Module):
+    """`encoder` (any audio-encoder wrapper, any mode) → projector (always trainable) →
+    `decoder` (an `LLMDecoder`, any mode), with `audio_token` in prompts standing for the audio."""
+
+    def __init__(
+        self,
+        encoder: BaseAudioEncoder,
+        decoder: LLMDecoder,
+        projector: ProjectorConfig | AudioProjector = ProjectorConfig(),
+        audio_token: str = DEFAULT_AUDIO_TOKEN,
+        prompt: str = f"{DEFAULT_AUDIO_TOKEN}Transcribe the audio:",
+    ) -> None:
+        super().__init__()
+        if audio_token not in prompt:
+            raise OptionsError(f"the default prompt must contain the audio token {audio_token!r}")
+        self.encoder, self.decoder = encoder, decoder
+        self.audio_token, self.prompt = audio_token, prompt
+        self.audio_token_id = add_audio_token(decoder, audio_token)
+        encoder_config = encoder.encoder.config
+        if isinstance(projector, ProjectorConfig):
+            projector = AudioProjector(encoder.get_hidden_size(), int(encoder_config.num_hidden_layers), decoder.get_hidden_size(), projector)
+        self.projector = projector
+        self.feature_config = encoder_feature_config_for(encoder.model_name, encoder.spec, encoder.encoder.config)
+
+    # --- audio --------------------------------------------------------------------------
+
+    def encoder_inputs(self, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+        """The encoder's input for a batch of 16 kHz clips (raw audio zero-padded to the
+        longest, or log-mel windows) and each clip's own encoder frame count."""
+        from runtime.audio import check_samples, features_for
+
+        clips = [check_samples(np.asarray(c), f"clip {i}") for i, c in enumerate(clips)]
+        features = [features_for(self.encoder.spec.input_kind, clip, self.feature_config) for clip in clips]
+        longest = max(f.shape[-1] for f in features)
+        batch = np.stack([np.pad(f, [(0, 0)] * (f.ndim - 1) + [(0, longest - f.shape[-1])]) for f in features])
+        frames = [encoder_frames(self.encoder.encoder.config, len(c), self.encoder.spec.frame_samples) for c in clips]
+        return torch.from_numpy(batch.astype(np.float32)), frames
+
+    def audio_features(self, clips: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Each clip's projected frames `(frames, decoder hidden)`, padding cut."""
+        inputs, frames = self.encoder_inputs(clips)
+        projected = self.projector(self.encoder(inputs))
+        return [projected[i, : self.projector.frames(n)] for i, n in enumerate(frames)]
+
+    # --- prompts ------------------------------------------------------------------------
+
+    def embed_prompt(self, prompt_ids: Sequence[int], audio: torch.Tensor) -> torch.Tensor:
+        """`(positions, hidden)`: the prompt's token embeddings with the audio at the placeholder."""
+        ids = list(prompt_ids)
+        if ids.count(self.audio_token_id) != 1:
+            raise OptionsError(f"a prompt must contain the audio token {self.audio_token!r} exactly once, not {ids.count(self.audio_token_id)} times")
+        at = ids.index(self.audio_token_id)
+        table = self.decoder.get_input_embeddings()
+        device = model_device(self.decoder.model)
+        before = table(torch.tensor(ids[:at], dtype=torch.long, device=device))
+        after = table(torch.tensor(ids[at + 1 :], dtype=torch.long, device=device))
+        return torch.cat([before, audio.to(before.dtype), after])
+
+    def prompt_ids(self, prompt: str | None) -> list[int]:
+        text = self.prompt if prompt is None else prompt
+        ids = self.decoder.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return list(ids)
+
+    def forward(self, audio: Sequence[np.ndarray], prompts: Sequence[str | None], targets: Sequence[str]) -> Any:
+        """Teacher-forced loss on the target text (and EOS) only: audio and prompt positions
+        carry no loss. Returns the decoder's output (`.loss`, `.logits`)."""
+        if not len(audio) == len(prompts) == len(targets):
+            raise OptionsError("audio, prompts and targets must have one entry per example")
+        features = self.audio_features(audio)
+        eos = self.decoder.tokenizer.eos_token_id
+        rows, labels = [], []
+        for feature, prompt, target in zip(features, prompts, targets):
+            target_ids = self.decoder.tokenizer(target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            prompt_embeds = self.embed_prompt(self.prompt_ids(prompt), feature)
+            target_embeds = self.decoder.get_input_embeddings()(torch.tensor(target_ids, device=prompt_embeds.device))
+            rows.append(torch.cat([prompt_embeds, target_embeds]))
+            labels.append([IGNORE] * len(prompt_embeds) + target_ids)
+        width = max(len(r) for r in rows)
+        embeds = torch.stack([nn.functional.pad(r, (0, 0, 0, width - len(r))) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=embeds.device)
+        label_tensor = torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels], device=embeds.device)
+        return self.decoder.model(inputs_embeds=embeds, attention_mask=mask, labels=label_tensor)
+
+    @torch.no_grad()
+    def generate(self, audio: Sequence[np.ndarray], prompt: str | None = None, max_new_tokens: int = 32, **options: Any) -> list[tuple[str, list[int]]]:
+        """Greedy (or sampled, with `GenerationOptions` fields) text for each clip, one clip at
+        a time so padding never enters: `(text, token ids)` per clip."""
+        from lalm_export.eager import EagerDecoderBackend
+        from runtime.generation import GenerationOptions, PromptEmbeds, generate
+
+        generation = GenerationOptions(max_new_tokens=max_new_tokens, eos_token_id=self.decoder.tokenizer.eos_token_id, **options)
+        backend = EagerDecoderBackend(self.decoder.model)
+        results = []
+        for clip in audio:
+            (feature,) = self.audio_features([clip])
+            embeds = self.embed_prompt(self.prompt_ids(prompt), feature)[None]
+            tokens = generate(PromptEmbeds(backend, embeds), np.zeros((1, embeds.shape[1]), dtype=np.int64), np.ones((1, embeds.shape[1]), dtype=np.int64), generation)[0]
+            kept = [int(t) for t in tokens]
+            if generation.stop_at_eos and generation.eos_token_id in kept:
+                kept = kept[: kept.index(generation.eos_token_id) + 1]
+            results.append((self.decoder.tokenizer.decode(kept, skip_special_tokens=True), kept))
+        return results
+
+    # --- modes --------------------------------------------------------------------------
+
+    def set_training_mode(self) -> None:
+        """The projector always trains; encoder and decoder as their modes say."""
+        self.train()
+        self.encoder.set_training_mode()
+        self.decoder.train()
+        set_trainable(self.decoder.model, self.decoder.mode)
+        for param in self.projector.parameters():
+            param.requires_grad = True
+
+    def set_inference_mode(self) -> None:
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """One folder: config, projector (safetensors), each component's adapter or full
+        weights, the tokenizer with its audio token. The base models are referenced, not copied."""
+        with atomic_folder(folder, replace=True) as tmp:
+            write_safetensors(self.projector.state_dict(), tmp / PROJECTOR_WEIGHTS)
+            self._save_component(self.encoder, tmp / "encoder")
+            self._save_component(self.decoder, tmp / "decoder")
+            self.decoder.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            write_json(self.config_dict(), tmp / LALM_CONFIG)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format": "lalm-export LALM",
+            "version": 1,
+            "encoder": {"family": self.encoder.family, "base_model": self.encoder.model_name, "mode": dataclasses.asdict(self.encoder.mode)},
+            "decoder": {"family": self.decoder.family, "base_model": self.decoder.model_name, "mode": dataclasses.asdict(self.decoder.mode)},
+            "projector": dataclasses.asdict(self.projector.config),
+            "audio_token": self.audio_token,
+            "audio_token_id": self.audio_token_id,
+            "prompt": self.prompt,
+        }
+
+    @staticmethod
+    def _save_component(component: nn.Module, folder: Path) -> None:
+        if component.mode.uses_adapter:
+            component.save_lora_weights(folder)
+        elif component.mode.finetune:
+            component.save_model_weights(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> LALM:
+        """The LALM saved in `folder`, each component in its saved mode: train on for continuous learning."""
+        folder = Path(folder).expanduser()
+        config = read_lalm_config(folder)
+        encoder_mode, decoder_mode = (TrainingMode(**config[part]["mode"]) for part in ("encoder", "decoder"))
+        encoder = encoder_class(config["encoder"]["family"])(config["encoder"]["base_model"], **_mode_kwargs(encoder_mode, finetune=True))
+        decoder = LLMDecoder(config["decoder"]["base_model"], **_mode_kwargs(decoder_mode, finetune=False))
+        model = cls(encoder, decoder, ProjectorConfig(**config["projector"]), config["audio_token"], config["prompt"])
+        if model.audio_token_id != config["audio_token_id"]:
+            raise AdapterMismatchError(f"{folder}: the decoder's tokenizer gives {config['audio_token']!r} another id than when it was saved")
+        for component, part in ((encoder, "encoder"), (decoder, "decoder")):
+            if component.mode.uses_adapter:
+                component.load_lora_weights(folder / part)
+            elif component.mode.finetune:
+                component.load_model_weights(folder / part)
+        model.projector.load_state_dict(read_safetensors(folder / PROJECTOR_WEIGHTS))
+        return model
+
+
+def _mode_kwargs(mode: TrainingMode, finetune: bool) -> dict[str, Any]:
+    kwargs = dataclasses.asdict(mode)
+    if not finetune:
+        kwargs.pop("finetune")
+    return kwargs
+
+
+def read_lalm_config(folder: Path) -> dict[str, Any]:
+    if not (folder / LALM_CONFIG).is_file():
+        raise OptionsError(f"{folder} is not an LALM folder (no {LALM_CONFIG}); pass a folder written by LALM.save_pretrained()")
+    config = read_json(folder / LALM_CONFIG, "LALM config")
+    if config.get("format") != "lalm-export LALM" or config.get("version") != 1:
+        raise OptionsError(f"{folder / LALM_CONFIG} is not an LALM config of version 1; save the model again")
+    return config
+
+
+def add_audio_token(decoder: LLMDecoder, token: str) -> int:
+    """The placeholder's id, added to the tokenizer as a special token when missing. Its
+    embedding and lm_head rows are zeros: the embedding is never read (audio frames take its
+    place), and fixed rows make a reloaded model identical to the saved one."""
+    tokenizer = decoder.tokenizer
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+    resize_for_tokenizer(decoder.model, len(tokenizer))
+    return int(tokenizer.convert_tokens_to_ids(token))
+
+
+def resize_for_tokenizer(model: nn.Module, vocab: int) -> None:
+    """Grow a causal LM's embedding and lm_head to `vocab` rows, the new rows zeros."""
+    old = model.get_input_embeddings().num_embeddings
+    if vocab <= old:
+        return
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:] = 0
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.weight[old:] = 0
+
+
+def encoder_feature_config_for(model_name: str, spec: Any, config: Any) -> dict[str, Any]:
+    """The encoder checkpoint's feature-extractor settings (the family default without one), as the runtime reads them."""
+    from transformers import AutoFeatureExtractor
+
+    try:
+        extractor = AutoFeatureExtractor.from_pretrained(model_name)
+    except (OSError, ValueError):
+        extractor = spec.feature_extractor.build(config)
+    return extractor.to_dict()
