@@ -12,10 +12,11 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
+from lalm_export.errors import OptionsError
 from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.int4 import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, INT4_METHODS, Int4Options
-from lalm_export.options import DEFAULT_OPSET, ExportOptions
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions
 from lalm_export.precision import DEVICES, PRECISIONS
 from lalm_export.tolerances import FP32_RELATIVE
 
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--encoder", choices=ENCODER_FAMILIES, help="audio-encoder family to export")
     what.add_argument(
         "--decoder", metavar="ARCH", help="export a causal LM; ARCH is its model type (llama, qwen2, mistral, ...) or auto (read from the checkpoint)"
+    )
+    what.add_argument(
+        "--lalm",
+        type=Path,
+        metavar="DIR",
+        help="export an audio LLM saved by LALM.save_pretrained() as one bundle: audio encoder + projector, token table, "
+        "decoder on embeddings (its adapters merged; fp32, CPU)",
     )
     parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write (refused if it exists and is not empty, unless --force)")
     parser.add_argument("--model", help="local checkpoint folder or hub id (default: the family's usual public checkpoint)")
@@ -146,10 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The flags an LALM export takes; the rest describe a single component (an LALM folder records its own).
+LALM_FLAGS = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json")
+
+
+def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LalmExportOptions:
+    defaults = vars(parser.parse_args(["--lalm", "x", "--output", "x"]))
+    changed = [name for name, value in vars(args).items() if name not in LALM_FLAGS and value != defaults[name]]
+    if changed:
+        flag = next(a.option_strings[0] for a in parser._actions if a.dest == changed[0])
+        raise OptionsError(f"{flag} describes a single --encoder or --decoder export; an LALM folder records its components, adapters and settings")
+    return LalmExportOptions(**{name: getattr(args, name) for name in ("lalm", "output", "force", "verify", "seed", "trust_remote_code")})
+
+
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
     """Flags are named after `ExportOptions` fields (int4's with an `int4_` prefix), so the
     options are read off the namespace; only the family and architecture are derived."""
     values = vars(args).copy()
+    values.pop("lalm", None)
     values["family"] = values.pop("encoder") or "llm"
     values["decoder_arch"] = values.pop("decoder") or "auto"
     int4 = {name.removeprefix("int4_"): values.pop(name) for name in list(values) if name.startswith("int4_")}
@@ -188,7 +210,8 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     quiet_libraries()
     from lalm_export.errors import LalmExportError
     from lalm_export.export import export_bundle
@@ -196,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with terminate_as_interrupt():
-            manifest = export_bundle(options_from_args(args), quiet=args.quiet)
+            if args.lalm is not None:
+                from lalm_export.export_lalm import export_lalm_bundle
+
+                manifest = export_lalm_bundle(lalm_options_from_args(args, parser), quiet=args.quiet)
+            else:
+                manifest = export_bundle(options_from_args(args), quiet=args.quiet)
     except (LalmExportError, RuntimeUserError) as err:
         print(f"lalm-export: error: {err}", file=sys.stderr)
         return 1

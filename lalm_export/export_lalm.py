@@ -40,7 +40,7 @@ from lalm_export.models.lalm import (
     read_lalm_config,
     resize_for_tokenizer,
 )
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, is_bundle
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, is_bundle
 from lalm_export.progress import Stages
 from lalm_export.signals import speech_like
 from runtime.manifest import Manifest, Source, sha256_of
@@ -49,16 +49,6 @@ STAGES = ["load", "merge", "export", "verify", "write"]
 ENCODER_GRAPH, DECODER_GRAPH, TOKEN_TABLE = "audio_encoder.onnx", "decoder.onnx", "embed_tokens.npy"
 GATE_TOKENS = 32
 GATE_CLIPS_S = (1.0, 1.6)
-
-
-@dataclass(frozen=True)
-class LalmExportOptions:
-    lalm: Path
-    output: Path
-    force: bool = False
-    verify: bool = True
-    seed: int = 0
-    trust_remote_code: bool = False
 
 
 class AudioEncoderGraph(nn.Module):
@@ -91,7 +81,11 @@ def component_options(folder: Path, part: str, config: dict[str, Any], trust_rem
     adapter = saved if mode["use_lora"] or mode["use_qlora"] else None
     weights = saved if mode.get("finetune") and adapter is None else None
     return ExportOptions(
-        family=config[part]["family"], output=folder / ".unused", model=config[part]["base_model"], adapter=adapter, weights=weights,
+        family=config[part]["family"],
+        output=folder / ".unused",
+        model=config[part]["base_model"],
+        adapter=adapter,
+        weights=weights,
         trust_remote_code=trust_remote_code,
     )
 
@@ -200,7 +194,12 @@ def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, par
             "components": {part: dataclasses.asdict(source) for part, source in merged.sources.items()},
             "encoder": {"family": spec.name, "hidden_size": int(encoder_config.hidden_size), "sampling_rate": 16_000},
             "chunk_seconds": spec.feature_extractor.chunk_seconds if spec.feature_extractor else None,
-            "embedding": {"kind": "host table", "file": TOKEN_TABLE, "sha256": sha256_of(folder / TOKEN_TABLE), "shape": list(np.load(folder / TOKEN_TABLE, mmap_mode="r").shape)},
+            "embedding": {
+                "kind": "host table",
+                "file": TOKEN_TABLE,
+                "sha256": sha256_of(folder / TOKEN_TABLE),
+                "shape": list(np.load(folder / TOKEN_TABLE, mmap_mode="r").shape),
+            },
             "audio_token": config["audio_token"],
             "audio_token_id": int(config["audio_token_id"]),
             "prompt": config["prompt"],

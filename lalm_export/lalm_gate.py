@@ -40,7 +40,9 @@ def check_lalm(merged: MergedLalm, folder: Path, seed: int = 0, progress: bool =
     """Features of each clip (relative error, fp32 bounds) and 32 greedy tokens, all equal."""
     report = ParityReport(Tolerance(), reference="eager PyTorch fp32 LALM (merged)")
     facts = {key: merged.config[key] for key in ("audio_token", "audio_token_id", "prompt")}
-    runner = LalmRunner.from_parts(folder, merged.feature_config, merged.graph.spec.input_kind, {**facts, "context_length": merged.decoder.config.max_position_embeddings})
+    runner = LalmRunner.from_parts(
+        folder, merged.feature_config, merged.graph.spec.input_kind, {**facts, "context_length": merged.decoder.config.max_position_embeddings}
+    )
     options = GenerationOptions(max_new_tokens=GATE_TOKENS, stop_at_eos=False)
     agree: list[np.ndarray] = []
     first: int | None = None

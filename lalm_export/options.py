@@ -53,6 +53,18 @@ class ExportOptions:
         return self.model or self.spec.default_checkpoint
 
 
+@dataclass(frozen=True)
+class LalmExportOptions:
+    """`lalm-export --lalm DIR`: the LALM folder records its components and adapters."""
+
+    lalm: Path
+    output: Path
+    force: bool = False
+    verify: bool = True
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
 def supported_decoder_archs() -> list[str]:
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers Optimum's ONNX configs)
     from optimum.exporters.tasks import TasksManager

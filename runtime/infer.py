@@ -17,13 +17,17 @@ EPILOG = """examples:
   python -m runtime.infer bundles/llm --prompt "The capital of France is" --max-new-tokens 32
   python -m runtime.infer bundles/llm --prompt "Hello" --prompt "One two" --json --temperature 0.8 --top-p 0.9 --seed 1
 
+  # an audio LLM bundle (lalm-export --lalm): each file's audio in the prompt, text out
+  python -m runtime.infer bundles/lalm --audio a.wav b.wav --prompt "Transcribe the audio:" --json
+
 exit status: 0 done; 1 user error (one line on stderr); 2 bad flags."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtime.infer",
-        description="Run an lalm-export bundle with ONNX Runtime (no PyTorch): audio in, features out (encoders); prompts in, text out (decoders).",
+        description="Run an lalm-export bundle with ONNX Runtime (no PyTorch): audio in, features out (encoders); prompts in, text out "
+        "(decoders); audio (and a prompt) in, text out (audio LLMs).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -33,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     audio.add_argument("--output", type=Path, help="the .npz to write: one (frames, hidden) array per file, under the file's name")
     audio.add_argument("--force", action="store_true", help="replace an existing --output")
     text = parser.add_argument_group("decoder bundles")
-    text.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for a batch (left-padded)")
+    text.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="a prompt; repeat for a batch (left-padded). Audio LLM bundles: one prompt for every --audio file, the audio placed "
+        "first unless the prompt holds the placeholder (default: the bundle's prompt)",
+    )
     text.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
     text.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sampling temperature")
     text.add_argument("--top-k", type=int, default=0, help="sample from the k best tokens (0: off)")
@@ -154,9 +164,50 @@ def run_decoder(generator, args: argparse.Namespace) -> None:
     )
 
 
+def run_lalm(runner, args: argparse.Namespace) -> None:
+    """Audio files in, text out: each file's audio in the prompt, the first file's text streamed."""
+    from runtime.errors import RuntimeUserError
+    from runtime.generation import GenerationOptions
+
+    if not args.audio:
+        raise RuntimeUserError("an audio LLM bundle needs --audio FILE [FILE ...] (and takes one --prompt)")
+    if args.output is not None:
+        raise RuntimeUserError("an audio LLM bundle prints text; --output is for an encoder bundle's features (use --json for records)")
+    if args.prompt and len(args.prompt) > 1:
+        raise RuntimeUserError("an audio LLM bundle takes one --prompt, applied to every --audio file")
+    if any(not stop for stop in args.stop):
+        raise RuntimeUserError("--stop '' would stop every completion at once; pass the text to stop at")
+    prompt = args.prompt[0] if args.prompt else None
+    token = runner.facts["audio_token"]
+    if prompt is not None and token not in prompt:
+        prompt = token + prompt  # the audio first, then the instruction, as the default prompt does
+    options = GenerationOptions(
+        max_new_tokens=args.max_new_tokens, stop_at_eos=not args.ignore_eos, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    on_text = None if args.json else (lambda text: print(text, end="", flush=True))
+    results = runner.transcribe(args.audio, prompt, options, on_text=on_text)
+    for index, result in enumerate(results):
+        if args.json:
+            record = {
+                "file": str(args.audio[index]),
+                "text": result.text,
+                "tokens": result.tokens,
+                "time_to_first_token_s": result.time_to_first_token_s,
+                "tokens_per_s": result.tokens_per_s,
+                "audio_s": result.audio_s,
+                **result.timings,
+            }
+            print(json.dumps(record))
+        elif index == 0:
+            print()
+        else:
+            print(f"{result.name}: {result.text}")
+    say(f"[{len(results)} file(s), {len(results[0].tokens)} tokens for the first, provider {runner.provider}]", args.quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from runtime.api import EncoderRunner, load
+    from runtime.api import EncoderRunner, LalmRunner, load
     from runtime.errors import RuntimeUserError
     from runtime.sessions import SessionOptions
 
@@ -165,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{args.bundle}: {model.manifest.family} {model.manifest.role} ({model.manifest.precision}), provider {model.provider}", args.quiet)
         if isinstance(model, EncoderRunner):
             run_encoder(model, args)
+        elif isinstance(model, LalmRunner):
+            run_lalm(model, args)
         else:
             run_decoder(model, args)
     except RuntimeUserError as err:

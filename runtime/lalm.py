@@ -86,7 +86,9 @@ class LalmRunner:
         encoded = tokenizer.encode(prompt)
         return list(encoded.ids if hasattr(encoded, "ids") else encoded)
 
-    def tokens_for(self, features: np.ndarray, prompt: str, options: GenerationOptions, tokenizer: Any | None = None, on_step: Callable | None = None) -> np.ndarray:
+    def tokens_for(
+        self, features: np.ndarray, prompt: str, options: GenerationOptions, tokenizer: Any | None = None, on_step: Callable | None = None
+    ) -> np.ndarray:
         """Generated tokens for one clip's frames and a prompt text holding the placeholder."""
         embeds = prompt_embeddings(self.prompt_ids(prompt, tokenizer), int(self.facts["audio_token_id"]), self.table, features)[None]
         context = int(self.facts.get("context_length") or 1 << 30)

@@ -216,7 +216,7 @@ def load_adapter(peft_model: nn.Module, folder: str | Path, family: str) -> None
             f"lora_alpha={scaling.alpha:g}"
         )
     tensors = read_safetensors(folder / ADAPTER_WEIGHTS)
-    expected = {k: v.shape for k, v in get_peft_model_state_dict(peft_model).items()}
+    expected = {k: v.shape for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
     problem = first_mismatch(expected, tensors, f"adapter {folder}")
     if problem:
         raise AdapterMismatchError(f"{problem}: it was trained for another base model or LoRA rank")

@@ -191,7 +191,9 @@ class LALM(nn.Module):
         for clip in audio:
             (feature,) = self.audio_features([clip])
             embeds = self.embed_prompt(self.prompt_ids(prompt), feature)[None]
-            tokens = generate(PromptEmbeds(backend, embeds), np.zeros((1, embeds.shape[1]), dtype=np.int64), np.ones((1, embeds.shape[1]), dtype=np.int64), generation)[0]
+            tokens = generate(
+                PromptEmbeds(backend, embeds), np.zeros((1, embeds.shape[1]), dtype=np.int64), np.ones((1, embeds.shape[1]), dtype=np.int64), generation
+            )[0]
             kept = [int(t) for t in tokens]
             if generation.stop_at_eos and generation.eos_token_id in kept:
                 kept = kept[: kept.index(generation.eos_token_id) + 1]

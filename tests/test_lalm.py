@@ -1,0 +1,146 @@
+"""The audio LLM: the model (projector, placeholder, loss, generation, checkpoints), its
+bundle (every encoder family with a Llama- and a Qwen2-style decoder, adapters merged) and the
+torch-free runtime, whose tokens must equal the eager model's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import soundfile as sf
+import torch
+
+from lalm_export.cli import main as export_main
+from lalm_export.errors import OptionsError
+from lalm_export.export_lalm import export_lalm_bundle
+from lalm_export.models import LLMDecoder, encoder_class
+from lalm_export.models.lalm import LALM, ProjectorConfig
+from lalm_export.options import LalmExportOptions
+from lalm_export.signals import speech_like
+from lalm_export.tiny import save_random_checkpoint
+from runtime.api import load
+from runtime.infer import main as infer_main
+from tests.helpers import assert_user_error, randomize_lora, run_main
+from tests.test_fused import tiny_decoder_config
+
+CLIPS = (speech_like(1.0), speech_like(1.7, seed=3))
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return save_random_checkpoint("llm", tmp_path_factory.mktemp("qwen2") / "qwen2", tiny_decoder_config("qwen2", tied=True), seed=4)
+
+
+def tiny_lalm(checkpoints, family: str, decoder_path=None, decoder_mode: dict | None = None, **projector) -> LALM:
+    encoder = encoder_class(family)(str(checkpoints[family]), use_lora=True, lora_dropout=0.0)
+    decoder = LLMDecoder(str(decoder_path or checkpoints["llm"]), **(decoder_mode or {"use_lora": True, "lora_dropout": 0.0}))
+    randomize_lora(encoder, seed=1)
+    randomize_lora(decoder, seed=2)
+    return LALM(encoder, decoder, ProjectorConfig(**{"downsample": 2, **projector}))
+
+
+def test_placeholder_expands_to_the_clip_frames_and_padding_is_cut(checkpoints):
+    model = tiny_lalm(checkpoints, "whisper", downsample=4)
+    features = model.audio_features([speech_like(2.0), speech_like(0.5)])
+    # Whisper: ceil(samples / 320) encoder frames of the 1500 in its window, then ceil(/ 4)
+    assert [f.shape[0] for f in features] == [25, 7]
+    ids = model.prompt_ids(None)
+    embeds = model.embed_prompt(ids, features[0])
+    assert embeds.shape == (len(ids) - 1 + 25, model.decoder.get_hidden_size())
+    with pytest.raises(OptionsError, match="exactly once"):
+        model.embed_prompt(ids + [model.audio_token_id], features[0])
+
+
+def test_loss_counts_the_target_text_only(checkpoints):
+    model = tiny_lalm(checkpoints, "wav2vec2")
+    model.set_training_mode()
+    out = model([CLIPS[0]], [None], ["one two"])
+    target = model.decoder.tokenizer("one two", add_special_tokens=False)["input_ids"] + [model.decoder.tokenizer.eos_token_id]
+    prompt_positions = len(model.prompt_ids(None)) - 1 + model.audio_features([CLIPS[0]])[0].shape[0]
+    assert out.logits.shape[1] == prompt_positions + len(target)
+    # the positions before each target token predict it; audio and prompt positions carry no loss
+    predicting = out.logits[0, prompt_positions - 1 : prompt_positions - 1 + len(target)]
+    expected = torch.nn.functional.cross_entropy(predicting.float(), torch.tensor(target))
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {"encoder", "decoder", "projector"}  # LoRA on both, the projector always
+
+
+def test_modes_decide_what_trains(checkpoints):
+    frozen = LALM(encoder_class("hubert")(str(checkpoints["hubert"])), LLMDecoder(str(checkpoints["llm"])), ProjectorConfig(layer_weights=True))
+    frozen.set_training_mode()
+    trainable = {name.split(".")[0] for name, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable == {"projector"} and frozen.projector.layer_weights.requires_grad
+
+
+def test_save_and_load_give_the_same_model_and_training_goes_on(checkpoints, tmp_path):
+    model = tiny_lalm(checkpoints, "hubert", layer_weights=True)
+    model.set_inference_mode()
+    expected = model.generate(list(CLIPS), max_new_tokens=12)
+    model.save_pretrained(tmp_path / "lalm")
+    assert sorted(p.name for p in (tmp_path / "lalm").iterdir()) == ["decoder", "encoder", "lalm_config.json", "projector.safetensors", "tokenizer"]
+    assert not list((tmp_path / "lalm").rglob("*.bin")) and not list((tmp_path / "lalm").rglob("*.pt"))  # safetensors only
+    reloaded = LALM.from_pretrained(tmp_path / "lalm")
+    reloaded.set_inference_mode()
+    assert reloaded.generate(list(CLIPS), max_new_tokens=12) == expected
+    reloaded.set_training_mode()  # continuous learning: the reloaded adapters and projector train on
+    reloaded(list(CLIPS), [None, None], ["a", "b"]).loss.backward()
+    assert any(p.grad is not None for p in reloaded.projector.parameters())
+
+
+@pytest.mark.parametrize("decoder", ["llama", "qwen2"])
+def test_bundle_tokens_equal_eager_for_every_encoder_family(decoder, encoder_family, checkpoints, qwen2, tmp_path):
+    model = tiny_lalm(checkpoints, encoder_family, decoder_path=qwen2 if decoder == "qwen2" else None)
+    model.save_pretrained(tmp_path / "lalm")
+    manifest = export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
+    assert manifest.role == "lalm" and manifest.parity["passed"] and manifest.parity["greedy"]["agreement"] == 1.0
+    assert manifest.extra["audio_token_id"] == model.audio_token_id and manifest.extra["embedding"]["kind"] == "host table"
+    model.set_inference_mode()
+    expected = [tokens for _, tokens in model.generate(list(CLIPS), max_new_tokens=32, stop_at_eos=False)]
+    from runtime.generation import GenerationOptions
+
+    ours = [t.tokens for t in load(tmp_path / "bundle").transcribe(list(CLIPS), options=GenerationOptions(max_new_tokens=32, stop_at_eos=False))]
+    assert ours == expected
+
+
+def test_qlora_decoder_is_merged_into_its_dequantized_base(checkpoints, tmp_path):
+    model = tiny_lalm(checkpoints, "wav2vec2", decoder_mode={"use_qlora": True, "lora_dropout": 0.0})
+    model.save_pretrained(tmp_path / "lalm")
+    manifest = export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
+    assert manifest.extra["components"]["decoder"]["merge"] == "qlora-dequantized" and manifest.parity["passed"]
+
+
+def test_infer_transcribes_audio_files_as_json_and_streams(checkpoints, tmp_path, capsys):
+    model = tiny_lalm(checkpoints, "whisper")
+    model.save_pretrained(tmp_path / "lalm")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", "-q", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    files = []
+    for index, clip in enumerate(CLIPS):
+        files.append(tmp_path / f"clip{index}.wav")
+        sf.write(files[-1], clip, 16_000, subtype="FLOAT")
+    result = run_main(infer_main, tmp_path / "bundle", "--audio", *files, "--max-new-tokens", "16", "--json", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["file"] for r in records] == [str(f) for f in files]
+    for record in records:
+        assert {"text", "tokens", "time_to_first_token_s", "tokens_per_s", "audio_s", "encoder_s", "prefill_s", "decode_s"} <= set(record)
+    model.set_inference_mode()
+    expected = model.generate([sf.read(f, dtype="float32")[0] for f in files], max_new_tokens=16)
+    assert [r["tokens"] for r in records] == [tokens for _, tokens in expected]
+    streamed = run_main(infer_main, tmp_path / "bundle", "--audio", files[0], "--max-new-tokens", "16", "--prompt", "Transcribe the audio:", capsys=capsys)
+    assert streamed.returncode == 0 and streamed.stdout == records[0]["text"] + "\n"
+
+
+def test_lalm_flags_that_describe_a_component_are_refused(checkpoints, tmp_path, capsys):
+    model = tiny_lalm(checkpoints, "hubert")
+    model.save_pretrained(tmp_path / "lalm")
+    for argv, fragment in (
+        (["--adapter", tmp_path], "--adapter describes a single"),
+        (["--precision", "int8"], "--precision describes a single"),
+    ):
+        result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", *argv, capsys=capsys)
+        assert_user_error(result, fragment)
+    assert_user_error(run_main(export_main, "--lalm", tmp_path / "nope", "--output", tmp_path / "b", capsys=capsys), "does not exist")
+    assert not (tmp_path / "b").exists()
