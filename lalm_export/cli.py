@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qlora", action="store_true", help="the (plain peft) adapter was trained on a 4-bit base: merge into that base, dequantized")
     parser.add_argument("--bnb-quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit type of that base, with --qlora (default: nf4)")
     parser.add_argument("--no-double-quant", dest="bnb_double_quant", action="store_false", help="that base did not use double quantization, with --qlora")
-    parser.add_argument("--weights", type=Path, help="full weights folder from save_model_weights() (encoders)")
+    parser.add_argument("--weights", type=Path, help="full weights folder from save_model_weights() (a fine-tuned encoder or decoder)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     parser.add_argument(
         "--precision",

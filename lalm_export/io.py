@@ -72,7 +72,8 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    # clone: tied weights (a decoder's embedding and lm_head) share storage, which safetensors refuses
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 def read_json(path: str | Path, what: str) -> dict[str, Any]:

@@ -83,8 +83,6 @@ def validate_options(opts: ExportOptions) -> None:
         raise OptionsError("--qlora describes the 4-bit base an adapter was trained on: pass --adapter too")
     if spec.role == "decoder" and opts.all_hidden_states:
         raise OptionsError("--all-hidden-states is for encoders; decoders export logits and the KV cache")
-    if spec.role == "decoder" and opts.weights is not None:
-        raise OptionsError("--weights is for encoders saved with save_model_weights(); for a decoder pass --model")
     if spec.role == "decoder" and opts.decoder_arch != "auto":
         known = supported_decoder_archs()
         if opts.decoder_arch not in known:

@@ -315,9 +315,24 @@ class AdapterCheckpoints:
             quantization=self.mode.quantization(),
         )
 
+    def save_model_weights(self, path: str | Path) -> None:
+        """Full weights as safetensors (frozen or fine-tuned models)."""
+        self._forbid_adapter("save_model_weights")
+        save_full_weights(self._adapted, path, self.family, self.model_name)
+
+    def load_model_weights(self, path: str | Path) -> None:
+        self._forbid_adapter("load_model_weights")
+        load_full_weights(self._adapted, path, self.family)
+
     def _require_adapter(self, method: str) -> None:
         if not self.mode.uses_adapter:
             raise OptionsError(f"{method}() needs an adapter: construct {type(self).__name__} with use_lora=True or use_qlora=True")
+
+    def _forbid_adapter(self, method: str) -> None:
+        if self.mode.uses_adapter:
+            raise OptionsError(
+                f"{method}() is for frozen or fine-tuned models; with LoRA use save_lora_weights()/load_lora_weights() (lalm-export merges the adapter)"
+            )
 
 
 def set_trainable(model: nn.Module, mode: TrainingMode) -> None:

@@ -4,7 +4,6 @@ LoRA or QLoRA. `forward` returns every layer's hidden states, the final layer la
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -16,8 +15,6 @@ from lalm_export.models.adapters import (
     AdapterCheckpoints,
     TrainingMode,
     attach_lora,
-    load_full_weights,
-    save_full_weights,
     set_trainable,
 )
 from lalm_export.models.loading import load_family_model, model_device
@@ -98,21 +95,6 @@ class BaseAudioEncoder(AdapterCheckpoints, nn.Module):
     @torch.no_grad()
     def inference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.forward(x)
-
-    def save_model_weights(self, path: str | Path) -> None:
-        """Full weights as safetensors (frozen or fine-tuned encoders)."""
-        self._forbid_adapter("save_model_weights")
-        save_full_weights(self.encoder, path, self.family, self.model_name)
-
-    def load_model_weights(self, path: str | Path) -> None:
-        self._forbid_adapter("load_model_weights")
-        load_full_weights(self.encoder, path, self.family)
-
-    def _forbid_adapter(self, method: str) -> None:
-        if self.mode.uses_adapter:
-            raise OptionsError(
-                f"{method}() is for frozen or fine-tuned encoders; with LoRA use save_lora_weights()/load_lora_weights() (lalm-export merges the adapter)"
-            )
 
 
 class WhisperAudioEncoder(BaseAudioEncoder):

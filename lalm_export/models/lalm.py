@@ -253,8 +253,8 @@ class LALM(nn.Module):
         folder = Path(folder).expanduser()
         config = read_lalm_config(folder)
         encoder_mode, decoder_mode = (TrainingMode(**config[part]["mode"]) for part in ("encoder", "decoder"))
-        encoder = encoder_class(config["encoder"]["family"])(config["encoder"]["base_model"], **_mode_kwargs(encoder_mode, finetune=True))
-        decoder = LLMDecoder(config["decoder"]["base_model"], **_mode_kwargs(decoder_mode, finetune=False))
+        encoder = encoder_class(config["encoder"]["family"])(config["encoder"]["base_model"], **_mode_kwargs(encoder_mode))
+        decoder = LLMDecoder(config["decoder"]["base_model"], **_mode_kwargs(decoder_mode))
         model = cls(encoder, decoder, ProjectorConfig(**config["projector"]), config["audio_token"], config["prompt"])
         if model.audio_token_id != config["audio_token_id"]:
             raise AdapterMismatchError(f"{folder}: the decoder's tokenizer gives {config['audio_token']!r} another id than when it was saved")
@@ -267,11 +267,8 @@ class LALM(nn.Module):
         return model
 
 
-def _mode_kwargs(mode: TrainingMode, finetune: bool) -> dict[str, Any]:
-    kwargs = dataclasses.asdict(mode)
-    if not finetune:
-        kwargs.pop("finetune")
-    return kwargs
+def _mode_kwargs(mode: TrainingMode) -> dict[str, Any]:
+    return dataclasses.asdict(mode)
 
 
 def read_lalm_config(folder: Path) -> dict[str, Any]:

@@ -45,11 +45,13 @@ class LLMDecoder(AdapterCheckpoints, nn.Module):
         bnb_4bit_quant_type: str = "nf4",
         trust_remote_code: bool = False,
         lora_target_modules: tuple[str, ...] | None = None,
+        finetune: bool = False,
     ) -> None:
         super().__init__()
         self.spec = get_family(self.family)
         self.model_name = str(model_name)
         self.mode = TrainingMode(
+            finetune=finetune,
             use_lora=use_lora,
             use_qlora=use_qlora,
             lora_r=lora_r,
