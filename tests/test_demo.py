@@ -15,10 +15,11 @@ def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("--steps", "2", "--out", out, module="lalm_export.demo")
     assert result.returncode == 0, result.stderr
-    for section in range(1, 8):
+    for section in range(1, 9):
         assert f"== {section}. " in result.stdout
     assert "Traceback" not in result.stderr and "Failed to load CPU gemm_4bit_forward" not in result.stderr
     manifests = sorted(out.glob("bundles/*/manifest.json"))
-    assert len(manifests) == 4
+    assert len(manifests) == 5  # wav2vec2 fp32 and int8, llm fp32 and int4, the audio LLM
     assert all(json.loads(m.read_text())["parity"]["passed"] for m in manifests)
+    assert "| LALM (tiny)" in result.stdout and result.stdout.rstrip().splitlines()[-3].endswith("| True         |")
     assert (out / "features.npz").is_file()
