@@ -17,7 +17,7 @@ from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.int4 import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, INT4_METHODS, Int4Options
 from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions
-from lalm_export.precision import DEVICES, PRECISIONS
+from lalm_export.precision import DEVICES, PRECISIONS, SPECS
 from lalm_export.tolerances import FP32_RELATIVE
 
 EPILOG = """examples:
@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp32 (exact); int8: dynamic S8S8 MatMuls, for CPUs; int4: weight-only, decoders; fp16: for CUDA; "
         "bf16 is refused (ONNX Runtime has no CPU kernel for it). Non-fp32 graphs are gated on cosine vs eager fp32 (default: fp32)",
     )
+    for role, suits in (("encoder", "int8 on CPUs"), ("decoder", "int8 or int4 on CPUs")):
+        parser.add_argument(
+            f"--{role}-precision",
+            choices=PRECISIONS,
+            help=f"with --lalm: the {role} part's precision ({suits}; default: --precision where it suits the {role}, else fp32)",
+        )
     parser.add_argument(
         "--min-cosine",
         type=finite_float,
@@ -155,7 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The flags an LALM export takes; the rest describe a single component (an LALM folder records its own).
-LALM_FLAGS = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json")
+LALM_FLAGS = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json", "precision", "encoder_precision", "decoder_precision")
+
+
+def component_precision(args: argparse.Namespace, role: str) -> str:
+    """--ROLE-precision, else --precision where it suits the role (int4 is for decoders), else fp32."""
+    chosen = getattr(args, f"{role}_precision")
+    if chosen is not None:
+        return chosen
+    return args.precision if role in SPECS[args.precision].roles else "fp32"
 
 
 def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LalmExportOptions:
@@ -164,7 +178,11 @@ def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
     if changed:
         flag = next(a.option_strings[0] for a in parser._actions if a.dest == changed[0])
         raise OptionsError(f"{flag} describes a single --encoder or --decoder export; an LALM folder records its components, adapters and settings")
-    return LalmExportOptions(**{name: getattr(args, name) for name in ("lalm", "output", "force", "verify", "seed", "trust_remote_code")})
+    return LalmExportOptions(
+        **{name: getattr(args, name) for name in ("lalm", "output", "force", "verify", "seed", "trust_remote_code")},
+        encoder_precision=component_precision(args, "encoder"),
+        decoder_precision=component_precision(args, "decoder"),
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
@@ -172,6 +190,9 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     options are read off the namespace; only the family and architecture are derived."""
     values = vars(args).copy()
     values.pop("lalm", None)
+    per_part = [values.pop("encoder_precision"), values.pop("decoder_precision")]
+    if any(precision is not None for precision in per_part):
+        raise OptionsError("--encoder-precision and --decoder-precision choose an --lalm bundle's parts; for one component use --precision")
     values["family"] = values.pop("encoder") or "llm"
     values["decoder_arch"] = values.pop("decoder") or "auto"
     int4 = {name.removeprefix("int4_"): values.pop(name) for name in list(values) if name.startswith("int4_")}

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import shutil
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,12 @@ from lalm_export.models.lalm import (
     resize_for_tokenizer,
 )
 from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, is_bundle
+from lalm_export.precision import SPECS, TransformJob, apply_precision, check_precision
 from lalm_export.progress import Stages
 from lalm_export.signals import speech_like
 from runtime.manifest import Manifest, Source, sha256_of
 
-STAGES = ["load", "merge", "export", "verify", "write"]
+STAGES = ["load", "merge", "export", "precision", "verify", "write"]
 ENCODER_GRAPH, DECODER_GRAPH, TOKEN_TABLE = "audio_encoder.onnx", "decoder.onnx", "embed_tokens.npy"
 GATE_TOKENS = 32
 GATE_CLIPS_S = (1.0, 1.6)
@@ -141,18 +144,28 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
     if reason is not None:
         raise OptionsError(f"an LALM's decoder is exported as a fused graph that takes inputs_embeds, and {reason}")
     with atomic_folder(opts.output, replace=Path(opts.output).is_dir()) as tmp:
+        fp32 = tmp / "fp32"
         with stages.stage("export", "audio encoder + projector (torch.onnx), decoder without embedding (ONNX Runtime's model builder)"):
-            export_audio_encoder(merged.graph, merged.feature_config, tmp / ENCODER_GRAPH)
-            build_fused_decoder(merged.decoder, merged.tokenizer, tmp, opts.trust_remote_code, exclude_embeds=True, filename=DECODER_GRAPH)
+            fp32.mkdir()
+            export_audio_encoder(merged.graph, merged.feature_config, fp32 / ENCODER_GRAPH)
+            build_fused_decoder(merged.decoder, merged.tokenizer, fp32, opts.trust_remote_code, exclude_embeds=True, filename=DECODER_GRAPH)
             table = merged.decoder.get_input_embeddings().weight.detach().float().numpy()
             np.save(tmp / TOKEN_TABLE, table, allow_pickle=False)
             merged.tokenizer.save_pretrained(str(tmp))
             dump_feature_config(merged.feature_config, tmp / "preprocessor_config.json")
+        precisions = {ENCODER_GRAPH: (opts.encoder_precision, "encoder"), DECODER_GRAPH: (opts.decoder_precision, "decoder")}
+        if all_fp32(opts):
+            stages.skip("precision", "fp32")
+        placing = nullcontext() if all_fp32(opts) else stages.stage("precision", f"audio encoder {opts.encoder_precision}, decoder {opts.decoder_precision}")
+        with placing:
+            for graph, (precision, role) in precisions.items():
+                place_graph(fp32, tmp, graph, precision, role)
+            shutil.rmtree(fp32)
         if opts.verify:
             with stages.stage("verify", "ONNX Runtime (cpu) vs eager fp32: audio features, then greedy tokens end to end"):
                 from lalm_export.lalm_gate import check_lalm
 
-                report = check_lalm(merged, tmp, seed=opts.seed, progress=not stages.quiet)
+                report = check_lalm(merged, tmp, opts.encoder_precision, all_fp32=all_fp32(opts), seed=opts.seed)
                 for line in report.summary_lines():
                     stages.say(f"      {line}")
                 report.raise_if_failed()
@@ -164,6 +177,19 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
             manifest = lalm_manifest(merged, opts, tmp, parity)
             manifest.write(tmp)
     return manifest
+
+
+def all_fp32(opts: LalmExportOptions) -> bool:
+    return opts.encoder_precision == opts.decoder_precision == "fp32"
+
+
+def place_graph(source: Path, target: Path, graph: str, precision: str, role: str) -> None:
+    """The fp32 graph (and its weights file) moved into the bundle, or its `precision` transform written there."""
+    if precision == "fp32":
+        for file in source.glob(graph + "*"):
+            file.rename(target / file.name)
+        return
+    apply_precision(source / graph, target / graph, precision, TransformJob(role))
 
 
 def dump_feature_config(config: dict[str, Any], path: Path) -> None:
@@ -184,7 +210,7 @@ def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, par
         model_type=f"{encoder_config.model_type}+{decoder.config.model_type}",
         input_kind=spec.input_kind,
         graphs={"audio_encoder": encoder_record, "decoder": decoder_record},
-        dtype="float32",
+        dtype=SPECS[opts.decoder_precision].weights,
         opset=opset,
         source=Source(model=str(Path(opts.lalm).resolve()), adapter=None, adapter_sha256=sha256_tree(opts.lalm), merge="lalm"),
         libraries=library_versions(),
@@ -211,8 +237,9 @@ def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, par
             "bos_token_id": tokenizer.bos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
             "decoder_graph": "fused (inputs_embeds)",
+            "precision": {"audio_encoder": opts.encoder_precision, "decoder": opts.decoder_precision},
         },
-        precision="fp32",
+        precision=opts.decoder_precision if opts.encoder_precision == opts.decoder_precision else "mixed",
         optimizations=["fused attention (GroupQueryAttention, rotary inside) and norms: ONNX Runtime's model builder", "logits for the last position only"],
         device="cpu",
     )
@@ -225,6 +252,8 @@ def validate_lalm_options(opts: LalmExportOptions) -> None:
     if not folder.is_dir():
         raise OptionsError(f"--lalm {folder} does not exist; pass the folder written by LALM.save_pretrained()")
     read_lalm_config(folder)
+    check_precision(opts.encoder_precision, "encoder", "cpu")
+    check_precision(opts.decoder_precision, "decoder", "cpu")
     output = Path(opts.output).expanduser()
     if output.exists() and not output.is_dir():
         raise OptionsError(f"--output {output} is a file; pass a folder path")

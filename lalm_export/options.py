@@ -63,6 +63,8 @@ class LalmExportOptions:
     verify: bool = True
     seed: int = 0
     trust_remote_code: bool = False
+    encoder_precision: str = "fp32"  # the audio encoder + projector graph
+    decoder_precision: str = "fp32"
 
 
 def supported_decoder_archs() -> list[str]:

@@ -4,6 +4,7 @@ generates alone, and the choice between fused and Optimum graphs says why."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ import lalm_export.fused as fused
 from lalm_export.cli import main
 from lalm_export.errors import OptionsError
 from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.families import TINY_HIDDEN, TINY_VOCAB
+from lalm_export.families import TINY_HIDDEN, get_family
 from lalm_export.tiny import save_random_checkpoint
 from runtime.api import load
 from runtime.errors import RuntimeUserError
@@ -45,23 +46,10 @@ def test_fused_graph_replaces_the_shape_arithmetic_with_fused_attention(checkpoi
 
 
 def tiny_decoder_config(architecture: str, tied: bool = False):
-    import transformers
-
-    common = dict(
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=tied,
-    )
+    """The registry's tiny decoder sizes in another architecture's config class."""
     config_class = {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[architecture]
     extra = {"head_dim": TINY_HIDDEN // 4} if architecture == "qwen3" else {}
-    return getattr(transformers, config_class)(**common, **extra)
+    return dataclasses.replace(get_family("llm").tiny, config_class=config_class).build(tie_word_embeddings=tied, **extra)
 
 
 @pytest.mark.parametrize("architecture, tied", [("mistral", False), ("qwen2", False), ("qwen2", True), ("qwen3", False)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 import soundfile as sf
 import torch
@@ -138,9 +139,39 @@ def test_lalm_flags_that_describe_a_component_are_refused(checkpoints, tmp_path,
     model.save_pretrained(tmp_path / "lalm")
     for argv, fragment in (
         (["--adapter", tmp_path], "--adapter describes a single"),
-        (["--precision", "int8"], "--precision describes a single"),
+        (["--all-hidden-states"], "--all-hidden-states describes a single"),
     ):
         result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", *argv, capsys=capsys)
         assert_user_error(result, fragment)
     assert_user_error(run_main(export_main, "--lalm", tmp_path / "nope", "--output", tmp_path / "b", capsys=capsys), "does not exist")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, encoder, decoder",
+    [
+        (["--precision", "int8"], "int8", "int8"),
+        (["--decoder-precision", "int4"], "fp32", "int4"),
+        (["--precision", "int4", "--encoder-precision", "int8"], "int8", "int4"),
+    ],
+)
+def test_precision_per_component(flags, encoder, decoder, checkpoints, tmp_path, capsys):
+    model = tiny_lalm(checkpoints, "wav2vec2")
+    model.save_pretrained(tmp_path / "lalm")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", "--json", *flags, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["extra"]["precision"] == {"audio_encoder": encoder, "decoder": decoder} and manifest["parity"]["passed"]
+    ops = {name: {n.op_type for n in onnx.load(str(tmp_path / "bundle" / name)).graph.node} for name in ("audio_encoder.onnx", "decoder.onnx")}
+    assert ("MatMulInteger" in ops["audio_encoder.onnx"]) == (encoder == "int8")
+    assert ("MatMulNBits" in ops["decoder.onnx"]) == (decoder == "int4")
+    assert manifest["parity"]["greedy"]["steps"] == 64 and manifest["parity"]["tolerance"]["greedy_agreement"] is None  # recorded, not gated
+    (transcription,) = load(tmp_path / "bundle").transcribe([CLIPS[0]])
+    assert transcription.tokens
+
+
+def test_per_component_precision_is_for_lalm_bundles(checkpoints, tmp_path, capsys):
+    result = run_main(
+        export_main, "--encoder", "hubert", "--model", checkpoints["hubert"], "--encoder-precision", "int8", "--output", tmp_path / "b", capsys=capsys
+    )
+    assert_user_error(result, "--encoder-precision and --decoder-precision choose an --lalm bundle's parts")
