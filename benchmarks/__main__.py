@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny",
         help="tiny: seconds, for CI; base: real architecture sizes; gpu: base sizes, batches 1 and 8, for --provider cuda (default: tiny)",
     )
-    run.add_argument("--families", nargs="+", choices=FAMILIES, help="families to run (default: all)")
+    run.add_argument(
+        "--families", nargs="+", choices=(*FAMILIES, "lalm"), help="families to run (default: all; lalm: the audio LLM, Whisper encoder + decoder)"
+    )
     run.add_argument(
         "--variants",
         nargs="+",

@@ -95,6 +95,27 @@ def decoder_table(rows: list[dict[str, Any]], references: list[str]) -> list[str
     return _table(headers, body)
 
 
+def lalm_table(rows: list[dict[str, Any]], references: list[str]) -> list[str]:
+    headers = ["variant", "parts (encoder, decoder)", "end to end ms", "encoder ms", "prefill ms", "decode ms"]
+    headers += [f"vs eager {r}" for r in references] + ["greedy agreement (first divergence)", "parity"]
+    body = []
+    for row in rows:
+        fig, split = row["parity"]["figures"], row["split_s"]
+        divergence = "none" if fig["first_divergence"] is None else f"step {fig['first_divergence']}"
+        body.append(
+            [
+                row["variant"],
+                f"{row['parts']['encoder']}, {row['parts']['decoder']}",
+                _ms(row["latency_s"]["median"]),
+                *[_ms(split[part]) for part in ("encoder_s", "prefill_s", "decode_s")],
+                *[_x(row["speedups"].get(f"end to end vs eager-{r}")) for r in references],
+                f"{fig['greedy_agreement']:.0%} ({divergence})",
+                _parity_text(row),
+            ]
+        )
+    return _table(headers, body)
+
+
 def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
     settings, machine, ceilings = results["settings"], results["machine"], results["ceilings"]
     references = settings["eager_references"]
@@ -141,6 +162,9 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
             "the KV cache, under 10 MB here, excluded). Top-1 agreement feeds the eager fp32 tokens and compares each next-token choice.",
             "",
         ]
+    lalms = [r for r in results["rows"] if r["role"] == "lalm"]
+    if lalms:
+        lines += ["## Audio LLM", "", f"{lalms[0]['case']}: Whisper encoder + projector + decoder, end to end.", "", *lalm_table(lalms, references), ""]
     lines += [
         "## Exports",
         "",
@@ -194,7 +218,8 @@ def render_plots(results: dict[str, Any], folder: Path) -> list[str]:
                 ax.bar(xs, ys, width, label=variant, color=colors[variant], yerr=[lo, hi] if lower else None, capsize=2)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{f}\n{c}" for f, c in groups], fontsize=7)
-        ax.legend(fontsize=7)
+        if ax.containers:  # an audio-LLM-only run has no per-frame cosine to plot
+            ax.legend(fontsize=7)
 
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
     grouped(ax, lambda r: r["latency_s"]["median"] * 1000, lambda r: r["latency_s"]["min"] * 1000, lambda r: r["latency_s"]["p90"] * 1000)
@@ -204,20 +229,24 @@ def render_plots(results: dict[str, Any], folder: Path) -> list[str]:
     names.append(_save(fig, folder / "latency.png"))
 
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
-    key = {"encoder": "latency vs eager-fp32", "decoder": "decode tok/s vs eager-fp32"}
+    key = {"encoder": "latency vs eager-fp32", "decoder": "decode tok/s vs eager-fp32", "lalm": "end to end vs eager-fp32"}
     grouped(ax, lambda r: r["speedups"][key[r["role"]]]["value"])
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_ylabel("speedup vs eager fp32 (same run)")
-    ax.set_title("Speedup over eager PyTorch fp32 (encoders: latency; decoder: decode tokens/s)")
+    ax.set_title("Speedup over eager PyTorch fp32 (encoders: latency; decoder: decode tokens/s; audio LLM: end to end)")
     names.append(_save(fig, folder / "speedup.png"))
 
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
-    grouped(ax, lambda r: None if r["variant"] == "eager-fp32" else max(1.0 - r["parity"]["figures"]["row_cosine"], 1e-9))
+    grouped(
+        ax,
+        lambda r: None if r["variant"] == "eager-fp32" or "row_cosine" not in r["parity"]["figures"] else max(1.0 - r["parity"]["figures"]["row_cosine"], 1e-9),
+    )
     ax.set_yscale("log")
     ax.axhline(0.005, color="red", linewidth=0.8, linestyle="--", label="encoder bound (min frame cosine 0.995)")
     ax.set_ylabel("1 − minimum per-frame / per-position cosine")
     ax.set_title("Parity against eager fp32 (lower is closer)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     names.append(_save(fig, folder / "parity.png"))
     return names
 

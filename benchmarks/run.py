@@ -26,12 +26,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from benchmarks.compare import bounds_breached
+from benchmarks.lalm_bench import LALM_FAMILY, bench_lalm, export_lalm_variants, lalm_runs
 from benchmarks.machine import describe_machine, measure_ceilings
 from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary, timed
 from benchmarks.presets import GPU_VARIANTS, PRESETS, Preset
 from lalm_export.bundle_facts import library_versions
 from lalm_export.eager import EagerDecoderBackend, full_fp32
-from lalm_export.errors import LalmExportError
+from lalm_export.errors import LalmExportError, OptionsError
 from lalm_export.export import ExportOptions, export_bundle
 from lalm_export.families import FAMILIES, get_family
 from lalm_export.models.loading import load_family_model
@@ -47,6 +48,7 @@ from runtime.manifest import read_manifest
 from runtime.sessions import SessionOptions, cuda_provider_options
 
 RESULTS_SCHEMA = 1
+BENCH_FAMILIES = (*FAMILIES, LALM_FAMILY)  # every registry family, then the audio LLM built from two of them
 EAGER_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CEILING_FOR = {"fp32": "fp32_gemm_gflops", "bf16": "bf16_gemm_gflops", "int8": "int8_gemm_gops", "fp16": "fp16_gemm_gflops", "int4": "int8_gemm_gops"}
@@ -392,6 +394,9 @@ def total_runs(settings: RunSettings) -> int:
     rounds = settings.preset.warmup
     count = 0
     for family in settings.families:
+        if family == LALM_FAMILY:
+            count += lalm_runs(settings)
+            continue
         role = get_family(family).role
         variants = eager + len(settings.variants[role])
         if role == "encoder":
@@ -423,11 +428,16 @@ def run_benchmarks(settings: RunSettings, command: str, quiet: bool = False, on_
     # Eager fp32 without TF32, as ONNX Runtime runs (use_tf32=0): the same arithmetic on both sides.
     with full_fp32(), tqdm(total=total_runs(settings), desc="benchmark", unit="run", disable=quiet, file=sys.stderr) as bar:
         for family in settings.families:
-            bundles = export_family(settings, family, results["exports"], say)
+            if family == LALM_FAMILY:
+                folder, bundles = export_lalm_variants(settings, results["exports"], say)
+            else:
+                bundles = export_family(settings, family, results["exports"], say)
             say(f"{family}: timing eager and ONNX Runtime, interleaved")
             start = time.perf_counter()
             try:
-                if get_family(family).role == "encoder":
+                if family == LALM_FAMILY:
+                    results["rows"] += bench_lalm(settings, folder, bundles, bar)
+                elif get_family(family).role == "encoder":
                     results["rows"] += bench_encoder(settings, family, bundles, results["ceilings"], bar)
                 else:
                     results["rows"] += bench_decoder(settings, bundles, results["ceilings"], bar)
@@ -465,6 +475,8 @@ def make_settings(
     preset: str, families: list[str] | None, variants: list[str] | None, provider: str, work: Path, repeats: int | None, decoder_graph: str = "auto"
 ) -> RunSettings:
     """Settings for a run; `variants` are precisions, each exported for the roles and provider it suits."""
+    if provider != "cpu" and families and LALM_FAMILY in families:
+        raise OptionsError("--families lalm: audio LLM bundles are exported and verified for the CPU provider only in this version")
     chosen = PRESETS[preset]
     wanted = GPU_VARIANTS if provider == "cuda" else chosen.variants
     if variants:
@@ -474,7 +486,7 @@ def make_settings(
         }
     return RunSettings(
         preset=chosen,
-        families=tuple(families or FAMILIES),
+        families=tuple(families or (BENCH_FAMILIES if provider == "cpu" else FAMILIES)),
         variants=wanted,
         provider=provider,
         work=work,

@@ -136,7 +136,8 @@ class LALM(nn.Module):
     def audio_features(self, clips: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Each clip's projected frames `(frames, decoder hidden)`, padding cut."""
         inputs, frames = self.encoder_inputs(clips)
-        projected = self.projector(self.encoder(inputs))
+        dtype = next(self.encoder.parameters()).dtype  # a model cast to bf16 takes bf16 inputs
+        projected = self.projector(self.encoder(inputs.to(dtype)))
         return [projected[i, : self.projector.frames(n)] for i, n in enumerate(frames)]
 
     # --- prompts ------------------------------------------------------------------------
@@ -182,23 +183,38 @@ class LALM(nn.Module):
     def generate(self, audio: Sequence[np.ndarray], prompt: str | None = None, max_new_tokens: int = 32, **options: Any) -> list[tuple[str, list[int]]]:
         """Greedy (or sampled, with `GenerationOptions` fields) text for each clip, one clip at
         a time so padding never enters: `(text, token ids)` per clip."""
-        from lalm_export.eager import EagerDecoderBackend
-        from runtime.generation import GenerationOptions, PromptEmbeds, generate
+        from runtime.generation import GenerationOptions
 
         generation = GenerationOptions(max_new_tokens=max_new_tokens, eos_token_id=self.decoder.tokenizer.eos_token_id, **options)
-        backend = EagerDecoderBackend(self.decoder.model)
         results = []
         for clip in audio:
-            (feature,) = self.audio_features([clip])
-            embeds = self.embed_prompt(self.prompt_ids(prompt), feature)[None]
-            tokens = generate(
-                PromptEmbeds(backend, embeds), np.zeros((1, embeds.shape[1]), dtype=np.int64), np.ones((1, embeds.shape[1]), dtype=np.int64), generation
-            )[0]
-            kept = [int(t) for t in tokens]
-            if generation.stop_at_eos and generation.eos_token_id in kept:
-                kept = kept[: kept.index(generation.eos_token_id) + 1]
+            kept, _ = self.generate_clip(clip, prompt, generation)
             results.append((self.decoder.tokenizer.decode(kept, skip_special_tokens=True), kept))
         return results
+
+    @torch.no_grad()
+    def generate_clip(self, clip: np.ndarray, prompt: str | None, options: Any) -> tuple[list[int], dict[str, float]]:
+        """One clip's tokens (to the first EOS when `options.stop_at_eos`) and the time split
+        into `encoder_s`, `prefill_s` and `decode_s`, as the runtime reports them."""
+        import time
+
+        from lalm_export.eager import EagerDecoderBackend
+        from runtime.generation import PromptEmbeds, generate
+
+        start = time.perf_counter()
+        (feature,) = self.audio_features([clip])
+        embeds = self.embed_prompt(self.prompt_ids(prompt), feature)[None]
+        encoded = time.perf_counter()
+        marks: list[float] = []
+        ones = np.ones((1, embeds.shape[1]), dtype=np.int64)
+        backend = PromptEmbeds(EagerDecoderBackend(self.decoder.model), embeds)
+        tokens = generate(backend, ones * 0, ones, options, on_step=lambda _: marks.append(time.perf_counter()))[0]
+        end = time.perf_counter()
+        kept = [int(t) for t in tokens]
+        if options.stop_at_eos and options.eos_token_id in kept:
+            kept = kept[: kept.index(options.eos_token_id) + 1]
+        first = marks[0] if marks else end
+        return kept, {"encoder_s": encoded - start, "prefill_s": first - encoded, "decode_s": end - first}
 
     # --- modes --------------------------------------------------------------------------
 

@@ -183,3 +183,19 @@ def test_decode_floor_holds_each_bundle_and_its_weight_kernels_against_the_bandw
     assert weight_bytes_per_token(tmp_path / "fused" / "model.onnx") == read
     export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=tmp_path / "encoder"), quiet=True)
     assert_user_error(run_cli(tmp_path / "encoder", module="benchmarks.decode_floor"), "pass decoder bundles")
+
+
+@pytest.mark.slow
+def test_the_audio_llm_is_timed_end_to_end_against_eager(tmp_path):
+    out = tmp_path / "lalm"
+    result = run_cli("run", "--preset", "tiny", "--families", "lalm", "--repeats", "2", "--out", out, module="benchmarks")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["variant"]: r for r in results["rows"]}
+    assert set(rows) == {"eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8", "onnx-int4"}
+    assert rows["onnx-int4"]["parts"] == {"encoder": "int8", "decoder": "int4"}
+    assert rows["onnx-fp32"]["parity"]["passed"] is True and rows["onnx-fp32"]["parity"]["figures"]["greedy_agreement"] == 1.0
+    for row in rows.values():
+        assert all(row["split_s"][part] > 0 for part in ("encoder_s", "prefill_s", "decode_s"))
+        assert {"end to end vs eager-fp32", "end to end vs eager-bf16"} <= set(row["speedups"])
+    assert "## Audio LLM" in (out / "report.md").read_text()
