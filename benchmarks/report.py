@@ -233,7 +233,7 @@ def render_plots(results: dict[str, Any], folder: Path) -> list[str]:
     grouped(ax, lambda r: r["speedups"][key[r["role"]]]["value"])
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_ylabel("speedup vs eager fp32 (same run)")
-    ax.set_title("Speedup over eager PyTorch fp32 (encoders: latency; decoder: decode tokens/s; audio LLM: end to end)")
+    ax.set_title("Speedup over eager PyTorch fp32\n(encoders: latency; decoder: decode tokens/s; audio LLM: end to end)", fontsize=10)
     names.append(_save(fig, folder / "speedup.png"))
 
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
