@@ -69,10 +69,16 @@ class FamilySpec:
     # config (Whisper: a hop of 160, then a stride-2 convolution): an LALM cuts padding frames by it.
     frame_samples: int | None = None
     model_types: tuple[str, ...] = ()  # checkpoint model_type values of this family; () = any
-    # Layers a QLoRA base keeps in full precision: those the model reads by `.weight` instead
-    # of calling (a 4-bit weight cannot be used so), and those bitsandbytes' CPU 4-bit kernel
+    # Linear layers the model reads by `.weight` instead of calling: LoRA on them would train
+    # nothing (refused), and a QLoRA base keeps them in full precision (a 4-bit weight cannot be read so).
+    read_by_weight: tuple[str, ...] = ()
+    # Further layers a QLoRA base keeps in full precision: those bitsandbytes' CPU 4-bit kernel
     # cannot run (an output size not divisible by its block).
     qlora_full_precision: tuple[str, ...] = ()
+
+    @property
+    def qlora_keep_full_precision(self) -> tuple[str, ...]:
+        return (*self.read_by_weight, *self.qlora_full_precision)
 
     def model_cls(self) -> type:
         import transformers
@@ -106,6 +112,7 @@ def _raw_audio_family(
     checkpoint: str,
     attention_mask: bool,
     lora_targets: tuple[str, ...] = _AUDIO_LORA_TARGETS,
+    read_by_weight: tuple[str, ...] = (),
     qlora_full_precision: tuple[str, ...] = (),
     **tiny: Any,
 ) -> FamilySpec:
@@ -125,6 +132,7 @@ def _raw_audio_family(
         default_checkpoint=checkpoint,
         feature_extractor=FeatureExtractorSpec(kwargs=(("return_attention_mask", attention_mask),)),
         model_types=(name,),
+        read_by_weight=read_by_weight,
         qlora_full_precision=qlora_full_precision,
     )
 
@@ -194,7 +202,8 @@ FAMILIES: dict[str, FamilySpec] = {
             "microsoft/wavlm-base-plus",
             attention_mask=True,
             lora_targets=("intermediate_dense", "output_dense"),
-            qlora_full_precision=(*_AUDIO_LORA_TARGETS, "gru_rel_pos_linear"),
+            read_by_weight=_AUDIO_LORA_TARGETS,
+            qlora_full_precision=("gru_rel_pos_linear",),
             num_buckets=32,
             max_bucket_distance=100,
         ),

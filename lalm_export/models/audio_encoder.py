@@ -68,7 +68,14 @@ class BaseAudioEncoder(AdapterCheckpoints, nn.Module):
         self.mode.validate()
         encoder = load_family_model(self.spec, self.model_name, self.mode.quantization(), trust_remote_code)
         if self.mode.uses_adapter:
-            encoder = attach_lora(encoder, self.mode, lora_target_modules or self.spec.default_lora_targets)
+            targets = lora_target_modules or self.spec.default_lora_targets
+            inert = sorted(set(targets or ()) & set(self.spec.read_by_weight))
+            if inert:
+                raise OptionsError(
+                    f"{self.family} reads {', '.join(inert)} by weight instead of calling them, so LoRA there would train nothing; "
+                    f"target other layers (default: {', '.join(self.spec.default_lora_targets or ())})"
+                )
+            encoder = attach_lora(encoder, self.mode, targets)
         self.encoder = encoder
         set_trainable(self.encoder, self.mode)
 

@@ -31,7 +31,7 @@ def load_family_model(
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "output_loading_info": True}
     if quantization is not None:
         require_bitsandbytes()
-        kwargs["quantization_config"] = quantization.bnb_config(spec.qlora_full_precision)
+        kwargs["quantization_config"] = quantization.bnb_config(spec.qlora_keep_full_precision)
         kwargs["dtype"] = getattr(torch, quantization.base_dtype)
     model, info = load_hf_model(spec.model_cls(), model_name, **kwargs)
     if spec.submodule:

@@ -227,3 +227,10 @@ def test_lora_methods_need_an_adapter(checkpoints, tmp_path):
         model.save_lora_weights(tmp_path / "x")
     with pytest.raises(OptionsError, match="save_lora_weights"):
         lora_encoder("hubert", checkpoints).save_model_weights(tmp_path / "y")
+
+
+def test_lora_on_layers_read_by_weight_is_refused(checkpoints):
+    """WavLM passes its attention projections' weights to F.multi_head_attention_forward:
+    an adapter there would get no gradient, so asking for one is an error, not a silent no-op."""
+    with pytest.raises(OptionsError, match=r"wavlm reads q_proj by weight .*\(default: intermediate_dense, output_dense\)"):
+        ENCODER_CLASSES["wavlm"](str(checkpoints["wavlm"]), use_lora=True, lora_target_modules=("q_proj", "intermediate_dense"))
