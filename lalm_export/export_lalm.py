@@ -42,7 +42,7 @@ from lalm_export.models.lalm import (
     read_lalm_config,
     resize_for_tokenizer,
 )
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, is_bundle
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_output
 from lalm_export.precision import SPECS, TransformJob, apply_precision, check_precision
 from lalm_export.progress import Stages
 from lalm_export.signals import speech_like
@@ -224,7 +224,7 @@ def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, par
                 "kind": "host table",
                 "file": TOKEN_TABLE,
                 "sha256": sha256_of(folder / TOKEN_TABLE),
-                "shape": list(np.load(folder / TOKEN_TABLE, mmap_mode="r").shape),
+                "shape": list(decoder.get_input_embeddings().weight.shape),
             },
             "audio_token": config["audio_token"],
             "audio_token_id": int(config["audio_token_id"]),
@@ -254,8 +254,4 @@ def validate_lalm_options(opts: LalmExportOptions) -> None:
     read_lalm_config(folder)
     check_precision(opts.encoder_precision, "encoder", "cpu")
     check_precision(opts.decoder_precision, "decoder", "cpu")
-    output = Path(opts.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise OptionsError(f"--output {output} is a file; pass a folder path")
-    if output.is_dir() and any(output.iterdir()) and not (opts.force and is_bundle(output)):
-        raise OptionsError(f"--output {output} exists and is not empty; pass --force to replace a bundle (only a bundle or an empty folder is replaced)")
+    check_output(Path(opts.output), opts.force)

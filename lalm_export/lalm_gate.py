@@ -41,9 +41,8 @@ def check_lalm(merged: MergedLalm, folder: Path, encoder_precision: str = "fp32"
     """Features of each clip (relative error for fp32; a reduced precision's cosine bound) and
     32 greedy tokens, all equal where every graph is fp32 (recorded otherwise, as for decoders)."""
     bound = SPECS[encoder_precision].cosine_bound("encoder")
-    tolerance = Tolerance() if bound is None else Tolerance(cosine=bound.cosine, row_cosine=bound.row_cosine, greedy_agreement=None)
-    if bound is None and not all_fp32:
-        tolerance = Tolerance(greedy_agreement=None)
+    cosine = {} if bound is None else {"cosine": bound.cosine, "row_cosine": bound.row_cosine}
+    tolerance = Tolerance(greedy_agreement=1.0 if all_fp32 else None, **cosine)
     report = ParityReport(tolerance, reference="eager PyTorch fp32 LALM (merged)")
     facts = {key: merged.config[key] for key in ("audio_token", "audio_token_id", "prompt")}
     runner = LalmRunner.from_parts(

@@ -98,7 +98,7 @@ def validate_options(opts: ExportOptions) -> None:
     if opts.device == "cuda":
         require_cuda()
     _check_numbers(opts)
-    _check_output(opts)
+    check_output(Path(opts.output), opts.force)
     if opts.adapter is not None:
         from lalm_export.models.adapters import check_adapter_folder
 
@@ -121,15 +121,17 @@ def _check_numbers(opts: ExportOptions) -> None:
         raise OptionsError(f"--atol must be a non-negative number, not {opts.atol}")
 
 
-def _check_output(opts: ExportOptions) -> None:
-    output = Path(opts.output).expanduser()
+def check_output(output: Path, force: bool) -> None:
+    """A bundle's --output: a folder path, not under a file; an existing folder only with
+    --force and only when it is a bundle (or empty)."""
+    output = output.expanduser()
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"--output {output} is a file; pass a folder path")
     blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise OutputPathError(f"--output {output}: {blocking} is a file, not a folder; pass a path in a folder")
     if output.is_dir() and any(output.iterdir()):
-        if not opts.force:
+        if not force:
             raise OutputExistsError(f"--output {output} exists and is not empty; pass --force to replace it (only once the new bundle is complete)")
         if not is_bundle(output):
             raise OutputExistsError(

@@ -14,11 +14,11 @@ import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import AudioError, BundleError, ContextLengthError, RuntimeUserError
-from runtime.generation import GenerationOptions, generate
+from runtime.generation import GenerationOptions, generate, until_eos
 from runtime.lalm import LalmRunner, load_lalm
-from runtime.manifest import Manifest, read_json_object, read_manifest, sha256_of, verify_graph_files
+from runtime.manifest import Manifest, read_json_object, read_manifest, read_tokenizer, sha256_of, verify_graph_files
 from runtime.ort_backends import decoder_backend
-from runtime.sessions import SessionOptions, active_provider, create_session, provider_label, resolve_providers
+from runtime.sessions import SessionOptions, active_provider, open_bundle_graph, provider_label, resolve_providers
 
 
 class _BundleModel:
@@ -30,36 +30,11 @@ class _BundleModel:
         self.graph_path = reusable or source
         if reusable is not None:  # already optimized for this provider: skip that work at start-up
             options = SessionOptions(**{**options.__dict__, "optimization": "disable"})
-        self.session = _open_session(self.graph_path, options)
-        _check_graph_inputs(self.session, self.manifest, self.folder)
+        self.session = open_bundle_graph(self.graph_path, options, self.manifest.graphs["model"], self.folder)
         self.provider = active_provider(self.session)
         if options.save_optimized:
             record_optimized_graph(source, self.provider)
         self.output_names = [o.name for o in self.session.get_outputs()]
-
-
-def _open_session(graph: Path, options: SessionOptions) -> ort.InferenceSession:
-    """A session for the bundle's graph; a file ONNX Runtime cannot read is the bundle's fault."""
-    try:
-        return create_session(graph, options)
-    except RuntimeUserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes (InvalidProtobuf, Fail, InvalidGraph)
-        if not type(err).__module__.startswith("onnxruntime"):
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BundleError(f"{graph} is not a graph ONNX Runtime can load ({type(err).__name__}: {first[:200]}); export the bundle again") from err
-
-
-def _check_graph_inputs(session: ort.InferenceSession, manifest: Manifest, folder: Path) -> None:
-    """The graph must take the inputs its manifest records (a decoder graph in an encoder bundle does not)."""
-    found = sorted(i.name for i in session.get_inputs())
-    recorded = sorted(t.name for t in manifest.graphs["model"].inputs)
-    if found != recorded:
-        raise BundleError(
-            f"the graph of {folder} takes inputs {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}, but its manifest records "
-            f"{', '.join(recorded[:4]) or 'none'}{' ...' if len(recorded) > 4 else ''}: the graph was replaced; export the bundle again"
-        )
 
 
 def _optimized_record(graph: Path) -> Path:
@@ -174,15 +149,7 @@ class TextGenerator(_BundleModel):
 
     def __init__(self, folder: str | Path, options: SessionOptions) -> None:
         super().__init__(folder, options)
-        from tokenizers import Tokenizer
-
-        tokenizer_file = self.folder / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise BundleError(f"bundle {self.folder} lacks tokenizer.json; export it again")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
-            raise BundleError(f"{tokenizer_file} is not a tokenizer file tokenizers can read ({str(err)[:120]}); export the bundle again") from err
+        self.tokenizer = read_tokenizer(self.folder)
         extra = self.manifest.extra
         self.context_length = context_length(self.manifest, self.folder)
         self.eos_token_id = extra.get("eos_token_id")
@@ -247,14 +214,14 @@ class TextGenerator(_BundleModel):
         rate = (len(marks) - 1) / (end - marks[0]) if len(marks) > 1 and end > marks[0] else 0.0
         completions = []
         for prompt, row in zip(prompts, tokens):
-            kept = _trim(list(map(int, row)), options.eos_token_id if options.stop_at_eos else None)
+            kept = until_eos(row, options)
             text = self._text(kept, options, stop_strings)
             completions.append(Completion(prompt, text, kept, round(ttft, 6), round(rate, 3), {"total_s": round(end - start, 6)}))
         return completions
 
     def _text(self, tokens: Sequence[int], options: GenerationOptions, stop_strings: Sequence[str]) -> str:
         """The completion's text: up to its first EOS when generation stops there, cut at a stop string."""
-        kept = _trim(list(map(int, tokens)), options.eos_token_id if options.stop_at_eos else None)
+        kept = until_eos(tokens, options)
         return _cut_at_stop(self.decode(kept), stop_strings)
 
 
@@ -321,13 +288,6 @@ def receptive_field(config: dict) -> int:
     for kernel, stride in zip(reversed(kernels), reversed(strides)):
         samples = (samples - 1) * int(stride) + int(kernel)
     return samples
-
-
-def _trim(tokens: list[int], eos: int | None) -> list[int]:
-    """Tokens up to and including the first EOS (the rest is padding of a finished row)."""
-    if eos is not None and eos in tokens:
-        return tokens[: tokens.index(eos) + 1]
-    return tokens
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

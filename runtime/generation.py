@@ -6,7 +6,7 @@ one object."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +85,15 @@ def choose_tokens(logits: np.ndarray, options: GenerationOptions, rng: np.random
         probs = np.where(drop, 0.0, probs)
         probs /= probs.sum(axis=-1, keepdims=True)
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
+
+
+def until_eos(tokens: Sequence[int], options: GenerationOptions) -> list[int]:
+    """One row's tokens up to and including its first EOS when generation stops there (the
+    rest pads a finished row); all of them otherwise."""
+    kept = [int(t) for t in tokens]
+    if options.stop_at_eos and options.eos_token_id in kept:
+        return kept[: kept.index(options.eos_token_id) + 1]
+    return kept
 
 
 def generate(

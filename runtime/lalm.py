@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
-from runtime.generation import GenerationOptions, PromptEmbeds, generate
+from runtime.generation import GenerationOptions, PromptEmbeds, generate, until_eos
 from runtime.ort_backends import OrtDecoderBackend
 
 
@@ -62,15 +62,13 @@ class LalmRunner:
     def from_parts(cls, folder: Path, feature_config: dict[str, Any], input_kind: str, facts: dict[str, Any]) -> LalmRunner:
         """A runner over a bundle still being written (the export's parity gate): its graphs,
         table and tokenizer are in `folder`; the facts come from the exporter, not a manifest."""
-        from tokenizers import Tokenizer
-
+        from runtime.manifest import read_tokenizer
         from runtime.sessions import SessionOptions, create_session
 
         encoder = create_session(folder / "audio_encoder.onnx", SessionOptions(provider="cpu"))
         decoder = create_session(folder / "decoder.onnx", SessionOptions(provider="cpu"))
         table = np.load(folder / "embed_tokens.npy", allow_pickle=False)
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        return cls(folder, encoder, decoder, table, tokenizer, feature_config, input_kind, facts)
+        return cls(folder, encoder, decoder, table, read_tokenizer(folder), feature_config, input_kind, facts)
 
     # --- the parts ----------------------------------------------------------------------
 
@@ -115,7 +113,7 @@ class LalmRunner:
             raise RuntimeUserError(f"the prompt must contain the audio placeholder {self.facts['audio_token']!r} where the audio goes")
         options = options or GenerationOptions()
         if options.eos_token_id is None:
-            options = GenerationOptions(**{**options.__dict__, "eos_token_id": self.facts.get("eos_token_id")})
+            options = replace(options, eos_token_id=self.facts.get("eos_token_id"))
         audios = [clip_audio(clip, index) for index, clip in enumerate(clips)]
         return [self._transcribe_one(audio, prompt, options, on_text if index == 0 else None) for index, audio in enumerate(audios)]
 
@@ -134,19 +132,17 @@ class LalmRunner:
                     on_text(text[len(streamed[0]) :])
                     streamed[0] = text
 
-        tokens = [int(t) for t in self.tokens_for(features, prompt, options, on_step=on_step)]
+        tokens = until_eos(self.tokens_for(features, prompt, options, on_step=on_step), options)
         end = time.perf_counter()
-        if options.stop_at_eos and options.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(options.eos_token_id) + 1]
         first = marks[0] if marks else end
         rate = (len(marks) - 1) / (end - first) if len(marks) > 1 and end > first else 0.0
         timings = {"encoder_s": round(encoded - start, 6), "prefill_s": round(first - encoded, 6), "decode_s": round(end - first, 6)}
         return Transcription(audio.name, self.decode(tokens, options), tokens, round(audio.seconds, 3), round(first - start, 6), round(rate, 3), timings)
 
     def decode(self, tokens: Sequence[int], options: GenerationOptions) -> str:
-        kept = [int(t) for t in tokens]
-        if options.stop_at_eos and options.eos_token_id in kept:
-            kept = kept[: kept.index(options.eos_token_id)]
+        kept = until_eos(tokens, options)
+        if kept and options.stop_at_eos and kept[-1] == options.eos_token_id:
+            kept = kept[:-1]
         return self.tokenizer.decode(kept, skip_special_tokens=True)
 
 
@@ -158,22 +154,18 @@ def clip_audio(clip: str | Path | np.ndarray, index: int) -> Audio:
 
 def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
     """The runner of an LALM bundle whose manifest is read and whose graphs are verified."""
-    import json
+    from runtime.manifest import read_json_object, read_tokenizer, sha256_of, verify_graph_files
+    from runtime.sessions import active_provider, open_bundle_graph
 
-    from tokenizers import Tokenizer
-
-    from runtime.manifest import sha256_of, verify_graph_files
-    from runtime.sessions import active_provider, create_session
-
-    encoder = create_session(verify_graph_files(folder, manifest.graphs["audio_encoder"]), options)
-    decoder = create_session(verify_graph_files(folder, manifest.graphs["decoder"]), options)
+    encoder, decoder = (
+        open_bundle_graph(verify_graph_files(folder, manifest.graphs[name]), options, manifest.graphs[name], folder) for name in ("audio_encoder", "decoder")
+    )
     embedding = manifest.extra["embedding"]
     table_path = folder / embedding["file"]
     if not table_path.is_file() or sha256_of(table_path) != embedding["sha256"]:
         raise BundleError(f"{table_path} is missing or does not match the sha256 in the manifest; export the bundle again")
     table = np.load(table_path, allow_pickle=False)
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    feature_config = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
-    runner = LalmRunner(folder, encoder, decoder, table, tokenizer, feature_config, manifest.input_kind, dict(manifest.extra))
+    feature_config = read_json_object(folder / "preprocessor_config.json", "bundle file")
+    runner = LalmRunner(folder, encoder, decoder, table, read_tokenizer(folder), feature_config, manifest.input_kind, dict(manifest.extra))
     runner.manifest, runner.provider = manifest, active_provider(decoder)
     return runner

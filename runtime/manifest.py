@@ -174,3 +174,16 @@ def verify_graph_files(folder: str | Path, graph: GraphFile) -> Path:
         if sha256_of(file) != expected:
             raise BundleError(f"{file} does not match the sha256 in the manifest: it was modified or truncated; export the bundle again")
     return folder / graph.path
+
+
+def read_tokenizer(folder: Path) -> Any:
+    """The bundle's `tokenizer.json` (tokenizers' format), or a `BundleError` that says why not."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise BundleError(f"bundle {folder} lacks tokenizer.json; export it again")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+        raise BundleError(f"{path} is not a tokenizer file tokenizers can read ({str(err)[:120]}); export the bundle again") from err

@@ -9,7 +9,8 @@ from typing import Literal
 
 import onnxruntime as ort
 
-from runtime.errors import ProviderError
+from runtime.errors import BundleError, ProviderError, RuntimeUserError
+from runtime.manifest import GraphFile
 
 ProviderName = Literal["auto", "cuda", "cpu"]
 _ORT_PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -138,3 +139,26 @@ def provider_label(ort_provider: str) -> str:
 
 def active_provider(session: ort.InferenceSession) -> str:
     return provider_label(session.get_providers()[0])
+
+
+def open_bundle_graph(graph: Path, options: SessionOptions, record: GraphFile, folder: Path) -> ort.InferenceSession:
+    """A session for one of a bundle's graphs, which must take the inputs its manifest
+    records (a decoder graph in an encoder bundle does not); a file ONNX Runtime cannot read
+    is the bundle's fault."""
+    try:
+        session = create_session(graph, options)
+    except RuntimeUserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - ORT raises its own exception classes (InvalidProtobuf, Fail, InvalidGraph)
+        if not type(err).__module__.startswith("onnxruntime"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BundleError(f"{graph} is not a graph ONNX Runtime can load ({type(err).__name__}: {first[:200]}); export the bundle again") from err
+    found = sorted(i.name for i in session.get_inputs())
+    recorded = sorted(t.name for t in record.inputs)
+    if found != recorded:
+        raise BundleError(
+            f"the graph of {folder} takes inputs {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}, but its manifest records "
+            f"{', '.join(recorded[:4]) or 'none'}{' ...' if len(recorded) > 4 else ''}: the graph was replaced; export the bundle again"
+        )
+    return session

@@ -199,7 +199,7 @@ class LALM(nn.Module):
         import time
 
         from lalm_export.eager import EagerDecoderBackend
-        from runtime.generation import PromptEmbeds, generate
+        from runtime.generation import PromptEmbeds, generate, until_eos
 
         start = time.perf_counter()
         (feature,) = self.audio_features([clip])
@@ -210,11 +210,8 @@ class LALM(nn.Module):
         backend = PromptEmbeds(EagerDecoderBackend(self.decoder.model), embeds)
         tokens = generate(backend, ones * 0, ones, options, on_step=lambda _: marks.append(time.perf_counter()))[0]
         end = time.perf_counter()
-        kept = [int(t) for t in tokens]
-        if options.stop_at_eos and options.eos_token_id in kept:
-            kept = kept[: kept.index(options.eos_token_id) + 1]
         first = marks[0] if marks else end
-        return kept, {"encoder_s": encoded - start, "prefill_s": first - encoded, "decode_s": end - first}
+        return until_eos(tokens, options), {"encoder_s": encoded - start, "prefill_s": first - encoded, "decode_s": end - first}
 
     # --- modes --------------------------------------------------------------------------
 
