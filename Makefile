@@ -18,7 +18,7 @@ BENCH_GATE := --tolerance 0.35 --figures "vs eager-fp32"
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[cpu,dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[cpu,serve,ray,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

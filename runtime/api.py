@@ -14,8 +14,8 @@ import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import AudioError, BundleError, ContextLengthError, RuntimeUserError
-from runtime.generation import GenerationOptions, generate, until_eos
-from runtime.lalm import LalmRunner, load_lalm
+from runtime.generation import DecoderBackend, GenerationOptions, StepClock, generate, until_eos
+from runtime.lalm import LalmRunner, cut_at_stop, load_lalm
 from runtime.manifest import Manifest, read_json_object, read_manifest, read_tokenizer, sha256_of, verify_graph_files
 from runtime.ort_backends import decoder_backend
 from runtime.sessions import SessionOptions, active_provider, open_bundle_graph, provider_label, resolve_providers
@@ -142,6 +142,7 @@ class Completion:
     time_to_first_token_s: float
     tokens_per_s: float
     timings: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0
 
 
 class TextGenerator(_BundleModel):
@@ -156,7 +157,12 @@ class TextGenerator(_BundleModel):
         self.pad_token_id = extra.get("pad_token_id", self.eos_token_id) or 0
         # The KV cache lives in pre-allocated buffers on the provider's device (IO binding): on
         # CUDA it never crosses to the host; on the CPU it saves an allocation per step.
-        self.backend = decoder_backend(self.session, binding_device=self.provider)
+        self.backend = self.new_backend()
+
+    def new_backend(self) -> DecoderBackend:
+        """A backend of its own (KV buffers included) over the shared session: one per
+        generation running at the same time as others."""
+        return decoder_backend(self.session, binding_device=self.provider)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, left-padded so that every prompt ends at the last column."""
@@ -175,6 +181,14 @@ class TextGenerator(_BundleModel):
             mask[row, width - len(tokens) :] = 1
         return ids, mask
 
+    def check_prompts(self, prompts: Sequence[str], options: GenerationOptions) -> tuple[np.ndarray, np.ndarray]:
+        """Valid options, prompts that encode, and room in the context for them and the new tokens: ids and mask."""
+        options.validate()
+        ids, mask = self.encode_prompts(prompts)
+        if ids.shape[1] + options.max_new_tokens > self.context_length:
+            raise ContextLengthError(ids.shape[1], options.max_new_tokens, self.context_length)
+        return ids, mask
+
     def decode(self, tokens: Sequence[int]) -> str:
         kept = [t for t in tokens if t != self.eos_token_id]
         return self.tokenizer.decode(kept, skip_special_tokens=True)
@@ -185,44 +199,37 @@ class TextGenerator(_BundleModel):
         options: GenerationOptions,
         stop_strings: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
+        backend: DecoderBackend | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> list[Completion]:
-        """Generate for each prompt; `on_text` streams the first prompt's new text as it comes."""
-        options.validate()
-        ids, mask = self.encode_prompts(prompts)
-        if ids.shape[1] + options.max_new_tokens > self.context_length:
-            raise ContextLengthError(ids.shape[1], options.max_new_tokens, self.context_length)
+        """Generate for each prompt; `on_text` streams the first prompt's new text as it comes.
+        `backend`: one of `new_backend()`'s, for callers running generations side by side;
+        `cancelled()` true ends the generation (`GenerationCancelled`)."""
+        ids, mask = self.check_prompts(prompts, options)
         if options.eos_token_id is None:
             options = replace(options, eos_token_id=self.eos_token_id)
-        marks: list[float] = []
-        streamed = [""]
-
-        def on_step(tokens: np.ndarray) -> None:
-            marks.append(time.perf_counter())
-            if on_text is not None:
-                text = self._text(tokens[0], options, stop_strings)
-                if len(text) > len(streamed[0]) and text.startswith(streamed[0]):
-                    on_text(text[len(streamed[0]) :])
-                    streamed[0] = text
+        clock = StepClock(lambda row: self._text(row, options, stop_strings), on_text, cancelled)
 
         def stop(tokens: np.ndarray) -> np.ndarray:
             return np.array([any(s in self.decode(row) for s in stop_strings) for row in tokens], dtype=bool)
 
         start = time.perf_counter()
-        tokens = generate(self.backend, ids, mask, options, stop=stop if stop_strings else None, on_step=on_step)
+        tokens = generate(backend or self.backend, ids, mask, options, stop=stop if stop_strings else None, on_step=clock)
         end = time.perf_counter()
-        ttft = marks[0] - start if marks else 0.0
-        rate = (len(marks) - 1) / (end - marks[0]) if len(marks) > 1 and end > marks[0] else 0.0
+        ttft, rate = clock.first(end) - start, clock.tokens_per_s(end)
         completions = []
-        for prompt, row in zip(prompts, tokens):
+        for prompt, row, prompt_row in zip(prompts, tokens, mask):
             kept = until_eos(row, options)
             text = self._text(kept, options, stop_strings)
-            completions.append(Completion(prompt, text, kept, round(ttft, 6), round(rate, 3), {"total_s": round(end - start, 6)}))
+            timings = {"total_s": round(end - start, 6)}
+            completions.append(Completion(prompt, text, kept, round(ttft, 6), round(rate, 3), timings, int(prompt_row.sum())))
+        clock.finish(completions[0].text)
         return completions
 
     def _text(self, tokens: Sequence[int], options: GenerationOptions, stop_strings: Sequence[str]) -> str:
         """The completion's text: up to its first EOS when generation stops there, cut at a stop string."""
         kept = until_eos(tokens, options)
-        return _cut_at_stop(self.decode(kept), stop_strings)
+        return cut_at_stop(self.decode(kept), stop_strings)
 
 
 def _check_text(prompt: object) -> None:
@@ -288,11 +295,6 @@ def receptive_field(config: dict) -> int:
     for kernel, stride in zip(reversed(kernels), reversed(strides)):
         samples = (samples - 1) * int(stride) + int(kernel)
     return samples
-
-
-def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    cuts = [text.index(s) for s in stop_strings if s and s in text]
-    return text[: min(cuts)] if cuts else text
 
 
 def load(folder: str | Path, options: SessionOptions | None = None) -> EncoderRunner | TextGenerator | LalmRunner:

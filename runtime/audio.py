@@ -46,20 +46,33 @@ def resample(samples: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.nd
 
 def load_audio(path: str | Path) -> Audio:
     """Decode wav/flac/ogg, downmix to mono, resample to 16 kHz (soxr, high quality)."""
-    import soundfile
-
     path = Path(path)
     if path.is_dir():
         raise AudioError(f"audio {path} is a folder; pass the audio files in it")
     if not path.is_file():
         raise AudioError(f"audio file {path} does not exist")
+    return _decode(str(path), str(path), path.name)
+
+
+def decode_audio(data: bytes, name: str) -> Audio:
+    """`load_audio` for the bytes of an audio file (an upload): wav, flac, ogg, and mp3 where libsndfile reads it."""
+    import io
+
+    if not data:
+        raise AudioError(f"{name}: the audio file is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name, name)
+
+
+def _decode(source: object, label: str, name: str) -> Audio:
+    import soundfile
+
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        data, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError, TypeError, ValueError) as err:
-        raise AudioError(f"{path} is not a readable audio file (wav, flac or ogg expected): {err}") from err
+        raise AudioError(f"{label} is not a readable audio file (wav, flac or ogg expected): {err}") from err
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    mono = check_samples(mono, str(path))
-    return Audio(name=path.name, samples=check_samples(resample(mono, rate), str(path)), source_rate=int(rate))
+    mono = check_samples(mono, label)
+    return Audio(name=name, samples=check_samples(resample(mono, rate), label), source_rate=int(rate))
 
 
 # --- Wav2Vec2 / HuBERT ------------------------------------------------------------------

@@ -6,6 +6,7 @@ one object."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -132,3 +133,49 @@ def generate(
             break
         logits = backend.decode_step(next_ids)
     return tokens
+
+
+class StepClock:
+    """The `on_step` of one generation: marks the time of each step, streams the first row's
+    new text to `on_text` (text from `to_text(tokens)`, which may cut at stop strings), and
+    ends the generation early when `cancelled()` says so (a server's timeout or a client gone)."""
+
+    def __init__(
+        self,
+        to_text: Callable[[Sequence[int]], str],
+        on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        self.to_text, self.on_text, self.cancelled = to_text, on_text, cancelled
+        self.marks: list[float] = []
+        self.streamed = ""
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        self.marks.append(time.perf_counter())
+        if self.cancelled is not None and self.cancelled():
+            raise GenerationCancelled("the generation was cancelled")
+        if self.on_text is not None:
+            # A character split over byte-level tokens decodes as U+FFFD until its last byte comes: hold it back.
+            text = self.to_text(tokens[0]).rstrip("\ufffd")
+            if len(text) > len(self.streamed) and text.startswith(self.streamed):
+                self.on_text(text[len(self.streamed) :])
+                self.streamed = text
+
+    def finish(self, text: str) -> None:
+        """Stream what the final `text` adds to what was streamed (a character held back at the end)."""
+        if self.on_text is not None and len(text) > len(self.streamed) and text.startswith(self.streamed):
+            self.on_text(text[len(self.streamed) :])
+            self.streamed = text
+
+    def first(self, default: float) -> float:
+        """When the first token came (`default` when none did)."""
+        return self.marks[0] if self.marks else default
+
+    def tokens_per_s(self, end: float) -> float:
+        """Decode rate after the first token."""
+        first = self.first(end)
+        return (len(self.marks) - 1) / (end - first) if len(self.marks) > 1 and end > first else 0.0
+
+
+class GenerationCancelled(Exception):
+    """Raised inside a generation loop to end it (not a user error: the caller asked for it)."""

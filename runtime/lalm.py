@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
-from runtime.generation import GenerationOptions, PromptEmbeds, generate, until_eos
+from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, generate, until_eos
 from runtime.ort_backends import OrtDecoderBackend
 
 
@@ -37,6 +37,7 @@ class Transcription:
     time_to_first_token_s: float
     tokens_per_s: float
     timings: dict[str, float] = field(default_factory=dict)  # encoder_s, prefill_s, decode_s
+    prompt_tokens: int = 0  # positions of the prompt, the audio frames included
 
 
 class LalmRunner:
@@ -56,7 +57,7 @@ class LalmRunner:
         self.folder, self.encoder, self.decoder, self.table = folder, encoder, decoder, table
         self.tokenizer, self.feature_config, self.input_kind, self.facts = tokenizer, feature_config, input_kind, facts
         self.encoder_inputs = [i.name for i in encoder.get_inputs()]
-        self.backend = OrtDecoderBackend(decoder, embed=lambda ids: self.table[ids])
+        self.backend = self.new_backend()
 
     @classmethod
     def from_parts(cls, folder: Path, feature_config: dict[str, Any], input_kind: str, facts: dict[str, Any]) -> LalmRunner:
@@ -74,10 +75,31 @@ class LalmRunner:
 
     def audio_features(self, samples: np.ndarray) -> np.ndarray:
         """One clip's projected frames `(frames, hidden)`, padding cut."""
-        features = features_for(self.input_kind, samples, self.feature_config)[None].astype(np.float32)
-        feeds = {self.encoder_inputs[0]: features, "audio_lengths": np.array([len(samples)], dtype=np.int64)}
-        projected, lengths = self.encoder.run(["audio_features", "audio_feature_lengths"], feeds)
-        return projected[0, : int(lengths[0])]
+        return self.audio_features_batch([samples])[0]
+
+    def audio_features_batch(self, clips: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each clip's projected frames. Clips whose encoder inputs have one shape (Whisper's
+        window: all; raw audio: equal lengths) run as one batch; others alone. The graphs take
+        no attention mask, so padding clips together would change their features."""
+        inputs = [features_for(self.input_kind, samples, self.feature_config).astype(np.float32) for samples in clips]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, features in enumerate(inputs):
+            groups.setdefault(features.shape, []).append(index)
+        results: dict[int, np.ndarray] = {}
+        for indices in groups.values():
+            feeds = {
+                self.encoder_inputs[0]: np.stack([inputs[i] for i in indices]),
+                "audio_lengths": np.array([len(clips[i]) for i in indices], dtype=np.int64),
+            }
+            projected, lengths = self.encoder.run(["audio_features", "audio_feature_lengths"], feeds)
+            for row, index in enumerate(indices):
+                results[index] = projected[row, : int(lengths[row])]
+        return [results[i] for i in range(len(clips))]
+
+    def new_backend(self) -> OrtDecoderBackend:
+        """A decoder backend of its own (KV buffers included) over the shared session: one per
+        generation running at the same time as others."""
+        return OrtDecoderBackend(self.decoder, embed=lambda ids: self.table[ids])
 
     def prompt_ids(self, prompt: str, tokenizer: Any | None = None) -> list[int]:
         tokenizer = tokenizer or self.tokenizer
@@ -85,15 +107,27 @@ class LalmRunner:
         return list(encoded.ids if hasattr(encoded, "ids") else encoded)
 
     def tokens_for(
-        self, features: np.ndarray, prompt: str, options: GenerationOptions, tokenizer: Any | None = None, on_step: Callable | None = None
+        self,
+        features: np.ndarray,
+        prompt: str,
+        options: GenerationOptions,
+        tokenizer: Any | None = None,
+        on_step: Callable | None = None,
+        backend: OrtDecoderBackend | None = None,
+        stop: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Generated tokens for one clip's frames and a prompt text holding the placeholder."""
+        embeds = self.prompt_embeds(features, prompt, options, tokenizer)
+        ones = np.ones((1, embeds.shape[1]), dtype=np.int64)
+        return generate(PromptEmbeds(backend or self.backend, embeds), ones * 0, ones, options, stop=stop, on_step=on_step)[0]
+
+    def prompt_embeds(self, features: np.ndarray, prompt: str, options: GenerationOptions, tokenizer: Any | None = None) -> np.ndarray:
+        """`(1, positions, hidden)`: the prompt with the clip's frames in place, checked against the context length."""
         embeds = prompt_embeddings(self.prompt_ids(prompt, tokenizer), int(self.facts["audio_token_id"]), self.table, features)[None]
         context = int(self.facts.get("context_length") or 1 << 30)
         if embeds.shape[1] + options.max_new_tokens > context:
             raise ContextLengthError(embeds.shape[1], options.max_new_tokens, context)
-        ones = np.ones((1, embeds.shape[1]), dtype=np.int64)
-        return generate(PromptEmbeds(self.backend, embeds), ones * 0, ones, options, on_step=on_step)[0]
+        return embeds
 
     # --- the whole ----------------------------------------------------------------------
 
@@ -104,46 +138,82 @@ class LalmRunner:
         options: GenerationOptions | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> list[Transcription]:
-        """Text for each file or 16 kHz array, one clip at a time (padding never enters);
-        `on_text` streams the first clip's text."""
+        """Text for each file or 16 kHz array; `on_text` streams the first clip's text. The
+        encoder runs clips of one input shape as a batch; generation runs clip by clip, so
+        every clip gets the tokens it gets alone."""
         if not clips:
             raise RuntimeUserError("no audio given; pass at least one file or array")
+        prompt, options = self.resolve(prompt, options)
+        audios = [clip_audio(clip, index) for index, clip in enumerate(clips)]
+        start = time.perf_counter()
+        features = self.audio_features_batch([audio.samples for audio in audios])
+        encoder_s = (time.perf_counter() - start) / len(audios)
+        return [
+            self.transcribe_features(audio, feature, encoder_s, prompt, options, on_text if index == 0 else None)
+            for index, (audio, feature) in enumerate(zip(audios, features))
+        ]
+
+    def resolve(self, prompt: str | None, options: GenerationOptions | None) -> tuple[str, GenerationOptions]:
+        """The prompt (the bundle's default when None; it must hold the placeholder) and options with the bundle's EOS."""
         prompt = self.facts["prompt"] if prompt is None else prompt
         if self.facts["audio_token"] not in prompt:
             raise RuntimeUserError(f"the prompt must contain the audio placeholder {self.facts['audio_token']!r} where the audio goes")
         options = options or GenerationOptions()
+        options.validate()
         if options.eos_token_id is None:
             options = replace(options, eos_token_id=self.facts.get("eos_token_id"))
-        audios = [clip_audio(clip, index) for index, clip in enumerate(clips)]
-        return [self._transcribe_one(audio, prompt, options, on_text if index == 0 else None) for index, audio in enumerate(audios)]
+        return prompt, options
 
-    def _transcribe_one(self, audio: Audio, prompt: str, options: GenerationOptions, on_text: Callable[[str], None] | None) -> Transcription:
+    def transcribe_features(
+        self,
+        audio: Audio,
+        features: np.ndarray,
+        encoder_s: float,
+        prompt: str,
+        options: GenerationOptions,
+        on_text: Callable[[str], None] | None = None,
+        backend: OrtDecoderBackend | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        stop_strings: Sequence[str] = (),
+    ) -> Transcription:
+        """One clip's text from its projected frames (`encoder_s`: the time they took), cut
+        at the first of `stop_strings` (generation ends there)."""
+        clock = StepClock(lambda row: cut_at_stop(self.decode(row, options), stop_strings), on_text, cancelled)
+
+        def stop(tokens: np.ndarray) -> np.ndarray:
+            return np.array([any(s in self.decode(row, options) for s in stop_strings) for row in tokens], dtype=bool)
+
         start = time.perf_counter()
-        features = self.audio_features(audio.samples)
-        encoded = time.perf_counter()
-        marks: list[float] = []
-        streamed = [""]
-
-        def on_step(tokens: np.ndarray) -> None:
-            marks.append(time.perf_counter())
-            if on_text is not None:
-                text = self.decode(tokens[0], options)
-                if len(text) > len(streamed[0]) and text.startswith(streamed[0]):
-                    on_text(text[len(streamed[0]) :])
-                    streamed[0] = text
-
-        tokens = until_eos(self.tokens_for(features, prompt, options, on_step=on_step), options)
+        tokens = self.tokens_for(features, prompt, options, on_step=clock, backend=backend, stop=stop if stop_strings else None)
+        tokens = until_eos(tokens, options)
         end = time.perf_counter()
-        first = marks[0] if marks else end
-        rate = (len(marks) - 1) / (end - first) if len(marks) > 1 and end > first else 0.0
-        timings = {"encoder_s": round(encoded - start, 6), "prefill_s": round(first - encoded, 6), "decode_s": round(end - first, 6)}
-        return Transcription(audio.name, self.decode(tokens, options), tokens, round(audio.seconds, 3), round(first - start, 6), round(rate, 3), timings)
+        first = clock.first(end)
+        timings = {"encoder_s": round(encoder_s, 6), "prefill_s": round(first - start, 6), "decode_s": round(end - first, 6)}
+        prompt_positions = len(self.prompt_ids(prompt)) - 1 + len(features)
+        text = cut_at_stop(self.decode(tokens, options), stop_strings)
+        clock.finish(text)
+        return Transcription(
+            audio.name,
+            text,
+            tokens,
+            round(audio.seconds, 3),
+            round(encoder_s + first - start, 6),
+            round(clock.tokens_per_s(end), 3),
+            timings,
+            prompt_positions,
+        )
 
     def decode(self, tokens: Sequence[int], options: GenerationOptions) -> str:
         kept = until_eos(tokens, options)
         if kept and options.stop_at_eos and kept[-1] == options.eos_token_id:
             kept = kept[:-1]
         return self.tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to the first stop string in it (all of it when none is)."""
+    cuts = [text.index(s) for s in stop_strings if s and s in text]
+    return text[: min(cuts)] if cuts else text
 
 
 def clip_audio(clip: str | Path | np.ndarray, index: int) -> Audio:

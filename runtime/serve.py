@@ -1,0 +1,163 @@
+"""`python -m runtime.serve BUNDLE [BUNDLE ...]`: an OpenAI-compatible HTTP server over
+lalm-export bundles (ONNX Runtime, no PyTorch), in this process or on Ray Serve (`--ray`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+EPILOG = """endpoints:
+  GET  /health                   200 once every bundle's sessions exist; 503 while shutting down
+  GET  /v1/models                the bundles (id = folder name or --name), with role, precision, provider
+  POST /v1/audio/transcriptions  audio LLM bundles: OpenAI's form (file, model, prompt, response_format, stream)
+  POST /v1/chat/completions      decoder and audio LLM bundles: text and input_audio parts, stream, usage
+  POST /v1/audio/features        encoder bundles (not an OpenAI endpoint): file in, .npy (or JSON) out
+  GET  /metrics                  Prometheus text format
+
+examples:
+  python -m runtime.serve bundles/lalm bundles/wav2vec2 --port 8000
+  python -m runtime.serve bundles/lalm --ray --replicas 2          # Ray Serve; RAY_ADDRESS picks the cluster
+
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+  client.audio.transcriptions.create(model="lalm", file=open("a.wav", "rb"))
+
+exit status: 0 stopped (SIGINT/SIGTERM: in-flight requests finish first); 1 user error; 2 bad flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.serve",
+        description="Serve lalm-export bundles over an OpenAI-compatible HTTP API with dynamic batching.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE", help="bundle folders written by lalm-export")
+    parser.add_argument("--name", action="append", metavar="ID", help="model id of each bundle, in order (default: the folder name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    load = parser.add_argument_group("batching and limits")
+    load.add_argument("--max-batch-size", type=int, default=8, help="clips per encoder batch (default: 8)")
+    load.add_argument("--max-batch-wait-ms", type=float, default=10.0, help="how long a clip waits for others to batch with (default: 10)")
+    load.add_argument("--max-queue", type=int, default=64, help="requests in flight (waiting or running) before new ones get 503 (default: 64)")
+    load.add_argument("--decode-slots", type=int, default=4, help="generations that run side by side, one decode step each in turn (default: 4)")
+    load.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is ended with 504 (default: 300)")
+    load.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body in MiB; larger get 413 (default: 25, OpenAI's upload limit)")
+    load.add_argument("--max-new-tokens", type=int, default=128, help="tokens a request generates when it does not say (default: 128)")
+    load.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM (default: 30)")
+    run = parser.add_argument_group("sessions")
+    run.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
+    run.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0: ONNX Runtime's default)")
+    ray = parser.add_argument_group("Ray Serve")
+    ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (batching by @serve.batch) instead of in this process")
+    ray.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default: 1)")
+    ray.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica reserves (default: 1)")
+    ray.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs each replica reserves (default: 0; 1 with --provider cuda)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no access log")
+    return parser
+
+
+def settings_from(args: argparse.Namespace):
+    from runtime.server.engine import ServeSettings
+
+    settings = ServeSettings(
+        max_batch_size=args.max_batch_size,
+        max_batch_wait_ms=args.max_batch_wait_ms,
+        max_queue=args.max_queue,
+        decode_slots=args.decode_slots,
+        request_timeout_s=args.request_timeout,
+        max_body_mb=args.max_body_mb,
+        max_new_tokens=args.max_new_tokens,
+    )
+    settings.validate()
+    return settings
+
+
+def serve_here(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from runtime.server.app import build_app
+    from runtime.server.engine import Engine, load_models
+    from runtime.sessions import SessionOptions
+
+    settings = settings_from(args)
+    models = load_models(args.bundles, args.name, SessionOptions(provider=args.provider, threads=args.threads))
+    engine = Engine(models, settings)
+    for model in models.values():
+        card = model.card()
+        print(f"runtime.serve: {card['id']}: {card['family']} {card['role']} ({card['precision']}), provider {card['provider']}", file=sys.stderr)
+    config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=not args.quiet)
+    DrainingServer(config, engine, args.shutdown_timeout).run()
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGINT/SIGTERM, stop admitting (new requests get 503 with Retry-After), let the
+        requests in flight finish (up to the shutdown timeout), then stop. A second signal stops at once."""
+
+        def __init__(self, config: uvicorn.Config, engine, grace_s: float) -> None:
+            super().__init__(config)
+            self.engine, self.grace_s = engine, grace_s
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.engine.draining:
+                super().handle_exit(sig, frame)
+                return
+            self.engine.draining = True
+            print(f"runtime.serve: stopping; {self.engine.pending} request(s) in flight get up to {self.grace_s:g} s to finish", file=sys.stderr)
+            threading.Thread(target=self._exit_when_idle, daemon=True).start()
+
+        def _exit_when_idle(self) -> None:
+            deadline = time.monotonic() + self.grace_s
+            while self.engine.pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.should_exit = True
+
+    return DrainingServer
+
+
+def DrainingServer(config, engine, grace_s: float):  # noqa: N802 - builds the class lazily: uvicorn is an optional dependency
+    return _draining_server_class()(config, engine, grace_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.errors import RuntimeUserError
+
+    try:
+        _check_extra(args.ray)
+        if args.ray:
+            from runtime.server.ray_serve import serve_on_ray
+
+            serve_on_ray(args, settings_from(args))
+        else:
+            serve_here(args)
+    except RuntimeUserError as err:
+        print(f"runtime.serve: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _check_extra(ray: bool) -> None:
+    """The server's libraries come with the `serve` extra: say so instead of an ImportError."""
+    import importlib.util
+
+    from runtime.errors import RuntimeUserError
+
+    needed = ["fastapi", "uvicorn", "multipart", "prometheus_client"] + (["ray"] if ray else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        extra = "serve,ray" if ray else "serve"
+        raise RuntimeUserError(f"the server needs {', '.join(missing)}; install them with: pip install 'lalm-export[{extra}]'")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

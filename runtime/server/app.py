@@ -1,0 +1,451 @@
+"""The OpenAI-compatible HTTP API over an `Engine`.
+
+- `GET /health`, `GET /v1/models`, `GET /metrics` (Prometheus)
+- `POST /v1/audio/transcriptions` (LALM bundles; OpenAI's multipart form, SSE with `stream=true`)
+- `POST /v1/chat/completions` (decoder and LALM bundles; `input_audio` parts for LALMs)
+- `POST /v1/audio/features` (encoder bundles; not an OpenAI endpoint)
+
+Errors are OpenAI error objects. Greedy decoding is the default (`temperature` 0), as in
+`runtime.infer`: the same request gives the same text."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from runtime.audio import Audio, decode_audio
+from runtime.errors import RuntimeUserError
+from runtime.generation import GenerationOptions
+from runtime.server.engine import Engine, ServedModel
+from runtime.server.errors import ApiError, bad_request, from_user_error
+
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
+AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
+
+
+def build_app(engine: Engine) -> FastAPI:
+    app = FastAPI(title="lalm-export runtime", summary="OpenAI-compatible serving of lalm-export bundles (ONNX Runtime, no PyTorch)")
+    app.state.engine = engine
+    limit_bytes = int(engine.settings.max_body_mb * 1024 * 1024)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(bad_request(f"{where or 'request'}: {first.get('msg', 'invalid request')}", where).body(), status_code=400)
+
+    @app.middleware("http")
+    async def count_and_limit(request: Request, call_next: Callable) -> Response:
+        start = time.perf_counter()
+        endpoint = request.url.path
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit_bytes:
+            response: Response = _error_response(_too_large(int(declared), limit_bytes))
+        else:
+            response = await call_next(request)
+        engine.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        engine.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.draining:
+            return JSONResponse(
+                {"status": "draining", "in_flight": engine.pending}, status_code=503, headers={"Retry-After": str(engine.settings.retry_after_s)}
+            )
+        return JSONResponse({"status": "ok", "models": list(engine.models), "in_flight": engine.pending})
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model.card() for model in engine.models.values()]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/audio/features")
+    async def features(request: Request) -> Response:
+        form = await _form(request, limit_bytes)
+        model = engine.model(form.get("model"), ("encoder",), "/v1/audio/features")
+        response_format = _choice(form.get("response_format") or "npy", ("npy", "json"), "response_format")
+        audio = await _upload(form, limit_bytes)
+        with engine.admission():
+            encoded = await engine.encode(model, audio)
+        array = np.ascontiguousarray(encoded.hidden_states, dtype=np.float32)
+        if response_format == "json":
+            return JSONResponse(
+                {
+                    "object": "audio.features",
+                    "model": model.name,
+                    "shape": list(array.shape),
+                    "dtype": "float32",
+                    "seconds": round(encoded.seconds, 3),
+                    "data": base64.b64encode(array.tobytes()).decode("ascii"),
+                }
+            )
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        stem = audio.name.rsplit(".", 1)[0] or "audio"
+        headers = {"Content-Disposition": f'attachment; filename="{stem}.npy"', "X-Shape": ",".join(map(str, array.shape))}
+        return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Response:
+        form = await _form(request, limit_bytes)
+        model = engine.model(form.get("model"), ("lalm",), "/v1/audio/transcriptions")
+        response_format = _choice(form.get("response_format") or "json", TRANSCRIPTION_FORMATS, "response_format")
+        stream = _flag(form.get("stream"), "stream")
+        options = _options(engine, {"temperature": form.get("temperature")}, form=True)
+        prompt = _lalm_prompt(model, form.get("prompt"))
+        audio = await _upload(form, limit_bytes)
+        release = engine.admit()
+        try:
+            prompt, options = _user(lambda: model.runner.resolve(prompt, options))
+            start = time.perf_counter()
+            features = await engine.encode(model, audio)
+            encoder_s = time.perf_counter() - start
+            _user(lambda: model.runner.prompt_embeds(features, prompt, options))  # context length: a 400, before any event is sent
+
+            def work(on_text: Callable | None) -> Callable:
+                return lambda backend, cancelled: model.runner.transcribe_features(audio, features, encoder_s, prompt, options, on_text, backend, cancelled)
+
+            if stream:
+                events = _stream(engine, model, work, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done, release)
+                release = None  # the stream releases it when it ends
+                return StreamingResponse(events, media_type="text/event-stream")
+            result = await engine.generate(model, work(None))
+        finally:
+            if release is not None:
+                release()
+        engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
+        if response_format == "text":
+            return PlainTextResponse(result.text)
+        body: dict[str, Any] = {"text": result.text, "usage": _transcription_usage(result)}
+        if response_format == "verbose_json":
+            body.update(
+                task="transcribe",
+                language=str(form.get("language") or "unknown"),
+                duration=result.audio_s,
+                segments=[],
+                tokens=result.tokens,
+                time_to_first_token_s=result.time_to_first_token_s,
+                tokens_per_s=result.tokens_per_s,
+                timings=result.timings,
+            )
+        return JSONResponse(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await _json_body(request)
+        model = engine.model(body.get("model"), ("decoder", "lalm"), "/v1/chat/completions")
+        prompt, clip = _chat_prompt(model, body.get("messages"))
+        options = _options(engine, body)
+        stop = _stop(body.get("stop"))
+        if body.get("n", 1) != 1:
+            raise bad_request("n must be 1: one choice per request", "n")
+        stream = _flag(body.get("stream"), "stream")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        eos = model.runner.facts.get("eos_token_id") if model.kind == "lalm" else model.runner.eos_token_id
+        chat = ChatReply(model.name, options.max_new_tokens, include_usage, eos)
+        release = engine.admit()
+        try:
+            if model.kind == "lalm":
+                prompt, options = _user(lambda: model.runner.resolve(prompt, options))
+                start = time.perf_counter()
+                features = await engine.encode(model, clip)
+                encoder_s = time.perf_counter() - start
+                _user(lambda: model.runner.prompt_embeds(features, prompt, options))
+
+                def work(on_text: Callable | None) -> Callable:
+                    return lambda backend, cancelled: model.runner.transcribe_features(
+                        clip, features, encoder_s, prompt, options, on_text, backend, cancelled, stop_strings=stop
+                    )
+            else:
+                _user(lambda: model.runner.check_prompts([prompt], options))
+
+                def work(on_text: Callable | None) -> Callable:
+                    return lambda backend, cancelled: model.runner.complete([prompt], options, stop, on_text, backend, cancelled)[0]
+
+            if stream:
+                events = _stream(engine, model, work, chat.delta, chat.done, release, first=chat.role_chunk())
+                release = None
+                return StreamingResponse(events, media_type="text/event-stream")
+            result = await engine.generate(model, work(None))
+        finally:
+            if release is not None:
+                release()
+        engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
+        return JSONResponse(chat.completion(result))
+
+    return app
+
+
+# --- request parsing --------------------------------------------------------------------
+
+
+async def _form(request: Request, limit_bytes: int) -> Any:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise bad_request("send the request as multipart/form-data with the audio in the `file` field")
+    try:
+        return await request.form()
+    except Exception as err:  # python-multipart's parse errors have no common base
+        raise bad_request(f"the multipart body could not be read: {err}") from None
+
+
+async def _upload(form: Any, limit_bytes: int) -> Audio:
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise bad_request("no audio: send the audio file in the `file` field", "file")
+    data = await upload.read()
+    if len(data) > limit_bytes:
+        raise _too_large(len(data), limit_bytes)
+    return _user(lambda: decode_audio(data, upload.filename or "upload"), "file")
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise bad_request("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def _user(call: Callable[[], Any], param: str | None = None) -> Any:
+    """Run a runtime check; its user error becomes a 400 with the same message."""
+    try:
+        return call()
+    except RuntimeUserError as err:
+        raise from_user_error(err, param) from None
+
+
+def _choice(value: object, choices: tuple[str, ...], param: str) -> str:
+    if value not in choices:
+        raise bad_request(f"{param} must be one of {', '.join(choices)}, not {value!r}", param)
+    return str(value)
+
+
+def _flag(value: object, param: str) -> bool:
+    if value in (None, False, "false", "False", "0", ""):
+        return False
+    if value in (True, "true", "True", "1"):
+        return True
+    raise bad_request(f"{param} must be true or false, not {value!r}", param)
+
+
+def _number(value: object, param: str, default: float | None, kind: type = float) -> Any:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise bad_request(f"{param} must be a number, not {value!r}", param)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise bad_request(f"{param} must be a number, not {value!r}", param) from None
+    if kind is int and isinstance(value, float) and value != number:
+        raise bad_request(f"{param} must be a whole number, not {value!r}", param)
+    return number
+
+
+def _options(engine: Engine, fields: dict[str, Any], form: bool = False) -> GenerationOptions:
+    max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
+    options = GenerationOptions(
+        max_new_tokens=_number(max_tokens, "max_tokens", engine.settings.max_new_tokens, int),
+        temperature=_number(fields.get("temperature"), "temperature", 0.0),
+        top_p=_number(fields.get("top_p"), "top_p", 1.0),
+        seed=_number(fields.get("seed"), "seed", None, int),
+    )
+    _user(options.validate)
+    return options
+
+
+def _stop(value: object) -> list[str]:
+    stops = [value] if isinstance(value, str) else value if isinstance(value, list) else [] if value is None else None
+    if stops is None or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise bad_request("stop must be a non-empty string or a list of up to 4 of them", "stop")
+    return stops
+
+
+def _lalm_prompt(model: ServedModel, prompt: object) -> str | None:
+    """The instruction text: the bundle's prompt when none is given; the audio placed first
+    when the text does not hold the placeholder (as `runtime.infer --prompt` does)."""
+    if prompt is None or prompt == "":
+        return None
+    if not isinstance(prompt, str):
+        raise bad_request("prompt must be text", "prompt")
+    token = model.runner.facts["audio_token"]
+    return prompt if token in prompt else token + prompt
+
+
+def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | None]:
+    """The messages' text parts joined in order (messages by newlines, parts of one message
+    directly): the bundles carry no chat template, so the prompt is what `runtime.infer
+    --prompt` would get. An LALM's one `input_audio` part becomes the audio placeholder."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
+    texts, clips = [], []
+    token = model.runner.facts["audio_token"] if model.kind == "lalm" else None
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "content" not in message:
+            raise bad_request(f"messages[{index}] must be an object with role and content", f"messages[{index}]")
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise bad_request(f"messages[{index}].content must be text or a list of parts", f"messages[{index}].content")
+        pieces = []
+        for part_index, part in enumerate(parts):
+            where = f"messages[{index}].content[{part_index}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            elif kind == "input_audio":
+                if token is None:
+                    raise bad_request(f"{where}: {model.name} is a text bundle; audio needs an audio LLM bundle", where)
+                clips.append(_input_audio(part.get("input_audio"), where))
+                pieces.append(token)
+            else:
+                raise bad_request(f"{where}: a part must be {{type: text, text}} or {{type: input_audio, input_audio: {{data, format}}}}", where)
+        texts.append("".join(pieces))
+    if token is not None and len(clips) != 1:
+        raise bad_request(f"an audio LLM request takes exactly one input_audio part, not {len(clips)}", "messages")
+    return "\n".join(texts), (clips[0] if clips else None)
+
+
+def _input_audio(spec: object, where: str) -> Audio:
+    if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
+        raise bad_request(f"{where}.input_audio must be {{data: base64, format}}", where)
+    audio_format = spec.get("format", "wav")
+    if audio_format not in AUDIO_FORMATS:
+        raise bad_request(f"{where}.input_audio.format must be one of {', '.join(AUDIO_FORMATS)}, not {audio_format!r}", where)
+    try:
+        data = base64.b64decode(spec["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{where}.input_audio.data is not valid base64", where) from None
+    return _user(lambda: decode_audio(data, f"input_audio.{audio_format}"), where)
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413, f"the request body is {size / 2**20:.1f} MiB, over this server's limit of {limit / 2**20:g} MiB (--max-body-mb)", code="request_too_large"
+    )
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+def _transcription_usage(result: Any) -> dict[str, Any]:
+    return {
+        "type": "tokens",
+        "input_tokens": result.prompt_tokens,
+        "output_tokens": len(result.tokens),
+        "total_tokens": result.prompt_tokens + len(result.tokens),
+    }
+
+
+def _transcript_done(result: Any) -> list[dict[str, Any]]:
+    return [{"type": "transcript.text.done", "text": result.text, "usage": _transcription_usage(result)}]
+
+
+class ChatReply:
+    """OpenAI's chat completion objects for one request (one id, one creation time)."""
+
+    def __init__(self, model: str, max_tokens: int, include_usage: bool, eos_token_id: int | None) -> None:
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+        self.max_tokens, self.include_usage, self.eos_token_id = max_tokens, include_usage, eos_token_id
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [choice]}
+
+    def role_chunk(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def delta(self, text: str) -> dict[str, Any]:
+        return self._chunk({"content": text}, None)
+
+    def finish_reason(self, result: Any) -> str:
+        """`length` when the token budget ran out before EOS or a stop string; `stop` otherwise."""
+        ran_out = len(result.tokens) >= self.max_tokens and result.tokens[-1] != self.eos_token_id
+        return "length" if ran_out else "stop"
+
+    def usage(self, result: Any) -> dict[str, int]:
+        return {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.tokens), "total_tokens": result.prompt_tokens + len(result.tokens)}
+
+    def done(self, result: Any) -> list[dict[str, Any]]:
+        events = [self._chunk({}, self.finish_reason(result))]
+        if self.include_usage:
+            events.append({**self._chunk({}, None), "choices": [], "usage": self.usage(result)})
+        return events
+
+    def completion(self, result: Any) -> dict[str, Any]:
+        message = {"role": "assistant", "content": result.text}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason(result)}],
+            "usage": self.usage(result),
+        }
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def _stream(
+    engine: Engine,
+    model: ServedModel,
+    work: Callable[[Callable[[str], None]], Callable],
+    delta_event: Callable[[str], dict[str, Any]],
+    done_events: Callable[[Any], list[dict[str, Any]]],
+    release: Callable[[], None],
+    first: dict[str, Any] | None = None,
+) -> AsyncIterator[str]:
+    """Server-sent events of one generation: text deltas as they come, then the closing
+    events and `[DONE]`; an error after the first event is sent as an error event. A client
+    that goes away cancels the generation."""
+    loop = asyncio.get_running_loop()
+    deltas: asyncio.Queue = asyncio.Queue()
+    task: Awaitable | None = None
+    try:
+        task = asyncio.ensure_future(engine.generate(model, work(lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text))))
+        task.add_done_callback(lambda _: deltas.put_nowait(None))
+        if first is not None:
+            yield _sse(first)
+        while (text := await deltas.get()) is not None:
+            yield _sse(delta_event(text))
+        try:
+            result = task.result()
+        except ApiError as err:
+            yield _sse(err.body())
+        else:
+            engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
+            for event in done_events(result):
+                yield _sse(event)
+        yield _sse("[DONE]")
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+        release()

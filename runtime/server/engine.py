@@ -1,0 +1,253 @@
+"""The models a server holds and the work it does on them: admission (a bounded number of
+requests in flight), batched audio encoding, and generations interleaved step by step. The
+HTTP layer (`runtime.server.app`) and Ray Serve (`runtime.server.ray_serve`) share it."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.api import EncodedAudio, EncoderRunner, TextGenerator, load
+from runtime.audio import Audio
+from runtime.errors import RuntimeUserError
+from runtime.lalm import LalmRunner
+from runtime.server.batching import DynamicBatcher
+from runtime.server.errors import ApiError, from_user_error, unavailable
+from runtime.server.metrics import ServerMetrics
+from runtime.server.turns import TakingTurns, Turns
+from runtime.sessions import SessionOptions
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_batch_size: int = 8  # clips per encoder batch
+    max_batch_wait_ms: float = 10.0  # how long the first clip of a batch waits for others
+    max_queue: int = 64  # requests admitted and not finished; more get 503
+    decode_slots: int = 4  # generations running side by side, taking decode steps in turn
+    request_timeout_s: float = 300.0
+    max_body_mb: float = 25.0
+    max_new_tokens: int = 128  # default for transcriptions and chats that do not say
+    retry_after_s: int = 1
+
+    def validate(self) -> None:
+        for name in ("max_batch_size", "max_queue", "decode_slots", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise RuntimeUserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        for name in ("max_batch_wait_ms", "request_timeout_s", "max_body_mb"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf") or (name != "max_batch_wait_ms" and value == 0):
+                raise RuntimeUserError(f"--{name.replace('_', '-')} must be a positive number, not {value}")
+
+
+class ServedModel:
+    """One bundle under its model id, with a pool of decoder backends (one per generation in flight)."""
+
+    def __init__(self, name: str, folder: Path, runner: EncoderRunner | TextGenerator | LalmRunner) -> None:
+        self.name, self.folder, self.runner = name, folder, runner
+        self.manifest = runner.manifest
+        self.kind = {EncoderRunner: "encoder", TextGenerator: "decoder", LalmRunner: "lalm"}[type(runner)]
+        self.created = int(time.time())
+        self._backends: queue.SimpleQueue = queue.SimpleQueue()
+
+    def card(self) -> dict[str, Any]:
+        """The model's entry in /v1/models: OpenAI's fields, then what a caller needs to pick one."""
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "lalm-export",
+            "role": self.kind,
+            "family": self.manifest.family,
+            "precision": self.manifest.precision,
+            "provider": self.runner.provider,
+        }
+
+    @contextmanager
+    def backend(self) -> Iterator[Any]:
+        try:
+            backend = self._backends.get_nowait()
+        except queue.Empty:
+            backend = self.runner.new_backend()
+        try:
+            yield backend
+        finally:
+            self._backends.put(backend)
+
+
+def load_models(bundles: Sequence[Path], names: Sequence[str] | None, options: SessionOptions) -> dict[str, ServedModel]:
+    """Every bundle's sessions, created before the server listens (a bad bundle stops start-up with its one-line error)."""
+    names = list(names or [])
+    if names and len(names) != len(bundles):
+        raise RuntimeUserError(f"--name was given {len(names)} times for {len(bundles)} bundles; give one name per bundle or none")
+    ids = names or [Path(b).resolve().name for b in bundles]
+    if len(set(ids)) != len(ids):
+        raise RuntimeUserError(f"two bundles would serve under one model id ({', '.join(ids)}); give each a --name")
+    return {name: ServedModel(name, Path(folder), load(folder, options)) for name, folder in zip(ids, bundles)}
+
+
+@dataclass
+class AudioJob:
+    model: ServedModel
+    audio: Audio
+
+
+AudioBatch = Callable[[AudioJob], Awaitable[Any]]
+
+
+class Engine:
+    def __init__(self, models: dict[str, ServedModel], settings: ServeSettings, audio_batch: AudioBatch | None = None) -> None:
+        settings.validate()
+        self.models, self.settings = models, settings
+        self.metrics = ServerMetrics()
+        self.turns = Turns()
+        self.pending = 0
+        self.draining = False
+        # Generation threads plus one for encoder batches: a batch never waits for a free generation thread.
+        self.executor = ThreadPoolExecutor(max_workers=settings.decode_slots + 1, thread_name_prefix="lalm-serve")
+        self._slots = threading.BoundedSemaphore(settings.decode_slots)
+        if audio_batch is None:
+            batcher = DynamicBatcher(self.run_audio_jobs, settings.max_batch_size, settings.max_batch_wait_ms / 1000, self.executor)
+            audio_batch = batcher.submit
+            self.batcher = batcher
+        self._audio_batch = audio_batch
+
+    # --- admission ----------------------------------------------------------------------
+
+    def admit(self) -> Callable[[], None]:
+        """Count a request in flight and return what ends it (call it once); 503 with
+        Retry-After when `max_queue` are in flight, or when the server is shutting down."""
+        if self.draining:
+            self.metrics.rejected.labels("shutting_down").inc()
+            raise unavailable("the server is shutting down; retry on another replica or after it restarts", self.settings.retry_after_s, "server_shutting_down")
+        if self.pending >= self.settings.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise unavailable(
+                f"the server has {self.pending} requests in flight, its limit (--max-queue {self.settings.max_queue}); retry after a moment",
+                self.settings.retry_after_s,
+                "queue_full",
+            )
+        self.pending += 1
+        self.metrics.queue_depth.set(self.pending)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.pending -= 1
+                self.metrics.queue_depth.set(self.pending)
+
+        return release
+
+    @contextmanager
+    def admission(self) -> Iterator[None]:
+        release = self.admit()
+        try:
+            yield
+        finally:
+            release()
+
+    def model(self, name: object, kinds: tuple[str, ...], endpoint: str) -> ServedModel:
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "the request names no model; pass `model` (GET /v1/models lists them)", param="model")
+        if name not in self.models:
+            raise ApiError(404, f"the model {name!r} does not exist; served: {', '.join(self.models)}", param="model", code="model_not_found")
+        model = self.models[name]
+        if model.kind not in kinds:
+            raise ApiError(400, f"{name} is an {model.kind} bundle; {endpoint} takes {' or '.join(kinds)} bundles", param="model", code="wrong_model_type")
+        return model
+
+    # --- audio: batched -----------------------------------------------------------------
+
+    async def encode(self, model: ServedModel, audio: Audio) -> EncodedAudio | np.ndarray:
+        """An encoder bundle's hidden states, or an LALM bundle's projected frames, through the batcher."""
+        if model.kind == "encoder":
+            _guard(lambda: model.runner.limits.check(audio))  # refused before it can join a batch
+        return await self._with_timeout(self._audio_batch(AudioJob(model, audio)), None)
+
+    def run_audio_jobs(self, jobs: Sequence[AudioJob]) -> list[Any]:
+        """One batch: each model's clips together (the runners group equal input shapes), a
+        result or a user error per job; a failing group is retried clip by clip so only the bad clip fails."""
+        results: dict[int, Any] = {}
+        by_model: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            by_model.setdefault(job.model.name, []).append(index)
+        for indices in by_model.values():
+            model = jobs[indices[0]].model
+            self.metrics.batch_size.labels(model.name).observe(len(indices))
+            try:
+                outputs = self._encode_group(model, [jobs[i].audio for i in indices])
+            except Exception:
+                outputs = [self._encode_one(model, jobs[i].audio) for i in indices]
+            results.update(zip(indices, outputs))
+        return [results[i] for i in range(len(jobs))]
+
+    @staticmethod
+    def _encode_group(model: ServedModel, clips: list[Audio]) -> list[Any]:
+        if model.kind == "encoder":
+            return model.runner.encode(clips)
+        return model.runner.audio_features_batch([clip.samples for clip in clips])
+
+    def _encode_one(self, model: ServedModel, clip: Audio) -> Any:
+        try:
+            return self._encode_group(model, [clip])[0]
+        except RuntimeUserError as err:
+            return from_user_error(err)
+        except Exception as err:
+            return ApiError(500, f"encoding {clip.name} failed: {err}", type="server_error")
+
+    # --- generation: interleaved ---------------------------------------------------------
+
+    async def generate(self, model: ServedModel, work: Callable[[Any, Callable[[], bool]], Any]) -> Any:
+        """Run `work(backend, cancelled)` in a generation thread with a backend of its own whose
+        model calls take turns with the other generations. A timeout, or the caller going
+        away, sets `cancelled` and the generation ends at its next step."""
+        cancel = threading.Event()
+
+        def run() -> Any:
+            with self._slots, model.backend() as backend:
+                if cancel.is_set():
+                    return None
+                return work(TakingTurns(backend, self.turns), cancel.is_set)
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, run)
+        return await self._with_timeout(future, cancel)
+
+    async def _with_timeout(self, awaitable: Awaitable[Any], cancel: threading.Event | None) -> Any:
+        try:
+            return await asyncio.wait_for(_guarded(awaitable), self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the request took longer than the server's limit of {self.settings.request_timeout_s:g} s", type="timeout") from None
+        finally:
+            if cancel is not None:
+                cancel.set()
+
+    def record_generation(self, model: ServedModel, tokens: int, ttft_s: float, tokens_per_s: float) -> None:
+        self.metrics.tokens.labels(model.name).inc(tokens)
+        self.metrics.ttft.labels(model.name).observe(ttft_s)
+        if tokens_per_s > 0:
+            self.metrics.tokens_per_s.labels(model.name).observe(tokens_per_s)
+
+
+async def _guarded(awaitable: Awaitable[Any]) -> Any:
+    try:
+        return await awaitable
+    except RuntimeUserError as err:
+        raise from_user_error(err) from None
+
+
+def _guard(check: Callable[[], None]) -> None:
+    try:
+        check()
+    except RuntimeUserError as err:
+        raise from_user_error(err) from None

@@ -1,0 +1,249 @@
+"""`runtime.serve` through the client people use against it: the `openai` SDK on 127.0.0.1.
+Answers must equal `runtime.infer`'s for the same inputs (greedy)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+
+from runtime.infer import main as infer_main
+from runtime.server.engine import ServeSettings
+from tests.helpers import REPO, run_main
+from tests.runtime.serving import running_server
+
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def server(serve_bundles):
+    with running_server(serve_bundles, ServeSettings(max_new_tokens=TOKENS, max_batch_wait_ms=50, max_queue=32)) as (url, engine):
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
+
+
+def infer_json(capsys, bundle, *args) -> list[dict]:
+    result = run_main(infer_main, bundle, *args, "--max-new-tokens", TOKENS, "--json", "-q", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_models_lists_every_bundle_with_role_precision_and_provider(client):
+    cards = {model.id: model for model in client.models.list()}
+    assert sorted(cards) == ["lalm", "llm", "wav2vec2"]
+    assert {cards[name].role for name in cards} == {"lalm", "decoder", "encoder"}
+    assert cards["lalm"].precision and cards["lalm"].provider == "cpu" and cards["lalm"].owned_by == "lalm-export"
+
+
+def test_transcription_equals_runtime_infer(client, serve_bundles, audio_files, capsys):
+    expected = infer_json(capsys, serve_bundles["lalm"], "--audio", audio_files[2])[0]
+    with open(audio_files[2], "rb") as handle:
+        result = client.audio.transcriptions.create(model="lalm", file=handle)
+    assert result.text == expected["text"] and result.text
+    with open(audio_files[2], "rb") as handle:
+        verbose = client.audio.transcriptions.create(model="lalm", file=handle, response_format="verbose_json")
+    assert verbose.text == expected["text"] and verbose.duration == pytest.approx(1.5)
+    assert verbose.model_extra["tokens"] == expected["tokens"]
+    assert set(verbose.model_extra["timings"]) == {"encoder_s", "prefill_s", "decode_s"}
+    with open(audio_files[2], "rb") as handle:
+        text = client.audio.transcriptions.create(model="lalm", file=handle, response_format="text")
+    assert text.strip() == expected["text"].strip()
+
+
+def test_transcription_streams_deltas_then_done(client, serve_bundles, audio_files, capsys):
+    expected = infer_json(capsys, serve_bundles["lalm"], "--audio", audio_files[3], "--prompt", "Say what you hear:")[0]
+    with open(audio_files[3], "rb") as handle:
+        events = list(client.audio.transcriptions.create(model="lalm", file=handle, prompt="Say what you hear:", stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    done = [e for e in events if e.type == "transcript.text.done"]
+    assert len(deltas) > 1 and len(done) == 1
+    assert "".join(deltas) == done[0].text == expected["text"]
+    assert done[0].usage.output_tokens == len(expected["tokens"])
+
+
+def _audio_part(path) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(), "format": "wav"}}
+
+
+def test_chat_with_audio_equals_runtime_infer_streaming_and_not(client, serve_bundles, audio_files, capsys):
+    expected = infer_json(capsys, serve_bundles["lalm"], "--audio", audio_files[0], "--prompt", "Transcribe the audio:")[0]
+    messages = [{"role": "user", "content": [_audio_part(audio_files[0]), {"type": "text", "text": "Transcribe the audio:"}]}]
+    reply = client.chat.completions.create(model="lalm", messages=messages, max_tokens=TOKENS, temperature=0)
+    assert reply.choices[0].message.content == expected["text"]
+    assert reply.usage.completion_tokens == len(expected["tokens"]) and reply.usage.prompt_tokens > 0
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    chunks = list(
+        client.chat.completions.create(model="lalm", messages=messages, max_completion_tokens=TOKENS, stream=True, stream_options={"include_usage": True})
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected["text"]
+    assert chunks[-1].usage.completion_tokens == len(expected["tokens"])
+
+
+def test_chat_on_a_text_bundle_equals_runtime_infer(client, serve_bundles, capsys):
+    expected = infer_json(capsys, serve_bundles["llm"], "--prompt", "the quick brown")[0]
+    reply = client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "the quick brown"}], max_tokens=TOKENS)
+    assert reply.choices[0].message.content == expected["text"]
+    stop = expected["text"][3:5]
+    stopped = client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "the quick brown"}], max_tokens=TOKENS, stop=[stop])
+    assert stopped.choices[0].message.content == expected["text"][: expected["text"].index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_features_equal_runtime_infer_and_concurrent_clips_are_batched(server, serve_bundles, audio_files, tmp_path, capsys):
+    url, engine = server
+    run_main(infer_main, serve_bundles["wav2vec2"], "--audio", audio_files[0], "--output", tmp_path / "f.npz", "-q", capsys=capsys)
+    expected = np.load(tmp_path / "f.npz")[audio_files[0].name]
+
+    def post(path):
+        with open(path, "rb") as handle:
+            return httpx.post(f"{url}/v1/audio/features", data={"model": "wav2vec2"}, files={"file": (path.name, handle)}, timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(post, [audio_files[0]] * 8))
+    assert all(r.status_code == 200 for r in responses)
+    for response in responses:
+        assert np.array_equal(np.load(io.BytesIO(response.content)), expected)
+    metrics = httpx.get(f"{url}/metrics").text
+    batches = [line for line in metrics.splitlines() if line.startswith('lalm_batch_size_count{model="wav2vec2"}')]
+    clips = [line for line in metrics.splitlines() if line.startswith('lalm_batch_size_sum{model="wav2vec2"}')]
+    assert float(clips[0].split()[-1]) > float(batches[0].split()[-1])  # more clips than batches: some ran together
+    with open(audio_files[0], "rb") as handle:
+        as_json = httpx.post(f"{url}/v1/audio/features", data={"model": "wav2vec2", "response_format": "json"}, files={"file": handle}).json()
+    decoded = np.frombuffer(base64.b64decode(as_json["data"]), dtype=np.float32).reshape(as_json["shape"])
+    assert np.array_equal(decoded, expected)
+
+
+def _nan_wav() -> bytes:
+    buffer = io.BytesIO()
+    samples = np.full(16_000, np.nan, dtype=np.float32)
+    sf.write(buffer, samples, 16_000, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "fragment"),
+    [
+        (lambda c, f: c.audio.transcriptions.create(model="nope", file=f), openai.NotFoundError, "the model 'nope' does not exist"),
+        (lambda c, f: c.audio.transcriptions.create(model="llm", file=f), openai.BadRequestError, "llm is an decoder bundle"),
+        (lambda c, f: c.audio.transcriptions.create(model="lalm", file=("a.wav", b"not audio")), openai.BadRequestError, "is not a readable audio file"),
+        (lambda c, f: c.audio.transcriptions.create(model="lalm", file=("a.wav", _nan_wav())), openai.BadRequestError, "NaN or infinite samples"),
+        (lambda c, f: c.audio.transcriptions.create(model="lalm", file=f, response_format="srt"), openai.BadRequestError, "response_format must be one of"),
+        (
+            lambda c, f: c.chat.completions.create(model="llm", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6),
+            openai.BadRequestError,
+            "more than the decoder's context",
+        ),
+        (lambda c, f: c.chat.completions.create(model="lalm", messages=[{"role": "user", "content": "hi"}]), openai.BadRequestError, "exactly one input_audio"),
+        (lambda c, f: c.chat.completions.create(model="llm", messages=[], temperature=-1), openai.BadRequestError, "messages must be a non-empty list"),
+        (
+            lambda c, f: c.chat.completions.create(model="llm", messages=[{"role": "user", "content": "hi"}], temperature=-1),
+            openai.BadRequestError,
+            "temperature must be 0",
+        ),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(client, audio_files, call, error, fragment):
+    with open(audio_files[0], "rb") as handle, pytest.raises(error) as raised:
+        call(client, handle)
+    assert fragment in raised.value.body["message"] and raised.value.body["type"]
+    assert client.models.list().data  # still serving
+
+
+def test_body_over_the_limit_is_413_and_a_full_queue_is_503_with_retry_after(serve_bundles, monkeypatch):
+    settings = ServeSettings(max_new_tokens=TOKENS, max_queue=1, max_body_mb=0.05)
+    with running_server({"llm": serve_bundles["llm"]}, settings) as (url, engine):
+        big = httpx.post(f"{url}/v1/chat/completions", content=b"{" + b" " * 100_000 + b"}", headers={"content-type": "application/json"})
+        assert big.status_code == 413 and "over this server's limit" in big.json()["error"]["message"]
+        # A request held in flight: the model waits for the gate.
+        gate, runner = threading.Event(), engine.models["llm"].runner
+        complete = runner.complete
+        monkeypatch.setattr(runner, "complete", lambda *a, **k: gate.wait(30) and complete(*a, **k))
+        body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60)
+            while engine.pending < 1:
+                time.sleep(0.01)
+            busy = httpx.post(f"{url}/v1/chat/completions", json=body)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
+            gate.set()
+            assert held.result().status_code == 200
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'lalm_rejected_total{reason="queue_full"} 1.0' in metrics
+        assert 'lalm_requests_total{endpoint="/v1/chat/completions",status="413"} 1.0' in metrics
+        assert 'lalm_requests_total{endpoint="/v1/chat/completions",status="200"} 2.0' in metrics
+
+
+def test_a_short_generation_is_not_held_behind_a_long_one(serve_bundles):
+    """Decode steps take turns: a 4-token request sent while a 250-token one streams ends first."""
+    with running_server({"llm": serve_bundles["llm"]}, ServeSettings(decode_slots=2)) as (url, _):
+        body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 250}
+        started, ends = threading.Event(), {}
+
+        def stream_long() -> None:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as response:
+                for index, _ in enumerate(response.iter_lines()):
+                    if index == 2:  # the role chunk and a first token: under way
+                        started.set()
+            ends["long"] = time.perf_counter()
+
+        long = threading.Thread(target=stream_long)
+        long.start()
+        assert started.wait(60)
+        short = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=120)
+        ends["short"] = time.perf_counter()
+        long.join()
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 4
+        assert ends["short"] < ends["long"]
+
+
+def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(serve_bundles):
+    port = 18000 + (int(time.time() * 1000) % 2000)
+    command = [sys.executable, "-m", "runtime.serve", serve_bundles["llm"], "--port", port, "-q", "--decode-slots", "1"]
+    process = subprocess.Popen([str(c) for c in command], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "server did not start"
+            time.sleep(0.1)
+        body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 240}
+        with ThreadPoolExecutor(12) as pool, httpx.Client() as poll:  # one decode slot: they queue, seconds of work in flight
+            in_flight = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120) for _ in range(12)]
+            while poll.get(f"{url}/health").json()["in_flight"] < 8:
+                assert not all(f.done() for f in in_flight), "the requests ended before the signal could be sent"
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            refused = httpx.post(f"{url}/v1/chat/completions", json=body)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+            answers = [f.result() for f in in_flight]
+        # Every request admitted before the signal (at least 8) is answered; any sent after it is refused.
+        assert sum(a.status_code == 200 for a in answers) >= 8
+        assert all(a.status_code == 200 or a.json()["error"]["code"] == "server_shutting_down" for a in answers)
+        assert process.wait(timeout=30) == 0
+        assert "request(s) in flight get up to 30 s to finish" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
