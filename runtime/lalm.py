@@ -133,7 +133,7 @@ class LalmRunner:
 
     def transcribe(
         self,
-        clips: Sequence[str | Path | np.ndarray],
+        clips: Sequence[str | Path | np.ndarray | Audio],
         prompt: str | None = None,
         options: GenerationOptions | None = None,
         on_text: Callable[[str], None] | None = None,
@@ -216,7 +216,9 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def clip_audio(clip: str | Path | np.ndarray, index: int) -> Audio:
+def clip_audio(clip: str | Path | np.ndarray | Audio, index: int) -> Audio:
+    if isinstance(clip, Audio):
+        return clip
     if isinstance(clip, np.ndarray):
         return Audio(f"array{index}", check_samples(clip, f"array{index}"), 16_000)
     return load_audio(clip)

@@ -5,7 +5,9 @@ is `--replicas N` and the cluster's address (RAY_ADDRESS or `--ray-address`)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,12 +32,18 @@ def deployment(
 
     bundles = [str(Path(b).resolve()) for b in bundles]
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus}, max_ongoing_requests=settings.max_queue)
+    @serve.deployment(
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": replica_cpus, **({"num_gpus": replica_gpus} if replica_gpus else {})},
+        max_ongoing_requests=settings.max_queue,
+    )
     @serve.ingress()
     class LalmExportServer:
         def __init__(self) -> None:
             models = load_models([Path(b) for b in bundles], names, session)
-            self.engine = Engine(models, settings, audio_batch=self.encode_batch)
+            # @serve.batch needs a replica context, which Ray Serve's local testing mode does
+            # not set (Ray 2.60): there the engine's own batcher (the same rules) is used.
+            self.engine = Engine(models, settings, audio_batch=self.encode_batch if _in_replica() else None)
             self.encode_batch.set_max_batch_size(settings.max_batch_size)
             self.encode_batch.set_batch_wait_timeout_s(settings.max_batch_wait_ms / 1000)
 
@@ -53,6 +61,17 @@ def deployment(
             return await transcribe_bytes(self.engine, model, audio_bytes, prompt, max_new_tokens)
 
     return LalmExportServer.bind()
+
+
+def _in_replica() -> bool:
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.get_replica_context()
+    except (RayServeException, RuntimeError):
+        return False
+    return True
 
 
 async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, prompt: str | None, max_new_tokens: int | None) -> dict[str, Any]:
@@ -94,11 +113,20 @@ def serve_on_ray(args: Any, settings: ServeSettings) -> None:
     app = deployment(args.bundles, args.name, settings, session, args.replicas, args.replica_cpus, args.replica_gpus)
     serve.run(app, name="lalm-export", route_prefix="/")
     print(f"runtime.serve: on Ray Serve at http://{args.host}:{args.port} ({args.replicas} replica(s)); Ctrl-C stops", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        pass
+        print("runtime.serve: stopping the Ray Serve application", file=sys.stderr, flush=True)
     finally:
-        serve.shutdown()
+        # A signal sent to the whole process group (a container stop) kills Ray's own
+        # processes too, and serve.shutdown() then waits for them forever: bound it.
+        stopper = threading.Thread(target=serve.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout=30)
         ray.shutdown()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,76 @@
+"""`python -m runtime.batch`: bulk results equal `runtime.infer`'s, a rerun resumes, and a
+bad file is a record with its error while the others go on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from runtime.batch import main as batch_main
+from runtime.infer import main as infer_main
+from tests.helpers import assert_user_error, run_main
+
+
+def read_records(path) -> dict[str, dict]:
+    return {record["file"]: record for record in map(json.loads, path.read_text().splitlines())}
+
+
+def test_transcripts_equal_runtime_infer_and_a_rerun_resumes(serve_bundles, audio_files, tmp_path, capsys):
+    output = tmp_path / "t.jsonl"
+    first = run_main(batch_main, serve_bundles["lalm"], "--input", *audio_files[:2], "--output", output, "--max-new-tokens", 10, "-q", capsys=capsys)
+    assert first.returncode == 0, first.stderr
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(str(p) for p in audio_files) + "\n")
+    second = run_main(batch_main, serve_bundles["lalm"], "--input", listing, "--output", output, "--max-new-tokens", 10, capsys=capsys)
+    assert second.returncode == 0 and "4 file(s), 2 already in" in second.stderr and "2 to do" in second.stderr
+    records = read_records(output)
+    assert len(output.read_text().splitlines()) == 4  # nothing done twice
+    infer = run_main(infer_main, serve_bundles["lalm"], "--audio", *audio_files, "--max-new-tokens", 10, "--json", "-q", capsys=capsys)
+    for expected in map(json.loads, infer.stdout.splitlines()):
+        record = records[str(expected["file"])]
+        assert (record["text"], record["tokens"]) == (expected["text"], expected["tokens"])
+
+
+def test_features_are_npy_files_equal_to_runtime_infer(serve_bundles, audio_files, tmp_path, capsys):
+    output = tmp_path / "f.jsonl"
+    result = run_main(batch_main, serve_bundles["wav2vec2"], "--input", audio_files[0].parent, "--output", output, "-q", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    records = read_records(output)
+    run_main(infer_main, serve_bundles["wav2vec2"], "--audio", *audio_files, "--output", tmp_path / "f.npz", "-q", capsys=capsys)
+    expected = np.load(tmp_path / "f.npz")
+    for path in audio_files:
+        record = records[str(path)]
+        assert record["features"].startswith(str(tmp_path / "f.features"))
+        assert np.array_equal(np.load(record["features"]), expected[path.name]) and record["shape"] == list(expected[path.name].shape)
+
+
+def test_a_bad_file_is_recorded_with_its_error_and_retried_on_the_next_run(serve_bundles, audio_files, tmp_path, capsys):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio")
+    output = tmp_path / "t.jsonl"
+    output.write_text('{"file": "/elsewhere/x.wav", "text": "kept"}\n{"file": "/elsewhere/y.w')  # a run killed mid-line
+    result = run_main(batch_main, serve_bundles["lalm"], "--input", audio_files[0], bad, "--output", output, "--max-new-tokens", 4, "-q", capsys=capsys)
+    assert result.returncode == 1 and "1 done, 1 failed" in result.stderr and "Traceback" not in result.stderr
+    records = read_records(output)
+    assert records["/elsewhere/x.wav"]["text"] == "kept" and "/elsewhere/y.w" not in records
+    assert "is not a readable audio file" in records[str(bad)]["error"] and records[str(audio_files[0])]["text"]
+    again = run_main(batch_main, serve_bundles["lalm"], "--input", audio_files[0], bad, "--output", output, "-q", capsys=capsys)
+    assert again.returncode == 1 and "0 done, 1 failed" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("bundle", "args", "fragment"),
+    [
+        ("lalm", ["--input", "missing.wav"], "--input missing.wav does not exist"),
+        ("llm", ["--input", "AUDIO"], "runtime.batch takes audio"),
+        ("lalm", ["--input", "AUDIO", "--batch-size", "0"], "--batch-size must be at least 1"),
+        ("lalm", ["--input", "EMPTY"], "no audio files"),
+    ],
+)
+def test_bad_batch_inputs_are_one_line_errors(bundle, args, fragment, serve_bundles, audio_files, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    args = [str(audio_files[0]) if a == "AUDIO" else str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    result = run_main(batch_main, serve_bundles[bundle], *args, "--output", tmp_path / "o.jsonl", capsys=capsys)
+    assert_user_error(result, fragment)
