@@ -25,6 +25,9 @@ EPILOG = """examples:
   # one family, chosen variants, on a GPU
   python -m benchmarks run --preset base --families whisper --variants fp32 fp16 --provider cuda --out gpu-whisper
 
+  # the HTTP server under concurrent clients, against the same requests in process
+  python -m benchmarks serve-load --bundle bundles/wav2vec2 bundles/lalm --concurrency 1 4 16 --requests 64 --out benchmarks/results/serve
+
 exit status: 0 done (compare: no regression); 1 a comparison failed or a user error; 2 bad flags."""
 
 
@@ -113,6 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write report.md and plots again from a results.json")
     report.add_argument("results", type=Path, help="results.json; the report is written beside it")
 
+    load = commands.add_parser(
+        "serve-load",
+        help="runtime.serve under concurrent clients on loopback vs the same requests in process; overload 503s; peak RSS",
+        description="Start python -m runtime.serve on each bundle, send --requests requests from each number of --concurrency clients "
+        "(threads, one connection each) and report throughput, p50/p90/p99 latency and time to first token, against the same requests "
+        "run one after another through runtime.api in process (measured in the same run); then an overload phase with a small "
+        "--max-queue. Writes results.json, report.md and serve-load.png to --out.",
+    )
+    load.add_argument("--bundle", type=Path, nargs="+", required=True, help="encoder or audio LLM bundles")
+    load.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per phase (default: 1 4 16)")
+    load.add_argument("--requests", type=int, default=64, help="requests per phase (default: 64)")
+    load.add_argument("--max-batch-size", type=int, default=16, help="the server's --max-batch-size (default: 16)")
+    load.add_argument("--max-batch-wait-ms", type=float, default=2.0, help="the server's --max-batch-wait-ms (default: 2)")
+    load.add_argument("--max-new-tokens", type=int, default=16, help="tokens per transcription (default: 16)")
+    load.add_argument("--overload-clients", type=int, default=32, help="clients in the overload phase (default: 32)")
+    load.add_argument("--overload-queue", type=int, default=4, help="the server's --max-queue in the overload phase (default: 4)")
+    load.add_argument(
+        "--out", type=Path, required=True, help="folder for results.json, report.md and serve-load.png (refused if it holds results, unless --force)"
+    )
+    load.add_argument("--force", action="store_true", help="replace an existing --out folder, once the new results are complete")
+    load.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
     cost = commands.add_parser(
         "export-cost",
         help="time and peak RSS of exporting a base-sized encoder with verification",
@@ -197,6 +222,33 @@ def command_run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def command_serve_load(args: argparse.Namespace, argv: list[str]) -> int:
+    from benchmarks.run import command_line
+    from benchmarks.serve_load import LoadSettings, run_serve_load, write_serve_load
+    from lalm_export.io import atomic_folder
+
+    check_out(args.out, args.force)
+    if min(args.concurrency) < 1 or args.requests < 1 or args.overload_clients < 1 or args.overload_queue < 1:
+        raise UserError("--concurrency, --requests, --overload-clients and --overload-queue must be at least 1")
+    for bundle in args.bundle:
+        if not (bundle / "manifest.json").is_file():
+            raise UserError(f"--bundle {bundle} is not a bundle (no manifest.json); pass a folder written by lalm-export")
+    settings = LoadSettings(
+        concurrency=tuple(args.concurrency),
+        requests=args.requests,
+        max_batch_size=args.max_batch_size,
+        max_batch_wait_ms=args.max_batch_wait_ms,
+        max_new_tokens=args.max_new_tokens,
+        overload_clients=args.overload_clients,
+        overload_queue=args.overload_queue,
+    )
+    results = run_serve_load(args.bundle, settings, command_line(argv), quiet=args.quiet)
+    with atomic_folder(args.out, replace=True) as folder:
+        write_serve_load(results, folder)
+    print(f"results.json, report.md and serve-load.png written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def command_compare(args: argparse.Namespace) -> int:
     from benchmarks.compare import CROSS_MACHINE_TOLERANCE, compare_results, format_findings, same_machine
 
@@ -229,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_compare(args)
         if args.command == "accuracy":
             return command_accuracy(args, argv)
+        if args.command == "serve-load":
+            return command_serve_load(args, argv)
         if args.command == "report":
             results = read_results(args.results)
             write_report(results, args.results.parent)

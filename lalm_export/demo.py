@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lalm_export.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="scratch folder of the demo (replaced on each run)")
     parser.add_argument("--steps", type=int, default=20, help="LoRA training steps")
+    parser.add_argument("--lalm-steps", type=int, default=1200, help="training steps of the audio LLM on DTMF key tones (default: 1200, about 2 minutes)")
     args = parser.parse_args(argv)
     quiet_libraries()
     if args.out.exists():
@@ -210,57 +211,74 @@ def main(argv: list[str] | None = None) -> int:
     say("== 7. serve the bundles with the torch-free runtime")
     run_runtime(root)
 
-    say("\n== 8. the audio LLM: wav2vec2 (LoRA) -> projector -> LLM (LoRA), one bundle, audio in, text out")
-    run_lalm(root, checkpoints, say)
+    say(f"\n== 8. the audio LLM: DTMF key tones -> Whisper-style encoder -> projector -> Llama-style decoder -> the keys as text ({args.lalm_steps} steps)")
+    run_lalm(root, args.lalm_steps, say)
     say(f"\nbundles are in {root / 'bundles'}; each holds manifest.json with its parity report")
     return 0
 
 
-def run_lalm(root: Path, checkpoints: dict[str, Path], say) -> None:
-    """Save an LALM (random weights: its text means nothing, its tokens must match), export it
-    with `lalm-export --lalm`, transcribe a file with the torch-free runtime, and time both."""
+def run_lalm(root: Path, steps: int, say) -> None:
+    """Train a tiny LALM on DTMF key tones, export it with `lalm-export --lalm`, transcribe
+    held-out clips with the torch-free runtime, and compare accuracy and speed with eager."""
     import json
 
+    import soundfile
+    from tqdm import tqdm
+
     from lalm_export import cli
-    from lalm_export.models.lalm import LALM, ProjectorConfig
+    from lalm_export.dtmf import HELD_OUT_SEED, build_dtmf_lalm, dtmf_examples, key_accuracy, train_dtmf
     from runtime import infer
     from runtime.api import load as load_bundle
 
-    encoder = ENCODER_CLASSES["wav2vec2"](str(checkpoints["wav2vec2"]), use_lora=True, lora_dropout=0.0)
-    model = LALM(encoder, LLMDecoder(str(checkpoints["llm"]), use_lora=True, lora_dropout=0.0), ProjectorConfig(downsample=4))
-    model.save_pretrained(root / "lalm")
-    say(f"$ lalm-export --lalm {root / 'lalm'} --output {root / 'bundles' / 'lalm'} -q")
-    cli.main(["--lalm", str(root / "lalm"), "--output", str(root / "bundles" / "lalm"), "-q"])
-    manifest = json.loads((root / "bundles" / "lalm" / "manifest.json").read_text())
+    model = build_dtmf_lalm(root / "checkpoints" / "dtmf")
+    start = time.perf_counter()
+    with tqdm(total=steps, unit="step", desc="   training", file=sys.stderr, leave=False) as bar:
+        train_dtmf(model, steps, on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+    say(f"   trained {steps} steps (batches of 16 fresh clips, 1 key -> 1-3 keys -> 3-6 keys) in {time.perf_counter() - start:.0f} s")
+    model.save_pretrained(root / "dtmf-lalm")
+    bundle = root / "bundles" / "dtmf-lalm"
+    say(f"$ lalm-export --lalm {root / 'dtmf-lalm'} --output {bundle} -q")
+    cli.main(["--lalm", str(root / "dtmf-lalm"), "--output", str(bundle), "-q"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
     greedy, features = manifest["parity"]["greedy"], manifest["parity"]["outputs"]["audio_features"]
     say(f"   parity gate: audio features relative {features['relative']:.2e}; greedy tokens {greedy['agreement']:.0%} of {greedy['steps']} agree")
-    import soundfile
-
-    audio = speech_like(1.5)  # the tiny decoder's context is 256 positions: 1.5 s of audio takes 75 of them
-    soundfile.write(root / "speech-1.5s.wav", audio, 16_000)
-    command = [str(root / "bundles" / "lalm"), "--audio", str(root / "speech-1.5s.wav"), "--max-new-tokens", "16", "--ignore-eos", "--json", "-q"]
+    held_out = dtmf_examples(64, seed=HELD_OUT_SEED)
+    for index, (clip, keys) in enumerate(held_out[:2]):
+        soundfile.write(root / f"keys-{index}-{keys}.wav", clip, 16_000)
+    command = [str(bundle), "--audio", *(str(root / f"keys-{i}-{k}.wav") for i, (_, k) in enumerate(held_out[:2])), "--max-new-tokens", "8", "--json", "-q"]
     say("$ python -m runtime.infer " + shlex.join(command))
     sys.stdout.flush()
     infer.main(command)
     sys.stdout.flush()
-    runner = load_bundle(root / "bundles" / "lalm")
-    model.set_inference_mode()
-    options = GenerationOptions(max_new_tokens=16, stop_at_eos=False)
-    eager_s = median_seconds(lambda: model.generate([audio], max_new_tokens=16, stop_at_eos=False), 1, 5)
-    ort_s = median_seconds(lambda: runner.transcribe([audio], options=options), 1, 5)
-    same = model.generate([audio], max_new_tokens=16, stop_at_eos=False)[0][1] == runner.transcribe([audio], options=options)[0].tokens
+    runner = load_bundle(bundle)
+    options = GenerationOptions(max_new_tokens=8)
+    eager, onnx, eager_s, onnx_s = [], [], [], []
+    for clip, _ in held_out[:2]:  # warm-up
+        model.generate([clip], max_new_tokens=8)
+        runner.transcribe([clip], options=options)
+    for clip, _ in held_out:
+        began = time.perf_counter()
+        eager.append(model.generate([clip], max_new_tokens=8)[0])
+        eager_s.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        onnx.append(runner.transcribe([clip], options=options)[0])
+        onnx_s.append(time.perf_counter() - began)
+    keys = [k for _, k in held_out]
+    same = sum(e[1] == o.tokens for e, o in zip(eager, onnx))
+    eager_ms, onnx_ms = statistics.median(eager_s) * 1e3, statistics.median(onnx_s) * 1e3
     say(
         table(
-            ["pipeline", "input", "eager fp32 (ms)", "ONNX Runtime (ms)", "speedup", "tokens equal"],
+            ["pipeline", "held-out clips", "keys right", "ms per clip (median)", "speedup", "tokens equal eager"],
             [
+                ["eager PyTorch fp32", str(len(keys)), f"{key_accuracy(keys, [e[0] for e in eager]):.1%}", f"{eager_ms:.1f}", "1.00x", ""],
                 [
-                    "LALM (tiny): encoder, prompt, 16 greedy tokens",
-                    "1.5 s audio",
-                    f"{eager_s * 1e3:.1f}",
-                    f"{ort_s * 1e3:.1f}",
-                    f"{eager_s / ort_s:.2f}x",
-                    str(same),
-                ]
+                    "ONNX Runtime (runtime.api)",
+                    str(len(keys)),
+                    f"{key_accuracy(keys, [o.text for o in onnx]):.1%}",
+                    f"{onnx_ms:.1f}",
+                    f"{eager_ms / onnx_ms:.2f}x",
+                    f"{same}/{len(keys)}",
+                ],
             ],
         )
     )

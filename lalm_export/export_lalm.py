@@ -33,6 +33,7 @@ from lalm_export.export import load_merged_model
 from lalm_export.families import FamilySpec, get_family
 from lalm_export.fused import build_fused_decoder, unsupported_reason
 from lalm_export.io import atomic_folder, read_safetensors, sha256_tree
+from lalm_export.models.adapters import load_full_weights
 from lalm_export.models.lalm import (
     PROJECTOR_WEIGHTS,
     AudioProjector,
@@ -98,11 +99,21 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
 
     folder = Path(opts.lalm).expanduser()
     config = read_lalm_config(folder)
-    parts = {part: load_merged_model(component_options(folder, part, config, opts.trust_remote_code), stages) for part in ("encoder", "decoder")}
+    options = {part: component_options(folder, part, config, opts.trust_remote_code) for part in ("encoder", "decoder")}
+    # A fine-tuned decoder's weights hold the audio token's rows: load them once the base has them.
+    decoder_weights = options["decoder"].weights
+    options["decoder"] = dataclasses.replace(options["decoder"], weights=None)
+    parts = {part: load_merged_model(part_options, stages) for part, part_options in options.items()}
     spec = get_family(config["encoder"]["family"])
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     decoder = parts["decoder"].model
     resize_for_tokenizer(decoder, len(tokenizer))
+    if decoder_weights is not None:
+        load_full_weights(decoder, decoder_weights, "llm")
+        source = dataclasses.replace(
+            parts["decoder"].source, weights=str(decoder_weights.resolve()), weights_sha256=sha256_tree(decoder_weights), merge="full-weights"
+        )
+        parts["decoder"] = dataclasses.replace(parts["decoder"], source=source)
     encoder = parts["encoder"].model
     projector = AudioProjector(
         int(encoder.config.hidden_size), int(encoder.config.num_hidden_layers), int(decoder.config.hidden_size), ProjectorConfig(**config["projector"])

@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     load = parser.add_argument_group("batching and limits")
     load.add_argument("--max-batch-size", type=int, default=8, help="clips per encoder batch (default: 8)")
-    load.add_argument("--max-batch-wait-ms", type=float, default=10.0, help="how long a clip waits for others to batch with (default: 10)")
+    load.add_argument(
+        "--max-batch-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a lone clip waits for others to batch with; clips that arrive while a batch runs form the next one (default: 2)",
+    )
     load.add_argument("--max-queue", type=int, default=64, help="requests in flight (waiting or running) before new ones get 503 (default: 64)")
     load.add_argument("--decode-slots", type=int, default=4, help="generations that run side by side, one decode step each in turn (default: 4)")
     load.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is ended with 504 (default: 300)")

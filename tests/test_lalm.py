@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import soundfile as sf
@@ -110,6 +111,17 @@ def test_qlora_decoder_is_merged_into_its_dequantized_base(checkpoints, tmp_path
     model.save_pretrained(tmp_path / "lalm")
     manifest = export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
     assert manifest.extra["components"]["decoder"]["merge"] == "qlora-dequantized" and manifest.parity["passed"]
+
+
+def test_a_fine_tuned_decoder_exports_with_its_audio_token_rows(checkpoints, tmp_path):
+    model = tiny_lalm(checkpoints, "wav2vec2", decoder_mode={"finetune": True})
+    with torch.no_grad():  # trained rows, the audio token's included: a reload from the base alone would lose them
+        model.decoder.get_input_embeddings().weight.add_(0.01 * torch.randn_like(model.decoder.get_input_embeddings().weight))
+    model.save_pretrained(tmp_path / "lalm")
+    manifest = export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
+    assert manifest.extra["components"]["decoder"]["merge"] == "full-weights" and manifest.parity["greedy"]["agreement"] == 1.0
+    table = np.load(tmp_path / "bundle" / "embed_tokens.npy")
+    assert np.array_equal(table, model.decoder.get_input_embeddings().weight.detach().numpy())
 
 
 def test_infer_transcribes_audio_files_as_json_and_streams(checkpoints, tmp_path, capsys):

@@ -34,11 +34,21 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
+            # Everything already waiting joins at once; then up to max_wait_s for more. Clips that
+            # arrive while a batch runs wait in the queue and form the next one, so under load
+            # batches grow without any waiting, and a lone request never waits longer than max_wait_s.
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_size:
                 try:
-                    batch.append(self._queue.get_nowait() if deadline <= loop.time() else await asyncio.wait_for(self._queue.get(), deadline - loop.time()))
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                if deadline <= loop.time():
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), deadline - loop.time()))
+                except asyncio.TimeoutError:
                     break
             live = [(item, future) for item, future in batch if not future.done()]  # callers gone: skip their work
             if not live:

@@ -31,7 +31,7 @@ from runtime.sessions import SessionOptions
 @dataclass(frozen=True)
 class ServeSettings:
     max_batch_size: int = 8  # clips per encoder batch
-    max_batch_wait_ms: float = 10.0  # how long the first clip of a batch waits for others
+    max_batch_wait_ms: float = 2.0  # how long the first clip of a batch waits for others (under load, batches form while one runs)
     max_queue: int = 64  # requests admitted and not finished; more get 503
     decode_slots: int = 4  # generations running side by side, taking decode steps in turn
     request_timeout_s: float = 300.0

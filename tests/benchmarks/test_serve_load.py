@@ -1,0 +1,34 @@
+"""`python -m benchmarks serve-load` on tiny bundles: every phase answered, the overload phase
+refused with 503s and nothing else, and a report with its plot."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.__main__ import main as bench_main
+from tests.helpers import assert_user_error, run_main
+
+
+def test_serve_load_reports_throughput_latency_and_overload(serve_bundles, tmp_path, capsys):
+    out = tmp_path / "serve"
+    args = ["serve-load", "--bundle", serve_bundles["wav2vec2"], serve_bundles["lalm"], "--concurrency", 1, 3, "--requests", 6]
+    result = run_main(bench_main, *args, "--overload-clients", 8, "--overload-queue", 1, "--max-new-tokens", 4, "--out", out, "-q", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"].startswith("python -m benchmarks serve-load") and results["machine"]["cores"]
+    for row in results["bundles"]:
+        assert [p["clients"] for p in row["concurrency"]] == [1, 3]
+        for phase in row["concurrency"]:
+            assert phase["statuses"] == {"200": 6} and phase["throughput_rps"] > 0 and phase["vs_sequential"] > 0
+            assert phase["latency_s"]["p50"] <= phase["latency_s"]["p99"]
+        assert set(row["overload"]["statuses"]) <= {"200", "503"} and row["overload"]["statuses"].get("503", 0) > 0
+        assert row["peak_rss_mib"] > 0 and set(row["encoder_ms_per_clip_by_batch"]) == {"1", "4", "16"}
+    lalm = next(r for r in results["bundles"] if r["role"] == "lalm")
+    assert lalm["concurrency"][0]["ttft_s"]["p50"] > 0 and lalm["turn_policy"]["short_during_long_s"] > 0
+    report = (out / "report.md").read_text()
+    assert "python -m benchmarks serve-load" in report and (out / "serve-load.png").stat().st_size > 10_000
+
+
+def test_serve_load_refuses_a_folder_that_is_not_a_bundle(tmp_path, capsys):
+    result = run_main(bench_main, "serve-load", "--bundle", tmp_path, "--out", tmp_path / "out", capsys=capsys)
+    assert_user_error(result, "is not a bundle (no manifest.json)")
