@@ -196,7 +196,8 @@ def turn_policy(url: str, settings: LoadSettings) -> dict[str, float]:
     def chat(client: httpx.Client, tokens: int, audio: str) -> float:
         content = [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}, {"type": "text", "text": "Transcribe the audio:"}]
         start = time.perf_counter()
-        response = client.post(f"{url}/v1/chat/completions", json={"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": tokens})
+        body = {"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": tokens, "ignore_eos": True}
+        response = client.post(f"{url}/v1/chat/completions", json=body)
         response.raise_for_status()
         return time.perf_counter() - start
 
@@ -325,7 +326,11 @@ def render_markdown(results: dict[str, Any], plot: str | None) -> str:
     ]
     policies = [r for r in results["bundles"] if r["turn_policy"]]
     if policies:
-        lines += ["", "Decode-step turns (generations take one model call each in turn): a 4-token chat alone and sent while a 150-token one runs.", ""]
+        lines += [
+            "",
+            "Decode-step turns (generations take one model call each in turn): a 4-token chat alone and sent while a 150-token one runs (both with `ignore_eos`).",
+            "",
+        ]
         lines += ["| bundle | short alone s | short during long s | long alone s | long with short s |", "|---|---:|---:|---:|---:|"]
         for row in policies:
             p = row["turn_policy"]

@@ -232,7 +232,7 @@ def run_lalm(root: Path, steps: int, say) -> None:
 
     model = build_dtmf_lalm(root / "checkpoints" / "dtmf")
     start = time.perf_counter()
-    with tqdm(total=steps, unit="step", desc="   training", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=steps, unit="step", desc="   training", file=sys.stderr, leave=False, mininterval=1.0) as bar:
         train_dtmf(model, steps, on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
     say(f"   trained {steps} steps (batches of 16 fresh clips, 1 key -> 1-3 keys -> 3-6 keys) in {time.perf_counter() - start:.0f} s")
     model.save_pretrained(root / "dtmf-lalm")

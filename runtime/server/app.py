@@ -268,6 +268,7 @@ def _options(engine: Engine, fields: dict[str, Any], form: bool = False) -> Gene
     max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
     options = GenerationOptions(
         max_new_tokens=_number(max_tokens, "max_tokens", engine.settings.max_new_tokens, int),
+        stop_at_eos=not _flag(fields.get("ignore_eos"), "ignore_eos"),  # vLLM's extension: generate past EOS
         temperature=_number(fields.get("temperature"), "temperature", 0.0),
         top_p=_number(fields.get("top_p"), "top_p", 1.0),
         seed=_number(fields.get("seed"), "seed", None, int),
