@@ -108,13 +108,15 @@ def serve_on_ray(args: Any, settings: ServeSettings) -> None:
 
         read_manifest(bundle)
     ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=not args.quiet)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    session = SessionOptions(provider=args.provider, threads=args.threads)
-    app = deployment(args.bundles, args.name, settings, session, args.replicas, args.replica_cpus, args.replica_gpus)
-    serve.run(app, name="lalm-export", route_prefix="/")
-    print(f"runtime.serve: on Ray Serve at http://{args.host}:{args.port} ({args.replicas} replica(s)); Ctrl-C stops", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
+    # After ray.init, which installs its own SIGTERM handler (exit 15): a signal during start-up
+    # or serving stops the application as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        session = SessionOptions(provider=args.provider, threads=args.threads)
+        app = deployment(args.bundles, args.name, settings, session, args.replicas, args.replica_cpus, args.replica_gpus)
+        serve.run(app, name="lalm-export", route_prefix="/")
+        print(f"runtime.serve: on Ray Serve at http://{args.host}:{args.port} ({args.replicas} replica(s)); Ctrl-C stops", file=sys.stderr, flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
