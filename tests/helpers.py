@@ -32,10 +32,10 @@ def relative_error(reference: np.ndarray | torch.Tensor, candidate: np.ndarray |
     return float(np.max(np.abs(reference - candidate)) / np.max(np.abs(reference)))
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, module: str = "lalm_export.cli") -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, module: str = "lalm_export.cli", timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a command-line entry point as a user would, in a subprocess."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300)
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout)
 
 
 @dataclass(frozen=True)
