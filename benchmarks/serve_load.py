@@ -51,6 +51,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_health(url: str, process: subprocess.Popen, seconds: float) -> None:
+    """Return once `url`/health answers 200; fail if `process` ends or `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {url} did not become healthy (exit status {process.poll()})")
+        time.sleep(0.1)
+
+
 class Server:
     """`python -m runtime.serve` in a child process, its RSS sampled every 20 ms."""
 
@@ -63,16 +77,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.peak_rss = 0
         self._stop = threading.Event()
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {self.process.stderr.read() if self.process.stderr else ''}")
-            time.sleep(0.1)
+        wait_for_health(self.url, self.process, 120)
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:

@@ -81,7 +81,7 @@ def build_app(engine: Engine) -> FastAPI:
 
     @app.post("/v1/audio/features")
     async def features(request: Request) -> Response:
-        form = await _form(request, limit_bytes)
+        form = await _form(request)
         model = engine.model(form.get("model"), ("encoder",), "/v1/audio/features")
         response_format = _choice(form.get("response_format") or "npy", ("npy", "json"), "response_format")
         audio = await _upload(form, limit_bytes)
@@ -107,33 +107,22 @@ def build_app(engine: Engine) -> FastAPI:
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
-        form = await _form(request, limit_bytes)
+        form = await _form(request)
         model = engine.model(form.get("model"), ("lalm",), "/v1/audio/transcriptions")
         response_format = _choice(form.get("response_format") or "json", TRANSCRIPTION_FORMATS, "response_format")
         stream = _flag(form.get("stream"), "stream")
-        options = _options(engine, {"temperature": form.get("temperature")}, form=True)
+        options = _options(engine, {"temperature": form.get("temperature")})
         prompt = _lalm_prompt(model, form.get("prompt"))
         audio = await _upload(form, limit_bytes)
         release = engine.admit()
         try:
-            prompt, options = _user(lambda: model.runner.resolve(prompt, options))
-            start = time.perf_counter()
-            features = await engine.encode(model, audio)
-            encoder_s = time.perf_counter() - start
-            _user(lambda: model.runner.prompt_embeds(features, prompt, options))  # context length: a 400, before any event is sent
-
-            def work(on_text: Callable | None) -> Callable:
-                return lambda backend, cancelled: model.runner.transcribe_features(audio, features, encoder_s, prompt, options, on_text, backend, cancelled)
-
-            if stream:
-                events = _stream(engine, model, work, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done, release)
-                release = None  # the stream releases it when it ends
-                return StreamingResponse(events, media_type="text/event-stream")
-            result = await engine.generate(model, work(None))
-        finally:
-            if release is not None:
-                release()
-        engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
+            work = await _lalm_work(engine, model, audio, prompt, options)
+        except BaseException:
+            release()
+            raise
+        result = await _answer(engine, model, work, release, stream, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done)
+        if isinstance(result, StreamingResponse):
+            return result
         if response_format == "text":
             return PlainTextResponse(result.text)
         body: dict[str, Any] = {"text": result.text, "usage": _transcription_usage(result)}
@@ -166,31 +155,18 @@ def build_app(engine: Engine) -> FastAPI:
         release = engine.admit()
         try:
             if model.kind == "lalm":
-                prompt, options = _user(lambda: model.runner.resolve(prompt, options))
-                start = time.perf_counter()
-                features = await engine.encode(model, clip)
-                encoder_s = time.perf_counter() - start
-                _user(lambda: model.runner.prompt_embeds(features, prompt, options))
-
-                def work(on_text: Callable | None) -> Callable:
-                    return lambda backend, cancelled: model.runner.transcribe_features(
-                        clip, features, encoder_s, prompt, options, on_text, backend, cancelled, stop_strings=stop
-                    )
+                work = await _lalm_work(engine, model, clip, prompt, options, stop)
             else:
                 _user(lambda: model.runner.check_prompts([prompt], options))
 
                 def work(on_text: Callable | None) -> Callable:
                     return lambda backend, cancelled: model.runner.complete([prompt], options, stop, on_text, backend, cancelled)[0]
-
-            if stream:
-                events = _stream(engine, model, work, chat.delta, chat.done, release, first=chat.role_chunk())
-                release = None
-                return StreamingResponse(events, media_type="text/event-stream")
-            result = await engine.generate(model, work(None))
-        finally:
-            if release is not None:
-                release()
-        engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
+        except BaseException:
+            release()
+            raise
+        result = await _answer(engine, model, work, release, stream, chat.delta, chat.done, first=chat.role_chunk())
+        if isinstance(result, StreamingResponse):
+            return result
         return JSONResponse(chat.completion(result))
 
     return app
@@ -199,7 +175,7 @@ def build_app(engine: Engine) -> FastAPI:
 # --- request parsing --------------------------------------------------------------------
 
 
-async def _form(request: Request, limit_bytes: int) -> Any:
+async def _form(request: Request) -> Any:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise bad_request("send the request as multipart/form-data with the audio in the `file` field")
     try:
@@ -264,7 +240,7 @@ def _number(value: object, param: str, default: float | None, kind: type = float
     return number
 
 
-def _options(engine: Engine, fields: dict[str, Any], form: bool = False) -> GenerationOptions:
+def _options(engine: Engine, fields: dict[str, Any]) -> GenerationOptions:
     max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
     options = GenerationOptions(
         max_new_tokens=_number(max_tokens, "max_tokens", engine.settings.max_new_tokens, int),
@@ -409,6 +385,47 @@ class ChatReply:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason(result)}],
             "usage": self.usage(result),
         }
+
+
+async def _lalm_work(
+    engine: Engine, model: ServedModel, audio: Audio, prompt: str | None, options: GenerationOptions, stop: list[str] | None = None
+) -> Callable[[Callable | None], Callable]:
+    """Encode the clip (batched) and check the prompt fits (a 400 before any event is sent);
+    then `work(on_text)` is the generation to run."""
+    prompt, options = _user(lambda: model.runner.resolve(prompt, options))
+    start = time.perf_counter()
+    features = await engine.encode(model, audio)
+    encoder_s = time.perf_counter() - start
+    _user(lambda: model.runner.prompt_embeds(features, prompt, options))
+
+    def work(on_text: Callable | None) -> Callable:
+        return lambda backend, cancelled: model.runner.transcribe_features(
+            audio, features, encoder_s, prompt, options, on_text, backend, cancelled, stop_strings=stop or ()
+        )
+
+    return work
+
+
+async def _answer(
+    engine: Engine,
+    model: ServedModel,
+    work: Callable[[Callable | None], Callable],
+    release: Callable[[], None],
+    stream: bool,
+    delta_event: Callable[[str], dict[str, Any]],
+    done_events: Callable[[Any], list[dict[str, Any]]],
+    first: dict[str, Any] | None = None,
+) -> Any:
+    """The generation's result, or with `stream` an SSE response; the admission is released
+    when the result is there or the stream ends."""
+    if stream:
+        return StreamingResponse(_stream(engine, model, work, delta_event, done_events, release, first), media_type="text/event-stream")
+    try:
+        result = await engine.generate(model, work(None))
+    finally:
+        release()
+    engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
+    return result
 
 
 def _sse(payload: dict[str, Any] | str) -> str:

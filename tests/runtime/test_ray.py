@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import openai
 import pytest
 
+from benchmarks.serve_load import free_port, wait_for_health
 from runtime.batch import main as batch_main
 from runtime.infer import main as infer_main
 from tests.helpers import REPO, run_main
@@ -30,12 +29,6 @@ def infer_records(capsys, bundle, audio_files) -> dict[str, dict]:
     return {record["file"]: record for record in map(json.loads, result.stdout.splitlines())}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ray_serve_answers_the_openai_client_as_runtime_infer_does(serve_bundles, audio_files, capsys):
     expected = infer_records(capsys, serve_bundles["lalm"], audio_files[:1])[str(audio_files[0])]
     port = free_port()
@@ -44,15 +37,7 @@ def test_ray_serve_answers_the_openai_client_as_runtime_infer_does(serve_bundles
     process = subprocess.Popen([str(c) for c in command], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "Ray Serve did not come up"
-            time.sleep(0.5)
+        wait_for_health(url, process, 180)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         with open(audio_files[0], "rb") as handle:
             assert client.audio.transcriptions.create(model="lalm", file=handle).text == expected["text"]

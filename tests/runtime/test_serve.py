@@ -19,6 +19,7 @@ import openai
 import pytest
 import soundfile as sf
 
+from benchmarks.serve_load import free_port, wait_for_health
 from runtime.infer import main as infer_main
 from runtime.server.engine import ServeSettings
 from tests.helpers import REPO, run_main
@@ -215,20 +216,12 @@ def test_a_short_generation_is_not_held_behind_a_long_one(serve_bundles):
 
 
 def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(serve_bundles):
-    port = 18000 + (int(time.time() * 1000) % 2000)
+    port = free_port()
     command = [sys.executable, "-m", "runtime.serve", serve_bundles["llm"], "--port", port, "-q", "--decode-slots", "1"]
     process = subprocess.Popen([str(c) for c in command], cwd=REPO, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.ConnectError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "server did not start"
-            time.sleep(0.1)
+        wait_for_health(url, process, 60)
         body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 240}
         with ThreadPoolExecutor(12) as pool, httpx.Client() as poll:  # one decode slot: they queue, seconds of work in flight
             in_flight = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120) for _ in range(12)]
