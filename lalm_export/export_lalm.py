@@ -47,6 +47,7 @@ from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions,
 from lalm_export.precision import SPECS, TransformJob, apply_precision, check_precision
 from lalm_export.progress import Stages
 from lalm_export.signals import speech_like
+from runtime.limits import receptive_field
 from runtime.manifest import Manifest, Source, sha256_of
 
 STAGES = ["load", "merge", "export", "precision", "verify", "write"]
@@ -229,8 +230,14 @@ def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, par
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={
             "components": {part: dataclasses.asdict(source) for part, source in merged.sources.items()},
-            "encoder": {"family": spec.name, "hidden_size": int(encoder_config.hidden_size), "sampling_rate": 16_000},
-            "chunk_seconds": spec.feature_extractor.chunk_seconds if spec.feature_extractor else None,
+            "encoder": {
+                "family": spec.name,
+                "hidden_size": int(encoder_config.hidden_size),
+                "sampling_rate": 16_000,
+                "receptive_field_samples": receptive_field(encoder_config.to_dict()),
+            },
+            # the checkpoint's own window (a Whisper-style encoder may have a shorter one than 30 s)
+            "chunk_seconds": merged.feature_config.get("chunk_length") if spec.input_kind == "log_mel" else None,
             "embedding": {
                 "kind": "host table",
                 "file": TOKEN_TABLE,

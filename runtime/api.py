@@ -13,9 +13,10 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
-from runtime.errors import AudioError, BundleError, ContextLengthError, RuntimeUserError
+from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import DecoderBackend, GenerationOptions, StepClock, generate, until_eos
 from runtime.lalm import LalmRunner, cut_at_stop, load_lalm
+from runtime.limits import audio_limits
 from runtime.manifest import Manifest, read_json_object, read_manifest, read_tokenizer, sha256_of, verify_graph_files
 from runtime.ort_backends import decoder_backend
 from runtime.sessions import SessionOptions, active_provider, open_bundle_graph, provider_label, resolve_providers
@@ -254,47 +255,6 @@ def context_length(manifest: Manifest, folder: Path) -> int:
     if not isinstance(positions, int) or positions < 1:
         raise BundleError(f"bundle {folder} records no context length (manifest extra.context_length or config max_position_embeddings)")
     return positions
-
-
-# The longest clip a raw-audio encoder runs at once: attention memory grows with the square of
-# the frames, and the exported graphs take whole clips. Whisper's limit is its window.
-MAX_RAW_AUDIO_SECONDS = 120.0
-
-
-@dataclass(frozen=True)
-class AudioLimits:
-    min_samples: int  # the convolution front end's receptive field: no frame comes from fewer
-    max_seconds: float
-
-    def check(self, clip: Audio) -> None:
-        if len(clip.samples) < self.min_samples:
-            raise AudioError(
-                f"{clip.name}: {len(clip.samples)} samples ({clip.seconds * 1e3:.2f} ms) is shorter than the encoder's receptive field "
-                f"of {self.min_samples} samples ({self.min_samples / 16:.1f} ms at 16 kHz); pass a longer clip"
-            )
-        if clip.seconds > self.max_seconds:
-            raise AudioError(
-                f"{clip.name}: {clip.seconds:.1f} s of audio, more than this bundle encodes at once ({self.max_seconds:g} s); "
-                f"split it into clips of at most {self.max_seconds:g} s"
-            )
-
-
-def audio_limits(manifest: Manifest, folder: Path) -> AudioLimits:
-    chunk = manifest.extra.get("chunk_seconds")
-    config = read_json_object(folder / "config.json", "bundle file")
-    return AudioLimits(min_samples=receptive_field(config), max_seconds=float(chunk) if chunk else MAX_RAW_AUDIO_SECONDS)
-
-
-def receptive_field(config: dict) -> int:
-    """Input samples behind one output frame of a convolutional front end (`conv_kernel`,
-    `conv_stride` in the config); 1 for models without one (Whisper pads to its window)."""
-    kernels, strides = config.get("conv_kernel"), config.get("conv_stride")
-    if not kernels or not strides:
-        return 1
-    samples = 1
-    for kernel, stride in zip(reversed(kernels), reversed(strides)):
-        samples = (samples - 1) * int(stride) + int(kernel)
-    return samples
 
 
 def load(folder: str | Path, options: SessionOptions | None = None) -> EncoderRunner | TextGenerator | LalmRunner:

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, generate, until_eos
+from runtime.limits import AudioLimits, audio_limits
 from runtime.ort_backends import OrtDecoderBackend
 
 
@@ -58,6 +59,7 @@ class LalmRunner:
         self.tokenizer, self.feature_config, self.input_kind, self.facts = tokenizer, feature_config, input_kind, facts
         self.encoder_inputs = [i.name for i in encoder.get_inputs()]
         self.backend = self.new_backend()
+        self.limits: AudioLimits | None = None  # a bundle's clip lengths (load_lalm sets them from its manifest)
 
     @classmethod
     def from_parts(cls, folder: Path, feature_config: dict[str, Any], input_kind: str, facts: dict[str, Any]) -> LalmRunner:
@@ -145,6 +147,8 @@ class LalmRunner:
             raise RuntimeUserError("no audio given; pass at least one file or array")
         prompt, options = self.resolve(prompt, options)
         audios = [clip_audio(clip, index) for index, clip in enumerate(clips)]
+        for audio in audios:
+            self.check_length(audio)
         start = time.perf_counter()
         features = self.audio_features_batch([audio.samples for audio in audios])
         encoder_s = (time.perf_counter() - start) / len(audios)
@@ -152,6 +156,12 @@ class LalmRunner:
             self.transcribe_features(audio, feature, encoder_s, prompt, options, on_text if index == 0 else None)
             for index, (audio, feature) in enumerate(zip(audios, features))
         ]
+
+    def check_length(self, audio: Audio) -> None:
+        """Refuse a clip shorter than the encoder's receptive field or longer than its window
+        (a log-mel front end would cut it off silently)."""
+        if self.limits is not None:
+            self.limits.check(audio)
 
     def resolve(self, prompt: str | None, options: GenerationOptions | None) -> tuple[str, GenerationOptions]:
         """The prompt (the bundle's default when None; it must hold the placeholder) and options with the bundle's EOS."""
@@ -240,4 +250,5 @@ def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
     feature_config = read_json_object(folder / "preprocessor_config.json", "bundle file")
     runner = LalmRunner(folder, encoder, decoder, table, read_tokenizer(folder), feature_config, manifest.input_kind, dict(manifest.extra))
     runner.manifest, runner.provider = manifest, active_provider(decoder)
+    runner.limits = audio_limits(manifest, folder)
     return runner

@@ -187,3 +187,17 @@ def test_per_component_precision_is_for_lalm_bundles(checkpoints, tmp_path, caps
         export_main, "--encoder", "hubert", "--model", checkpoints["hubert"], "--encoder-precision", "int8", "--output", tmp_path / "b", capsys=capsys
     )
     assert_user_error(result, "--encoder-precision and --decoder-precision choose an --lalm bundle's parts")
+
+
+def test_audio_past_a_short_whisper_window_is_refused_not_cut(tmp_path, capsys):
+    """A Whisper-style encoder with a 2 s window: 3 s of audio would lose its last second in
+    the log-mel front end; the runtime says so instead."""
+    from lalm_export.dtmf import build_dtmf_lalm
+    from runtime.infer import main as infer_main
+
+    build_dtmf_lalm(tmp_path / "checkpoints").save_pretrained(tmp_path / "lalm")
+    manifest = export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
+    assert manifest.extra["chunk_seconds"] == 2
+    sf.write(tmp_path / "long.wav", speech_like(3.0), 16_000)
+    result = run_main(infer_main, tmp_path / "bundle", "--audio", tmp_path / "long.wav", capsys=capsys)
+    assert_user_error(result, "long.wav: 3.0 s of audio, more than this bundle encodes at once (2 s)")

@@ -171,8 +171,8 @@ class Engine:
 
     async def encode(self, model: ServedModel, audio: Audio) -> EncodedAudio | np.ndarray:
         """An encoder bundle's hidden states, or an LALM bundle's projected frames, through the batcher."""
-        if model.kind == "encoder":
-            _guard(lambda: model.runner.limits.check(audio))  # refused before it can join a batch
+        check = model.runner.limits.check if model.kind == "encoder" else model.runner.check_length
+        _guard(lambda: check(audio))  # refused before it can join a batch
         return await self._with_timeout(self._audio_batch(AudioJob(model, audio)), None)
 
     def run_audio_jobs(self, jobs: Sequence[AudioJob]) -> list[Any]:

@@ -131,11 +131,14 @@ def test_features_equal_runtime_infer_and_concurrent_clips_are_batched(server, s
     assert np.array_equal(decoded, expected)
 
 
-def _nan_wav() -> bytes:
+def _wav(samples: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    samples = np.full(16_000, np.nan, dtype=np.float32)
     sf.write(buffer, samples, 16_000, format="WAV", subtype="FLOAT")
     return buffer.getvalue()
+
+
+def _nan_wav() -> bytes:
+    return _wav(np.full(16_000, np.nan, dtype=np.float32))
 
 
 @pytest.mark.parametrize(
@@ -145,6 +148,11 @@ def _nan_wav() -> bytes:
         (lambda c, f: c.audio.transcriptions.create(model="llm", file=f), openai.BadRequestError, "llm is an decoder bundle"),
         (lambda c, f: c.audio.transcriptions.create(model="lalm", file=("a.wav", b"not audio")), openai.BadRequestError, "is not a readable audio file"),
         (lambda c, f: c.audio.transcriptions.create(model="lalm", file=("a.wav", _nan_wav())), openai.BadRequestError, "NaN or infinite samples"),
+        (
+            lambda c, f: c.audio.transcriptions.create(model="lalm", file=("short.wav", _wav(np.zeros(50, dtype=np.float32)))),
+            openai.BadRequestError,
+            "shorter than the encoder's receptive field",
+        ),
         (lambda c, f: c.audio.transcriptions.create(model="lalm", file=f, response_format="srt"), openai.BadRequestError, "response_format must be one of"),
         (
             lambda c, f: c.chat.completions.create(model="llm", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6),
