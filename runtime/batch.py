@@ -217,7 +217,8 @@ def run_ray(args: argparse.Namespace, todo: list[str], settings: BatchSettings) 
 
     if read_manifest(args.bundle).role not in ("lalm", "encoder"):
         check_bundle_kind(None)
-    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    # "local": a new instance, never one a previous run is still tearing down
+    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts files
     dataset = ray.data.from_items([{"file": f} for f in todo]).map_batches(
         BundleWorker,

@@ -107,7 +107,8 @@ def serve_on_ray(args: Any, settings: ServeSettings) -> None:
         from runtime.manifest import read_manifest
 
         read_manifest(bundle)
-    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=not args.quiet)
+    # "local": a new instance, never one a previous run is still tearing down
+    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=not args.quiet)
     # After ray.init, which installs its own SIGTERM handler (exit 15): a signal during start-up
     # or serving stops the application as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
