@@ -84,6 +84,10 @@ class EncoderRunner(_BundleModel):
         # On CUDA inputs and outputs go through IO binding (device buffers, no staging copies).
         self.binding_device = "cuda" if self.provider == "cuda" else None
 
+    def check_length(self, clip: Audio) -> None:
+        """Refuse a clip shorter than the encoder's receptive field or longer than it encodes at once."""
+        self.limits.check(clip)
+
     def run_on_device(self, features: ort.OrtValue) -> list[ort.OrtValue]:
         """One batch already on `binding_device` in, every output left there: for callers that
         keep working on the device (an LLM consuming the hidden states, a benchmark)."""
@@ -113,7 +117,7 @@ class EncoderRunner(_BundleModel):
         mask, and padding changes Wav2Vec2's group-normalised features, so unequal lengths
         are never padded together: each such clip runs alone, which keeps results exact."""
         for clip in clips:
-            self.limits.check(clip)
+            self.check_length(clip)
         features = [features_for(self.manifest.input_kind, clip.samples, self.feature_config) for clip in clips]
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, feature in enumerate(features):

@@ -119,7 +119,17 @@ class LalmRunner:
         stop: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Generated tokens for one clip's frames and a prompt text holding the placeholder."""
-        embeds = self.prompt_embeds(features, prompt, options, tokenizer)
+        return self.generate_from(self.prompt_embeds(features, prompt, options, tokenizer), options, on_step, backend, stop)
+
+    def generate_from(
+        self,
+        embeds: np.ndarray,
+        options: GenerationOptions,
+        on_step: Callable | None = None,
+        backend: OrtDecoderBackend | None = None,
+        stop: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Generated tokens for a prompt given as embeddings `(1, positions, hidden)`."""
         ones = np.ones((1, embeds.shape[1]), dtype=np.int64)
         return generate(PromptEmbeds(backend or self.backend, embeds), ones * 0, ones, options, stop=stop, on_step=on_step)[0]
 
@@ -194,12 +204,11 @@ class LalmRunner:
             return np.array([any(s in self.decode(row, options) for s in stop_strings) for row in tokens], dtype=bool)
 
         start = time.perf_counter()
-        tokens = self.tokens_for(features, prompt, options, on_step=clock, backend=backend, stop=stop if stop_strings else None)
-        tokens = until_eos(tokens, options)
+        embeds = self.prompt_embeds(features, prompt, options)
+        tokens = until_eos(self.generate_from(embeds, options, clock, backend, stop if stop_strings else None), options)
         end = time.perf_counter()
         first = clock.first(end)
         timings = {"encoder_s": round(encoder_s, 6), "prefill_s": round(first - start, 6), "decode_s": round(end - first, 6)}
-        prompt_positions = len(self.prompt_ids(prompt)) - 1 + len(features)
         text = cut_at_stop(self.decode(tokens, options), stop_strings)
         clock.finish(text)
         return Transcription(
@@ -210,7 +219,7 @@ class LalmRunner:
             round(encoder_s + first - start, 6),
             round(clock.tokens_per_s(end), 3),
             timings,
-            prompt_positions,
+            int(embeds.shape[1]),
         )
 
     def decode(self, tokens: Sequence[int], options: GenerationOptions) -> str:

@@ -96,39 +96,32 @@ def serve_here(args: argparse.Namespace) -> None:
         card = model.card()
         print(f"runtime.serve: {card['id']}: {card['family']} {card['role']} ({card['precision']}), provider {card['provider']}", file=sys.stderr)
     config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=not args.quiet)
-    DrainingServer(config, engine, args.shutdown_timeout).run()
+    draining_server(config, engine, args.shutdown_timeout).run()
 
 
-def _draining_server_class():
+def draining_server(config, engine, grace_s: float):
+    """A uvicorn server that drains on SIGINT/SIGTERM (the class is made here: uvicorn is an optional dependency)."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         """On SIGINT/SIGTERM, stop admitting (new requests get 503 with Retry-After), let the
         requests in flight finish (up to the shutdown timeout), then stop. A second signal stops at once."""
 
-        def __init__(self, config: uvicorn.Config, engine, grace_s: float) -> None:
-            super().__init__(config)
-            self.engine, self.grace_s = engine, grace_s
-
         def handle_exit(self, sig: int, frame) -> None:
-            if self.engine.draining:
+            if engine.draining:
                 super().handle_exit(sig, frame)
                 return
-            self.engine.draining = True
-            print(f"runtime.serve: stopping; {self.engine.pending} request(s) in flight get up to {self.grace_s:g} s to finish", file=sys.stderr)
+            engine.draining = True
+            print(f"runtime.serve: stopping; {engine.pending} request(s) in flight get up to {grace_s:g} s to finish", file=sys.stderr)
             threading.Thread(target=self._exit_when_idle, daemon=True).start()
 
         def _exit_when_idle(self) -> None:
-            deadline = time.monotonic() + self.grace_s
-            while self.engine.pending and time.monotonic() < deadline:
+            deadline = time.monotonic() + grace_s
+            while engine.pending and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.should_exit = True
 
-    return DrainingServer
-
-
-def DrainingServer(config, engine, grace_s: float):  # noqa: N802 - builds the class lazily: uvicorn is an optional dependency
-    return _draining_server_class()(config, engine, grace_s)
+    return DrainingServer(config)
 
 
 def main(argv: list[str] | None = None) -> int:

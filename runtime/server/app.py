@@ -26,10 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from runtime.audio import Audio, decode_audio
-from runtime.errors import RuntimeUserError
 from runtime.generation import GenerationOptions
 from runtime.server.engine import Engine, ServedModel
-from runtime.server.errors import ApiError, bad_request, from_user_error
+from runtime.server.errors import ApiError, as_api_error, bad_request
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
@@ -157,7 +156,7 @@ def build_app(engine: Engine) -> FastAPI:
             if model.kind == "lalm":
                 work = await _lalm_work(engine, model, clip, prompt, options, stop)
             else:
-                _user(lambda: model.runner.check_prompts([prompt], options))
+                as_api_error(lambda: model.runner.check_prompts([prompt], options))
 
                 def work(on_text: Callable | None) -> Callable:
                     return lambda backend, cancelled: model.runner.complete([prompt], options, stop, on_text, backend, cancelled)[0]
@@ -191,7 +190,7 @@ async def _upload(form: Any, limit_bytes: int) -> Audio:
     data = await upload.read()
     if len(data) > limit_bytes:
         raise _too_large(len(data), limit_bytes)
-    return _user(lambda: decode_audio(data, upload.filename or "upload"), "file")
+    return as_api_error(lambda: decode_audio(data, upload.filename or "upload"), "file")
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -202,14 +201,6 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
-
-
-def _user(call: Callable[[], Any], param: str | None = None) -> Any:
-    """Run a runtime check; its user error becomes a 400 with the same message."""
-    try:
-        return call()
-    except RuntimeUserError as err:
-        raise from_user_error(err, param) from None
 
 
 def _choice(value: object, choices: tuple[str, ...], param: str) -> str:
@@ -249,7 +240,7 @@ def _options(engine: Engine, fields: dict[str, Any]) -> GenerationOptions:
         top_p=_number(fields.get("top_p"), "top_p", 1.0),
         seed=_number(fields.get("seed"), "seed", None, int),
     )
-    _user(options.validate)
+    as_api_error(options.validate)
     return options
 
 
@@ -315,7 +306,7 @@ def _input_audio(spec: object, where: str) -> Audio:
         data = base64.b64decode(spec["data"], validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(f"{where}.input_audio.data is not valid base64", where) from None
-    return _user(lambda: decode_audio(data, f"input_audio.{audio_format}"), where)
+    return as_api_error(lambda: decode_audio(data, f"input_audio.{audio_format}"), where)
 
 
 def _too_large(size: int, limit: int) -> ApiError:
@@ -392,11 +383,11 @@ async def _lalm_work(
 ) -> Callable[[Callable | None], Callable]:
     """Encode the clip (batched) and check the prompt fits (a 400 before any event is sent);
     then `work(on_text)` is the generation to run."""
-    prompt, options = _user(lambda: model.runner.resolve(prompt, options))
+    prompt, options = as_api_error(lambda: model.runner.resolve(prompt, options))
     start = time.perf_counter()
     features = await engine.encode(model, audio)
     encoder_s = time.perf_counter() - start
-    _user(lambda: model.runner.prompt_embeds(features, prompt, options))
+    as_api_error(lambda: model.runner.prompt_embeds(features, prompt, options))
 
     def work(on_text: Callable | None) -> Callable:
         return lambda backend, cancelled: model.runner.transcribe_features(

@@ -22,7 +22,7 @@ from runtime.audio import Audio
 from runtime.errors import RuntimeUserError
 from runtime.lalm import LalmRunner
 from runtime.server.batching import DynamicBatcher
-from runtime.server.errors import ApiError, from_user_error, unavailable
+from runtime.server.errors import ApiError, as_api_error, from_user_error, unavailable
 from runtime.server.metrics import ServerMetrics
 from runtime.server.turns import TakingTurns, Turns
 from runtime.sessions import SessionOptions
@@ -171,8 +171,7 @@ class Engine:
 
     async def encode(self, model: ServedModel, audio: Audio) -> EncodedAudio | np.ndarray:
         """An encoder bundle's hidden states, or an LALM bundle's projected frames, through the batcher."""
-        check = model.runner.limits.check if model.kind == "encoder" else model.runner.check_length
-        _guard(lambda: check(audio))  # refused before it can join a batch
+        as_api_error(lambda: model.runner.check_length(audio))  # refused before it can join a batch
         return await self._with_timeout(self._audio_batch(AudioJob(model, audio)), None)
 
     def run_audio_jobs(self, jobs: Sequence[AudioJob]) -> list[Any]:
@@ -242,12 +241,5 @@ class Engine:
 async def _guarded(awaitable: Awaitable[Any]) -> Any:
     try:
         return await awaitable
-    except RuntimeUserError as err:
-        raise from_user_error(err) from None
-
-
-def _guard(check: Callable[[], None]) -> None:
-    try:
-        check()
     except RuntimeUserError as err:
         raise from_user_error(err) from None

@@ -3,6 +3,7 @@ with the HTTP status a client's retry logic expects."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from runtime.errors import AudioError, BundleError, ContextLengthError, RuntimeUserError
@@ -37,3 +38,11 @@ def from_user_error(err: RuntimeUserError, param: str | None = None) -> ApiError
 
 def unavailable(message: str, retry_after_s: int, code: str) -> ApiError:
     return ApiError(503, message, type="server_error", code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+def as_api_error(call: Callable[[], Any], param: str | None = None) -> Any:
+    """Run a runtime check or step; its user error becomes the API error with the same message."""
+    try:
+        return call()
+    except RuntimeUserError as err:
+        raise from_user_error(err, param) from None
