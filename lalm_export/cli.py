@@ -36,6 +36,11 @@ EPILOG = """examples:
   lalm-export --decoder auto --model ./qwen2.5-0.5b --precision int4 --int4-method gptq --calibration ./calib.txt --output ./bundles/llm-gptq-text
   lalm-export --encoder whisper --model ./whisper-base --precision fp16 --device cuda --output ./bundles/whisper-fp16
 
+  # an audio LLM saved by LALM.save_pretrained(): one bundle, int8 audio encoder and int4 decoder
+  lalm-export --lalm ./my-lalm --encoder-precision int8 --decoder-precision int4 --output ./bundles/lalm
+  # its decoder as Optimum's graph (what architectures outside the fused graph's list, and CUDA, get)
+  lalm-export --lalm ./my-lalm --decoder-graph optimum --output ./bundles/lalm-optimum
+
   # every layer's hidden states, printing the manifest as JSON
   lalm-export --encoder whisper --model ./whisper-small --all-hidden-states --output ./bundles/whisper --json
 
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="export an audio LLM saved by LALM.save_pretrained() as one bundle: audio encoder + projector, token table, "
-        "decoder on embeddings (its adapters merged; fp32, CPU)",
+        "decoder on embeddings (its adapters merged; --precision, --encoder-precision, --decoder-precision, --decoder-graph and --device apply)",
     )
     parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write (refused if it exists and is not empty, unless --force)")
     parser.add_argument("--model", help="local checkpoint folder or hub id (default: the family's usual public checkpoint)")
@@ -161,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The flags an LALM export takes; the rest describe a single component (an LALM folder records its own).
-LALM_FLAGS = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json", "precision", "encoder_precision", "decoder_precision")
+LALM_FLAGS = (
+    *("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json"),
+    *("precision", "encoder_precision", "decoder_precision", "decoder_graph", "device"),
+)
 
 
 def component_precision(args: argparse.Namespace, role: str) -> str:
@@ -179,7 +187,7 @@ def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
         flag = next(a.option_strings[0] for a in parser._actions if a.dest == changed[0])
         raise OptionsError(f"{flag} describes a single --encoder or --decoder export; an LALM folder records its components, adapters and settings")
     return LalmExportOptions(
-        **{name: getattr(args, name) for name in ("lalm", "output", "force", "verify", "seed", "trust_remote_code")},
+        **{name: getattr(args, name) for name in ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "decoder_graph", "device")},
         encoder_precision=component_precision(args, "encoder"),
         decoder_precision=component_precision(args, "decoder"),
     )

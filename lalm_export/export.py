@@ -20,7 +20,7 @@ from torch import nn
 from lalm_export.bundle_facts import build_manifest, save_companions
 from lalm_export.errors import AdapterMismatchError, OptionsError
 from lalm_export.families import FamilySpec
-from lalm_export.fused import build_fused_decoder, choose_decoder_graph
+from lalm_export.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
 from lalm_export.gate import verify_graph
 from lalm_export.graph_files import load_graph, save_graph
 from lalm_export.io import atomic_folder, sha256_tree
@@ -161,16 +161,22 @@ def export_graph(model: nn.Module, opts: ExportOptions, folder: Path, graph_kind
 def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[str]:
     """Graph rewrites on the fp32 export: decoders compute logits for the last position only."""
     if graph_kind == "fused":
-        return ["fused attention (GroupQueryAttention, rotary inside) and norms: ONNX Runtime's model builder", "logits for the last position only"]
+        return list(FUSED_OPTIMIZATIONS)
     if not opts.optimize or opts.spec.role != "decoder":
         return []
+    return ["logits for the last position only"] if last_position_logits_only(graph) else []
+
+
+def last_position_logits_only(graph: Path) -> bool:
+    """Rewrite an Optimum decoder graph file in place to compute the last position's logits
+    only; False (file unchanged) when its logits do not come from a MatMul."""
     proto = load_graph(graph)
     if not keep_last_position_logits(proto):
-        return []
+        return False
     for data in graph.parent.glob(graph.name + "_data*"):
         data.unlink()  # loaded into memory above; rewritten by save_graph
     save_graph(proto, graph)
-    return ["logits for the last position only"]
+    return True
 
 
 def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[nn.Module, dict[str, Any]]:

@@ -7,8 +7,10 @@ Three parts, every adapter merged as for the single components (QLoRA into its d
   (the frames that are the clip's own; the rest is padding);
 - the embedding: the decoder's token table (`embed_tokens.npy`), looked up on the host, where
   the audio rows take the placeholder's place;
-- `decoder.onnx`: the decoder without its embedding (ONNX Runtime's model builder,
-  `exclude_embeds`): `inputs_embeds`, `attention_mask` and the KV cache → logits.
+- `decoder.onnx`: the decoder without its embedding: `inputs_embeds`, `attention_mask` and
+  the KV cache → logits. ONNX Runtime's model builder writes it fused (`exclude_embeds`) for
+  the architectures it covers on the CPU; Optimum's graph, its first input renamed
+  (`lalm_export.embeds_graph`), for the others and for CUDA.
 The parity gate compares the audio features with the eager encoder + projector, then the
 greedy tokens of the whole pipeline with the eager LALM's."""
 
@@ -28,10 +30,11 @@ import torch
 from torch import nn
 
 from lalm_export.bundle_facts import graph_facts, library_versions
+from lalm_export.embeds_graph import export_embeds_decoder
 from lalm_export.errors import OptionsError
-from lalm_export.export import load_merged_model
+from lalm_export.export import last_position_logits_only, load_merged_model
 from lalm_export.families import FamilySpec, get_family
-from lalm_export.fused import build_fused_decoder, unsupported_reason
+from lalm_export.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
 from lalm_export.io import atomic_folder, read_safetensors, sha256_tree
 from lalm_export.models.adapters import load_full_weights
 from lalm_export.models.lalm import (
@@ -43,7 +46,7 @@ from lalm_export.models.lalm import (
     read_lalm_config,
     resize_for_tokenizer,
 )
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_output
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_output, require_cuda
 from lalm_export.precision import SPECS, TransformJob, apply_precision, check_precision
 from lalm_export.progress import Stages
 from lalm_export.signals import speech_like
@@ -152,15 +155,14 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
     stages = Stages(STAGES, quiet=quiet)
     torch.manual_seed(opts.seed)
     merged = load_merged_lalm(opts, stages)
-    reason = unsupported_reason(merged.decoder)
-    if reason is not None:
-        raise OptionsError(f"an LALM's decoder is exported as a fused graph that takes inputs_embeds, and {reason}")
+    graph_kind, why = choose_decoder_graph(opts.decoder_graph, merged.decoder, optimize=True, device=opts.device)
+    builder = "ONNX Runtime's model builder" if graph_kind == "fused" else "Optimum"
     with atomic_folder(opts.output, replace=Path(opts.output).is_dir()) as tmp:
         fp32 = tmp / "fp32"
-        with stages.stage("export", "audio encoder + projector (torch.onnx), decoder without embedding (ONNX Runtime's model builder)"):
+        with stages.stage("export", f"audio encoder + projector (torch.onnx), decoder on inputs_embeds ({builder}: {why})"):
             fp32.mkdir()
             export_audio_encoder(merged.graph, merged.feature_config, fp32 / ENCODER_GRAPH)
-            build_fused_decoder(merged.decoder, merged.tokenizer, fp32, opts.trust_remote_code, exclude_embeds=True, filename=DECODER_GRAPH)
+            optimizations = export_decoder(merged, graph_kind, fp32, opts.trust_remote_code)
             table = merged.decoder.get_input_embeddings().weight.detach().float().numpy()
             np.save(tmp / TOKEN_TABLE, table, allow_pickle=False)
             merged.tokenizer.save_pretrained(str(tmp))
@@ -174,10 +176,10 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
                 place_graph(fp32, tmp, graph, precision, role)
             shutil.rmtree(fp32)
         if opts.verify:
-            with stages.stage("verify", "ONNX Runtime (cpu) vs eager fp32: audio features, then greedy tokens end to end"):
+            with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32: audio features, then greedy tokens end to end"):
                 from lalm_export.lalm_gate import check_lalm
 
-                report = check_lalm(merged, tmp, opts.encoder_precision, all_fp32=all_fp32(opts), seed=opts.seed)
+                report = check_lalm(merged, tmp, opts.encoder_precision, all_fp32=all_fp32(opts), seed=opts.seed, provider=opts.device)
                 for line in report.summary_lines():
                     stages.say(f"      {line}")
                 report.raise_if_failed()
@@ -186,9 +188,18 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
             stages.skip("verify", "--no-verify")
             parity = {"verified": False, "reason": "--no-verify"}
         with stages.stage("write", str(opts.output)):
-            manifest = lalm_manifest(merged, opts, tmp, parity)
+            manifest = lalm_manifest(merged, opts, tmp, parity, graph_kind, optimizations)
             manifest.write(tmp)
     return manifest
+
+
+def export_decoder(merged: MergedLalm, graph_kind: str, folder: Path, trust_remote_code: bool) -> list[str]:
+    """Write `folder/decoder.onnx`, the fp32 decoder on `inputs_embeds`; returns its optimizations."""
+    if graph_kind == "fused":
+        build_fused_decoder(merged.decoder, merged.tokenizer, folder, trust_remote_code, exclude_embeds=True, filename=DECODER_GRAPH)
+        return list(FUSED_OPTIMIZATIONS)
+    graph = export_embeds_decoder(merged.decoder, folder / DECODER_GRAPH, DEFAULT_OPSET)
+    return ["logits for the last position only"] if last_position_logits_only(graph) else []
 
 
 def all_fp32(opts: LalmExportOptions) -> bool:
@@ -210,7 +221,7 @@ def dump_feature_config(config: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps({k: v for k, v in config.items() if k != "mel_filters"}, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, parity: dict[str, Any]) -> Manifest:
+def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, parity: dict[str, Any], graph_kind: str, optimizations: list[str]) -> Manifest:
     encoder_record, opset = graph_facts(folder, folder / ENCODER_GRAPH)
     decoder_record, _ = graph_facts(folder, folder / DECODER_GRAPH)
     spec = merged.graph.spec
@@ -254,12 +265,12 @@ def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, par
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
-            "decoder_graph": "fused (inputs_embeds)",
+            "decoder_graph": f"{graph_kind} (inputs_embeds)",
             "precision": {"audio_encoder": opts.encoder_precision, "decoder": opts.decoder_precision},
         },
         precision=opts.decoder_precision if opts.encoder_precision == opts.decoder_precision else "mixed",
-        optimizations=["fused attention (GroupQueryAttention, rotary inside) and norms: ONNX Runtime's model builder", "logits for the last position only"],
-        device="cpu",
+        optimizations=optimizations,
+        device=opts.device,
     )
 
 
@@ -270,6 +281,8 @@ def validate_lalm_options(opts: LalmExportOptions) -> None:
     if not folder.is_dir():
         raise OptionsError(f"--lalm {folder} does not exist; pass the folder written by LALM.save_pretrained()")
     read_lalm_config(folder)
-    check_precision(opts.encoder_precision, "encoder", "cpu")
-    check_precision(opts.decoder_precision, "decoder", "cpu")
+    check_precision(opts.encoder_precision, "encoder", opts.device)
+    check_precision(opts.decoder_precision, "decoder", opts.device)
     check_output(Path(opts.output), opts.force)
+    if opts.device == "cuda":
+        require_cuda()

@@ -35,6 +35,8 @@ GRAPH_CHOICES = ("auto", "fused", "optimum")
 BUILDER_REQUIREMENT = "onnxruntime-genai>=0.13,<0.14"  # 0.14+ imports transformers 5 classes
 # The builder's causal-LM architectures whose fused graphs this project tests for parity.
 FUSED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# What a fused graph does beyond Optimum's (the manifest's `optimizations`).
+FUSED_OPTIMIZATIONS = ["fused attention (GroupQueryAttention, rotary inside) and norms: ONNX Runtime's model builder", "logits for the last position only"]
 
 
 def builder_available() -> bool:

@@ -65,6 +65,8 @@ class LalmExportOptions:
     trust_remote_code: bool = False
     encoder_precision: str = "fp32"  # the audio encoder + projector graph
     decoder_precision: str = "fp32"
+    decoder_graph: str = "auto"  # auto | fused | optimum, as for --decoder
+    device: str = "cpu"  # where the parity gate runs ONNX Runtime (the eager reference: fp32 on the CPU)
 
 
 def supported_decoder_archs() -> list[str]:

@@ -196,6 +196,7 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
                 "tokens_per_s": result.tokens_per_s,
                 "audio_s": result.audio_s,
                 **result.timings,
+                "batch_size": result.batch_size,
             }
             print(json.dumps(record))
         elif index == 0:

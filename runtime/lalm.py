@@ -19,6 +19,8 @@ from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, gener
 from runtime.limits import AudioLimits, audio_limits
 from runtime.ort_backends import OrtDecoderBackend
 
+GENERATION_BATCH = 8  # clips generated together at most (their KV caches grow with the batch)
+
 
 def prompt_embeddings(prompt_ids: Sequence[int], audio_token_id: int, table: np.ndarray, audio: np.ndarray) -> np.ndarray:
     """`(positions, hidden)`: the prompt's rows of the token table, the audio frames in place of its one placeholder."""
@@ -39,6 +41,7 @@ class Transcription:
     tokens_per_s: float
     timings: dict[str, float] = field(default_factory=dict)  # encoder_s, prefill_s, decode_s
     prompt_tokens: int = 0  # positions of the prompt, the audio frames included
+    batch_size: int = 1  # clips generated together; prefill_s and decode_s are the batch's
 
 
 class LalmRunner:
@@ -55,21 +58,24 @@ class LalmRunner:
         input_kind: str,
         facts: dict[str, Any],
     ) -> None:
+        from runtime.sessions import active_provider
+
         self.folder, self.encoder, self.decoder, self.table = folder, encoder, decoder, table
         self.tokenizer, self.feature_config, self.input_kind, self.facts = tokenizer, feature_config, input_kind, facts
         self.encoder_inputs = [i.name for i in encoder.get_inputs()]
+        self.provider = active_provider(decoder)
         self.backend = self.new_backend()
         self.limits: AudioLimits | None = None  # a bundle's clip lengths (load_lalm sets them from its manifest)
 
     @classmethod
-    def from_parts(cls, folder: Path, feature_config: dict[str, Any], input_kind: str, facts: dict[str, Any]) -> LalmRunner:
+    def from_parts(cls, folder: Path, feature_config: dict[str, Any], input_kind: str, facts: dict[str, Any], provider: str = "cpu") -> LalmRunner:
         """A runner over a bundle still being written (the export's parity gate): its graphs,
         table and tokenizer are in `folder`; the facts come from the exporter, not a manifest."""
         from runtime.manifest import read_tokenizer
         from runtime.sessions import SessionOptions, create_session
 
-        encoder = create_session(folder / "audio_encoder.onnx", SessionOptions(provider="cpu"))
-        decoder = create_session(folder / "decoder.onnx", SessionOptions(provider="cpu"))
+        encoder = create_session(folder / "audio_encoder.onnx", SessionOptions(provider=provider))
+        decoder = create_session(folder / "decoder.onnx", SessionOptions(provider=provider))
         table = np.load(folder / "embed_tokens.npy", allow_pickle=False)
         return cls(folder, encoder, decoder, table, read_tokenizer(folder), feature_config, input_kind, facts)
 
@@ -100,8 +106,9 @@ class LalmRunner:
 
     def new_backend(self) -> OrtDecoderBackend:
         """A decoder backend of its own (KV buffers included) over the shared session: one per
-        generation running at the same time as others."""
-        return OrtDecoderBackend(self.decoder, embed=lambda ids: self.table[ids])
+        generation running at the same time as others. Its KV cache lives in buffers on the
+        provider's device (IO binding): on CUDA it never crosses to the host."""
+        return OrtDecoderBackend(self.decoder, binding_device=self.provider, embed=lambda ids: self.table[ids])
 
     def prompt_ids(self, prompt: str, tokenizer: Any | None = None) -> list[int]:
         tokenizer = tokenizer or self.tokenizer
@@ -119,7 +126,7 @@ class LalmRunner:
         stop: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Generated tokens for one clip's frames and a prompt text holding the placeholder."""
-        return self.generate_from(self.prompt_embeds(features, prompt, options, tokenizer), options, on_step, backend, stop)
+        return self.generate_from(self.prompt_embeds(features, prompt, options, tokenizer), options, on_step, backend, stop)[0]
 
     def generate_from(
         self,
@@ -129,9 +136,10 @@ class LalmRunner:
         backend: OrtDecoderBackend | None = None,
         stop: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> np.ndarray:
-        """Generated tokens for a prompt given as embeddings `(1, positions, hidden)`."""
-        ones = np.ones((1, embeds.shape[1]), dtype=np.int64)
-        return generate(PromptEmbeds(backend or self.backend, embeds), ones * 0, ones, options, stop=stop, on_step=on_step)[0]
+        """Generated tokens `(batch, n)` for prompts given as embeddings `(batch, positions, hidden)`,
+        all of one length: the decoder graphs take no padding."""
+        ones = np.ones(embeds.shape[:2], dtype=np.int64)
+        return generate(PromptEmbeds(backend or self.backend, embeds), ones * 0, ones, options, stop=stop, on_step=on_step)
 
     def prompt_embeds(self, features: np.ndarray, prompt: str, options: GenerationOptions, tokenizer: Any | None = None) -> np.ndarray:
         """`(1, positions, hidden)`: the prompt with the clip's frames in place, checked against the context length."""
@@ -151,8 +159,10 @@ class LalmRunner:
         on_text: Callable[[str], None] | None = None,
     ) -> list[Transcription]:
         """Text for each file or 16 kHz array; `on_text` streams the first clip's text. The
-        encoder runs clips of one input shape as a batch; generation runs clip by clip, so
-        every clip gets the tokens it gets alone."""
+        encoder runs clips of one input shape as a batch, and greedy generation clips with as
+        many frames (prompts of one length, so nothing is padded): every clip gets the tokens
+        it gets alone. The rest, and sampled generations (whose random draws a batch would
+        share), run one by one."""
         if not clips:
             raise RuntimeUserError("no audio given; pass at least one file or array")
         prompt, options = self.resolve(prompt, options)
@@ -162,10 +172,12 @@ class LalmRunner:
         start = time.perf_counter()
         features = self.audio_features_batch([audio.samples for audio in audios])
         encoder_s = (time.perf_counter() - start) / len(audios)
-        return [
-            self.transcribe_features(audio, feature, encoder_s, prompt, options, on_text if index == 0 else None)
-            for index, (audio, feature) in enumerate(zip(audios, features))
-        ]
+        results: dict[int, Transcription] = {}
+        for indices in generation_batches([len(feature) for feature in features], options):
+            streamed = on_text if indices[0] == 0 else None
+            batch = self.transcribe_batch([audios[i] for i in indices], [features[i] for i in indices], encoder_s, prompt, options, streamed)
+            results.update(zip(indices, batch))
+        return [results[i] for i in range(len(audios))]
 
     def check_length(self, audio: Audio) -> None:
         """Refuse a clip shorter than the encoder's receptive field or longer than its window
@@ -198,35 +210,79 @@ class LalmRunner:
     ) -> Transcription:
         """One clip's text from its projected frames (`encoder_s`: the time they took), cut
         at the first of `stop_strings` (generation ends there)."""
+        return self.transcribe_batch([audio], [features], encoder_s, prompt, options, on_text, backend, cancelled, stop_strings)[0]
+
+    def transcribe_batch(
+        self,
+        audios: Sequence[Audio],
+        features: Sequence[np.ndarray],
+        encoder_s: float,
+        prompt: str,
+        options: GenerationOptions,
+        on_text: Callable[[str], None] | None = None,
+        backend: OrtDecoderBackend | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        stop_strings: Sequence[str] = (),
+    ) -> list[Transcription]:
+        """The clips' texts, generated as one batch: their frames must be equally many (the
+        prompts one length). `on_text` streams the first clip's text; a clip's generation ends
+        at its EOS or at the first of `stop_strings`, the batch's when every clip's has."""
         clock = StepClock(lambda row: cut_at_stop(self.decode(row, options), stop_strings), on_text, cancelled)
 
         def stop(tokens: np.ndarray) -> np.ndarray:
             return np.array([any(s in self.decode(row, options) for s in stop_strings) for row in tokens], dtype=bool)
 
         start = time.perf_counter()
-        embeds = self.prompt_embeds(features, prompt, options)
-        tokens = until_eos(self.generate_from(embeds, options, clock, backend, stop if stop_strings else None), options)
+        embeds = np.concatenate([self.prompt_embeds(feature, prompt, options) for feature in features])
+        generated = self.generate_from(embeds, options, clock, backend, stop if stop_strings else None)
         end = time.perf_counter()
         first = clock.first(end)
         timings = {"encoder_s": round(encoder_s, 6), "prefill_s": round(first - start, 6), "decode_s": round(end - first, 6)}
-        text = cut_at_stop(self.decode(tokens, options), stop_strings)
-        clock.finish(text)
-        return Transcription(
-            audio.name,
-            text,
-            tokens,
-            round(audio.seconds, 3),
-            round(encoder_s + first - start, 6),
-            round(clock.tokens_per_s(end), 3),
-            timings,
-            int(embeds.shape[1]),
-        )
+        results = []
+        for audio, row in zip(audios, generated):
+            tokens = self.row_tokens(row, options, stop_strings)
+            results.append(
+                Transcription(
+                    audio.name,
+                    cut_at_stop(self.decode(tokens, options), stop_strings),
+                    tokens,
+                    round(audio.seconds, 3),
+                    round(encoder_s + first - start, 6),
+                    round(clock.tokens_per_s(end), 3),
+                    timings,
+                    int(embeds.shape[1]),
+                    len(audios),
+                )
+            )
+        clock.finish(results[0].text)
+        return results
+
+    def row_tokens(self, row: Sequence[int], options: GenerationOptions, stop_strings: Sequence[str]) -> list[int]:
+        """A batch row's own tokens: up to its EOS or the token that completed a stop string
+        (where its generation would have ended alone); the rest pads it to the batch's length."""
+        tokens = until_eos(row, options)
+        if stop_strings:
+            for end in range(1, len(tokens) + 1):
+                if any(s in self.decode(tokens[:end], options) for s in stop_strings):
+                    return tokens[:end]
+        return tokens
 
     def decode(self, tokens: Sequence[int], options: GenerationOptions) -> str:
         kept = until_eos(tokens, options)
         if kept and options.stop_at_eos and kept[-1] == options.eos_token_id:
             kept = kept[:-1]
         return self.tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def generation_batches(frames: Sequence[int], options: GenerationOptions, largest: int = GENERATION_BATCH) -> list[list[int]]:
+    """Indices of clips to generate together: greedy generations of clips with as many frames
+    (in order, at most `largest` at once); sampled ones alone, each drawing as it would alone."""
+    if options.temperature > 0:
+        return [[index] for index in range(len(frames))]
+    groups: dict[int, list[int]] = {}
+    for index, count in enumerate(frames):
+        groups.setdefault(count, []).append(index)
+    return [indices[at : at + largest] for indices in groups.values() for at in range(0, len(indices), largest)]
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -246,7 +302,7 @@ def clip_audio(clip: str | Path | np.ndarray | Audio, index: int) -> Audio:
 def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
     """The runner of an LALM bundle whose manifest is read and whose graphs are verified."""
     from runtime.manifest import read_json_object, read_tokenizer, sha256_of, verify_graph_files
-    from runtime.sessions import active_provider, open_bundle_graph
+    from runtime.sessions import open_bundle_graph
 
     encoder, decoder = (
         open_bundle_graph(verify_graph_files(folder, manifest.graphs[name]), options, manifest.graphs[name], folder) for name in ("audio_encoder", "decoder")
@@ -258,6 +314,6 @@ def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
     table = np.load(table_path, allow_pickle=False)
     feature_config = read_json_object(folder / "preprocessor_config.json", "bundle file")
     runner = LalmRunner(folder, encoder, decoder, table, read_tokenizer(folder), feature_config, manifest.input_kind, dict(manifest.extra))
-    runner.manifest, runner.provider = manifest, active_provider(decoder)
+    runner.manifest = manifest
     runner.limits = audio_limits(manifest, folder)
     return runner

@@ -47,8 +47,8 @@ def test_fused_graph_replaces_the_shape_arithmetic_with_fused_attention(checkpoi
 
 def tiny_decoder_config(architecture: str, tied: bool = False):
     """The registry's tiny decoder sizes in another architecture's config class."""
-    config_class = {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[architecture]
-    extra = {"head_dim": TINY_HIDDEN // 4} if architecture == "qwen3" else {}
+    config_class = {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "gemma": "GemmaConfig"}[architecture]
+    extra = {"head_dim": TINY_HIDDEN // 4} if architecture in ("qwen3", "gemma") else {}
     return dataclasses.replace(get_family("llm").tiny, config_class=config_class).build(tie_word_embeddings=tied, **extra)
 
 

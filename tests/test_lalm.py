@@ -21,7 +21,9 @@ from lalm_export.options import LalmExportOptions
 from lalm_export.signals import speech_like
 from lalm_export.tiny import save_random_checkpoint
 from runtime.api import load
+from runtime.generation import GenerationOptions
 from runtime.infer import main as infer_main
+from runtime.lalm import clip_audio
 from tests.helpers import assert_user_error, randomize_lora, run_main
 from tests.test_fused import tiny_decoder_config
 
@@ -31,6 +33,12 @@ CLIPS = (speech_like(1.0), speech_like(1.7, seed=3))
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory):
     return save_random_checkpoint("llm", tmp_path_factory.mktemp("qwen2") / "qwen2", tiny_decoder_config("qwen2", tied=True), seed=4)
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    """A decoder outside the fused graph's architectures (its embeddings scaled inside the model)."""
+    return save_random_checkpoint("llm", tmp_path_factory.mktemp("gemma") / "gemma", tiny_decoder_config("gemma", tied=True), seed=5)
 
 
 def tiny_lalm(checkpoints, family: str, decoder_path=None, decoder_mode: dict | None = None, **projector) -> LALM:
@@ -100,10 +108,44 @@ def test_bundle_tokens_equal_eager_for_every_encoder_family(decoder, encoder_fam
     assert manifest.extra["audio_token_id"] == model.audio_token_id and manifest.extra["embedding"]["kind"] == "host table"
     model.set_inference_mode()
     expected = [tokens for _, tokens in model.generate(list(CLIPS), max_new_tokens=32, stop_at_eos=False)]
-    from runtime.generation import GenerationOptions
-
     ours = [t.tokens for t in load(tmp_path / "bundle").transcribe(list(CLIPS), options=GenerationOptions(max_new_tokens=32, stop_at_eos=False))]
     assert ours == expected
+
+
+@pytest.mark.parametrize("decoder, flags", [("gemma", []), ("llama", ["--decoder-graph", "optimum", "--decoder-precision", "int8"])])
+def test_optimums_graph_on_embeddings_where_the_fused_graph_does_not_apply(decoder, flags, checkpoints, gemma, tmp_path, capsys):
+    model = tiny_lalm(checkpoints, "whisper", decoder_path=gemma if decoder == "gemma" else None)
+    model.save_pretrained(tmp_path / "lalm")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", "--json", *flags, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["extra"]["decoder_graph"] == "optimum (inputs_embeds)" and manifest["parity"]["passed"]
+    assert manifest["optimizations"] == ["logits for the last position only"]
+    graph = onnx.load(str(tmp_path / "bundle" / "decoder.onnx"), load_external_data=False)
+    inputs = {i.name for i in graph.graph.input}
+    assert "inputs_embeds" in inputs and "input_ids" not in inputs and "GroupQueryAttention" not in {n.op_type for n in graph.graph.node}
+    options = GenerationOptions(max_new_tokens=32, stop_at_eos=False)
+    ours = [t.tokens for t in load(tmp_path / "bundle").transcribe(list(CLIPS), options=options)]
+    if not flags:  # fp32: every token equals eager's
+        model.set_inference_mode()
+        assert manifest["parity"]["greedy"]["agreement"] == 1.0
+        assert ours == [tokens for _, tokens in model.generate(list(CLIPS), max_new_tokens=32, stop_at_eos=False)]
+    assert all(len(tokens) == 32 for tokens in ours)
+
+
+def test_a_fused_graph_for_a_decoder_it_does_not_cover_is_refused(checkpoints, gemma, tmp_path, capsys):
+    tiny_lalm(checkpoints, "hubert", decoder_path=gemma).save_pretrained(tmp_path / "lalm")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", "--decoder-graph", "fused", capsys=capsys)
+    assert_user_error(result, "--decoder-graph fused: GemmaForCausalLM is not one of the fused-graph architectures")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_an_lalm_for_cuda_without_a_gpu_is_a_clear_error(checkpoints, tmp_path, capsys):
+    tiny_lalm(checkpoints, "hubert").save_pretrained(tmp_path / "lalm")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", "--precision", "fp16", "--device", "cuda", capsys=capsys)
+    assert_user_error(result, "--device cuda: PyTorch sees no CUDA GPU here")
+    assert not (tmp_path / "b").exists()
 
 
 def test_qlora_decoder_is_merged_into_its_dequantized_base(checkpoints, tmp_path):
@@ -144,6 +186,28 @@ def test_infer_transcribes_audio_files_as_json_and_streams(checkpoints, tmp_path
     assert [r["tokens"] for r in records] == [tokens for _, tokens in expected]
     streamed = run_main(infer_main, tmp_path / "bundle", "--audio", files[0], "--max-new-tokens", "16", "--prompt", "Transcribe the audio:", capsys=capsys)
     assert streamed.returncode == 0 and streamed.stdout == records[0]["text"] + "\n"
+
+
+def test_clips_with_as_many_frames_generate_as_one_batch_with_the_tokens_of_each_alone(checkpoints, tmp_path):
+    tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
+    export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
+    runner = load(tmp_path / "bundle")
+    clips = [speech_like(1.0, seed=0), speech_like(1.0, seed=7), speech_like(1.3, seed=9), speech_like(1.0, seed=11)]
+    options = GenerationOptions(max_new_tokens=24)
+    together = runner.transcribe(clips, options=options)
+    assert [t.batch_size for t in together] == [3, 3, 1, 3]
+    alone = [runner.transcribe([clip], options=options)[0] for clip in clips]
+    assert [t.tokens for t in together] == [t.tokens for t in alone] and [t.text for t in together] == [t.text for t in alone]
+    # A stop string ends a row where it would end alone; the others go on.
+    first, second = alone[0].text, alone[1].text
+    stop = next(first[i : i + 3] for i in range(len(first) - 2) if "\ufffd" not in first[i : i + 3] and first[i : i + 3] not in second)
+    audios, prompt = [clip_audio(clip, i) for i, clip in enumerate(clips[:2])], runner.facts["prompt"]
+    features = runner.audio_features_batch([a.samples for a in audios])
+    options = runner.resolve(None, options)[1]
+    batched = runner.transcribe_batch(audios, features, 0.0, prompt, options, stop_strings=[stop])
+    single = [runner.transcribe_features(a, f, 0.0, prompt, options, stop_strings=[stop]) for a, f in zip(audios, features)]
+    assert [t.tokens for t in batched] == [t.tokens for t in single]
+    assert len(batched[0].tokens) < len(batched[1].tokens) == len(alone[1].tokens) and stop not in batched[0].text
 
 
 def test_lalm_flags_that_describe_a_component_are_refused(checkpoints, tmp_path, capsys):
