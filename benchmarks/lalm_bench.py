@@ -1,7 +1,8 @@
 """The audio LLM in `python -m benchmarks run --families lalm`: a Whisper encoder of the
 preset's size, a projector and the preset's decoder (random weights), exported with
 `lalm-export --lalm` in each variant, timed end to end on one clip against the eager LALM in
-fp32 and bf16, interleaved, the time split into encoder, prefill and decode."""
+fp32 and bf16 (on CUDA: fp32 and fp16), interleaved, the time split into encoder, prefill and
+decode."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary
+from benchmarks.presets import EAGER_PRECISIONS, TORCH_DTYPE_NAMES
 from lalm_export.errors import LalmExportError
 from lalm_export.export_lalm import export_lalm_bundle
 from lalm_export.models import LLMDecoder, WhisperAudioEncoder
@@ -23,12 +25,14 @@ from lalm_export.signals import speech_like
 from lalm_export.tiny import save_random_checkpoint
 from runtime.api import load
 from runtime.generation import GenerationOptions
+from runtime.sessions import SessionOptions
 
 LALM_FAMILY = "lalm"
 NEW_TOKENS = 32
 DOWNSAMPLE = 4
-# variant -> (encoder precision, decoder precision): fp32 both; int8 both; int8 encoder with int4 decoder
-VARIANTS = {"fp32": ("fp32", "fp32"), "int8": ("int8", "int8"), "int4": ("int8", "int4")}
+# variant -> (encoder precision, decoder precision): fp32 both; int8 both; int8 encoder with int4
+# decoder (CPU); fp16 both (CUDA, or a CPU dry run of the GPU script)
+VARIANTS = {"fp32": ("fp32", "fp32"), "int8": ("int8", "int8"), "int4": ("int8", "int4"), "fp16": ("fp16", "fp16")}
 
 
 def build_lalm(settings: Any) -> Path:
@@ -62,7 +66,8 @@ def export_lalm_variants(settings: Any, exports: list[dict[str, Any]], say: Any)
         record: dict[str, Any] = {"family": LALM_FAMILY, "precision": variant}
         try:
             manifest = export_lalm_bundle(
-                LalmExportOptions(lalm=folder, output=target, force=True, encoder_precision=encoder, decoder_precision=decoder), quiet=True
+                LalmExportOptions(lalm=folder, output=target, force=True, encoder_precision=encoder, decoder_precision=decoder, device=settings.provider),
+                quiet=True,
             )
             record["parity_gate"] = "passed" if manifest.parity.get("passed") else "failed"
             bundles[variant] = target
@@ -83,9 +88,11 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
     preset = settings.preset
     clip = speech_like(preset.audio_seconds, seed=settings.seed)
     options = GenerationOptions(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
-    model = LALM.from_pretrained(folder)
+    model = LALM.from_pretrained(folder).to(settings.provider)
     model.set_inference_mode()
-    eager = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    eager = {"fp32": model}
+    for precision in EAGER_PRECISIONS[settings.provider][1:]:
+        eager[precision] = copy.deepcopy(model).to(getattr(torch, TORCH_DTYPE_NAMES[precision]))
 
     def eager_run(lalm: LALM) -> dict[str, Any]:
         tokens, timings = lalm.generate_clip(clip, None, options)
@@ -95,7 +102,7 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
     for precision, lalm in eager.items():
         runners[f"eager-{precision}"] = lambda lalm=lalm: eager_run(lalm)
     for variant, path in bundles.items():
-        runner = load(path)
+        runner = load(path, SessionOptions(provider=settings.provider))
 
         def onnx_run(runner=runner) -> dict[str, Any]:
             (result,) = runner.transcribe([clip], options=options)
@@ -112,7 +119,7 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
         figures = {"greedy_agreement": float(same.mean()), "first_divergence": None if same.all() else int(np.argmin(same))}
         bounds = {"greedy_agreement": {"min": 1.0}} if name == "onnx-fp32" else {}
         speedups = {}
-        for ref in ("fp32", "bf16"):
+        for ref in EAGER_PRECISIONS[settings.provider]:
             reference_runs = results[f"eager-{ref}"]
             speedups[f"end to end vs eager-{ref}"] = ratio_summary([r["total"] for r in reference_runs], [r["total"] for r in runs])
         rows.append(

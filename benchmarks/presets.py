@@ -35,6 +35,9 @@ class Preset:
 
 DEFAULT_VARIANTS = {"encoder": ("fp32", "int8"), "decoder": ("fp32", "int8", "int4", "int4-b128")}
 GPU_VARIANTS = {"encoder": ("fp32", "fp16"), "decoder": ("fp32", "fp16")}
+# The eager references per provider: fp32, and what a user would run instead of it there.
+EAGER_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 PRESETS = {
     "tiny": Preset(

@@ -29,10 +29,10 @@ from benchmarks.compare import bounds_breached
 from benchmarks.lalm_bench import LALM_FAMILY, bench_lalm, export_lalm_variants, lalm_runs
 from benchmarks.machine import describe_machine, measure_ceilings
 from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary, timed
-from benchmarks.presets import GPU_VARIANTS, PRESETS, Preset
+from benchmarks.presets import EAGER_PRECISIONS, GPU_VARIANTS, PRESETS, TORCH_DTYPE_NAMES, Preset
 from lalm_export.bundle_facts import library_versions
 from lalm_export.eager import EagerDecoderBackend, full_fp32
-from lalm_export.errors import LalmExportError, OptionsError
+from lalm_export.errors import LalmExportError
 from lalm_export.export import ExportOptions, export_bundle
 from lalm_export.families import FAMILIES, get_family
 from lalm_export.models.loading import load_family_model
@@ -49,8 +49,6 @@ from runtime.sessions import SessionOptions, cuda_provider_options
 
 RESULTS_SCHEMA = 1
 BENCH_FAMILIES = (*FAMILIES, LALM_FAMILY)  # every registry family, then the audio LLM built from two of them
-EAGER_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CEILING_FOR = {"fp32": "fp32_gemm_gflops", "bf16": "bf16_gemm_gflops", "int8": "int8_gemm_gops", "fp16": "fp16_gemm_gflops", "int4": "int8_gemm_gops"}
 
 
@@ -157,7 +155,7 @@ def eager_models(family: str, checkpoint: Path, provider: str) -> dict[str, torc
     base = load_family_model(get_family(family), str(checkpoint)).float().eval().to(provider)
     models = {"fp32": base}
     for precision in EAGER_PRECISIONS[provider][1:]:
-        models[precision] = copy.deepcopy(base).to(TORCH_DTYPES[precision])
+        models[precision] = copy.deepcopy(base).to(getattr(torch, TORCH_DTYPE_NAMES[precision]))
     return models
 
 
@@ -475,8 +473,6 @@ def make_settings(
     preset: str, families: list[str] | None, variants: list[str] | None, provider: str, work: Path, repeats: int | None, decoder_graph: str = "auto"
 ) -> RunSettings:
     """Settings for a run; `variants` are precisions, each exported for the roles and provider it suits."""
-    if provider != "cpu" and families and LALM_FAMILY in families:
-        raise OptionsError("--families lalm: audio LLM bundles are exported and verified for the CPU provider only in this version")
     chosen = PRESETS[preset]
     wanted = GPU_VARIANTS if provider == "cuda" else chosen.variants
     if variants:
@@ -486,7 +482,7 @@ def make_settings(
         }
     return RunSettings(
         preset=chosen,
-        families=tuple(families or (BENCH_FAMILIES if provider == "cpu" else FAMILIES)),
+        families=tuple(families or BENCH_FAMILIES),
         variants=wanted,
         provider=provider,
         work=work,

@@ -98,6 +98,8 @@ class OrtDecoderBackend:
         )
         self.uses_position_ids = "position_ids" in inputs
         self.takes_embeds = "inputs_embeds" in inputs
+        # float16 in an fp16 graph (only the logits keep float32 there)
+        self.embeds_dtype = _ORT_FLOAT.get(inputs["inputs_embeds"].type, np.float32) if self.takes_embeds else np.float32
         if self.takes_embeds and embed is None:
             raise RuntimeUserError("this decoder graph takes inputs_embeds: it needs the bundle's token table (load it through runtime.api)")
         first = inputs[self.past_names[0]] if self.past_names else None
@@ -117,7 +119,7 @@ class OrtDecoderBackend:
         """`input_ids` `(batch, new)`, or embeddings `(batch, new, hidden)` for a prompt."""
         if self.takes_embeds:
             embeds = input_ids if input_ids.ndim == 3 else self.embed(input_ids)
-            feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": self._mask}
+            feeds = {"inputs_embeds": embeds.astype(self.embeds_dtype), "attention_mask": self._mask}
         else:
             feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": self._mask}
         if self.uses_position_ids:

@@ -112,9 +112,12 @@ def test_bundle_tokens_equal_eager_for_every_encoder_family(decoder, encoder_fam
     assert ours == expected
 
 
-@pytest.mark.parametrize("decoder, flags", [("gemma", []), ("llama", ["--decoder-graph", "optimum", "--decoder-precision", "int8"])])
-def test_optimums_graph_on_embeddings_where_the_fused_graph_does_not_apply(decoder, flags, checkpoints, gemma, tmp_path, capsys):
-    model = tiny_lalm(checkpoints, "whisper", decoder_path=gemma if decoder == "gemma" else None)
+@pytest.mark.parametrize(
+    "decoder, flags",
+    [("gemma", []), ("llama", ["--decoder-graph", "optimum", "--decoder-precision", "int8"]), ("qwen2", ["--decoder-graph", "optimum", "--precision", "fp16"])],
+)
+def test_optimums_graph_on_embeddings_where_the_fused_graph_does_not_apply(decoder, flags, checkpoints, gemma, qwen2, tmp_path, capsys):
+    model = tiny_lalm(checkpoints, "whisper", decoder_path={"gemma": gemma, "qwen2": qwen2}.get(decoder))
     model.save_pretrained(tmp_path / "lalm")
     result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", "--json", *flags, capsys=capsys)
     assert result.returncode == 0, result.stderr

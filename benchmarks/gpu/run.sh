@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU run: install carried wheels, export fp32 and fp16 bundles on CUDA (parity
 # gate on), and time eager PyTorch (fp32, fp16) against ONNX Runtime CUDA (IO binding) for
-# the three encoders and the decoder at base sizes. Writes results.json and report.md.
+# the encoders, the decoder and the audio LLM at base sizes. Writes results.json and report.md.
 #
 #   bash benchmarks/gpu/run.sh --stash DIR            keep DIR's wheels/parts for a later call
 #   bash benchmarks/gpu/run.sh [--stash DIR] --out OUT   assemble, install, check, benchmark

@@ -136,8 +136,8 @@ class LALM(nn.Module):
     def audio_features(self, clips: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Each clip's projected frames `(frames, decoder hidden)`, padding cut."""
         inputs, frames = self.encoder_inputs(clips)
-        dtype = next(self.encoder.parameters()).dtype  # a model cast to bf16 takes bf16 inputs
-        projected = self.projector(self.encoder(inputs.to(dtype)))
+        weight = next(self.encoder.parameters())  # a model moved to a GPU or cast to bf16 takes its inputs there
+        projected = self.projector(self.encoder(inputs.to(weight.device, weight.dtype)))
         return [projected[i, : self.projector.frames(n)] for i, n in enumerate(frames)]
 
     # --- prompts ------------------------------------------------------------------------
