@@ -81,6 +81,7 @@ class MergedLalm:
     config: dict[str, Any]
     feature_config: dict[str, Any]
     sources: dict[str, Source]
+    notes: dict[str, dict[str, Any]]  # per component, beyond its source (adapter modules left out)
 
 
 def component_options(folder: Path, part: str, config: dict[str, Any], trust_remote_code: bool) -> ExportOptions:
@@ -125,7 +126,8 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
     projector.load_state_dict(read_safetensors(folder / PROJECTOR_WEIGHTS))
     graph = AudioEncoderGraph(encoder, projector.eval(), spec).eval()
     feature_config = encoder_feature_config_for(config["encoder"]["base_model"], spec, encoder.config)
-    return MergedLalm(graph, decoder.eval(), tokenizer, config, feature_config, {part: merged.source for part, merged in parts.items()})
+    sources = {part: merged.source for part, merged in parts.items()}
+    return MergedLalm(graph, decoder.eval(), tokenizer, config, feature_config, sources, {part: merged.notes for part, merged in parts.items()})
 
 
 def export_audio_encoder(graph: AudioEncoderGraph, feature_config: dict[str, Any], target: Path) -> None:
@@ -240,7 +242,7 @@ def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, par
         parity=parity,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={
-            "components": {part: dataclasses.asdict(source) for part, source in merged.sources.items()},
+            "components": {part: {**dataclasses.asdict(source), **merged.notes[part]} for part, source in merged.sources.items()},
             "encoder": {
                 "family": spec.name,
                 "hidden_size": int(encoder_config.hidden_size),

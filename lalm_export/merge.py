@@ -20,9 +20,8 @@ from torch import nn
 
 from lalm_export.errors import AdapterMismatchError
 from lalm_export.io import read_json, read_safetensors
-from lalm_export.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_folder, read_lora_scaling
+from lalm_export.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, check_adapter_folder, read_lora_scaling, relative_to_part
 
-_PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -141,9 +140,9 @@ def _split_by_part(parts: dict[str, dict[str, torch.Tensor]], part: str, linears
     part itself also counts), and the names of those outside it."""
     inside, outside = {}, []
     for name in sorted(parts):
-        segments = name.split(".")
-        if part in segments:
-            inside[".".join(segments[segments.index(part) + 1 :])] = parts[name]
+        relative = relative_to_part(name, part)
+        if relative is not None:
+            inside[relative] = parts[name]
         elif name in linears:
             inside[name] = parts[name]
         else:
@@ -160,7 +159,7 @@ def _read_pairs(folder: str | Path, model: nn.Module, part: str | None) -> Adapt
     tensors = read_safetensors(folder / ADAPTER_WEIGHTS)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
+        match = _LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
         if match is None:
             raise AdapterMismatchError(f"adapter tensor {key} is not a LoRA A/B weight; the merge supports LoRA on Linear layers")
         parts.setdefault(match["module"], {})[match["part"]] = tensor

@@ -5,6 +5,7 @@ torch-free runtime, whose tokens must equal the eager model's."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -149,6 +150,46 @@ def test_an_lalm_for_cuda_without_a_gpu_is_a_clear_error(checkpoints, tmp_path, 
     result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", "--precision", "fp16", "--device", "cuda", capsys=capsys)
     assert_user_error(result, "--device cuda: PyTorch sees no CUDA GPU here")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_whisper_encoder_takes_an_adapter_trained_on_the_whole_whisper_model(checkpoints, tmp_path, capsys):
+    """The usual recipe (peft on WhisperForConditionalGeneration, q_proj/v_proj) adapts the text
+    decoder too: the wrapper loads the encoder's part and says what it left out, and an LALM
+    folder holding such an adapter exports its encoder part, counted in the manifest."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import WhisperForConditionalGeneration
+
+    from lalm_export.models import WhisperAudioEncoder
+    from tests.helpers import relative_error
+
+    whole = get_peft_model(
+        WhisperForConditionalGeneration.from_pretrained(str(checkpoints["whisper"])), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    randomize_lora(whole, seed=3)
+    whole.save_pretrained(str(tmp_path / "whole"))
+    left_out = sum(1 for name, _ in whole.named_modules() if ".decoder." in name and name.endswith(("q_proj", "v_proj")))
+    encoder = WhisperAudioEncoder(
+        str(checkpoints["whisper"]), use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=("q_proj", "v_proj")
+    )
+    with pytest.warns(UserWarning, match=f"also adapts {left_out} modules outside the whisper encoder"):
+        encoder.load_lora_weights(tmp_path / "whole")
+    features = torch.randn(1, 80, 3000)
+    with torch.no_grad():
+        expected = whole.merge_and_unload().model.encoder(features).last_hidden_state
+        assert relative_error(expected, encoder.encoder(features).last_hidden_state) <= 1e-5
+    model = LALM(encoder, LLMDecoder(str(checkpoints["llm"])), ProjectorConfig(downsample=2))
+    model.save_pretrained(tmp_path / "lalm")
+    shutil.rmtree(tmp_path / "lalm" / "encoder")
+    shutil.copytree(tmp_path / "whole", tmp_path / "lalm" / "encoder")  # the whole model's adapter as the LALM's encoder
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", "--json", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert f"the adapter also adapts {left_out} modules outside the whisper encoder" in result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["extra"]["components"]["encoder"]["adapter_modules_left_out"] == left_out and manifest["parity"]["greedy"]["agreement"] == 1.0
+    model.set_inference_mode()
+    options = GenerationOptions(max_new_tokens=32, stop_at_eos=False)
+    expected_tokens = [tokens for _, tokens in model.generate(list(CLIPS), max_new_tokens=32, stop_at_eos=False)]
+    assert [t.tokens for t in load(tmp_path / "bundle").transcribe(list(CLIPS), options=options)] == expected_tokens
 
 
 def test_qlora_decoder_is_merged_into_its_dequantized_base(checkpoints, tmp_path):

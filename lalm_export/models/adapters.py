@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from lalm_export.errors import AdapterMismatchError, OptionsError
+from lalm_export.families import get_family
 from lalm_export.io import atomic_folder, read_json, read_safetensors, write_json, write_safetensors
 
 ADAPTER_METADATA = "lalm_adapter.json"
@@ -199,8 +201,34 @@ def save_adapter(peft_model: nn.Module, folder: str | Path, metadata: AdapterMet
         write_json(metadata.to_dict(), tmp / ADAPTER_METADATA)
 
 
-def load_adapter(peft_model: nn.Module, folder: str | Path, family: str) -> None:
-    """Load adapter weights into a peft model after checking family, keys and shapes."""
+PEFT_PREFIX = "base_model.model."
+
+
+def tensors_for_part(tensors: dict[str, torch.Tensor], part: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An adapter trained on a whole model (peft on WhisperForConditionalGeneration:
+    `base_model.model.model.encoder.layers...`) named as one trained on its `part` alone
+    (`base_model.model.layers...`), and the adapted modules outside the part (its text decoder's)."""
+    inside, outside = {}, set()
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        relative = relative_to_part(name, part)
+        if relative is not None:
+            inside[PEFT_PREFIX + relative] = tensor
+        else:
+            outside.add(name.rsplit(".lora_", 1)[0])
+    return inside, sorted(outside)
+
+
+def relative_to_part(name: str, part: str) -> str | None:
+    """`name` relative to the `part` submodule it lies in (`model.encoder.layers.0` → `layers.0`), or None outside it."""
+    segments = name.split(".")
+    return ".".join(segments[segments.index(part) + 1 :]) if part in segments else None
+
+
+def load_adapter(peft_model: nn.Module, folder: str | Path, family: str, part: str | None = None) -> list[str]:
+    """Load adapter weights into a peft model after checking family, keys and shapes. The
+    model is the `part` submodule of a larger one (Whisper's encoder): an adapter trained on
+    the whole model loads its part; returns the adapted modules left out (the text decoder's)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     folder = check_adapter_folder(folder)
@@ -217,10 +245,14 @@ def load_adapter(peft_model: nn.Module, folder: str | Path, family: str) -> None
         )
     tensors = read_safetensors(folder / ADAPTER_WEIGHTS)
     expected = {k: v.shape for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    left_out: list[str] = []
+    if part is not None and not set(tensors) <= set(expected):
+        tensors, left_out = tensors_for_part(tensors, part)
     problem = first_mismatch(expected, tensors, f"adapter {folder}")
     if problem:
         raise AdapterMismatchError(f"{problem}: it was trained for another base model or LoRA rank")
     set_peft_model_state_dict(peft_model, tensors)
+    return left_out
 
 
 def save_full_weights(model: nn.Module, folder: str | Path, family: str, base_model: str) -> None:
@@ -300,9 +332,18 @@ class AdapterCheckpoints:
         save_adapter(self._adapted, path, self.adapter_metadata())
 
     def load_lora_weights(self, path: str | Path) -> None:
-        """Weights of a saved adapter, checked against this model's family, keys and shapes."""
+        """Weights of a saved adapter, checked against this model's family, keys and shapes.
+        Whisper's encoder also loads the encoder's part of an adapter trained on the whole
+        Whisper model, with a warning that names what was left out."""
         self._require_adapter("load_lora_weights")
-        load_adapter(self._adapted, path, self.family)
+        part = get_family(self.family).submodule
+        left_out = load_adapter(self._adapted, path, self.family, part)
+        if left_out:
+            warnings.warn(
+                f"adapter {path} also adapts {len(left_out)} modules outside the {self.family} {part} (e.g. {left_out[0]}); "
+                "they are not part of this model and were left out",
+                stacklevel=2,
+            )
 
     def adapter_metadata(self) -> AdapterMetadata:
         return AdapterMetadata(
