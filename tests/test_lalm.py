@@ -22,6 +22,7 @@ from lalm_export.options import LalmExportOptions
 from lalm_export.signals import speech_like
 from lalm_export.tiny import save_random_checkpoint
 from runtime.api import load
+from runtime.audio import load_audio
 from runtime.generation import GenerationOptions
 from runtime.infer import main as infer_main
 from runtime.lalm import clip_audio
@@ -101,16 +102,18 @@ def test_save_and_load_give_the_same_model_and_training_goes_on(checkpoints, tmp
 
 
 @pytest.mark.parametrize("decoder", ["llama", "qwen2"])
-def test_bundle_tokens_equal_eager_for_every_encoder_family(decoder, encoder_family, checkpoints, qwen2, tmp_path):
+def test_bundle_tokens_equal_eager_for_every_encoder_family(decoder, encoder_family, checkpoints, qwen2, audio_files, tmp_path):
+    """Audio files (16 kHz mono, and 8 kHz stereo the runtime resamples), the two of one length generated as one batch."""
     model = tiny_lalm(checkpoints, encoder_family, decoder_path=qwen2 if decoder == "qwen2" else None)
     model.save_pretrained(tmp_path / "lalm")
     manifest = export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
     assert manifest.role == "lalm" and manifest.parity["passed"] and manifest.parity["greedy"]["agreement"] == 1.0
     assert manifest.extra["audio_token_id"] == model.audio_token_id and manifest.extra["embedding"]["kind"] == "host table"
     model.set_inference_mode()
-    expected = [tokens for _, tokens in model.generate(list(CLIPS), max_new_tokens=32, stop_at_eos=False)]
-    ours = [t.tokens for t in load(tmp_path / "bundle").transcribe(list(CLIPS), options=GenerationOptions(max_new_tokens=32, stop_at_eos=False))]
-    assert ours == expected
+    clips = [load_audio(path).samples for path in audio_files]
+    expected = [tokens for _, tokens in model.generate(clips, max_new_tokens=32, stop_at_eos=False)]
+    ours = load(tmp_path / "bundle").transcribe(audio_files, options=GenerationOptions(max_new_tokens=32, stop_at_eos=False))
+    assert [t.tokens for t in ours] == expected and max(t.batch_size for t in ours) == 2
 
 
 @pytest.mark.parametrize(
