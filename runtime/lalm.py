@@ -196,22 +196,6 @@ class LalmRunner:
             options = replace(options, eos_token_id=self.facts.get("eos_token_id"))
         return prompt, options
 
-    def transcribe_features(
-        self,
-        audio: Audio,
-        features: np.ndarray,
-        encoder_s: float,
-        prompt: str,
-        options: GenerationOptions,
-        on_text: Callable[[str], None] | None = None,
-        backend: OrtDecoderBackend | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        stop_strings: Sequence[str] = (),
-    ) -> Transcription:
-        """One clip's text from its projected frames (`encoder_s`: the time they took), cut
-        at the first of `stop_strings` (generation ends there)."""
-        return self.transcribe_batch([audio], [features], encoder_s, prompt, options, on_text, backend, cancelled, stop_strings)[0]
-
     def transcribe_batch(
         self,
         audios: Sequence[Audio],

@@ -252,7 +252,7 @@ def test_clips_with_as_many_frames_generate_as_one_batch_with_the_tokens_of_each
     features = runner.audio_features_batch([a.samples for a in audios])
     options = runner.resolve(None, options)[1]
     batched = runner.transcribe_batch(audios, features, 0.0, prompt, options, stop_strings=[stop])
-    single = [runner.transcribe_features(a, f, 0.0, prompt, options, stop_strings=[stop]) for a, f in zip(audios, features)]
+    single = [runner.transcribe_batch([a], [f], 0.0, prompt, options, stop_strings=[stop])[0] for a, f in zip(audios, features)]
     assert [t.tokens for t in batched] == [t.tokens for t in single]
     assert len(batched[0].tokens) < len(batched[1].tokens) == len(alone[1].tokens) and stop not in batched[0].text
 

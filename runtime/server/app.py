@@ -390,9 +390,9 @@ async def _lalm_work(
     as_api_error(lambda: model.runner.prompt_embeds(features, prompt, options))
 
     def work(on_text: Callable | None) -> Callable:
-        return lambda backend, cancelled: model.runner.transcribe_features(
-            audio, features, encoder_s, prompt, options, on_text, backend, cancelled, stop_strings=stop or ()
-        )
+        return lambda backend, cancelled: model.runner.transcribe_batch(
+            [audio], [features], encoder_s, prompt, options, on_text, backend, cancelled, stop_strings=stop or ()
+        )[0]
 
     return work
 

@@ -86,7 +86,7 @@ async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, 
         features = await engine.encode(model, audio)
         encoder_s = time.perf_counter() - start
         result = await engine.generate(
-            model, lambda backend, cancelled: model.runner.transcribe_features(audio, features, encoder_s, prompt, options, None, backend, cancelled)
+            model, lambda backend, cancelled: model.runner.transcribe_batch([audio], [features], encoder_s, prompt, options, None, backend, cancelled)[0]
         )
     return {"text": result.text, "tokens": result.tokens}
 
