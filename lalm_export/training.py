@@ -25,7 +25,7 @@ def train_lalm(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     for step in range(steps):
         clips, targets = batch_for(step)
-        loss = model(list(clips), [prompt] * len(clips), list(targets)).loss
+        loss = model(list(clips), **model.training_batch([prompt] * len(clips), list(targets))).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -66,7 +66,7 @@ def test_placeholder_expands_to_the_clip_frames_and_padding_is_cut(checkpoints):
 def test_loss_counts_the_target_text_only(checkpoints):
     model = tiny_lalm(checkpoints, "wav2vec2")
     model.set_training_mode()
-    out = model([CLIPS[0]], [None], ["one two"])
+    out = model([CLIPS[0]], **model.training_batch([None], ["one two"]))
     target = model.decoder.tokenizer("one two", add_special_tokens=False)["input_ids"] + [model.decoder.tokenizer.eos_token_id]
     prompt_positions = len(model.prompt_ids(None)) - 1 + model.audio_features([CLIPS[0]])[0].shape[0]
     assert out.logits.shape[1] == prompt_positions + len(target)
@@ -77,6 +77,29 @@ def test_loss_counts_the_target_text_only(checkpoints):
     out.loss.backward()
     trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert trained == {"encoder", "decoder", "projector"}  # LoRA on both, the projector always
+
+
+def test_forward_takes_a_padded_audio_tensor_and_token_rows_padded_on_either_side(checkpoints):
+    """The Hugging Face style batch: a padded waveform tensor with lengths, input_ids with an
+    attention mask (left padding here), labels of -100 where no loss goes."""
+    model = tiny_lalm(checkpoints, "wav2vec2")
+    model.set_inference_mode()
+    batch = model.training_batch([None, "<|audio|>Say it again:"], ["one two", "three"])
+    reference = model(list(CLIPS), **batch)
+    lengths = [len(clip) for clip in CLIPS]
+    padded = torch.zeros(2, max(lengths))
+    for row, clip in enumerate(CLIPS):
+        padded[row, : len(clip)] = torch.from_numpy(clip)
+    shift = (batch["attention_mask"] == 0).sum(dim=1)  # right padding moved to the left
+    left = {name: torch.stack([torch.roll(row, int(n)) for row, n in zip(value, shift)]) for name, value in batch.items()}
+    out = model(padded, **left, audio_lengths=torch.tensor(lengths))
+    torch.testing.assert_close(out.loss, reference.loss)
+    assert model(padded, batch["input_ids"], batch["attention_mask"], audio_lengths=lengths).loss is None  # no labels, no loss
+    with pytest.raises(OptionsError, match="audio_lengths must give each"):
+        model(padded, **batch, audio_lengths=[lengths[0]])
+    with pytest.raises(OptionsError, match="exactly once"):
+        model(list(CLIPS), torch.ones(2, 4, dtype=torch.long))
+    assert model.generate(padded, audio_lengths=lengths, max_new_tokens=6) == model.generate(list(CLIPS), max_new_tokens=6)
 
 
 def test_modes_decide_what_trains(checkpoints):
@@ -97,7 +120,7 @@ def test_save_and_load_give_the_same_model_and_training_goes_on(checkpoints, tmp
     reloaded.set_inference_mode()
     assert reloaded.generate(list(CLIPS), max_new_tokens=12) == expected
     reloaded.set_training_mode()  # continuous learning: the reloaded adapters and projector train on
-    reloaded(list(CLIPS), [None, None], ["a", "b"]).loss.backward()
+    reloaded(list(CLIPS), **reloaded.training_batch([None, None], ["a", "b"])).loss.backward()
     assert any(p.grad is not None for p in reloaded.projector.parameters())
 
 

@@ -31,6 +31,25 @@ PROJECTOR_WEIGHTS = "projector.safetensors"
 IGNORE = -100  # label of positions that carry no loss (audio, prompt, padding)
 
 
+# A batch of 16 kHz clips: arrays or 1-D tensors of their own lengths, or one padded
+# `(batch, samples)` tensor or array whose lengths come in `audio_lengths`.
+AudioBatch = Sequence[np.ndarray] | Sequence[torch.Tensor] | torch.Tensor | np.ndarray
+
+
+def as_clips(audio: AudioBatch, audio_lengths: Sequence[int] | torch.Tensor | None = None) -> list[np.ndarray]:
+    """Each clip's own samples as float32 numpy: a padded batch is cut to `audio_lengths`
+    (without them every row is taken whole)."""
+    if isinstance(audio, torch.Tensor | np.ndarray) and audio.ndim == 2:
+        rows = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio, dtype=np.float32)
+        lengths = [rows.shape[1]] * len(rows) if audio_lengths is None else [int(n) for n in audio_lengths]
+        if len(lengths) != len(rows) or not all(0 < n <= rows.shape[1] for n in lengths):
+            raise OptionsError(f"audio_lengths must give each of the {len(rows)} rows a length in 1..{rows.shape[1]}, not {lengths}")
+        return [row[:n] for row, n in zip(rows, lengths)]
+    if audio_lengths is not None:
+        raise OptionsError("audio_lengths goes with a padded (batch, samples) tensor; clips of their own lengths need none")
+    return [clip.detach().cpu().float().numpy() if isinstance(clip, torch.Tensor) else np.asarray(clip, dtype=np.float32) for clip in audio]
+
+
 @dataclass(frozen=True)
 class ProjectorConfig:
     """Encoder frames → decoder embeddings: stack `downsample` frames, then a two-layer MLP
@@ -159,35 +178,75 @@ class LALM(nn.Module):
         ids = self.decoder.tokenizer(text, add_special_tokens=True)["input_ids"]
         return list(ids)
 
-    def forward(self, audio: Sequence[np.ndarray], prompts: Sequence[str | None], targets: Sequence[str]) -> Any:
-        """Teacher-forced loss on the target text (and EOS) only: audio and prompt positions
-        carry no loss. Returns the decoder's output (`.loss`, `.logits`)."""
-        if not len(audio) == len(prompts) == len(targets):
-            raise OptionsError("audio, prompts and targets must have one entry per example")
-        features = self.audio_features(audio)
-        eos = self.decoder.tokenizer.eos_token_id
+    def training_batch(self, prompts: Sequence[str | None], targets: Sequence[str]) -> dict[str, torch.Tensor]:
+        """`input_ids`, `attention_mask` and `labels` for `forward`: each prompt (None: the
+        default) followed by its target text and EOS, right-padded; labels on the target and
+        EOS only."""
+        if len(prompts) != len(targets):
+            raise OptionsError(f"{len(prompts)} prompts for {len(targets)} targets: give one prompt (or None) per target")
+        tokenizer = self.decoder.tokenizer
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         rows, labels = [], []
-        for feature, prompt, target in zip(features, prompts, targets):
-            target_ids = self.decoder.tokenizer(target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-            prompt_embeds = self.embed_prompt(self.prompt_ids(prompt), feature)
-            target_embeds = self.decoder.get_input_embeddings()(torch.tensor(target_ids, device=prompt_embeds.device))
-            rows.append(torch.cat([prompt_embeds, target_embeds]))
-            labels.append([IGNORE] * len(prompt_embeds) + target_ids)
+        for prompt, target in zip(prompts, targets):
+            prompt_ids, target_ids = self.prompt_ids(prompt), tokenizer(target, add_special_tokens=False)["input_ids"] + eos
+            rows.append(prompt_ids + target_ids)
+            labels.append([IGNORE] * len(prompt_ids) + target_ids)
+        width = max(len(row) for row in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+        return {
+            "input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in rows]),
+            "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
+            "labels": torch.tensor([label + [IGNORE] * (width - len(label)) for label in labels]),
+        }
+
+    def forward(
+        self,
+        audio: AudioBatch,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        audio_lengths: Sequence[int] | torch.Tensor | None = None,
+    ) -> Any:
+        """Teacher-forced decoder output (`.logits`; `.loss` with `labels`) for a batch of clips
+        and token rows that each hold the audio placeholder once (`training_batch` makes them
+        from texts). The placeholder becomes the clip's projected frames, which carry no loss,
+        nor do labels of -100 (the prompt's, in `training_batch`). Padding (attention mask 0,
+        on either side) is dropped from each row before the rows are right-padded together."""
+        clips = as_clips(audio, audio_lengths)
+        ids = torch.as_tensor(input_ids)
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if ids.ndim != 2 or ids.shape[0] != len(clips) or mask.shape != ids.shape:
+            raise OptionsError(f"input_ids must be (batch, length) with one row per clip ({len(clips)}) and attention_mask of its shape")
+        given = torch.full_like(ids, IGNORE) if labels is None else torch.as_tensor(labels)
+        rows, row_labels = [], []
+        for row, feature in enumerate(self.audio_features(clips)):
+            keep = mask[row].bool()
+            row_ids, row_given = ids[row][keep].tolist(), given[row][keep].tolist()
+            rows.append(self.embed_prompt(row_ids, feature))  # checks the placeholder is there once
+            at = row_ids.index(self.audio_token_id)
+            row_labels.append(row_given[:at] + [IGNORE] * len(feature) + row_given[at + 1 :])
         width = max(len(r) for r in rows)
         embeds = torch.stack([nn.functional.pad(r, (0, 0, 0, width - len(r))) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=embeds.device)
-        label_tensor = torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels], device=embeds.device)
-        return self.decoder.model(inputs_embeds=embeds, attention_mask=mask, labels=label_tensor)
+        padded_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=embeds.device)
+        label_tensor = torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in row_labels], device=embeds.device)
+        return self.decoder.model(inputs_embeds=embeds, attention_mask=padded_mask, labels=label_tensor if labels is not None else None)
 
     @torch.no_grad()
-    def generate(self, audio: Sequence[np.ndarray], prompt: str | None = None, max_new_tokens: int = 32, **options: Any) -> list[tuple[str, list[int]]]:
+    def generate(
+        self,
+        audio: AudioBatch,
+        prompt: str | None = None,
+        max_new_tokens: int = 32,
+        audio_lengths: Sequence[int] | torch.Tensor | None = None,
+        **options: Any,
+    ) -> list[tuple[str, list[int]]]:
         """Greedy (or sampled, with `GenerationOptions` fields) text for each clip, one clip at
         a time so padding never enters: `(text, token ids)` per clip."""
         from runtime.generation import GenerationOptions
 
         generation = GenerationOptions(max_new_tokens=max_new_tokens, eos_token_id=self.decoder.tokenizer.eos_token_id, **options)
         results = []
-        for clip in audio:
+        for clip in as_clips(audio, audio_lengths):
             kept, _ = self.generate_clip(clip, prompt, generation)
             results.append((self.decoder.tokenizer.decode(kept, skip_special_tokens=True), kept))
         return results
