@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench-ci bench-baseline bench-base constraints clean
+.PHONY: demo demo-spoken test test-slow lint bench-ci bench-baseline bench-base constraints clean
 
 # The CI benchmark gate: tiny models, speedups over eager fp32 and parity compared with the
 # committed baseline. Tiny-model speedups vary up to ~17 % between runs on one machine,
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m lalm_export.demo
+
+# The demo plus an audio LLM on digits spoken by espeak-ng (apt-get install espeak-ng; ~10 min more).
+demo-spoken: $(STAMP)
+	$(PY) -m lalm_export.demo --spoken-digits
 
 # The fast suite; `make test-slow` runs the minutes-long end-to-end tests (marked slow). CI runs both.
 test: $(STAMP)

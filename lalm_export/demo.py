@@ -1,8 +1,10 @@
-"""The built-in example, end to end on tiny random models (no hub, a minute on 2 cores):
+"""The built-in example, end to end on tiny models (no hub, about four minutes on 2 cores):
 build checkpoints, train LoRA adapters on synthetic data, save and reload them, export
-with the parity gate, then time ONNX Runtime against eager PyTorch.
+with the parity gate, time ONNX Runtime against eager PyTorch, serve the bundles, and train,
+export and run an audio LLM on DTMF key tones. With --spoken-digits (and espeak-ng
+installed) an audio LLM also learns spoken digits (about ten more minutes).
 
-    python -m lalm_export.demo [--out demo-output]
+    python -m lalm_export.demo [--out demo-output] [--spoken-digits]
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -105,7 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="scratch folder of the demo (replaced on each run)")
     parser.add_argument("--steps", type=int, default=20, help="LoRA training steps")
     parser.add_argument("--lalm-steps", type=int, default=1200, help="training steps of the audio LLM on DTMF key tones (default: 1200, about 2 minutes)")
+    parser.add_argument(
+        "--spoken-digits",
+        action="store_true",
+        help="also train an audio LLM on digits spoken by espeak-ng (needs espeak-ng on PATH; about ten minutes more)",
+    )
+    parser.add_argument("--spoken-steps", type=int, default=3000, help="training steps of the spoken-digits audio LLM (default: 3000)")
     args = parser.parse_args(argv)
+    if args.spoken_digits:
+        from lalm_export.errors import OptionsError
+        from lalm_export.spoken_digits import espeak
+
+        try:
+            espeak()
+        except OptionsError as err:
+            print(f"lalm_export.demo: error: {err}", file=sys.stderr)
+            return 1
     quiet_libraries()
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -212,40 +232,85 @@ def main(argv: list[str] | None = None) -> int:
     run_runtime(root)
 
     say(f"\n== 8. the audio LLM: DTMF key tones -> Whisper-style encoder -> projector -> Llama-style decoder -> the keys as text ({args.lalm_steps} steps)")
-    run_lalm(root, args.lalm_steps, say)
+    run_lalm(root, dtmf_task(), args.lalm_steps, say)
+    if args.spoken_digits:
+        say(f"\n== 9. the audio LLM: digits spoken by espeak-ng -> the same pipeline -> the digits as text ({args.spoken_steps} steps)")
+        run_lalm(root, spoken_digits_task(), args.spoken_steps, say)
+    else:
+        say("\n(section 9, an audio LLM on digits spoken by espeak-ng, runs with --spoken-digits)")
     say(f"\nbundles are in {root / 'bundles'}; each holds manifest.json with its parity report")
     return 0
 
 
-def run_lalm(root: Path, steps: int, say) -> None:
-    """Train a tiny LALM on DTMF key tones, export it with `lalm-export --lalm`, transcribe
-    held-out clips with the torch-free runtime, and compare accuracy and speed with eager."""
+@dataclass(frozen=True)
+class AudioTask:
+    """An audio -> text task the demo trains an LALM on: its name (folders and files), what its
+    labels count ("keys"), how the training goes (for the progress line), and its parts."""
+
+    name: str
+    unit: str
+    recipe: str
+    build: Callable[[Path], Any]
+    train: Callable[[Any, int, Callable[[int, float], None]], None]
+    held_out: Callable[[], list[tuple[np.ndarray, str]]]
+
+
+def dtmf_task() -> AudioTask:
+    from lalm_export.dtmf import HELD_OUT_SEED, build_dtmf_lalm, dtmf_examples, train_dtmf
+
+    return AudioTask(
+        "dtmf",
+        "keys",
+        "batches of 16 fresh clips, 1 key -> 1-3 keys -> 3-6 keys",
+        build_dtmf_lalm,
+        lambda model, steps, on_step: train_dtmf(model, steps, on_step=on_step),
+        lambda: dtmf_examples(64, seed=HELD_OUT_SEED),
+    )
+
+
+def spoken_digits_task() -> AudioTask:
+    from lalm_export.spoken_digits import HELD_OUT_SEED, build_spoken_lalm, spoken_examples, train_spoken
+
+    return AudioTask(
+        "spoken",
+        "digits",
+        "batches of 16 from 6,000 espeak-ng clips, shifted, gained and noised; 1 digit -> 1-2 -> 1-4",
+        build_spoken_lalm,
+        lambda model, steps, on_step: train_spoken(model, steps, on_step=on_step, progress=True),
+        lambda: spoken_examples(64, seed=HELD_OUT_SEED),
+    )
+
+
+def run_lalm(root: Path, task: AudioTask, steps: int, say) -> None:
+    """Train a tiny LALM on `task`, export it with `lalm-export --lalm`, transcribe held-out
+    clips with the torch-free runtime, and compare accuracy and speed with eager."""
     import json
 
     import soundfile
     from tqdm import tqdm
 
     from lalm_export import cli
-    from lalm_export.dtmf import HELD_OUT_SEED, build_dtmf_lalm, dtmf_examples, key_accuracy, train_dtmf
+    from lalm_export.dtmf import edit_error_rate, key_accuracy
     from runtime import infer
     from runtime.api import load as load_bundle
 
-    model = build_dtmf_lalm(root / "checkpoints" / "dtmf")
+    model = task.build(root / "checkpoints" / task.name)
     start = time.perf_counter()
     with tqdm(total=steps, unit="step", desc="   training", file=sys.stderr, leave=False, mininterval=1.0) as bar:
-        train_dtmf(model, steps, on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
-    say(f"   trained {steps} steps (batches of 16 fresh clips, 1 key -> 1-3 keys -> 3-6 keys) in {time.perf_counter() - start:.0f} s")
-    model.save_pretrained(root / "dtmf-lalm")
-    bundle = root / "bundles" / "dtmf-lalm"
-    say(f"$ lalm-export --lalm {root / 'dtmf-lalm'} --output {bundle} -q")
-    cli.main(["--lalm", str(root / "dtmf-lalm"), "--output", str(bundle), "-q"])
+        task.train(model, steps, lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+    say(f"   trained {steps} steps ({task.recipe}) in {time.perf_counter() - start:.0f} s")
+    saved, bundle = root / f"{task.name}-lalm", root / "bundles" / f"{task.name}-lalm"
+    model.save_pretrained(saved)
+    say(f"$ lalm-export --lalm {saved} --output {bundle} -q")
+    cli.main(["--lalm", str(saved), "--output", str(bundle), "-q"])
     manifest = json.loads((bundle / "manifest.json").read_text())
     greedy, features = manifest["parity"]["greedy"], manifest["parity"]["outputs"]["audio_features"]
     say(f"   parity gate: audio features relative {features['relative']:.2e}; greedy tokens {greedy['agreement']:.0%} of {greedy['steps']} agree")
-    held_out = dtmf_examples(64, seed=HELD_OUT_SEED)
-    for index, (clip, keys) in enumerate(held_out[:2]):
-        soundfile.write(root / f"keys-{index}-{keys}.wav", clip, 16_000)
-    command = [str(bundle), "--audio", *(str(root / f"keys-{i}-{k}.wav") for i, (_, k) in enumerate(held_out[:2])), "--max-new-tokens", "8", "--json", "-q"]
+    held_out = task.held_out()
+    files = [root / f"{task.unit}-{index}-{label}.wav" for index, (_, label) in enumerate(held_out[:2])]
+    for path, (clip, _) in zip(files, held_out):
+        soundfile.write(path, clip, 16_000)
+    command = [str(bundle), "--audio", *map(str, files), "--max-new-tokens", "8", "--json", "-q"]
     say("$ python -m runtime.infer " + shlex.join(command))
     sys.stdout.flush()
     infer.main(command)
@@ -268,7 +333,7 @@ def run_lalm(root: Path, steps: int, say) -> None:
     eager_ms, onnx_ms = statistics.median(eager_s) * 1e3, statistics.median(onnx_s) * 1e3
     say(
         table(
-            ["pipeline", "held-out clips", "keys right", "ms per clip (median)", "speedup", "tokens equal eager"],
+            ["pipeline", "held-out clips", f"{task.unit} right", "ms per clip (median)", "speedup", "tokens equal eager"],
             [
                 ["eager PyTorch fp32", str(len(keys)), f"{key_accuracy(keys, [e[0] for e in eager]):.1%}", f"{eager_ms:.1f}", "1.00x", ""],
                 [
@@ -281,6 +346,10 @@ def run_lalm(root: Path, steps: int, say) -> None:
                 ],
             ],
         )
+    )
+    say(
+        f"   {task.unit} right: the share in their place; edit distance (dropped, added or wrong) over the {task.unit}: "
+        f"eager {edit_error_rate(keys, [e[0] for e in eager]):.1%}, ONNX Runtime {edit_error_rate(keys, [o.text for o in onnx]):.1%}"
     )
 
 

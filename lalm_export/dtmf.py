@@ -55,26 +55,27 @@ def key_accuracy(expected: list[str], predicted: list[str]) -> float:
     return right / total if total else 0.0
 
 
+def edit_error_rate(expected: list[str], predicted: list[str]) -> float:
+    """Edit distance (keys dropped, added or wrong) over the expected keys, summed over clips:
+    unlike `key_accuracy`, a dropped key costs one, not every key after it."""
+    total = sum(len(e) for e in expected)
+    return sum(_edit_distance(e, p) for e, p in zip(expected, predicted)) / total if total else 0.0
+
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+    return row[-1]
+
+
 def build_dtmf_lalm(folder: Path, seed: int = 0):
-    """A tiny LALM for the task, from random checkpoints saved in `folder` (loaded through the
-    real loading code): Whisper-style encoder with a 2 s window, projector (downsample 2),
-    Llama-style decoder; encoder and decoder fully trained."""
-    import torch
-    from transformers import WhisperFeatureExtractor
+    """The tiny LALM for the task (`training.build_tiny_lalm`) with a 2 s window."""
+    from lalm_export.training import build_tiny_lalm
 
-    from lalm_export.models import LLMDecoder, encoder_class
-    from lalm_export.models.lalm import LALM, ProjectorConfig
-    from lalm_export.tiny import build_tiny_checkpoint, save_random_checkpoint, tiny_config
-
-    config = tiny_config("whisper")
-    config.max_source_positions = WINDOW_SECONDS * 50  # 50 encoder frames per second
-    save_random_checkpoint("whisper", folder / "encoder", config, seed=seed)
-    WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=WINDOW_SECONDS).save_pretrained(str(folder / "encoder"))
-    build_tiny_checkpoint("llm", folder / "decoder", seed=seed + 1)
-    torch.manual_seed(seed)
-    encoder = encoder_class("whisper")(str(folder / "encoder"), finetune=True)
-    decoder = LLMDecoder(str(folder / "decoder"), finetune=True)
-    return LALM(encoder, decoder, ProjectorConfig(downsample=2), prompt=PROMPT)
+    return build_tiny_lalm(folder, WINDOW_SECONDS, PROMPT, seed)
 
 
 def curriculum(step: int, steps: int) -> tuple[int, int]:

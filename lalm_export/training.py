@@ -1,9 +1,11 @@
 """A plain training loop for an LALM: AdamW under a one-cycle schedule, gradient clipping,
-the loss on target text only (`LALM.forward`)."""
+the loss on target text only (`LALM.forward`); and the tiny LALM the demo's tasks train."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,3 +36,25 @@ def train_lalm(
         if on_step is not None:
             on_step(step, loss.item())
     model.set_inference_mode()
+
+
+def build_tiny_lalm(folder: Path, window_seconds: int, prompt: str, seed: int = 0) -> Any:
+    """A tiny LALM from random checkpoints saved in `folder` (loaded through the real loading
+    code): a Whisper-style encoder whose window is `window_seconds` (its log-mel front end
+    resolves tones and formants), a projector (downsample 2) and a Llama-style decoder;
+    encoder and decoder fully trained."""
+    from transformers import WhisperFeatureExtractor
+
+    from lalm_export.models import LLMDecoder, encoder_class
+    from lalm_export.models.lalm import LALM, ProjectorConfig
+    from lalm_export.tiny import build_tiny_checkpoint, save_random_checkpoint, tiny_config
+
+    config = tiny_config("whisper")
+    config.max_source_positions = window_seconds * 50  # 50 encoder frames per second
+    save_random_checkpoint("whisper", folder / "encoder", config, seed=seed)
+    WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=window_seconds).save_pretrained(str(folder / "encoder"))
+    build_tiny_checkpoint("llm", folder / "decoder", seed=seed + 1)
+    torch.manual_seed(seed)
+    encoder = encoder_class("whisper")(str(folder / "encoder"), finetune=True)
+    decoder = LLMDecoder(str(folder / "decoder"), finetune=True)
+    return LALM(encoder, decoder, ProjectorConfig(downsample=2), prompt=prompt)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lalm_export.dtmf import WINDOW_SECONDS, curriculum, dtmf_examples, key_accuracy
+from lalm_export.dtmf import WINDOW_SECONDS, curriculum, dtmf_examples, edit_error_rate, key_accuracy
 
 
 def test_clips_fit_the_window_and_seeds_repeat():
@@ -22,3 +22,9 @@ def test_key_accuracy_counts_keys_in_place():
     assert key_accuracy(["1234", "56"], ["1234", "56"]) == 1.0
     assert key_accuracy(["1234", "56"], ["1204", "5"]) == pytest.approx(4 / 6)
     assert key_accuracy(["12"], [""]) == 0.0
+
+
+def test_edit_error_rate_charges_a_dropped_key_once():
+    assert edit_error_rate(["1234", "56"], ["1234", "56"]) == 0.0
+    assert edit_error_rate(["1234"], ["234"]) == pytest.approx(1 / 4)  # key_accuracy: 0 of 4 in place
+    assert edit_error_rate(["12", "3"], ["1", "39"]) == pytest.approx(2 / 3)
