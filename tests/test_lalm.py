@@ -23,6 +23,7 @@ from lalm_export.signals import speech_like
 from lalm_export.tiny import save_random_checkpoint
 from runtime.api import load
 from runtime.audio import load_audio
+from runtime.errors import RuntimeUserError
 from runtime.generation import GenerationOptions
 from runtime.infer import main as infer_main
 from runtime.lalm import clip_audio
@@ -278,6 +279,16 @@ def test_clips_with_as_many_frames_generate_as_one_batch_with_the_tokens_of_each
     single = [runner.transcribe_batch([a], [f], 0.0, prompt, options, stop_strings=[stop])[0] for a, f in zip(audios, features)]
     assert [t.tokens for t in batched] == [t.tokens for t in single]
     assert len(batched[0].tokens) < len(batched[1].tokens) == len(alone[1].tokens) and stop not in batched[0].text
+
+
+def test_a_prompt_needs_the_audio_placeholder_once(checkpoints, tmp_path):
+    tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
+    export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
+    runner = load(tmp_path / "bundle")
+    with pytest.raises(RuntimeUserError, match="the prompt must contain the audio placeholder '<\\|audio\\|>' where the audio goes"):
+        runner.transcribe([CLIPS[0]], prompt="Transcribe the audio:")
+    with pytest.raises(RuntimeUserError, match="placeholder exactly once .*, not 2 times"):
+        runner.transcribe([CLIPS[0]], prompt="<|audio|> and <|audio|>")
 
 
 def test_lalm_flags_that_describe_a_component_are_refused(checkpoints, tmp_path, capsys):
