@@ -30,7 +30,7 @@ from lalm_export.models.loading import load_family_model
 from lalm_export.options import DEFAULT_OPSET, ExportOptions, validate_options
 from lalm_export.precision import SPECS, TransformJob, apply_precision
 from lalm_export.progress import Stages
-from lalm_export.rewrites import keep_last_position_logits
+from lalm_export.rewrites import LAST_POSITION_LOGITS, keep_last_position_logits
 from runtime.manifest import Manifest, Source, sha256_of
 
 GRAPH_NAME = "model.onnx"
@@ -164,19 +164,20 @@ def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[st
         return list(FUSED_OPTIMIZATIONS)
     if not opts.optimize or opts.spec.role != "decoder":
         return []
-    return ["logits for the last position only"] if last_position_logits_only(graph) else []
+    return last_position_logits_only(graph)
 
 
-def last_position_logits_only(graph: Path) -> bool:
+def last_position_logits_only(graph: Path) -> list[str]:
     """Rewrite an Optimum decoder graph file in place to compute the last position's logits
-    only; False (file unchanged) when its logits do not come from a MatMul."""
+    only; returns the rewrite's name, or nothing (file unchanged) when its logits do not come
+    from a MatMul."""
     proto = load_graph(graph)
     if not keep_last_position_logits(proto):
-        return False
+        return []
     for data in graph.parent.glob(graph.name + "_data*"):
         data.unlink()  # loaded into memory above; rewritten by save_graph
     save_graph(proto, graph)
-    return True
+    return [LAST_POSITION_LOGITS]
 
 
 def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[nn.Module, dict[str, Any]]:

@@ -80,8 +80,7 @@ class MergedLalm:
     tokenizer: Any
     config: dict[str, Any]
     feature_config: dict[str, Any]
-    sources: dict[str, Source]
-    notes: dict[str, dict[str, Any]]  # per component, beyond its source (adapter modules left out)
+    components: dict[str, dict[str, Any]]  # the manifest's record of each part: its source, merge and notes
 
 
 def component_options(folder: Path, part: str, config: dict[str, Any], trust_remote_code: bool) -> ExportOptions:
@@ -126,8 +125,8 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
     projector.load_state_dict(read_safetensors(folder / PROJECTOR_WEIGHTS))
     graph = AudioEncoderGraph(encoder, projector.eval(), spec).eval()
     feature_config = encoder_feature_config_for(config["encoder"]["base_model"], spec, encoder.config)
-    sources = {part: merged.source for part, merged in parts.items()}
-    return MergedLalm(graph, decoder.eval(), tokenizer, config, feature_config, sources, {part: merged.notes for part, merged in parts.items()})
+    components = {part: {**dataclasses.asdict(merged.source), **merged.notes} for part, merged in parts.items()}
+    return MergedLalm(graph, decoder.eval(), tokenizer, config, feature_config, components)
 
 
 def export_audio_encoder(graph: AudioEncoderGraph, feature_config: dict[str, Any], target: Path) -> None:
@@ -200,8 +199,7 @@ def export_decoder(merged: MergedLalm, graph_kind: str, folder: Path, trust_remo
     if graph_kind == "fused":
         build_fused_decoder(merged.decoder, merged.tokenizer, folder, trust_remote_code, exclude_embeds=True, filename=DECODER_GRAPH)
         return list(FUSED_OPTIMIZATIONS)
-    graph = export_embeds_decoder(merged.decoder, folder / DECODER_GRAPH, DEFAULT_OPSET)
-    return ["logits for the last position only"] if last_position_logits_only(graph) else []
+    return last_position_logits_only(export_embeds_decoder(merged.decoder, folder / DECODER_GRAPH, DEFAULT_OPSET))
 
 
 def all_fp32(opts: LalmExportOptions) -> bool:
@@ -242,7 +240,7 @@ def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, par
         parity=parity,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra={
-            "components": {part: {**dataclasses.asdict(source), **merged.notes[part]} for part, source in merged.sources.items()},
+            "components": merged.components,
             "encoder": {
                 "family": spec.name,
                 "hidden_size": int(encoder_config.hidden_size),

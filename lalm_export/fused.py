@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from lalm_export.errors import ExportError, OptionsError
+from lalm_export.rewrites import LAST_POSITION_LOGITS
 from runtime.ort_backends import LEFT_PADDING_METADATA
 
 if TYPE_CHECKING:  # torch stays out of the CLI's start-up, which reads GRAPH_CHOICES
@@ -36,7 +37,7 @@ BUILDER_REQUIREMENT = "onnxruntime-genai>=0.13,<0.14"  # 0.14+ imports transform
 # The builder's causal-LM architectures whose fused graphs this project tests for parity.
 FUSED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # What a fused graph does beyond Optimum's (the manifest's `optimizations`).
-FUSED_OPTIMIZATIONS = ["fused attention (GroupQueryAttention, rotary inside) and norms: ONNX Runtime's model builder", "logits for the last position only"]
+FUSED_OPTIMIZATIONS = ["fused attention (GroupQueryAttention, rotary inside) and norms: ONNX Runtime's model builder", LAST_POSITION_LOGITS]
 
 
 def builder_available() -> bool:

@@ -20,6 +20,9 @@ def logits_matmul(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return node
 
 
+LAST_POSITION_LOGITS = "logits for the last position only"  # the manifest's name for this rewrite
+
+
 def keep_last_position_logits(model: onnx.ModelProto) -> bool:
     """Make a decoder graph compute logits for the last position only.
 

@@ -212,9 +212,13 @@ class LalmRunner:
         prompts one length). `on_text` streams the first clip's text; a clip's generation ends
         at its EOS or at the first of `stop_strings`, the batch's when every clip's has."""
         clock = StepClock(lambda row: cut_at_stop(self.decode(row, options), stop_strings), on_text, cancelled)
+        ends: dict[int, int] = {}  # row -> its token count when a stop string first completed (where it ends alone)
 
         def stop(tokens: np.ndarray) -> np.ndarray:
-            return np.array([any(s in self.decode(row, options) for s in stop_strings) for row in tokens], dtype=bool)
+            hit = np.array([any(s in self.decode(row, options) for s in stop_strings) for row in tokens], dtype=bool)
+            for row in np.flatnonzero(hit):
+                ends.setdefault(int(row), tokens.shape[1])
+            return hit
 
         start = time.perf_counter()
         embeds = np.concatenate([self.prompt_embeds(feature, prompt, options) for feature in features])
@@ -223,8 +227,8 @@ class LalmRunner:
         first = clock.first(end)
         timings = {"encoder_s": round(encoder_s, 6), "prefill_s": round(first - start, 6), "decode_s": round(end - first, 6)}
         results = []
-        for audio, row in zip(audios, generated):
-            tokens = self.row_tokens(row, options, stop_strings)
+        for index, (audio, row) in enumerate(zip(audios, generated)):
+            tokens = until_eos(row, options)[: ends.get(index)]  # the rest pads the row to the batch's length
             results.append(
                 Transcription(
                     audio.name,
@@ -240,16 +244,6 @@ class LalmRunner:
             )
         clock.finish(results[0].text)
         return results
-
-    def row_tokens(self, row: Sequence[int], options: GenerationOptions, stop_strings: Sequence[str]) -> list[int]:
-        """A batch row's own tokens: up to its EOS or the token that completed a stop string
-        (where its generation would have ended alone); the rest pads it to the batch's length."""
-        tokens = until_eos(row, options)
-        if stop_strings:
-            for end in range(1, len(tokens) + 1):
-                if any(s in self.decode(tokens[:end], options) for s in stop_strings):
-                    return tokens[:end]
-        return tokens
 
     def decode(self, tokens: Sequence[int], options: GenerationOptions) -> str:
         kept = until_eos(tokens, options)

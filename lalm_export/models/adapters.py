@@ -17,6 +17,7 @@ from lalm_export.families import get_family
 from lalm_export.io import atomic_folder, read_json, read_safetensors, write_json, write_safetensors
 
 ADAPTER_METADATA = "lalm_adapter.json"
+PEFT_PREFIX = "base_model.model."  # what peft puts before the model's module names in an adapter's keys
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FULL_WEIGHTS = "model.safetensors"
@@ -199,9 +200,6 @@ def save_adapter(peft_model: nn.Module, folder: str | Path, metadata: AdapterMet
         # Embedding rows an LALM adds for its audio token are zeros, made again on load: LoRA only.
         peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         write_json(metadata.to_dict(), tmp / ADAPTER_METADATA)
-
-
-PEFT_PREFIX = "base_model.model."
 
 
 def tensors_for_part(tensors: dict[str, torch.Tensor], part: str) -> tuple[dict[str, torch.Tensor], list[str]]:
