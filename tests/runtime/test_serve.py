@@ -22,6 +22,7 @@ import soundfile as sf
 from benchmarks.serve_load import free_port, wait_for_health
 from runtime.infer import main as infer_main
 from runtime.server.engine import ServeSettings
+from runtime.server.turns import TakingTurns
 from tests.helpers import REPO, run_main
 from tests.runtime.serving import running_server
 
@@ -200,8 +201,15 @@ def test_body_over_the_limit_is_413_and_a_full_queue_is_503_with_retry_after(ser
         assert 'lalm_requests_total{endpoint="/v1/chat/completions",status="200"} 2.0' in metrics
 
 
-def test_a_short_generation_is_not_held_behind_a_long_one(serve_bundles):
+def test_a_short_generation_is_not_held_behind_a_long_one(serve_bundles, monkeypatch):
     """Decode steps take turns: a 4-token request sent while a 250-token one streams ends first."""
+
+    def slow_decode_step(self, token_ids):  # 2 ms a step: the long one streams >= 0.5 s on any machine
+        with self.turns.turn():
+            time.sleep(0.002)
+            return self.backend.decode_step(token_ids)
+
+    monkeypatch.setattr(TakingTurns, "decode_step", slow_decode_step)
     with running_server({"llm": serve_bundles["llm"]}, ServeSettings(decode_slots=2)) as (url, _):
         body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 250}
         started, ends = threading.Event(), {}
@@ -231,17 +239,20 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(serve_bundl
     try:
         wait_for_health(url, process, 60)
         body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 240}
-        with ThreadPoolExecutor(12) as pool, httpx.Client() as poll:  # one decode slot: they queue, seconds of work in flight
-            in_flight = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120) for _ in range(12)]
-            while poll.get(f"{url}/health").json()["in_flight"] < 8:
+        # One decode slot: the requests queue. A request takes ~0.1 s here, so 24 in flight leave
+        # seconds of work after the signal (8 left ~0.7 s, and a CI run once saw them all finish first).
+        with ThreadPoolExecutor(32) as pool, httpx.Client() as poll:
+            in_flight = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120) for _ in range(32)]
+            while poll.get(f"{url}/health").json()["in_flight"] < 24:
                 assert not all(f.done() for f in in_flight), "the requests ended before the signal could be sent"
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.1)
+            while poll.get(f"{url}/health").status_code != 503:  # the signal is handled: draining
+                time.sleep(0.005)
             refused = httpx.post(f"{url}/v1/chat/completions", json=body)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
             answers = [f.result() for f in in_flight]
-        # Every request admitted before the signal (at least 8) is answered; any sent after it is refused.
-        assert sum(a.status_code == 200 for a in answers) >= 8
+        # Every request admitted before the signal (at least 24) is answered; any sent after it is refused.
+        assert sum(a.status_code == 200 for a in answers) >= 24
         assert all(a.status_code == 200 or a.json()["error"]["code"] == "server_shutting_down" for a in answers)
         assert process.wait(timeout=30) == 0
         assert "request(s) in flight get up to 30 s to finish" in process.stderr.read()
