@@ -153,17 +153,19 @@ class LalmRunner:
 
     def transcribe(
         self,
-        clips: Sequence[str | Path | np.ndarray | Audio],
+        clips: Sequence[str | Path | np.ndarray | Audio] | str | Path | np.ndarray | Audio,
         prompt: str | None = None,
         options: GenerationOptions | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> list[Transcription]:
-        """Text for each file or 16 kHz array; `on_text` streams the first clip's text. The
+        """Text for each file or 16 kHz array (one of them alone is a batch of one); `on_text` streams the first clip's text. The
         encoder runs clips of one input shape as a batch, and greedy generation clips with as
         many frames (prompts of one length, so nothing is padded): every clip gets the tokens
         it gets alone. The rest, and sampled generations (whose random draws a batch would
         share), run one by one."""
-        if not clips:
+        if isinstance(clips, str | Path | Audio) or (isinstance(clips, np.ndarray) and clips.ndim == 1):
+            clips = [clips]  # one clip, not a sequence of them
+        if len(clips) == 0:
             raise RuntimeUserError("no audio given; pass at least one file or array")
         prompt, options = self.resolve(prompt, options)
         audios = [clip_audio(clip, index) for index, clip in enumerate(clips)]

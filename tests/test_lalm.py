@@ -103,6 +103,16 @@ def test_forward_takes_a_padded_audio_tensor_and_token_rows_padded_on_either_sid
     assert model.generate(padded, audio_lengths=lengths, max_new_tokens=6) == model.generate(list(CLIPS), max_new_tokens=6)
 
 
+def test_audio_that_is_not_a_batch_of_mono_clips_is_refused_with_what_to_do(checkpoints):
+    model = tiny_lalm(checkpoints, "wav2vec2")
+    with pytest.raises(OptionsError, match="not a 1-D one; wrap a single clip in a list"):
+        model.generate(CLIPS[0], max_new_tokens=2)
+    with pytest.raises(OptionsError, match=r"each clip is 1-D .* not of shape \(2, 16000\); mix channels down"):
+        model.generate([np.zeros((2, 16_000), dtype=np.float32)], max_new_tokens=2)
+    with pytest.raises(OptionsError, match="not a 3-D one"):
+        model(torch.zeros(1, 1, 16_000), torch.ones(1, 4, dtype=torch.long))
+
+
 def test_modes_decide_what_trains(checkpoints):
     frozen = LALM(encoder_class("hubert")(str(checkpoints["hubert"])), LLMDecoder(str(checkpoints["llm"])), ProjectorConfig(layer_weights=True))
     frozen.set_training_mode()
@@ -281,10 +291,14 @@ def test_clips_with_as_many_frames_generate_as_one_batch_with_the_tokens_of_each
     assert len(batched[0].tokens) < len(batched[1].tokens) == len(alone[1].tokens) and stop not in batched[0].text
 
 
-def test_a_prompt_needs_the_audio_placeholder_once(checkpoints, tmp_path):
+def test_a_prompt_needs_the_audio_placeholder_once_and_one_clip_needs_no_list(checkpoints, audio_files, tmp_path):
     tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
     export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
     runner = load(tmp_path / "bundle")
+    for one in (CLIPS[0], audio_files[0], str(audio_files[0])):  # not iterated as samples or characters
+        assert [t.tokens for t in runner.transcribe(one)] == [t.tokens for t in runner.transcribe([one])]
+    with pytest.raises(RuntimeUserError, match=r"expected mono samples \(one dimension\), got shape \(2, 16000\)"):
+        runner.transcribe([np.zeros((2, 16_000), dtype=np.float32)])
     with pytest.raises(RuntimeUserError, match="the prompt must contain the audio placeholder '<\\|audio\\|>' where the audio goes"):
         runner.transcribe([CLIPS[0]], prompt="Transcribe the audio:")
     with pytest.raises(RuntimeUserError, match="placeholder exactly once .*, not 2 times"):

@@ -45,9 +45,14 @@ def as_clips(audio: AudioBatch, audio_lengths: Sequence[int] | torch.Tensor | No
         if len(lengths) != len(rows) or not all(0 < n <= rows.shape[1] for n in lengths):
             raise OptionsError(f"audio_lengths must give each of the {len(rows)} rows a length in 1..{rows.shape[1]}, not {lengths}")
         return [row[:n] for row, n in zip(rows, lengths)]
+    if isinstance(audio, torch.Tensor | np.ndarray):
+        raise OptionsError(f"audio is a batch: a list of 1-D clips or a padded (batch, samples) tensor, not a {audio.ndim}-D one; wrap a single clip in a list")
     if audio_lengths is not None:
         raise OptionsError("audio_lengths goes with a padded (batch, samples) tensor; clips of their own lengths need none")
-    return [clip.detach().cpu().float().numpy() if isinstance(clip, torch.Tensor) else np.asarray(clip, dtype=np.float32) for clip in audio]
+    clips = [clip.detach().cpu().float().numpy() if isinstance(clip, torch.Tensor) else np.asarray(clip, dtype=np.float32) for clip in audio]
+    if shapes := [clip.shape for clip in clips if clip.ndim != 1]:
+        raise OptionsError(f"each clip is 1-D (mono samples at 16 kHz), not of shape {shapes[0]}; mix channels down first")
+    return clips
 
 
 @dataclass(frozen=True)
