@@ -65,7 +65,7 @@ def test_parts_carried_over_several_calls_are_assembled_and_checked(tmp_path):
     incomplete = run_script("--out", str(tmp_path / "o"), env=env)  # a real run with a part missing stops
     assert incomplete.returncode == 1 and "incomplete" in incomplete.stderr and not (tmp_path / "site").exists()
     run_script("--stash", str(tmp_path / "call-2"), env=env)
-    dry = run_script("--dry-run", "--out", str(tmp_path / "o"), env=env)
+    dry = run_script("--dry-run", "--out", str(tmp_path / "o"), "--", "--families", "llm", env=env)  # the assembly is what is checked
     assert "assembled from 2 parts" in dry.stderr and "1 wheel(s) valid" in dry.stderr
     assert (tmp_path / "store" / "demo-1.0-py3-none-any.whl").read_bytes() == wheel_bytes
 
