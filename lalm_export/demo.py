@@ -105,30 +105,58 @@ def median_seconds(fn, warmup: int = 3, repeats: int = 15) -> float:
     return statistics.median(times)
 
 
+DEMO_MARK = ".lalm-export-demo"  # marks a folder the demo wrote: the next run may replace it
+
+
+def prepare_out(folder: Path) -> None:
+    """An empty `folder` for this run: one an earlier run wrote is replaced; any other folder
+    that holds files is refused (the demo never deletes what it did not write)."""
+    from lalm_export.errors import OptionsError
+
+    if folder.exists() and not folder.is_dir():
+        raise OptionsError(f"--out {folder} is a file; pass a folder")
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / DEMO_MARK).is_file():
+            raise OptionsError(f"--out {folder} holds files the demo did not write; pass a new or empty folder, or remove this one")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARK).write_text("written by python -m lalm_export.demo; its next run with this --out replaces the folder\n")
+
+
+def steps_count(text: str) -> int:
+    """argparse type: a number of training steps (1 or more)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps, 1 or more, not {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lalm_export.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("demo-output"), help="scratch folder of the demo (replaced on each run)")
-    parser.add_argument("--steps", type=int, default=20, help="LoRA training steps")
-    parser.add_argument("--lalm-steps", type=int, default=1200, help="training steps of the audio LLM on DTMF key tones (default: 1200, about 2 minutes)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("demo-output"), help="scratch folder of the demo (a new or empty one, or one an earlier run wrote, which is replaced)"
+    )
+    parser.add_argument("--steps", type=steps_count, default=20, help="LoRA training steps")
+    parser.add_argument(
+        "--lalm-steps", type=steps_count, default=1200, help="training steps of the audio LLM on DTMF key tones (default: 1200, about 3 minutes)"
+    )
     parser.add_argument(
         "--spoken-digits",
         action="store_true",
         help="also train an audio LLM on digits spoken by espeak-ng (needs espeak-ng on PATH; about ten minutes more)",
     )
-    parser.add_argument("--spoken-steps", type=int, default=3000, help="training steps of the spoken-digits audio LLM (default: 3000)")
+    parser.add_argument("--spoken-steps", type=steps_count, default=3000, help="training steps of the spoken-digits audio LLM (default: 3000)")
     args = parser.parse_args(argv)
-    if args.spoken_digits:
-        from lalm_export.errors import OptionsError
-        from lalm_export.spoken_digits import espeak
+    from lalm_export.errors import OptionsError
+    from lalm_export.spoken_digits import espeak
 
-        try:
+    try:
+        if args.spoken_digits:
             espeak()
-        except OptionsError as err:
-            print(f"lalm_export.demo: error: {err}", file=sys.stderr)
-            return 1
+        prepare_out(args.out)
+    except OptionsError as err:
+        print(f"lalm_export.demo: error: {err}", file=sys.stderr)
+        return 1
     quiet_libraries()
-    if args.out.exists():
-        shutil.rmtree(args.out)
     root = args.out
     say = lambda s="": print(s, flush=True)  # noqa: E731
 

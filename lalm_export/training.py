@@ -24,7 +24,8 @@ def train_lalm(
     model.set_training_mode()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    warmup = 0.2 if steps == 10 else 0.1  # OneCycleLR divides by zero when its warm-up is exactly one step
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=warmup)
     for step in range(steps):
         clips, targets = batch_for(step)
         loss = model(list(clips), **model.training_batch([prompt] * len(clips), list(targets))).loss

@@ -10,7 +10,9 @@ import re
 
 import pytest
 
-from tests.helpers import run_cli
+from lalm_export.demo import DEMO_MARK, prepare_out
+from lalm_export.demo import main as demo_main
+from tests.helpers import assert_user_error, run_cli, run_main
 
 
 @pytest.mark.slow
@@ -29,3 +31,29 @@ def test_demo_runs_end_to_end(tmp_path):
     assert accuracy >= 90.0, onnx_row
     assert re.search(r"\| 64/64 +\|$", onnx_row), onnx_row  # every held-out clip: the runtime's tokens are eager's
     assert (out / "features.npz").is_file()
+
+
+def test_a_folder_the_demo_did_not_write_is_never_replaced(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's file")
+    assert_user_error(run_main(demo_main, "--out", out, capsys=capsys), "holds files the demo did not write")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "a user's file"
+    (tmp_path / "file").write_text("x")
+    assert_user_error(run_main(demo_main, "--out", tmp_path / "file", capsys=capsys), "is a file; pass a folder")
+
+
+def test_a_folder_an_earlier_run_wrote_is_replaced(tmp_path):
+    out = tmp_path / "demo"
+    prepare_out(out)
+    (out / "bundles").mkdir()
+    (out / "bundles" / "stale.onnx").write_bytes(b"old")
+    prepare_out(out)
+    assert [p.name for p in out.iterdir()] == [DEMO_MARK]
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--lalm-steps", "--spoken-steps"])
+def test_step_counts_below_one_are_refused_before_any_work(flag, tmp_path, capsys):
+    result = run_main(demo_main, flag, "0", "--out", tmp_path / "demo", capsys=capsys)
+    assert result.returncode == 2 and "expected a whole number of steps, 1 or more, not '0'" in result.stderr
+    assert not (tmp_path / "demo").exists()

@@ -21,6 +21,7 @@ from lalm_export.models.lalm import LALM, ProjectorConfig
 from lalm_export.options import LalmExportOptions
 from lalm_export.signals import speech_like
 from lalm_export.tiny import save_random_checkpoint
+from lalm_export.training import train_lalm
 from runtime.api import load
 from runtime.audio import load_audio
 from runtime.errors import RuntimeUserError
@@ -118,6 +119,21 @@ def test_modes_decide_what_trains(checkpoints):
     frozen.set_training_mode()
     trainable = {name.split(".")[0] for name, p in frozen.named_parameters() if p.requires_grad}
     assert trainable == {"projector"} and frozen.projector.layer_weights.requires_grad
+
+
+@pytest.mark.parametrize("steps", [10, 25])  # 10: a one-step warm-up, which OneCycleLR cannot take
+def test_train_lalm_lowers_the_loss_of_a_batch_for_any_step_count(checkpoints, steps):
+    model = tiny_lalm(checkpoints, "wav2vec2")
+    targets = ["one two", "three"]
+
+    def loss() -> float:
+        with torch.no_grad():
+            return model(list(CLIPS), **model.training_batch([None, None], targets)).loss.item()
+
+    model.set_inference_mode()  # no dropout in either measurement
+    before, seen = loss(), []
+    train_lalm(model, lambda step: (CLIPS, targets), steps, on_step=lambda step, value: seen.append(step))
+    assert seen == list(range(steps)) and loss() < before
 
 
 def test_save_and_load_give_the_same_model_and_training_goes_on(checkpoints, tmp_path):
