@@ -22,6 +22,18 @@ def test_log_mel_matches_whisper_feature_extractor(n_mels):
     assert np.max(np.abs(ours - reference)) <= 1e-4
 
 
+@pytest.mark.parametrize("chunk_length", [30, 2])
+@pytest.mark.parametrize("fraction", [0.0001, 0.1, 0.5, 0.99, 0.9995, 1.0])
+def test_log_mel_of_a_clip_shorter_than_the_window_matches_at_every_length(chunk_length, fraction):
+    """Only the frames that touch the clip are computed: lengths where the clip's end meets
+    the window's last frames (and its reflection) included."""
+    extractor = WhisperFeatureExtractor(chunk_length=chunk_length)
+    samples = speech_like(chunk_length * fraction, seed=5)
+    reference = extractor(samples, sampling_rate=16_000, return_tensors="np").input_features[0]
+    ours = log_mel(samples, extractor.to_dict())
+    assert ours.shape == reference.shape and np.max(np.abs(ours - reference)) <= 1e-4
+
+
 def test_log_mel_trims_audio_longer_than_30_s():
     samples = speech_like(31.0)
     extractor = WhisperFeatureExtractor()
