@@ -6,7 +6,6 @@ decode."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary
-from benchmarks.presets import EAGER_PRECISIONS, TORCH_DTYPE_NAMES
+from benchmarks.presets import EAGER_PRECISIONS, eager_references
 from lalm_export.errors import LalmExportError
 from lalm_export.export_lalm import export_lalm_bundle
 from lalm_export.models import LLMDecoder, WhisperAudioEncoder
@@ -90,9 +89,7 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
     options = GenerationOptions(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
     model = LALM.from_pretrained(folder).to(settings.provider)
     model.set_inference_mode()
-    eager = {"fp32": model}
-    for precision in EAGER_PRECISIONS[settings.provider][1:]:
-        eager[precision] = copy.deepcopy(model).to(getattr(torch, TORCH_DTYPE_NAMES[precision]))
+    eager = eager_references(model, settings.provider)
 
     def eager_run(lalm: LALM) -> dict[str, Any]:
         tokens, timings = lalm.generate_clip(clip, None, options)

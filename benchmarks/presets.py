@@ -37,7 +37,18 @@ DEFAULT_VARIANTS = {"encoder": ("fp32", "int8"), "decoder": ("fp32", "int8", "in
 GPU_VARIANTS = {"encoder": ("fp32", "fp16"), "decoder": ("fp32", "fp16")}
 # The eager references per provider: fp32, and what a user would run instead of it there.
 EAGER_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
-TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def eager_references(model: Any, provider: str) -> dict[str, Any]:
+    """precision -> eager model timed against: `model` itself (fp32), then a copy cast to each
+    other reference precision of `provider`."""
+    import copy
+
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    return {"fp32": model, **{precision: copy.deepcopy(model).to(dtypes[precision]) for precision in EAGER_PRECISIONS[provider][1:]}}
+
 
 PRESETS = {
     "tiny": Preset(

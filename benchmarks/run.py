@@ -7,7 +7,6 @@ variant on the same inputs, interleaved. Parity is measured against eager fp32."
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import json
 import shlex
@@ -29,7 +28,7 @@ from benchmarks.compare import bounds_breached
 from benchmarks.lalm_bench import LALM_FAMILY, bench_lalm, export_lalm_variants, lalm_runs
 from benchmarks.machine import describe_machine, measure_ceilings
 from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary, timed
-from benchmarks.presets import EAGER_PRECISIONS, GPU_VARIANTS, PRESETS, TORCH_DTYPE_NAMES, Preset
+from benchmarks.presets import EAGER_PRECISIONS, GPU_VARIANTS, PRESETS, Preset, eager_references
 from lalm_export.bundle_facts import library_versions
 from lalm_export.eager import EagerDecoderBackend, full_fp32
 from lalm_export.errors import LalmExportError
@@ -152,11 +151,7 @@ def export_variant(family: str, checkpoint: Path, precision: str, folder: Path, 
 
 
 def eager_models(family: str, checkpoint: Path, provider: str) -> dict[str, torch.nn.Module]:
-    base = load_family_model(get_family(family), str(checkpoint)).float().eval().to(provider)
-    models = {"fp32": base}
-    for precision in EAGER_PRECISIONS[provider][1:]:
-        models[precision] = copy.deepcopy(base).to(getattr(torch, TORCH_DTYPE_NAMES[precision]))
-    return models
+    return eager_references(load_family_model(get_family(family), str(checkpoint)).float().eval().to(provider), provider)
 
 
 def count_flops(fn) -> int:

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lalm_export.cli import quiet_libraries  # noqa: E402
+from lalm_export.errors import OptionsError  # noqa: E402
 from lalm_export.export import ExportOptions, export_bundle  # noqa: E402
 from lalm_export.families import FAMILIES  # noqa: E402
 from lalm_export.models import ENCODER_CLASSES, LLMDecoder  # noqa: E402
@@ -111,8 +112,6 @@ DEMO_MARK = ".lalm-export-demo"  # marks a folder the demo wrote: the next run m
 def prepare_out(folder: Path) -> None:
     """An empty `folder` for this run: one an earlier run wrote is replaced; any other folder
     that holds files is refused (the demo never deletes what it did not write)."""
-    from lalm_export.errors import OptionsError
-
     if folder.exists() and not folder.is_dir():
         raise OptionsError(f"--out {folder} is a file; pass a folder")
     if folder.exists() and any(folder.iterdir()):
@@ -146,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--spoken-steps", type=steps_count, default=3000, help="training steps of the spoken-digits audio LLM (default: 3000)")
     args = parser.parse_args(argv)
-    from lalm_export.errors import OptionsError
     from lalm_export.spoken_digits import espeak
 
     try:

@@ -81,11 +81,9 @@ def build_dtmf_lalm(folder: Path, seed: int = 0):
 def curriculum(step: int, steps: int) -> tuple[int, int]:
     """Keys per clip at `step`: one key first (the decoder learns to read the audio), then
     one to three, then the task's three to six."""
-    if step < steps // 12:
-        return 1, 1
-    if step < steps // 4:
-        return 1, 3
-    return 3, 6
+    from lalm_export.training import curriculum_stage
+
+    return ((1, 1), (1, 3), (3, 6))[curriculum_stage(step, steps)]
 
 
 def train_dtmf(model, steps: int = 1200, batch: int = 16, lr: float = 3e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> None:

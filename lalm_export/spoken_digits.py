@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,8 +50,6 @@ def speak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
 
 def spoken_examples(count: int, seed: int, min_digits: int = 1, max_digits: int = 4, progress: bool = False) -> list[tuple[np.ndarray, str]]:
     """`count` (clip, digits) pairs; the same seed gives the same examples. `progress`: a bar on stderr."""
-    import sys
-
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -85,14 +84,15 @@ def train_spoken(
 ) -> None:
     """Synthesize the pool (`progress`: a bar), then train `model` on batches drawn from it:
     one digit first, then one or two, then one to four."""
-    from lalm_export.training import train_lalm
+    from lalm_export.training import curriculum_stage, train_lalm
 
     examples = spoken_examples(pool, seed=POOL_SEED + seed, progress=progress)
-    by_length = {n: [e for e in examples if len(e[1]) <= n] for n in (1, 2, 4)}
+    longest_per_stage = (1, 2, 4)
+    by_length = {n: [e for e in examples if len(e[1]) <= n] for n in longest_per_stage}
     rng = np.random.default_rng(seed)
 
     def batch_for(step: int) -> tuple[list[np.ndarray], list[str]]:
-        longest = 1 if step < steps // 12 else (2 if step < steps // 4 else 4)
+        longest = longest_per_stage[curriculum_stage(step, steps)]
         chosen = [by_length[longest][i] for i in rng.integers(0, len(by_length[longest]), batch)]
         clips = []
         for clip, _ in chosen:

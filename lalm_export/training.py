@@ -39,6 +39,12 @@ def train_lalm(
     model.set_inference_mode()
 
 
+def curriculum_stage(step: int, steps: int) -> int:
+    """The demo tasks' curriculum: stage 0 for the first twelfth of the steps (the shortest
+    labels: the decoder learns to read the audio), 1 until a quarter, 2 after (the task's own)."""
+    return 0 if step < steps // 12 else 1 if step < steps // 4 else 2
+
+
 def build_tiny_lalm(folder: Path, window_seconds: int, prompt: str, seed: int = 0) -> Any:
     """A tiny LALM from random checkpoints saved in `folder` (loaded through the real loading
     code): a Whisper-style encoder whose window is `window_seconds` (its log-mel front end

@@ -110,23 +110,13 @@ class LalmRunner:
         provider's device (IO binding): on CUDA it never crosses to the host."""
         return OrtDecoderBackend(self.decoder, binding_device=self.provider, embed=lambda ids: self.table[ids])
 
-    def prompt_ids(self, prompt: str, tokenizer: Any | None = None) -> list[int]:
-        tokenizer = tokenizer or self.tokenizer
-        encoded = tokenizer.encode(prompt)
+    def prompt_ids(self, prompt: str) -> list[int]:
+        encoded = self.tokenizer.encode(prompt)
         return list(encoded.ids if hasattr(encoded, "ids") else encoded)
 
-    def tokens_for(
-        self,
-        features: np.ndarray,
-        prompt: str,
-        options: GenerationOptions,
-        tokenizer: Any | None = None,
-        on_step: Callable | None = None,
-        backend: OrtDecoderBackend | None = None,
-        stop: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> np.ndarray:
+    def tokens_for(self, features: np.ndarray, prompt: str, options: GenerationOptions) -> np.ndarray:
         """Generated tokens for one clip's frames and a prompt text holding the placeholder."""
-        return self.generate_from(self.prompt_embeds(features, prompt, options, tokenizer), options, on_step, backend, stop)[0]
+        return self.generate_from(self.prompt_embeds(features, prompt, options), options)[0]
 
     def generate_from(
         self,
@@ -141,9 +131,9 @@ class LalmRunner:
         ones = np.ones(embeds.shape[:2], dtype=np.int64)
         return generate(PromptEmbeds(backend or self.backend, embeds), ones * 0, ones, options, stop=stop, on_step=on_step)
 
-    def prompt_embeds(self, features: np.ndarray, prompt: str, options: GenerationOptions, tokenizer: Any | None = None) -> np.ndarray:
+    def prompt_embeds(self, features: np.ndarray, prompt: str, options: GenerationOptions) -> np.ndarray:
         """`(1, positions, hidden)`: the prompt with the clip's frames in place, checked against the context length."""
-        embeds = prompt_embeddings(self.prompt_ids(prompt, tokenizer), int(self.facts["audio_token_id"]), self.table, features)[None]
+        embeds = prompt_embeddings(self.prompt_ids(prompt), int(self.facts["audio_token_id"]), self.table, features)[None]
         context = int(self.facts.get("context_length") or 1 << 30)
         if embeds.shape[1] + options.max_new_tokens > context:
             raise ContextLengthError(embeds.shape[1], options.max_new_tokens, context)
@@ -158,11 +148,11 @@ class LalmRunner:
         options: GenerationOptions | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> list[Transcription]:
-        """Text for each file or 16 kHz array (one of them alone is a batch of one); `on_text` streams the first clip's text. The
-        encoder runs clips of one input shape as a batch, and greedy generation clips with as
-        many frames (prompts of one length, so nothing is padded): every clip gets the tokens
-        it gets alone. The rest, and sampled generations (whose random draws a batch would
-        share), run one by one."""
+        """Text for each file or 16 kHz array (one alone is a batch of one); `on_text` streams
+        the first clip's text. The encoder runs clips of one input shape as a batch, and greedy
+        generation clips with as many frames (prompts of one length, so nothing is padded):
+        every clip gets the tokens it gets alone. The rest, and sampled generations (whose
+        random draws a batch would share), run one by one."""
         if isinstance(clips, str | Path | Audio) or (isinstance(clips, np.ndarray) and clips.ndim == 1):
             clips = [clips]  # one clip, not a sequence of them
         if len(clips) == 0:

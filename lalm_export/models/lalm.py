@@ -39,14 +39,16 @@ AudioBatch = Sequence[np.ndarray] | Sequence[torch.Tensor] | torch.Tensor | np.n
 def as_clips(audio: AudioBatch, audio_lengths: Sequence[int] | torch.Tensor | None = None) -> list[np.ndarray]:
     """Each clip's own samples as float32 numpy: a padded batch is cut to `audio_lengths`
     (without them every row is taken whole)."""
-    if isinstance(audio, torch.Tensor | np.ndarray) and audio.ndim == 2:
+    if isinstance(audio, torch.Tensor | np.ndarray):
+        if audio.ndim != 2:
+            raise OptionsError(
+                f"audio is a batch: a list of 1-D clips or a padded (batch, samples) tensor, not a {audio.ndim}-D one; wrap a single clip in a list"
+            )
         rows = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio, dtype=np.float32)
         lengths = [rows.shape[1]] * len(rows) if audio_lengths is None else [int(n) for n in audio_lengths]
         if len(lengths) != len(rows) or not all(0 < n <= rows.shape[1] for n in lengths):
             raise OptionsError(f"audio_lengths must give each of the {len(rows)} rows a length in 1..{rows.shape[1]}, not {lengths}")
         return [row[:n] for row, n in zip(rows, lengths)]
-    if isinstance(audio, torch.Tensor | np.ndarray):
-        raise OptionsError(f"audio is a batch: a list of 1-D clips or a padded (batch, samples) tensor, not a {audio.ndim}-D one; wrap a single clip in a list")
     if audio_lengths is not None:
         raise OptionsError("audio_lengths goes with a padded (batch, samples) tensor; clips of their own lengths need none")
     clips = [clip.detach().cpu().float().numpy() if isinstance(clip, torch.Tensor) else np.asarray(clip, dtype=np.float32) for clip in audio]
