@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.cpu import isa_label
+
 MIN_TOLERANCE = 0.15
 # Speedups over eager PyTorch depend on the CPU (AMX, VNNI, cache sizes): against a baseline
 # from another CPU only a large fall counts.
@@ -68,22 +70,47 @@ def same_machine(baseline: dict[str, Any], new: dict[str, Any]) -> bool:
     return all(baseline.get("machine", {}).get(k) == new.get("machine", {}).get(k) for k in keys)
 
 
-def compare_results(baseline: dict[str, Any], new: dict[str, Any], tolerance: float | None = None, figures: str | None = None) -> list[Finding]:
+def results_isa(results: dict[str, Any]) -> str:
+    """The instruction-set label a result was measured with (runtime/cpu.py's `isa_label`);
+    derived from its CPU flags for results written before the label was recorded."""
+    machine = results.get("machine", {})
+    return machine.get("isa") or isa_label(frozenset(machine.get("cpu_flags", [])))
+
+
+def pick_baseline(candidates: list[dict[str, Any]], new: dict[str, Any]) -> dict[str, Any] | None:
+    """The baseline of the same preset, provider and instruction set as `new`: ratios of
+    eager PyTorch to ONNX Runtime depend on the CPU's kernels (VNNI, AMX, bf16), so a
+    baseline of another instruction set says nothing about a regression."""
+
+    def key(results: dict[str, Any]) -> tuple[Any, ...]:
+        return (results["settings"].get("preset"), results["settings"].get("provider"), results_isa(results), results.get("machine", {}).get("gpu"))
+
+    return next((c for c in candidates if key(c) == key(new)), None)
+
+
+def compare_results(baseline: dict[str, Any] | None, new: dict[str, Any], tolerance: float | None = None, figures: str | None = None) -> list[Finding]:
     """Findings for every ONNX row of `baseline`; `figures` keeps only the speedups whose
-    name contains it (e.g. "vs eager-fp32"). Parity is always checked."""
-    floor = 0.0 if same_machine(baseline, new) else CROSS_MACHINE_TOLERANCE
+    name contains it (e.g. "vs eager-fp32"). Parity and failed exports are always checked;
+    without a baseline (none of this instruction set) only they are."""
     findings = [
         Finding(f"{e['family']} | export | {e['precision']}", "export", None, None, None, "EXPORT FAILED") for e in new.get("exports", []) if "error" in e
     ]
+    if baseline is None:
+        for row in new["rows"]:
+            findings += [Finding(row_key(row), f"parity {name} (bound {bound})", None, value, None, "PARITY BREACH") for name, value, bound in breaches(row)]
+        return findings
+    floor = 0.0 if same_machine(baseline, new) else CROSS_MACHINE_TOLERANCE
     new_rows = {row_key(r): r for r in new["rows"]}
     for old in baseline["rows"]:
-        if old["runtime"] != "onnx":
-            continue  # eager rows are the yardstick, not the product
+        if old["runtime"] != "onnx" or "failed" in old:
+            continue  # eager rows are the yardstick, not the product; a failed variant has no figures
         key = row_key(old)
         row = new_rows.get(key)
         if row is None:
             findings.append(Finding(key, "variant", None, None, None, "MISSING"))
             continue
+        if "failed" in row:
+            continue  # its export's failure is a finding already
         for figure, before in old["speedups"].items():
             if figures and figures not in figure:
                 continue

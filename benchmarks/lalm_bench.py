@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary
-from benchmarks.presets import EAGER_PRECISIONS, eager_references
+from benchmarks.measure import interleaved, peak_rss, speedups_vs_eager, summary
+from benchmarks.presets import eager_precisions, eager_references
 from lalm_export.errors import LalmExportError
 from lalm_export.export_lalm import export_lalm_bundle
 from lalm_export.models import LLMDecoder, WhisperAudioEncoder
@@ -80,7 +80,7 @@ def export_lalm_variants(settings: Any, exports: list[dict[str, Any]], say: Any)
 
 def lalm_runs(settings: Any) -> int:
     variants = sum(1 for v in settings.variants["decoder"] if v in VARIANTS)
-    return (2 + variants) * (settings.preset.warmup + settings.decoder_repeats)
+    return (len(eager_precisions(settings.provider)) + variants) * (settings.preset.warmup + settings.decoder_repeats)
 
 
 def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm) -> list[dict[str, Any]]:
@@ -115,10 +115,7 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
         same = runs[0]["tokens"] == reference
         figures = {"greedy_agreement": float(same.mean()), "first_divergence": None if same.all() else int(np.argmin(same))}
         bounds = {"greedy_agreement": {"min": 1.0}} if name == "onnx-fp32" else {}
-        speedups = {}
-        for ref in EAGER_PRECISIONS[settings.provider]:
-            reference_runs = results[f"eager-{ref}"]
-            speedups[f"end to end vs eager-{ref}"] = ratio_summary([r["total"] for r in reference_runs], [r["total"] for r in runs])
+        speedups = speedups_vs_eager("end to end", {ref: [r["total"] for r in results[f"eager-{ref}"]] for ref in eager}, [r["total"] for r in runs])
         rows.append(
             {
                 "family": LALM_FAMILY,

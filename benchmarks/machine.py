@@ -12,25 +12,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime.cpu import describe_cpu, has_bf16, int8_kernels, isa_label
+
 
 def describe_machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                flags = sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in present)
-                break
-    except OSError:
-        pass
+    """The machine a result was measured on: results compare only with results of the same `isa`."""
+    cpu = describe_cpu()
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "cpu": cpu,
-        "cpu_flags": flags,
+        "cpu": cpu["model"],
+        "cpu_flags": cpu["flags"],
+        "isa": isa_label(),
+        "int8_kernels": cpu["int8_kernels"],
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(memory_gib, 1),
@@ -65,12 +59,12 @@ def gemm_gflops(dtype: torch.dtype, size: int = 2048, device: str = "cpu") -> fl
 
 def ort_matmul_gops(int8: bool, m: int = 512, k: int = 768, n: int = 3072) -> float:
     """ONNX Runtime's CPU MatMul on a transformer-sized shape: fp32 (MLAS SGEMM) or the int8
-    variants' kernel (dynamic S8S8)."""
+    variants' kernel (dynamic U8S8, this machine's recipe)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    from lalm_export.transforms import quantize_int8
+    from lalm_export.transforms import int8_recipe, quantize_int8
 
     weight = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
     graph = helper.make_graph(
@@ -84,7 +78,7 @@ def ort_matmul_gops(int8: bool, m: int = 512, k: int = 768, n: int = 3072) -> fl
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(source))
         if int8:
-            quantize_int8(source, target)
+            quantize_int8(source, target, int8_recipe(int8_kernels()))
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(target if int8 else source), options, providers=["CPUExecutionProvider"])
@@ -110,7 +104,8 @@ def measure_ceilings(device: str = "cpu") -> dict[str, float]:
     return {
         # The best of PyTorch's and ONNX Runtime's fp32 GEMM: either may be the faster here.
         "fp32_gemm_gflops": round(max(gemm_gflops(torch.float32), ort_matmul_gops(int8=False)), 1),
-        "bf16_gemm_gflops": round(gemm_gflops(torch.bfloat16), 1),
+        # Without bf16 instructions PyTorch emulates bf16 (AVX2: ~1 GFLOP/s): no ceiling to hold anything against.
+        **({"bf16_gemm_gflops": round(gemm_gflops(torch.bfloat16), 1)} if has_bf16() else {}),
         "int8_gemm_gops": round(ort_matmul_gops(int8=True), 1),
         "memory_bandwidth_gbs": round(memory_read_gbs(), 2),
     }

@@ -36,6 +36,24 @@ def ratio_summary(numerators: list[float], denominators: list[float]) -> dict[st
     return {"value": float(np.median(numerators) / np.median(denominators)), "spread": round(float(spread), 4)}
 
 
+FASTEST_EAGER = "fastest eager"
+
+
+def speedups_vs_eager(figure: str, eager: dict[str, list[float]], runs: list[float], higher_is_better: bool = False) -> dict[str, dict[str, Any]]:
+    """`{figure} vs eager-P` for each eager reference P (`eager`: P -> its per-round values),
+    and `{figure} vs fastest eager`: against the reference with the best median on this
+    machine (fp32 where bf16 is emulated), named in the figure's `reference`."""
+
+    def ratio(reference: list[float]) -> dict[str, Any]:
+        return ratio_summary(runs, reference) if higher_is_better else ratio_summary(reference, runs)
+
+    speedups: dict[str, dict[str, Any]] = {f"{figure} vs eager-{precision}": ratio(values) for precision, values in eager.items()}
+    pick = max if higher_is_better else min
+    fastest = pick(eager, key=lambda precision: float(np.median(eager[precision])))
+    speedups[f"{figure} vs {FASTEST_EAGER}"] = {**ratio(eager[fastest]), "reference": f"eager-{fastest}"}
+    return speedups
+
+
 # Between two timed runs: ONNX Runtime's and OpenMP's worker threads spin-wait after a
 # run; without a pause they take the cores from whichever variant runs next.
 SETTLE_S = 0.03

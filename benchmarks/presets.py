@@ -8,6 +8,7 @@ from typing import Any
 
 from lalm_export.families import get_family
 from lalm_export.tiny import tiny_config
+from runtime.cpu import has_bf16
 
 
 def base_config(family: str) -> Any:
@@ -35,8 +36,15 @@ class Preset:
 
 DEFAULT_VARIANTS = {"encoder": ("fp32", "int8"), "decoder": ("fp32", "int8", "int4", "int4-b128")}
 GPU_VARIANTS = {"encoder": ("fp32", "fp16"), "decoder": ("fp32", "fp16")}
-# The eager references per provider: fp32, and what a user would run instead of it there.
-EAGER_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16")}
+
+
+def eager_precisions(provider: str) -> tuple[str, ...]:
+    """The eager references on `provider`: fp32, and what a user would run instead of it there:
+    fp16 on CUDA; bf16 on a CPU with bf16 instructions (without them PyTorch emulates bf16 at
+    a few percent of its fp32 speed: nobody would run it, and it would take the run's time)."""
+    if provider == "cuda":
+        return ("fp32", "fp16")
+    return ("fp32", "bf16") if has_bf16() else ("fp32",)
 
 
 def eager_references(model: Any, provider: str) -> dict[str, Any]:
@@ -47,7 +55,7 @@ def eager_references(model: Any, provider: str) -> dict[str, Any]:
     import torch
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    return {"fp32": model, **{precision: copy.deepcopy(model).to(dtypes[precision]) for precision in EAGER_PRECISIONS[provider][1:]}}
+    return {"fp32": model, **{precision: copy.deepcopy(model).to(dtypes[precision]) for precision in eager_precisions(provider)[1:]}}
 
 
 PRESETS = {

@@ -10,7 +10,7 @@ CEILING_NAMES = {
     "fp32_gemm_gflops": "fp32 GEMM (best of PyTorch, ONNX Runtime)",
     "bf16_gemm_gflops": "bf16 GEMM (PyTorch)",
     "fp16_gemm_gflops": "fp16 GEMM (PyTorch)",
-    "int8_gemm_gops": "int8 S8S8 MatMul (ONNX Runtime)",
+    "int8_gemm_gops": "int8 MatMul (ONNX Runtime, this CPU's int8 recipe)",
     "memory_bandwidth_gbs": "memory read bandwidth",
 }
 
@@ -34,6 +34,24 @@ def _table(headers: list[str], rows: Iterable[list[Any]]) -> list[str]:
     return lines
 
 
+def _failed(row: dict[str, Any], width: int, lead: int) -> list[Any] | None:
+    """The cells of a variant whose export failed: its first `lead` cells, the reason, dashes."""
+    if "failed" not in row:
+        return None
+    reason = row["failed"].splitlines()[0].replace("|", "/")
+    return [*_lead(row)[:lead], f"**FAILED**: {reason[:160]}", *["—"] * (width - lead - 1)]
+
+
+def _lead(row: dict[str, Any]) -> list[Any]:
+    return [row["family"], row["case"], row["variant"]] if row["role"] == "encoder" else [row["variant"]]
+
+
+def _fastest(row: dict[str, Any], figure: str) -> str:
+    """The speedup against the fastest eager variant on this machine, naming it."""
+    speedup = row["speedups"].get(f"{figure} vs fastest eager")
+    return "—" if not speedup else f"{_x(speedup)} ({speedup['reference'].removeprefix('eager-')})"
+
+
 def _parity_text(row: dict[str, Any]) -> str:
     passed = row["parity"]["passed"]
     return "reference" if row["variant"] == "eager-fp32" else ("—" if passed is None else ("pass" if passed else "**FAIL**"))
@@ -41,10 +59,14 @@ def _parity_text(row: dict[str, Any]) -> str:
 
 def encoder_table(rows: list[dict[str, Any]], references: list[str]) -> list[str]:
     headers = ["family", "input", "variant", "median ms", "p90 ms", "min ms", "audio s/s"]
-    headers += [f"vs eager {r}" for r in references]
+    headers += [f"vs eager {r}" for r in references] + ["vs fastest eager"]
     headers += ["GFLOP/s (% of ceiling)", "cosine", "min frame cosine", "max-abs / relative", "peak RSS GiB", "parity"]
     body = []
     for row in rows:
+        failed = _failed(row, len(headers), 3)
+        if failed:
+            body.append(failed)
+            continue
         lat, fig = row["latency_s"], row["parity"]["figures"]
         ach = row["achieved"]
         pct = f" ({ach['ceiling_pct']:.0f} % {ach['ceiling'].split('_')[0]})" if ach.get("ceiling_pct") is not None else ""
@@ -58,6 +80,7 @@ def encoder_table(rows: list[dict[str, Any]], references: list[str]) -> list[str
                 _ms(lat["min"]),
                 f"{row['throughput']['audio_seconds_per_s']:.1f}",
                 *[_x(row["speedups"].get(f"latency vs eager-{r}")) for r in references],
+                _fastest(row, "latency"),
                 f"{ach['gflops_per_s']:.0f}{pct}",
                 f"{fig['cosine']:.6f}",
                 f"{fig['row_cosine']:.6f}",
@@ -71,10 +94,14 @@ def encoder_table(rows: list[dict[str, Any]], references: list[str]) -> list[str
 
 def decoder_table(rows: list[dict[str, Any]], references: list[str]) -> list[str]:
     headers = ["variant", "TTFT ms", "decode tok/s (median, min–max)"]
-    headers += [f"decode vs eager {r}" for r in references] + [f"TTFT vs eager {r}" for r in references]
+    headers += [f"decode vs eager {r}" for r in references] + ["decode vs fastest eager"] + [f"TTFT vs eager {r}" for r in references]
     headers += ["weights MB/token", "bandwidth floor tok/s (reached)", "greedy agreement (first divergence)", "top-1 agreement", "logits cosine", "parity"]
     body = []
     for row in rows:
+        failed = _failed(row, len(headers), 1)
+        if failed:
+            body.append(failed)
+            continue
         tps, fig = row["decode_tokens_per_s"], row["parity"]["figures"]
         divergence = "none" if fig["first_divergence"] is None else f"step {fig['first_divergence']}"
         body.append(
@@ -83,6 +110,7 @@ def decoder_table(rows: list[dict[str, Any]], references: list[str]) -> list[str
                 _ms(row["ttft_s"]["median"]),
                 f"{tps['median']:.1f} ({min(tps['runs']):.1f}–{max(tps['runs']):.1f})",
                 *[_x(row["speedups"].get(f"decode tok/s vs eager-{r}")) for r in references],
+                _fastest(row, "decode tok/s"),
                 *[_x(row["speedups"].get(f"TTFT vs eager-{r}")) for r in references],
                 f"{row['weight_bytes_per_token'] / 1e6:.3g}",
                 f"{row['bandwidth_floor']['tokens_per_s']:.1f} ({row['bandwidth_floor']['reached_pct']:.0f} %)",
@@ -97,9 +125,13 @@ def decoder_table(rows: list[dict[str, Any]], references: list[str]) -> list[str
 
 def lalm_table(rows: list[dict[str, Any]], references: list[str]) -> list[str]:
     headers = ["variant", "parts (encoder, decoder)", "end to end ms", "encoder ms", "prefill ms", "decode ms"]
-    headers += [f"vs eager {r}" for r in references] + ["greedy agreement (first divergence)", "parity"]
+    headers += [f"vs eager {r}" for r in references] + ["vs fastest eager", "greedy agreement (first divergence)", "parity"]
     body = []
     for row in rows:
+        failed = _failed(row, len(headers), 1)
+        if failed:
+            body.append(failed)
+            continue
         fig, split = row["parity"]["figures"], row["split_s"]
         divergence = "none" if fig["first_divergence"] is None else f"step {fig['first_divergence']}"
         body.append(
@@ -109,6 +141,7 @@ def lalm_table(rows: list[dict[str, Any]], references: list[str]) -> list[str]:
                 _ms(row["latency_s"]["median"]),
                 *[_ms(split[part]) for part in ("encoder_s", "prefill_s", "decode_s")],
                 *[_x(row["speedups"].get(f"end to end vs eager-{r}")) for r in references],
+                _fastest(row, "end to end"),
                 f"{fig['greedy_agreement']:.0%} ({divergence})",
                 _parity_text(row),
             ]
@@ -124,8 +157,17 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
         "",
         f"Made by `{results['command']}` on {results['created']}.",
         "",
-        f"- **Machine**: {machine['cpu']} ({', '.join(machine['cpu_flags']) or 'no SIMD flags read'}), {machine['cores']} cores, "
+        f"- **Machine**: {machine['cpu']} ({', '.join(machine['cpu_flags']) or 'no AVX2 or later flags read'}; instruction set "
+        f"{machine.get('isa', '?')}, int8 kernels {machine.get('int8_kernels', '?')}), {machine['cores']} cores, "
         f"{machine['memory_gib']} GiB" + (f", GPU {machine['gpu']}" if machine.get("gpu") else "") + f"; Python {machine['python']}.",
+        *(
+            [
+                "- **No bf16 instructions** on this CPU: PyTorch would emulate bf16 at a few percent of its fp32 speed, so neither an eager "
+                "bf16 reference nor a bf16 ceiling is measured; eager fp32 is the fastest eager variant here."
+            ]
+            if settings["provider"] == "cpu" and "bf16" not in references
+            else []
+        ),
         "- **Libraries**: " + ", ".join(f"{k} {v}" for k, v in results["libraries"].items()) + ".",
         f"- **Models**: {settings['preset_description']}.",
         f"- **Settings**: provider {settings['provider']}; encoders: {settings['audio_seconds']:g} s of speech-like audio "
@@ -139,7 +181,8 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
             else ""
         )
         + ".",
-        "- Speedups are ratios of medians measured in this run; ± is the relative standard error of the median per-round ratio. "
+        "- Speedups are ratios of medians measured in this run; ± is the relative standard error of the median per-round ratio; "
+        '"vs fastest eager" is against the eager variant with the best median on this machine (named). '
         "Parity is against eager fp32 on the same inputs; a variant's bounds are those of the export's parity gate.",
         "",
         "## Ceilings of this machine (measured in this run)",
@@ -204,10 +247,14 @@ def render_plots(results: dict[str, Any], folder: Path) -> list[str]:
     names = []
 
     def grouped(ax, value, lower=None, upper=None) -> None:
+        failed_xs = []
         for i, variant in enumerate(variants):
             xs, ys, lo, hi = [], [], [], []
             for g, group in enumerate(groups):
                 row = next((r for r in rows if (r["family"], r["case"]) == group and r["variant"] == variant), None)
+                if row is not None and "failed" in row:
+                    failed_xs.append(g + (i - len(variants) / 2 + 0.5) * width)
+                    continue
                 if row is None or value(row) is None:
                     continue
                 xs.append(g + (i - len(variants) / 2 + 0.5) * width)
@@ -216,6 +263,10 @@ def render_plots(results: dict[str, Any], folder: Path) -> list[str]:
                 hi.append(upper(row) - ys[-1] if upper else 0)
             if xs:
                 ax.bar(xs, ys, width, label=variant, color=colors[variant], yerr=[lo, hi] if lower else None, capsize=2)
+        if failed_xs:  # at the foot of the axes, whatever its scale: a variant that failed has no bar
+            ax.scatter(
+                failed_xs, [0.03] * len(failed_xs), marker="X", s=60, color="red", transform=ax.get_xaxis_transform(), label="failed (see report)", zorder=3
+            )
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{f}\n{c}" for f, c in groups], fontsize=7)
         if ax.containers:  # an audio-LLM-only run has no per-frame cosine to plot

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from benchmarks.compare import bounds_breached
 from benchmarks.lalm_bench import LALM_FAMILY, bench_lalm, export_lalm_variants, lalm_runs
 from benchmarks.machine import describe_machine, measure_ceilings
-from benchmarks.measure import interleaved, peak_rss, ratio_summary, summary, timed
-from benchmarks.presets import EAGER_PRECISIONS, GPU_VARIANTS, PRESETS, Preset, eager_references
+from benchmarks.measure import interleaved, peak_rss, speedups_vs_eager, summary, timed
+from benchmarks.presets import GPU_VARIANTS, PRESETS, Preset, eager_precisions, eager_references
 from lalm_export.bundle_facts import library_versions
 from lalm_export.eager import EagerDecoderBackend, full_fp32
 from lalm_export.errors import LalmExportError
@@ -72,7 +72,7 @@ class RunSettings:
             "variants": {role: list(v) for role, v in self.variants.items()},
             "provider": self.provider,
             "decoder_graph": self.decoder_graph,
-            "eager_references": list(EAGER_PRECISIONS[self.provider]),
+            "eager_references": list(eager_precisions(self.provider)),
             "audio_seconds": p.audio_seconds,
             "encoder_batches": list(p.encoder_batches),
             "prompt_tokens": p.prompt_tokens,
@@ -245,7 +245,7 @@ def bench_encoder(settings: RunSettings, family: str, bundles: dict[str, Path], 
                     "precision": precision,
                     "latency_s": latency,
                     "throughput": {"audio_seconds_per_s": round(seconds_of_audio / latency["median"], 2)},
-                    "speedups": {f"latency vs eager-{ref}": ratio_summary(times[f"eager-{ref}"], runs) for ref in EAGER_PRECISIONS[settings.provider]},
+                    "speedups": speedups_vs_eager("latency", {ref: times[f"eager-{ref}"] for ref in models}, runs),
                     "flops": flops,
                     "achieved": achieved(flops, latency["median"], precision, ceilings),
                     "peak_rss_gib": memory["peak_rss_gib"],
@@ -352,11 +352,11 @@ def bench_decoder(settings: RunSettings, bundles: dict[str, Path], ceilings: dic
         ttft = summary([r["ttft"] for r in runs])
         tps = summary([r["tps"] for r in runs])
         floor = ceilings["memory_bandwidth_gbs"] * 1e9 / weight_bytes
-        speedups = {}
-        for ref in EAGER_PRECISIONS[settings.provider]:
-            reference_runs = results[f"eager-{ref}"]
-            speedups[f"decode tok/s vs eager-{ref}"] = ratio_summary([r["tps"] for r in runs], [r["tps"] for r in reference_runs])
-            speedups[f"TTFT vs eager-{ref}"] = ratio_summary([r["ttft"] for r in reference_runs], [r["ttft"] for r in runs])
+        eager = {ref: results[f"eager-{ref}"] for ref in models}
+        speedups = {
+            **speedups_vs_eager("decode tok/s", {ref: [r["tps"] for r in rs] for ref, rs in eager.items()}, [r["tps"] for r in runs], higher_is_better=True),
+            **speedups_vs_eager("TTFT", {ref: [r["ttft"] for r in rs] for ref, rs in eager.items()}, [r["ttft"] for r in runs]),
+        }
         rows.append(
             {
                 "family": "llm",
@@ -383,7 +383,7 @@ def bench_decoder(settings: RunSettings, bundles: dict[str, Path], ceilings: dic
 
 
 def total_runs(settings: RunSettings) -> int:
-    eager = len(EAGER_PRECISIONS[settings.provider])
+    eager = len(eager_precisions(settings.provider))
     rounds = settings.preset.warmup
     count = 0
     for family in settings.families:
@@ -439,9 +439,44 @@ def run_benchmarks(settings: RunSettings, command: str, quiet: bool = False, on_
                 say(f"{family}: timing failed: {err}")
                 elapsed = round(time.perf_counter() - start, 2)
                 results["exports"].append({"family": family, "precision": "timing", "error": f"{type(err).__name__}: {err}", "seconds": elapsed})
+            results["rows"] += failed_rows(family, results["rows"], results["exports"])
             if on_family_done is not None:
                 on_family_done(results)
     return results
+
+
+def failed_rows(family: str, rows: list[dict[str, Any]], exports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row per case for each variant of `family` whose export failed (the parity gate
+    refused it, or it crashed), so that tables and plots show it failed instead of leaving it out."""
+    timed = [r for r in rows if r["family"] == family]
+    if not timed:
+        return []
+    cases = list(dict.fromkeys((r["case"], r["batch"]) for r in timed))
+    role = timed[0]["role"]
+    return [
+        {
+            "family": family,
+            "role": role,
+            "case": case,
+            "batch": batch,
+            "variant": f"onnx-{export['precision']}",
+            "runtime": "onnx",
+            "precision": export["precision"],
+            "failed": export["error"],
+            "speedups": {},
+            "parity": {"figures": {}, "bounds": {}, "passed": False},
+        }
+        for export in exports
+        if export["family"] == family and "error" in export and export["precision"] != "timing"
+        for case, batch in cases
+    ]
+
+
+def failed_variants(results: dict[str, Any]) -> list[str]:
+    """`family variant` of every variant that failed its export or the benchmark's parity bounds."""
+    failed = [f"{r['family']} {r['variant']}" for r in results["rows"] if r["parity"]["passed"] is False]
+    failed += [f"{e['family']} {e['precision']}" for e in results["exports"] if e["precision"] == "timing"]
+    return list(dict.fromkeys(failed))
 
 
 def export_family(settings: RunSettings, family: str, exports: list[dict[str, Any]], say: Callable[[str], None]) -> dict[str, Path]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from lalm_export.options import ExportOptions
 from lalm_export.precision import SPECS
+from runtime.cpu import describe_cpu
 from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
 
 
@@ -78,6 +79,12 @@ def save_feature_extractor(model: nn.Module, opts: ExportOptions, folder: Path) 
     except (OSError, ValueError):
         opts.spec.feature_extractor.build(model.config).save_pretrained(str(folder))
         return "family default"
+
+
+def int8_record(recipe: dict[str, Any], verified: bool) -> dict[str, Any]:
+    """What the manifest keeps of int8 graphs (`extra.int8`): their recipe and the CPU whose
+    int8 kernels verified them, which the runtime compares with the CPU it runs on."""
+    return {**recipe, "verified_on": describe_cpu() if verified else None}
 
 
 def library_versions() -> dict[str, str]:

@@ -16,9 +16,10 @@ from lalm_export.errors import OptionsError
 from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.int4 import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, INT4_METHODS, Int4Options
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions
+from lalm_export.options import DEFAULT_OPSET, TARGET_CPUS, ExportOptions, LalmExportOptions
 from lalm_export.precision import DEVICES, PRECISIONS, SPECS
 from lalm_export.tolerances import FP32_RELATIVE
+from runtime.cpu import int8_kernels
 
 EPILOG = """examples:
   # a Wav2Vec2 encoder with a LoRA adapter saved by Wav2Vec2AudioEncoder.save_lora_weights()
@@ -27,8 +28,10 @@ EPILOG = """examples:
   # a QLoRA adapter from plain peft: merged into the dequantized NF4 base it was trained on
   lalm-export --decoder auto --model ./qwen2.5-0.5b --adapter ./peft-adapter --qlora --output ./bundles/llm
 
-  # int8 for CPU serving (S8S8 MatMuls on AMX/VNNI), gated on cosine against eager fp32
+  # int8 for CPU serving, gated on cosine against eager fp32; made for this machine's int8 kernels,
+  # or for another CPU's (an AVX2-only server: 7-bit weights, which its kernels cannot saturate)
   lalm-export --encoder hubert --model ./hubert-base --precision int8 --output ./bundles/hubert-int8
+  lalm-export --encoder hubert --model ./hubert-base --precision int8 --target-cpu avx2 --output ./bundles/hubert-int8-avx2
 
   # int4 weight-only decoder (a fused-attention graph on the CPU); fp16 verified on a GPU
   lalm-export --decoder auto --model ./qwen2.5-0.5b --precision int4 --output ./bundles/llm-int4
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="fp32 (exact); int8: dynamic S8S8 MatMuls, for CPUs; int4: weight-only, decoders; fp16: for CUDA; "
+        help="fp32 (exact); int8: dynamic int8 MatMuls, for CPUs (see --target-cpu); int4: weight-only, decoders; fp16: for CUDA; "
         "bf16 is refused (ONNX Runtime has no CPU kernel for it). Non-fp32 graphs are gated on cosine vs eager fp32 (default: fp32)",
     )
     for role, suits in (("encoder", "int8 on CPUs"), ("decoder", "int8 or int4 on CPUs")):
@@ -106,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=finite_float,
         help="parity bound of a reduced precision: cosine, whole and per frame/position, against eager fp32 "
         "(default: 0.999 for encoders, 0.99 for decoders, 0.8 for int4 decoders; see lalm_export/tolerances.py)",
+    )
+    parser.add_argument(
+        "--target-cpu",
+        choices=TARGET_CPUS,
+        default="auto",
+        help="int8: the int8 kernels the graph is made for. avx2 (no VNNI: AVX2, or AVX-512 without VNNI) saturates "
+        "u8 x s8 sums at int16, so its graphs get 7-bit weights; avx-vnni, avx512-vnni and amx sum in int32 and get 8-bit "
+        "weights. The gate runs on this machine's kernels; the manifest records both, and the runtime warns on other kernels "
+        f"(default: auto, this machine's: {int8_kernels()})",
     )
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the parity gate runs: eager model and ONNX Runtime provider (default: cpu)")
     parser.add_argument(
@@ -168,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The flags an LALM export takes; the rest describe a single component (an LALM folder records its own).
 LALM_FLAGS = (
     *("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json"),
-    *("precision", "encoder_precision", "decoder_precision", "decoder_graph", "device"),
+    *("precision", "encoder_precision", "decoder_precision", "decoder_graph", "device", "target_cpu", "min_cosine"),
 )
 
 
@@ -185,9 +197,10 @@ def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
     changed = [name for name, value in vars(args).items() if name not in LALM_FLAGS and value != defaults[name]]
     if changed:
         flag = next(a.option_strings[0] for a in parser._actions if a.dest == changed[0])
-        raise OptionsError(f"{flag} describes a single --encoder or --decoder export; an LALM folder records its components, adapters and settings")
+        parser.error(f"{flag} describes a single --encoder or --decoder export; an LALM folder records its components, adapters and settings")
+    names = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "decoder_graph", "device", "target_cpu", "min_cosine")
     return LalmExportOptions(
-        **{name: getattr(args, name) for name in ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "decoder_graph", "device")},
+        **{name: getattr(args, name) for name in names},
         encoder_precision=component_precision(args, "encoder"),
         decoder_precision=component_precision(args, "decoder"),
     )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lalm_export.bundle_facts import build_manifest, save_companions
+from lalm_export.bundle_facts import build_manifest, int8_record, save_companions
 from lalm_export.errors import AdapterMismatchError, OptionsError
 from lalm_export.families import FamilySpec
 from lalm_export.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
@@ -27,7 +27,7 @@ from lalm_export.io import atomic_folder, sha256_tree
 from lalm_export.merge import AdapterForPart, dequantize_4bit_linears, merge_adapter_into, read_adapter_for_part, read_lora_pairs
 from lalm_export.models.adapters import QuantizationSettings, load_full_weights, read_adapter_metadata
 from lalm_export.models.loading import load_family_model
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, validate_options
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, resolved_target_cpu, validate_options
 from lalm_export.precision import SPECS, TransformJob, apply_precision
 from lalm_export.progress import Stages
 from lalm_export.rewrites import LAST_POSITION_LOGITS, keep_last_position_logits
@@ -228,7 +228,8 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             detail = precision.summary + (f", {opts.int4.describe()}" if opts.precision == "int4" else "")
             with stages.stage("precision", detail):
                 graph = tmp / GRAPH_NAME
-                facts = apply_precision(fp32_graph, graph, opts.precision, TransformJob(spec.role, opts.int4))
+                job = TransformJob(spec.role, opts.int4, resolved_target_cpu(opts.target_cpu))
+                facts = apply_precision(fp32_graph, graph, opts.precision, job)
                 shutil.rmtree(fp32_folder)
         if opts.verify:
             with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32"):
@@ -242,6 +243,8 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
                 extra["decoder_graph"] = graph_kind
             if opts.precision == "int4":
                 extra["int4"] = {**int4_weights, "block_size": opts.int4.block_size, "lm_head": facts["lm_head"]}
+            if opts.precision == "int8":
+                extra["int8"] = int8_record(facts, verified=opts.verify)
             manifest = build_manifest(model, opts, tmp, graph, source, parity, extra, optimizations)
             manifest.write(tmp)
     return manifest

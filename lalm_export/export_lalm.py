@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lalm_export.bundle_facts import graph_facts, library_versions
+from lalm_export.bundle_facts import graph_facts, int8_record, library_versions
 from lalm_export.embeds_graph import export_embeds_decoder
 from lalm_export.errors import OptionsError
 from lalm_export.export import last_position_logits_only, load_merged_model
@@ -46,7 +46,7 @@ from lalm_export.models.lalm import (
     read_lalm_config,
     resize_for_tokenizer,
 )
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_output, require_cuda
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_output, check_target_cpu, require_cuda, resolved_target_cpu
 from lalm_export.precision import SPECS, TransformJob, apply_precision, check_precision
 from lalm_export.progress import Stages
 from lalm_export.signals import speech_like
@@ -172,15 +172,17 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
         if all_fp32(opts):
             stages.skip("precision", "fp32")
         placing = nullcontext() if all_fp32(opts) else stages.stage("precision", f"audio encoder {opts.encoder_precision}, decoder {opts.decoder_precision}")
+        target_cpu = resolved_target_cpu(opts.target_cpu)
         with placing:
-            for graph, (precision, role) in precisions.items():
-                place_graph(fp32, tmp, graph, precision, role)
+            recipes = {graph: place_graph(fp32, tmp, graph, precision, role, target_cpu) for graph, (precision, role) in precisions.items()}
             shutil.rmtree(fp32)
         if opts.verify:
             with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32: audio features, then greedy tokens end to end"):
                 from lalm_export.lalm_gate import check_lalm
 
-                report = check_lalm(merged, tmp, opts.encoder_precision, all_fp32=all_fp32(opts), seed=opts.seed, provider=opts.device)
+                report = check_lalm(
+                    merged, tmp, opts.encoder_precision, all_fp32=all_fp32(opts), seed=opts.seed, provider=opts.device, min_cosine=opts.min_cosine
+                )
                 for line in report.summary_lines():
                     stages.say(f"      {line}")
                 report.raise_if_failed()
@@ -189,7 +191,8 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
             stages.skip("verify", "--no-verify")
             parity = {"verified": False, "reason": "--no-verify"}
         with stages.stage("write", str(opts.output)):
-            manifest = lalm_manifest(merged, opts, tmp, parity, graph_kind, optimizations)
+            int8 = next((int8_record(facts, opts.verify) for graph, facts in recipes.items() if precisions[graph][0] == "int8"), None)
+            manifest = lalm_manifest(merged, opts, tmp, parity, graph_kind, optimizations, int8)
             manifest.write(tmp)
     return manifest
 
@@ -206,13 +209,14 @@ def all_fp32(opts: LalmExportOptions) -> bool:
     return opts.encoder_precision == opts.decoder_precision == "fp32"
 
 
-def place_graph(source: Path, target: Path, graph: str, precision: str, role: str) -> None:
-    """The fp32 graph (and its weights file) moved into the bundle, or its `precision` transform written there."""
+def place_graph(source: Path, target: Path, graph: str, precision: str, role: str, target_cpu: str) -> dict[str, object]:
+    """The fp32 graph (and its weights file) moved into the bundle, or its `precision` transform
+    written there; returns the transform's facts for the manifest."""
     if precision == "fp32":
         for file in source.glob(graph + "*"):
             file.rename(target / file.name)
-        return
-    apply_precision(source / graph, target / graph, precision, TransformJob(role))
+        return {}
+    return apply_precision(source / graph, target / graph, precision, TransformJob(role, target_cpu=target_cpu))
 
 
 def dump_feature_config(config: dict[str, Any], path: Path) -> None:
@@ -221,7 +225,15 @@ def dump_feature_config(config: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps({k: v for k, v in config.items() if k != "mel_filters"}, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, parity: dict[str, Any], graph_kind: str, optimizations: list[str]) -> Manifest:
+def lalm_manifest(
+    merged: MergedLalm,
+    opts: LalmExportOptions,
+    folder: Path,
+    parity: dict[str, Any],
+    graph_kind: str,
+    optimizations: list[str],
+    int8: dict[str, Any] | None,
+) -> Manifest:
     encoder_record, opset = graph_facts(folder, folder / ENCODER_GRAPH)
     decoder_record, _ = graph_facts(folder, folder / DECODER_GRAPH)
     spec = merged.graph.spec
@@ -267,6 +279,7 @@ def lalm_manifest(merged: MergedLalm, opts: LalmExportOptions, folder: Path, par
             "pad_token_id": tokenizer.pad_token_id,
             "decoder_graph": f"{graph_kind} (inputs_embeds)",
             "precision": {"audio_encoder": opts.encoder_precision, "decoder": opts.decoder_precision},
+            **({"int8": int8} if int8 is not None else {}),
         },
         precision=opts.decoder_precision if opts.encoder_precision == opts.decoder_precision else "mixed",
         optimizations=optimizations,
@@ -283,6 +296,12 @@ def validate_lalm_options(opts: LalmExportOptions) -> None:
     read_lalm_config(folder)
     check_precision(opts.encoder_precision, "encoder", opts.device)
     check_precision(opts.decoder_precision, "decoder", opts.device)
+    check_target_cpu(opts.target_cpu, (opts.encoder_precision, opts.decoder_precision))
+    if opts.min_cosine is not None and (opts.encoder_precision == "fp32" or not 0 < opts.min_cosine <= 1):
+        raise OptionsError(
+            "--min-cosine with --lalm is a bound in (0, 1] on the audio features of a reduced-precision audio encoder: "
+            "pass --encoder-precision int8 (or fp16 with --device cuda)"
+        )
     check_output(Path(opts.output), opts.force)
     if opts.device == "cuda":
         require_cuda()

@@ -20,11 +20,10 @@ from runtime.sessions import SessionOptions, create_session
 def parity_tolerance(opts: ExportOptions) -> Tolerance:
     """fp32: relative error (`--rtol`, `--atol`); a reduced precision: its row's cosine bound
     (or `--min-cosine`), with greedy agreement recorded, not gated."""
-    bound = SPECS[opts.precision].cosine_bound(opts.spec.role)
+    bound = SPECS[opts.precision].cosine_bound(opts.spec.role, opts.min_cosine)
     if bound is None:
         return Tolerance(relative=opts.rtol, absolute=opts.atol)
-    cosine, row_cosine = (opts.min_cosine, opts.min_cosine) if opts.min_cosine is not None else (bound.cosine, bound.row_cosine)
-    return Tolerance(relative=opts.rtol, absolute=opts.atol, cosine=cosine, row_cosine=row_cosine, greedy_agreement=None)
+    return Tolerance(relative=opts.rtol, absolute=opts.atol, cosine=bound.cosine, row_cosine=bound.row_cosine, greedy_agreement=None)
 
 
 def check_parity(model: nn.Module, graph: Path, opts: ExportOptions, tolerance: Tolerance, reference: str, progress: bool) -> ParityReport:

@@ -13,8 +13,10 @@ from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.int4 import Int4Options
 from lalm_export.precision import check_precision
 from lalm_export.tolerances import FP32_RELATIVE
+from runtime.cpu import INT8_KERNELS, int8_kernels
 
 DEFAULT_OPSET = 18
+TARGET_CPUS = ("auto", *INT8_KERNELS)
 OPSET_RANGE = (14, 23)
 
 
@@ -43,6 +45,7 @@ class ExportOptions:
     optimize: bool = True
     decoder_graph: str = "auto"  # decoders: "fused" (ONNX Runtime's model builder), "optimum", or auto
     int4: Int4Options = Int4Options()
+    target_cpu: str = "auto"  # int8: the int8 kernels to make the graph for (runtime/cpu.py); auto: this machine's
 
     @property
     def spec(self) -> FamilySpec:
@@ -67,6 +70,8 @@ class LalmExportOptions:
     decoder_precision: str = "fp32"
     decoder_graph: str = "auto"  # auto | fused | optimum, as for --decoder
     device: str = "cpu"  # where the parity gate runs ONNX Runtime (the eager reference: fp32 on the CPU)
+    target_cpu: str = "auto"  # as for ExportOptions
+    min_cosine: float | None = None  # replaces the reduced-precision cosine bounds of the audio features
 
 
 def supported_decoder_archs() -> list[str]:
@@ -92,6 +97,7 @@ def validate_options(opts: ExportOptions) -> None:
         if opts.decoder_arch not in known:
             raise OptionsError(f"unknown decoder architecture {opts.decoder_arch!r}; known: auto, {', '.join(known)}")
     check_precision(opts.precision, spec.role, opts.device)
+    check_target_cpu(opts.target_cpu, (opts.precision,))
     if opts.decoder_graph not in GRAPH_CHOICES:
         raise OptionsError(f"unknown --decoder-graph {opts.decoder_graph!r}; choose one of {', '.join(GRAPH_CHOICES)}")
     if spec.role == "encoder" and opts.decoder_graph != "auto":
@@ -121,6 +127,19 @@ def _check_numbers(opts: ExportOptions) -> None:
         raise OptionsError(f"--rtol must be a positive number, not {opts.rtol}")
     if opts.atol is not None and (not math.isfinite(opts.atol) or opts.atol < 0):
         raise OptionsError(f"--atol must be a non-negative number, not {opts.atol}")
+
+
+def check_target_cpu(target_cpu: str, precisions: tuple[str, ...]) -> None:
+    """--target-cpu names a class of int8 kernels, and only an int8 graph has a use for it."""
+    if target_cpu not in TARGET_CPUS:
+        raise OptionsError(f"unknown --target-cpu {target_cpu!r}; choose one of {', '.join(TARGET_CPUS)}")
+    if target_cpu != "auto" and "int8" not in precisions:
+        raise OptionsError("--target-cpu chooses the int8 recipe: pass it with --precision int8 (or --encoder-precision / --decoder-precision int8)")
+
+
+def resolved_target_cpu(target_cpu: str) -> str:
+    """auto: the int8 kernels of this machine, where the parity gate runs."""
+    return int8_kernels() if target_cpu == "auto" else target_cpu
 
 
 def check_output(output: Path, force: bool) -> None:

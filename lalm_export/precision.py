@@ -5,8 +5,11 @@ Every precision starts from the fp32 export and rewrites its ONNX graph:
 
 - fp32: unchanged; gated on relative error.
 - int8 (CPU): dynamic quantization of the MatMuls with constant weights, signed int8
-  weights and activations (S8S8): ONNX Runtime runs them on VNNI/AMX at several times its
-  fp32 rate, while unsigned weights (QUInt8) run no faster than fp32. Convolutions, norms
+  weights and uint8 activations (U8S8): ONNX Runtime runs them on VNNI/AMX at several times
+  its fp32 rate, while unsigned weights (QUInt8) run no faster than fp32. The weights' range
+  depends on the CPU the graph is made for (`--target-cpu`, default this machine's): 7-bit
+  where the int8 kernels saturate (AVX2, AVX-512 without VNNI), 8-bit elsewhere
+  (`lalm_export/transforms.py`, `runtime/cpu.py`). Convolutions, norms
   and attention stay fp32: ORT's int8 Conv is slower than its fp32 Conv, and a convolution
   rewritten as an int8 MatMul loses the quiet frames of real audio to the per-tensor
   activation scale (docs/performance-notes.md).
@@ -35,7 +38,8 @@ from lalm_export.tolerances import (
     INT4_DECODER_COSINE,
     INT4_DECODER_ROW_COSINE,
 )
-from lalm_export.transforms import convert_fp16, quantize_int8
+from lalm_export.transforms import convert_fp16, int8_recipe, quantize_int8
+from runtime.cpu import int8_kernels
 
 DEVICES = ("cpu", "cuda")
 
@@ -54,6 +58,7 @@ class TransformJob:
 
     role: str
     int4: Int4Options = Int4Options()
+    target_cpu: str = ""  # int8: the class of int8 kernels the graph is made for (runtime/cpu.py); "": this machine's
 
 
 # A transform writes the precision's graph for an fp32 graph and returns facts for the manifest.
@@ -73,14 +78,19 @@ class PrecisionSpec:
     other_device: str = ""  # what to use on a device it is not for
     refused: str = ""  # why this precision is never exported, and what to use instead
 
-    def cosine_bound(self, role: str) -> CosineBound | None:
-        """The default cosine gate for `role`; None: the graph is gated on relative error."""
-        return self.bounds.get(role)
+    def cosine_bound(self, role: str, min_cosine: float | None = None) -> CosineBound | None:
+        """The cosine gate for `role` (`min_cosine`, `--min-cosine`, replaces both of its
+        bounds); None: the graph is gated on relative error."""
+        bound = self.bounds.get(role)
+        if bound is None or min_cosine is None:
+            return bound
+        return CosineBound(min_cosine, min_cosine)
 
 
 def _int8(source: Path, target: Path, job: TransformJob) -> Mapping[str, object]:
-    quantize_int8(source, target)
-    return {}
+    recipe = int8_recipe(job.target_cpu or int8_kernels())
+    quantize_int8(source, target, recipe)
+    return recipe.to_dict()
 
 
 def _int4(source: Path, target: Path, job: TransformJob) -> Mapping[str, object]:
@@ -114,7 +124,7 @@ SPECS: dict[str, PrecisionSpec] = {
             "int8",
             ("encoder", "decoder"),
             ("cpu",),
-            "dynamic S8S8 int8 MatMuls (CPU)",
+            "dynamic int8 MatMuls (CPU)",
             _int8,
             _REDUCED,
             other_device="--precision int8 is a CPU scheme (AMX/VNNI int8 kernels); with --device cuda use --precision fp16",

@@ -5,18 +5,42 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from lalm_export.graph_files import LARGE_GRAPH_BYTES, is_large, load_graph, save_graph
+from runtime.cpu import saturates
 
 # Kept in float32 in fp16 graphs: the RMS / layer-norm reductions (x^2 overflows float16).
 FP16_FLOAT32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "LayerNormalization", "SimplifiedLayerNormalization"]
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic S8S8 quantization of the MatMuls with constant weights."""
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How int8 weights are made for one class of ONNX Runtime int8 kernels (runtime/cpu.py)."""
+
+    target_cpu: str
+    reduce_range: bool  # 7-bit weights: the u8 x s8 pair sums of non-VNNI kernels cannot saturate
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "target_cpu": self.target_cpu,
+            "weights": "int8, per tensor, symmetric",
+            "weight_range": "7-bit" if self.reduce_range else "8-bit",
+            "activations": "uint8, per tensor, dynamic",
+        }
+
+
+def int8_recipe(target_cpu: str) -> Int8Recipe:
+    """The recipe for `target_cpu`: 7-bit weights where the kernels saturate (AVX2, AVX-512
+    without VNNI), full 8-bit weights where they sum in int32 (VNNI, AMX)."""
+    return Int8Recipe(target_cpu, reduce_range=saturates(target_cpu))
+
+
+def quantize_int8(source: Path, target: Path, recipe: Int8Recipe) -> None:
+    """Dynamic quantization of the MatMuls with constant weights: uint8 activations, int8 weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _root_logger_quiet():  # "consider pre-processing": advice for static quantization only
@@ -24,6 +48,7 @@ def quantize_int8(source: Path, target: Path) -> None:
             str(source),
             str(target),
             weight_type=QuantType.QInt8,
+            reduce_range=recipe.reduce_range,
             op_types_to_quantize=["MatMul"],
             use_external_data_format=is_large(source),
             # DefaultTensorType: the quantizer cannot infer some exported tensors' types otherwise.

@@ -17,6 +17,7 @@ from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import DecoderBackend, GenerationOptions, StepClock, generate, until_eos
 from runtime.lalm import LalmRunner, cut_at_stop, load_lalm
 from runtime.limits import audio_limits
+from runtime.cpu import warn_on_int8_kernel_mismatch
 from runtime.manifest import Manifest, read_json_object, read_manifest, read_tokenizer, sha256_of, verify_graph_files
 from runtime.ort_backends import decoder_backend
 from runtime.sessions import SessionOptions, active_provider, open_bundle_graph, provider_label, resolve_providers
@@ -265,6 +266,7 @@ def load(folder: str | Path, options: SessionOptions | None = None) -> EncoderRu
     """An encoder runner, a text generator or (LALM bundles) an audio-to-text runner for the bundle in `folder`."""
     options = options or SessionOptions()
     manifest = read_manifest(folder)
+    warn_on_int8_kernel_mismatch(manifest.int8_record(), folder)
     if manifest.role == "lalm":
         return load_lalm(Path(folder), manifest, options)
     return EncoderRunner(folder, options) if manifest.role == "encoder" else TextGenerator(folder, options)

@@ -73,6 +73,15 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def int8_record(self) -> dict[str, Any] | None:
+        """`extra.int8` (the int8 recipe and the CPU that verified it) where a graph of this
+        bundle is int8, {} for one written before that was recorded; None without int8 graphs."""
+        precisions = self.extra.get("precision") if self.role == "lalm" else {"model": self.precision}
+        if not isinstance(precisions, dict) or "int8" not in precisions.values():
+            return None
+        record = self.extra.get("int8")
+        return record if isinstance(record, dict) else {}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         version = data.get("format_version")

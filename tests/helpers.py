@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+# A hang guard, never a time limit on work: a loaded 2-core machine must not trip it.
+SUBPROCESS_TIMEOUT_S = 900
 
 
 def randomize_lora(model: nn.Module, seed: int = 0, std: float = 0.05) -> None:
@@ -32,7 +34,9 @@ def relative_error(reference: np.ndarray | torch.Tensor, candidate: np.ndarray |
     return float(np.max(np.abs(reference - candidate)) / np.max(np.abs(reference)))
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, module: str = "lalm_export.cli", timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, module: str = "lalm_export.cli", timeout: float = SUBPROCESS_TIMEOUT_S
+) -> subprocess.CompletedProcess:
     """Run a command-line entry point as a user would, in a subprocess."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout)

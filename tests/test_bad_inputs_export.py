@@ -21,7 +21,7 @@ from lalm_export.errors import OutputExistsError, OutputPathError
 from lalm_export.io import atomic_folder
 from lalm_export.models import HubertAudioEncoder
 from lalm_export.tiny import build_tiny_checkpoint
-from tests.helpers import REPO, assert_user_error, randomize_lora, run_main
+from tests.helpers import REPO, SUBPROCESS_TIMEOUT_S, assert_user_error, randomize_lora, run_main
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +166,12 @@ def test_sigterm_during_an_export_leaves_nothing(checkpoints, tmp_path):
     command = [sys.executable, "-m", "lalm_export.cli", "--encoder", "hubert", "--model", str(checkpoints["hubert"]), "--output", str(output)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
     while not list(output.parent.glob(".bundle.partial-*")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
     assert list(output.parent.glob(".bundle.partial-*")), "the export never started writing"
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "terminated; no bundle was written" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []

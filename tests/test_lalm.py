@@ -330,6 +330,7 @@ def test_lalm_flags_that_describe_a_component_are_refused(checkpoints, tmp_path,
     ):
         result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", *argv, capsys=capsys)
         assert_user_error(result, fragment)
+        assert result.returncode == 2, "a flag that does not apply is a bad flag"
     assert_user_error(run_main(export_main, "--lalm", tmp_path / "nope", "--output", tmp_path / "b", capsys=capsys), "does not exist")
     assert not (tmp_path / "b").exists()
 
@@ -352,9 +353,25 @@ def test_precision_per_component(flags, encoder, decoder, checkpoints, tmp_path,
     ops = {name: {n.op_type for n in onnx.load(str(tmp_path / "bundle" / name)).graph.node} for name in ("audio_encoder.onnx", "decoder.onnx")}
     assert ("MatMulInteger" in ops["audio_encoder.onnx"]) == (encoder == "int8")
     assert ("MatMulNBits" in ops["decoder.onnx"]) == (decoder == "int4")
+    assert ("int8" in manifest["extra"]) == ("int8" in (encoder, decoder))
     assert manifest["parity"]["greedy"]["steps"] == 64 and manifest["parity"]["tolerance"]["greedy_agreement"] is None  # recorded, not gated
     (transcription,) = load(tmp_path / "bundle").transcribe([CLIPS[0]])
     assert transcription.tokens
+
+
+def test_an_lalm_takes_the_gate_bound_and_the_int8_target_cpu(checkpoints, tmp_path, capsys):
+    tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
+    common = ("--lalm", tmp_path / "lalm", "--encoder-precision", "int8", "--target-cpu", "avx2")
+    refused = run_main(export_main, *common, "--min-cosine", "1.0", "--output", tmp_path / "strict", capsys=capsys)
+    assert_user_error(refused, "ONNX graph disagrees with")  # int8 features are never exactly equal to eager fp32's
+    assert not (tmp_path / "strict").exists()
+    result = run_main(export_main, *common, "--min-cosine", "0.99", "--output", tmp_path / "b", "--json", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["parity"]["tolerance"]["cosine"] == 0.99 and manifest["parity"]["tolerance"]["row_cosine"] == 0.99
+    assert manifest["extra"]["int8"]["target_cpu"] == "avx2" and manifest["extra"]["int8"]["weight_range"] == "7-bit"
+    fp32_encoder = run_main(export_main, "--lalm", tmp_path / "lalm", "--min-cosine", "0.99", "--output", tmp_path / "c", capsys=capsys)
+    assert_user_error(fp32_encoder, "--min-cosine with --lalm is a bound in (0, 1] on the audio features of a reduced-precision audio encoder")
 
 
 def test_per_component_precision_is_for_lalm_bundles(checkpoints, tmp_path, capsys):

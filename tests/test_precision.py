@@ -18,6 +18,7 @@ from lalm_export.export import ExportOptions, export_bundle
 from lalm_export.rewrites import fold_constant_transposes, keep_last_position_logits
 from lalm_export.verify import OutputError, Tolerance
 from runtime.api import load
+from runtime.cpu import int8_kernels
 from runtime.generation import GenerationOptions
 from runtime.manifest import read_manifest
 from runtime.ort_backends import OrtDecoderBackend, decoder_backend
@@ -227,3 +228,53 @@ def test_a_manifest_without_precision_fields_reads_as_fp32(checkpoints, tmp_path
         del data[key]
     older = Manifest.from_dict(data)
     assert (older.precision, older.optimizations, older.device) == ("fp32", [], "cpu")
+
+
+def quantized_weights(bundle) -> np.ndarray:
+    """Every int8 weight of the bundle's graph, flattened."""
+    return np.concatenate([numpy_helper.to_array(t).ravel() for t in graph_proto(bundle).graph.initializer if t.data_type == onnx.TensorProto.INT8])
+
+
+@pytest.mark.parametrize(("target", "weight_range"), [("avx2", "7-bit"), ("avx512-vnni", "8-bit"), ("amx", "8-bit"), ("avx-vnni", "8-bit")])
+def test_int8_weights_are_made_for_the_target_cpus_kernels(target, weight_range, checkpoints, tmp_path):
+    manifest = export_bundle(
+        ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=tmp_path / target, precision="int8", target_cpu=target), quiet=True
+    )
+    weights = np.abs(quantized_weights(tmp_path / target).astype(np.int32))
+    if weight_range == "7-bit":  # 2 x 255 x 64 = 32640: the u8 x s8 pair sums of AVX2 kernels cannot saturate int16
+        assert weights.max() <= 64
+    else:
+        assert weights.max() == 127
+    record = manifest.extra["int8"]
+    assert record["target_cpu"] == target and record["weight_range"] == weight_range
+    assert record["verified_on"]["int8_kernels"] == int8_kernels() and record["verified_on"]["model"]
+    assert manifest.parity["passed"]
+
+
+def test_int8_default_target_is_this_cpus_kernels_and_an_audio_llm_records_it(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("LALM_CPU_FLAGS", "avx avx2 fma")  # as an AVX2-only host reads: 7-bit weights
+    manifest = export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=tmp_path / "b", precision="int8"), quiet=True)
+    assert manifest.extra["int8"]["target_cpu"] == "avx2" and manifest.extra["int8"]["weight_range"] == "7-bit"
+    assert manifest.extra["int8"]["verified_on"]["flags_from"] == "LALM_CPU_FLAGS"
+    fp32 = export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=tmp_path / "fp32"), quiet=True)
+    assert "int8" not in fp32.extra
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment", "code"),
+    [
+        (["--precision", "int8", "--target-cpu", "avx3"], "invalid choice: 'avx3'", 2),
+        (["--target-cpu", "avx2"], "--target-cpu chooses the int8 recipe", 1),
+    ],
+)
+def test_target_cpu_is_checked(flags, fragment, code, checkpoints, tmp_path, capsys):
+    result = run_main(main, "--encoder", "hubert", "--model", checkpoints["hubert"], "--output", tmp_path / "b", *flags, capsys=capsys)
+    assert_user_error(result, fragment)
+    assert result.returncode == code and not (tmp_path / "b").exists()
+
+
+def test_help_names_the_target_cpus_and_this_machines_kernels(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--target-cpu {auto,amx,avx512-vnni,avx-vnni,avx2}" in text and f"this machine's: {int8_kernels()}" in text

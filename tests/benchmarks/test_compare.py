@@ -125,3 +125,39 @@ def test_compare_does_not_modify_its_inputs():
     before = copy.deepcopy((baseline, new))
     compare_results(baseline, new)
     assert (baseline, new) == before
+
+
+AVX512_VNNI = {**MACHINE, "cpu_flags": ["avx2", "avx512_vnni", "avx512f"]}
+
+
+def test_a_folder_of_baselines_compares_with_the_one_of_the_same_instruction_set(tmp_path, capsys):
+    baselines = tmp_path / "baselines"
+    baselines.mkdir()
+    (baselines / "tiny-avx2.json").write_text(json.dumps(results(3.0)))
+    (baselines / "tiny-avx512-vnni.json").write_text(json.dumps(results(6.0, machine=AVX512_VNNI)))
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(results(2.9)))  # an AVX2 run: -3 % against its own baseline, -52 % against the VNNI one
+    ok = run_main(bench_main, "compare", baselines, new, capsys=capsys)
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout
+    new.write_text(json.dumps(results(2.9, machine=AVX512_VNNI)))
+    assert run_main(bench_main, "compare", baselines, new, capsys=capsys).returncode == 1
+
+
+def test_without_a_baseline_of_this_instruction_set_speed_is_not_compared_and_it_says_so(tmp_path, capsys):
+    base, new = tmp_path / "base.json", tmp_path / "new.json"
+    base.write_text(json.dumps(results(6.0, machine=AVX512_VNNI)))
+    new.write_text(json.dumps(results(1.2)))
+    outcome = run_main(bench_main, "compare", base, new, capsys=capsys)
+    assert outcome.returncode == 0 and "speedups are NOT compared" in outcome.stderr and "(None, avx2)" in outcome.stderr
+    assert "REGRESSION" not in outcome.stdout
+    new.write_text(json.dumps(results(1.2, cosine=0.99)))  # parity is still checked: its bounds are absolute
+    breached = run_main(bench_main, "compare", base, new, capsys=capsys)
+    assert breached.returncode == 1 and "PARITY BREACH" in breached.stdout
+
+
+def test_a_variant_that_failed_its_export_is_an_export_failure_not_a_missing_figure():
+    new = results(3.0)
+    new["exports"][0]["error"] = "parity gate failed: cosine 0.9988 < 0.999"
+    new["rows"][1] = {**new["rows"][1], "failed": new["exports"][0]["error"], "speedups": {}, "parity": {"figures": {}, "bounds": {}, "passed": False}}
+    assert verdicts(compare_results(results(3.0), new)) == {"EXPORT FAILED"}
+    assert verdicts(compare_results(None, new)) == {"EXPORT FAILED"}

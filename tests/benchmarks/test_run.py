@@ -3,13 +3,20 @@ in results.json, the report and plots are written, and earlier results are never
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
 import onnx
 import pytest
 
+from benchmarks.presets import eager_precisions
 from benchmarks.run import weight_bytes_per_token
-from tests.helpers import assert_user_error, run_cli
+from runtime.cpu import has_bf16
+from tests.helpers import assert_user_error, run_cli, run_main
+
+# eager bf16 where this CPU has bf16 instructions; fp32 alone where PyTorch would emulate it
+EAGER = tuple(f"eager-{p}" for p in eager_precisions("cpu"))
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -26,24 +33,21 @@ def test_results_hold_every_variant_with_timings_speedups_and_parity(bench):
     _, results = bench
     variants = {(r["family"], r["case"], r["variant"]) for r in results["rows"]}
     for batch in (1, 4):
-        for variant in ("eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8"):
+        for variant in (*EAGER, "onnx-fp32", "onnx-int8"):
             assert ("wav2vec2", f"batch {batch}, 1 s", variant) in variants
-    assert {r["variant"] for r in results["rows"] if r["family"] == "llm"} == {
-        "eager-fp32",
-        "eager-bf16",
-        "onnx-fp32",
-        "onnx-int8",
-        "onnx-int4",
-        "onnx-int4-b128",
-    }
+    assert {r["variant"] for r in results["rows"] if r["family"] == "llm"} == {*EAGER, "onnx-fp32", "onnx-int8", "onnx-int4", "onnx-int4-b128"}
     for row in results["rows"]:
         assert row["latency_s"]["min"] <= row["latency_s"]["median"] <= row["latency_s"]["p90"]
         assert len(row["latency_s"]["runs"]) == 2
-        for reference in ("eager-fp32", "eager-bf16"):  # every row is measured against both eager precisions
+        for reference in EAGER:  # every row is measured against every eager precision
             figures = {k: v["value"] for k, v in row["speedups"].items() if k.endswith(f"vs {reference}")}
             assert figures and all(value > 0 for value in figures.values()), (row["variant"], row["speedups"])
             if row["variant"] == reference:
                 assert all(value == 1.0 for value in figures.values())
+        fastest = {k: v for k, v in row["speedups"].items() if k.endswith("vs fastest eager")}
+        assert fastest and all(v["reference"] in EAGER for v in fastest.values()), row["speedups"]
+        for name, figure in fastest.items():  # the same ratio as against the eager variant it names
+            assert figure["value"] == row["speedups"][name.replace("fastest eager", figure["reference"])]["value"]
         assert row["peak_rss_gib"] > 0 and row["flops"] > 0
         if row["runtime"] == "onnx":
             assert row["parity"]["passed"] is True, row["parity"]
@@ -61,7 +65,10 @@ def test_results_hold_every_variant_with_timings_speedups_and_parity(bench):
 def test_results_describe_machine_ceilings_settings_and_exports(bench):
     _, results = bench
     assert results["machine"]["cores"] >= 1 and results["libraries"]["onnxruntime"]
-    assert all(results["ceilings"][k] > 0 for k in ("fp32_gemm_gflops", "bf16_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbs"))
+    assert all(results["ceilings"][k] > 0 for k in ("fp32_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbs"))
+    assert ("bf16_gemm_gflops" in results["ceilings"]) == has_bf16(), "no bf16 ceiling where bf16 is emulated"
+    machine = results["machine"]
+    assert machine["isa"] and machine["int8_kernels"] in ("amx", "avx512-vnni", "avx-vnni", "avx2") and machine["cpu"]
     assert results["settings"]["preset"] == "tiny" and results["command"].startswith("python -m benchmarks run")
     assert {(e["family"], e["precision"]) for e in results["exports"]} == {
         ("wav2vec2", "fp32"),
@@ -192,10 +199,68 @@ def test_the_audio_llm_is_timed_end_to_end_against_eager(tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     rows = {r["variant"]: r for r in results["rows"]}
-    assert set(rows) == {"eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8", "onnx-int4"}
+    assert set(rows) == {*EAGER, "onnx-fp32", "onnx-int8", "onnx-int4"}
     assert rows["onnx-int4"]["parts"] == {"encoder": "int8", "decoder": "int4"}
     assert rows["onnx-fp32"]["parity"]["passed"] is True and rows["onnx-fp32"]["parity"]["figures"]["greedy_agreement"] == 1.0
     for row in rows.values():
         assert all(row["split_s"][part] > 0 for part in ("encoder_s", "prefill_s", "decode_s"))
-        assert {"end to end vs eager-fp32", "end to end vs eager-bf16"} <= set(row["speedups"])
+        assert {f"end to end vs {reference}" for reference in EAGER} | {"end to end vs fastest eager"} <= set(row["speedups"])
     assert "## Audio LLM" in (out / "report.md").read_text()
+
+
+def with_int8_refused(results: dict) -> dict:
+    """`results` as if the wav2vec2 int8 export had been refused by its parity gate."""
+    from benchmarks.run import failed_rows
+
+    refused = copy.deepcopy(results)
+    refused["rows"] = [r for r in refused["rows"] if (r["family"], r["variant"]) != ("wav2vec2", "onnx-int8")]
+    export = next(e for e in refused["exports"] if (e["family"], e["precision"]) == ("wav2vec2", "int8"))
+    export.clear()
+    export.update({"family": "wav2vec2", "precision": "int8", "error": "parity gate failed: last_hidden_state cosine 0.998857 < 0.999", "seconds": 1.0})
+    refused["rows"] += failed_rows("wav2vec2", refused["rows"], refused["exports"])
+    return refused
+
+
+def test_a_variant_that_fails_stays_in_the_tables_and_plots_and_fails_the_run(bench, tmp_path, monkeypatch, capsys):
+    from benchmarks import run as bench_run
+    from benchmarks.__main__ import main as bench_main
+
+    _, results = bench
+    refused = with_int8_refused(results)
+    failed = [r for r in refused["rows"] if "failed" in r]
+    assert {(r["case"], r["variant"]) for r in failed} == {("batch 1, 1 s", "onnx-int8"), ("batch 4, 1 s", "onnx-int8")}
+    assert bench_run.failed_variants(refused) == ["wav2vec2 onnx-int8"]
+    monkeypatch.setattr(bench_run, "run_benchmarks", lambda *args, **kwargs: refused)
+    outcome = run_main(bench_main, "run", "--preset", "tiny", "--families", "wav2vec2", "--out", tmp_path / "refused", capsys=capsys)
+    assert outcome.returncode == 1 and "FAILED (export, parity or timing): wav2vec2 onnx-int8" in outcome.stderr
+    report = (tmp_path / "refused" / "report.md").read_text()
+    assert report.count("| wav2vec2 | batch 1, 1 s | onnx-int8 | **FAILED**: parity gate failed: last_hidden_state cosine 0.998857") == 1
+    assert all((tmp_path / "refused" / name).read_bytes()[:8] == PNG_MAGIC for name in ("latency.png", "speedup.png", "parity.png"))
+    allowed = run_main(bench_main, "run", "--preset", "tiny", "--allow-failures", "--out", tmp_path / "allowed", capsys=capsys)
+    assert allowed.returncode == 0 and "FAILED" in allowed.stderr
+
+
+def test_without_bf16_instructions_there_is_no_eager_bf16_reference(monkeypatch):
+    from benchmarks.report import render_markdown
+
+    monkeypatch.setenv("LALM_CPU_FLAGS", "avx avx2 fma avx512f")  # AVX-512 without BF16: PyTorch emulates bf16
+    assert eager_precisions("cpu") == ("fp32",) and eager_precisions("cuda") == ("fp32", "fp16")
+    monkeypatch.setenv("LALM_CPU_FLAGS", "avx2 avx512f avx512_vnni avx512_bf16")
+    assert eager_precisions("cpu") == ("fp32", "bf16")
+    results = {
+        "command": "test",
+        "created": "now",
+        "machine": {"cpu": "AVX2 CPU", "cpu_flags": ["avx2"], "isa": "avx2", "int8_kernels": "avx2", "cores": 2, "memory_gib": 8, "python": "3"},
+        "libraries": {},
+        "settings": {**bench_settings(), "eager_references": ["fp32"]},
+        "ceilings": {"fp32_gemm_gflops": 100.0},
+        "exports": [],
+        "rows": [],
+    }
+    assert "No bf16 instructions" in render_markdown(results, [])
+
+
+def bench_settings() -> dict:
+    from benchmarks.run import make_settings
+
+    return make_settings("tiny", ["wav2vec2"], None, "cpu", Path("."), None).to_dict()

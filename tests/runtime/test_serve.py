@@ -23,7 +23,7 @@ from benchmarks.serve_load import free_port, wait_for_health
 from runtime.infer import main as infer_main
 from runtime.server.engine import ServeSettings
 from runtime.server.turns import TakingTurns
-from tests.helpers import REPO, run_main
+from tests.helpers import REPO, SUBPROCESS_TIMEOUT_S, run_main
 from tests.runtime.serving import running_server
 
 TOKENS = 12
@@ -254,7 +254,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(serve_bundl
         # Every request admitted before the signal (at least 24) is answered; any sent after it is refused.
         assert sum(a.status_code == 200 for a in answers) >= 24
         assert all(a.status_code == 200 or a.json()["error"]["code"] == "server_shutting_down" for a in answers)
-        assert process.wait(timeout=30) == 0
+        assert process.wait(timeout=SUBPROCESS_TIMEOUT_S) == 0
         assert "request(s) in flight get up to 30 s to finish" in process.stderr.read()
     finally:
         if process.poll() is None:
