@@ -13,11 +13,11 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
+from runtime.cpu import warn_on_int8_kernel_mismatch
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import DecoderBackend, GenerationOptions, StepClock, generate, until_eos
 from runtime.lalm import LalmRunner, cut_at_stop, load_lalm
 from runtime.limits import audio_limits
-from runtime.cpu import warn_on_int8_kernel_mismatch
 from runtime.manifest import Manifest, read_json_object, read_manifest, read_tokenizer, sha256_of, verify_graph_files
 from runtime.ort_backends import decoder_backend
 from runtime.sessions import SessionOptions, active_provider, open_bundle_graph, provider_label, resolve_providers

@@ -57,3 +57,18 @@ def test_step_counts_below_one_are_refused_before_any_work(flag, tmp_path, capsy
     result = run_main(demo_main, flag, "0", "--out", tmp_path / "demo", capsys=capsys)
     assert result.returncode == 2 and "expected a whole number of steps, 1 or more, not '0'" in result.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_precision_the_gate_refuses_is_reported_and_the_demo_goes_on(checkpoints, tmp_path):
+    """What a precision loses depends on the CPU's int8 kernels: the demo reports a refusal
+    (here forced by a bound no int8 graph meets) instead of dying with a traceback."""
+    from dataclasses import replace
+
+    from lalm_export.demo import export_reduced
+    from lalm_export.export import ExportOptions
+
+    options = ExportOptions(family="wav2vec2", model=str(checkpoints["wav2vec2"]), output=tmp_path / "int8", precision="int8")
+    refused = export_reduced(replace(options, min_cosine=1.0))
+    assert isinstance(refused, str) and refused.startswith("ONNX graph disagrees with eager PyTorch fp32") and "\n" not in refused
+    assert not (tmp_path / "int8").exists()
+    assert export_reduced(options).parity["passed"]
