@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TARGET_CPUS,
         default="auto",
         help="int8: the int8 kernels the graph is made for. avx2 (no VNNI: AVX2, or AVX-512 without VNNI) saturates "
-        "u8 x s8 sums at int16, so its graphs get 7-bit weights; avx-vnni, avx512-vnni and amx sum in int32 and get 8-bit "
+        "u8 x s8 sums at int16, so its graphs get 7-bit weights (a scale per output channel); avx-vnni, avx512-vnni and amx sum in int32 and get 8-bit "
         "weights. The gate runs on this machine's kernels; the manifest records both, and the runtime warns on other kernels "
         f"(default: auto, this machine's: {int8_kernels()})",
     )

@@ -7,8 +7,8 @@ Every precision starts from the fp32 export and rewrites its ONNX graph:
 - int8 (CPU): dynamic quantization of the MatMuls with constant weights, signed int8
   weights and uint8 activations (U8S8): ONNX Runtime runs them on VNNI/AMX at several times
   its fp32 rate, while unsigned weights (QUInt8) run no faster than fp32. The weights' range
-  depends on the CPU the graph is made for (`--target-cpu`, default this machine's): 7-bit
-  where the int8 kernels saturate (AVX2, AVX-512 without VNNI), 8-bit elsewhere
+  depends on the CPU the graph is made for (`--target-cpu`, default this machine's): 7-bit per
+  output channel where the int8 kernels saturate (AVX2, AVX-512 without VNNI), 8-bit elsewhere
   (`lalm_export/transforms.py`, `runtime/cpu.py`). Convolutions, norms
   and attention stay fp32: ORT's int8 Conv is slower than its fp32 Conv, and a convolution
   rewritten as an int8 MatMul loses the quiet frames of real audio to the per-tensor

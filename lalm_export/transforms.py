@@ -23,20 +23,24 @@ class Int8Recipe:
 
     target_cpu: str
     reduce_range: bool  # 7-bit weights: the u8 x s8 pair sums of non-VNNI kernels cannot saturate
+    per_channel: bool  # a scale per output channel: wins back the bit 7-bit weights lose
 
     def to_dict(self) -> dict[str, object]:
         return {
             "target_cpu": self.target_cpu,
-            "weights": "int8, per tensor, symmetric",
+            "weights": f"int8, per {'output channel' if self.per_channel else 'tensor'}, symmetric",
             "weight_range": "7-bit" if self.reduce_range else "8-bit",
             "activations": "uint8, per tensor, dynamic",
         }
 
 
 def int8_recipe(target_cpu: str) -> Int8Recipe:
-    """The recipe for `target_cpu`: 7-bit weights where the kernels saturate (AVX2, AVX-512
-    without VNNI), full 8-bit weights where they sum in int32 (VNNI, AMX)."""
-    return Int8Recipe(target_cpu, reduce_range=saturates(target_cpu))
+    """The recipe for `target_cpu`: where the kernels saturate (AVX2, AVX-512 without VNNI),
+    7-bit weights with a scale per output channel (per tensor, 7 bits lose too much at base
+    sizes: docs/performance-notes.md); where they sum in int32 (VNNI, AMX), 8-bit weights
+    per tensor."""
+    saturating = saturates(target_cpu)
+    return Int8Recipe(target_cpu, reduce_range=saturating, per_channel=saturating)
 
 
 def quantize_int8(source: Path, target: Path, recipe: Int8Recipe) -> None:
@@ -49,6 +53,7 @@ def quantize_int8(source: Path, target: Path, recipe: Int8Recipe) -> None:
             str(target),
             weight_type=QuantType.QInt8,
             reduce_range=recipe.reduce_range,
+            per_channel=recipe.per_channel,
             op_types_to_quantize=["MatMul"],
             use_external_data_format=is_large(source),
             # DefaultTensorType: the quantizer cannot infer some exported tensors' types otherwise.

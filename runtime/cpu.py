@@ -7,7 +7,7 @@ multiplies uint8 activations by int8 weights (U8S8):
   `vpdpbusd`): exact for any weight range.
 - `avx2` (no VNNI: AVX2, or AVX-512 without VNNI): `vpmaddubsw` adds two u8 x s8 products
   into an int16 that saturates at 32767. Two products of 255 x 127 reach 64770, so full-range
-  int8 weights lose large sums; 7-bit weights (-64..63) cannot overflow (2 x 255 x 64 = 32640).
+  int8 weights lose large sums; 7-bit weights (-64..64) cannot overflow (2 x 255 x 64 = 32640).
 
 The features come from /proc/cpuinfo. `LALM_CPU_FLAGS` (space-separated flags) replaces them:
 for an emulator whose /proc/cpuinfo shows the host's flags while its CPUID shows others
