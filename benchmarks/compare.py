@@ -66,8 +66,11 @@ def breaches(row: dict[str, Any]) -> list[tuple[str, float | None, dict[str, flo
 
 
 def same_machine(baseline: dict[str, Any], new: dict[str, Any]) -> bool:
-    keys = ("cpu", "cpu_flags", "cores", "gpu")
-    return all(baseline.get("machine", {}).get(k) == new.get("machine", {}).get(k) for k in keys)
+    """Same CPU model, instruction set, cores and GPU (the recorded flag list grew over time; the
+    instruction set it implies is what counts)."""
+    keys = ("cpu", "cores", "gpu")
+    same_isa = results_isa(baseline) == results_isa(new)
+    return same_isa and all(baseline.get("machine", {}).get(k) == new.get("machine", {}).get(k) for k in keys)
 
 
 def results_isa(results: dict[str, Any]) -> str:

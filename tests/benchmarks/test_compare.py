@@ -161,3 +161,11 @@ def test_a_variant_that_failed_its_export_is_an_export_failure_not_a_missing_fig
     new["rows"][1] = {**new["rows"][1], "failed": new["exports"][0]["error"], "speedups": {}, "parity": {"figures": {}, "bounds": {}, "passed": False}}
     assert verdicts(compare_results(results(3.0), new)) == {"EXPORT FAILED"}
     assert verdicts(compare_results(None, new)) == {"EXPORT FAILED"}
+
+
+def test_a_longer_flag_list_of_the_same_instruction_set_is_the_same_machine():
+    """Results record more flags than older ones did (avx_vnni, amx_*): the instruction set they
+    imply decides, so the gate keeps its tolerance instead of widening it to another CPU's."""
+    older = results(3.0, machine={**AVX512_VNNI, "cpu_flags": ["avx2", "avx512_vnni", "avx512f"]})
+    newer = results(2.0, machine={**AVX512_VNNI, "cpu_flags": ["avx2", "avx512_vnni", "avx512f", "avx_vnni"], "isa": "avx512-vnni"})
+    assert "REGRESSION" in verdicts(compare_results(older, newer))  # -33 %: beyond the same machine's tolerance
