@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-spoken test test-slow lint bench-ci bench-baseline bench-base constraints clean
+.PHONY: demo demo-spoken test test-slow test-avx2 lint bench-ci bench-baseline bench-base constraints clean
 
 # The CI benchmark gate: tiny models, speedups over eager fp32 and parity compared with the
 # committed baseline of this CPU's instruction set (benchmarks/baselines/tiny-ISA.json; with
@@ -36,6 +36,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The tests whose figures depend on the CPU's kernels (int8 recipes, the gate, the benchmarks), as
+# on an AVX2-only CPU: CPUID masked on this one (benchmarks/cpu_mask; needs CPUID faulting and cc).
+AVX2_TESTS := tests/test_precision.py tests/test_lalm.py tests/test_demo.py tests/runtime/test_cpu.py tests/benchmarks/test_run.py tests/benchmarks/test_compare.py
+test-avx2: $(STAMP)
+	benchmarks/cpu_mask/as_avx2.sh $(PY) -m pytest -q -p no:faulthandler -m "not slow" $(AVX2_TESTS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
