@@ -25,6 +25,8 @@ def describe_machine() -> dict[str, Any]:
         "cpu_flags": cpu["flags"],
         "isa": isa_label(),
         "int8_kernels": cpu["int8_kernels"],
+        # LALM_CPU_FLAGS: the flags were given, as under benchmarks/cpu_mask/as_avx2.sh (CPUID masked)
+        **({"cpu_flags_from": cpu["flags_from"]} if "flags_from" in cpu else {}),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(memory_gib, 1),

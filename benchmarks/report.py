@@ -158,7 +158,9 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
         f"Made by `{results['command']}` on {results['created']}.",
         "",
         f"- **Machine**: {machine['cpu']} ({', '.join(machine['cpu_flags']) or 'no AVX2 or later flags read'}; instruction set "
-        f"{machine.get('isa', '?')}, int8 kernels {machine.get('int8_kernels', '?')}), {machine['cores']} cores, "
+        f"{machine.get('isa', '?')}, int8 kernels {machine.get('int8_kernels', '?')}"
+        + (f"; flags from {machine['cpu_flags_from']}: CPUID masked or emulated" if machine.get("cpu_flags_from") else "")
+        + f"), {machine['cores']} cores, "
         f"{machine['memory_gib']} GiB" + (f", GPU {machine['gpu']}" if machine.get("gpu") else "") + f"; Python {machine['python']}.",
         *(
             [

@@ -250,14 +250,18 @@ def test_without_bf16_instructions_there_is_no_eager_bf16_reference(monkeypatch)
     results = {
         "command": "test",
         "created": "now",
-        "machine": {"cpu": "AVX2 CPU", "cpu_flags": ["avx2"], "isa": "avx2", "int8_kernels": "avx2", "cores": 2, "memory_gib": 8, "python": "3"},
+        "machine": {
+            **{"cpu": "AVX2 CPU", "cpu_flags": ["avx2"], "isa": "avx2", "int8_kernels": "avx2", "cores": 2, "memory_gib": 8, "python": "3"},
+            "cpu_flags_from": "LALM_CPU_FLAGS",
+        },
         "libraries": {},
         "settings": {**bench_settings(), "eager_references": ["fp32"]},
         "ceilings": {"fp32_gemm_gflops": 100.0},
         "exports": [],
         "rows": [],
     }
-    assert "No bf16 instructions" in render_markdown(results, [])
+    report = render_markdown(results, [])
+    assert "No bf16 instructions" in report and "flags from LALM_CPU_FLAGS: CPUID masked or emulated" in report
 
 
 def bench_settings() -> dict:
