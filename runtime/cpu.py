@@ -117,7 +117,7 @@ def int8_kernel_mismatch(int8: dict[str, Any] | None, folder: str | Path) -> str
     else:
         what = f"was verified on {verified} int8 kernels; this CPU has {here} kernels"
     if saturates(here) and int8.get("weight_range") != "7-bit":
-        consequence = "its full-range int8 weights saturate here, so outputs may be far from the verified ones"
+        consequence = "its full-range int8 weights can saturate the int16 sums of these kernels, so outputs may be far from the verified ones"
     else:
         consequence = "outputs may differ slightly from the verified ones"
     return f"bundle {folder} {what}: {consequence}; re-export it here, or with --target-cpu {here}"

@@ -4,9 +4,10 @@
 # ARCH_SET_CPUID) and a preloaded library answers it without the AVX-512, VNNI, BF16 and AMX
 # bits. ONNX Runtime (MLAS), PyTorch, oneDNN and MKL read CPUID to pick their kernels, so they
 # take their AVX2 paths; /proc/cpuinfo still lists the host's flags, so LALM_CPU_FLAGS tells
-# lalm-export and the runtime the masked ones. Python's faulthandler must stay off (it would
-# take SIGSEGV over): pytest -p no:faulthandler. Timings are of this CPU's cores running AVX2
-# code, not of an AVX2-only CPU's.
+# lalm-export and the runtime the masked ones. A program that installs its own SIGSEGV handler
+# takes the trapped CPUID for a crash: keep Python's faulthandler off (pytest -p no:faulthandler);
+# Ray's gcs_server (abseil's failure handler) dies under it, so Ray cannot run masked. Timings
+# are of this CPU's cores running AVX2 code, not of an AVX2-only CPU's.
 #
 #   benchmarks/cpu_mask/as_avx2.sh COMMAND [ARGS...]
 set -euo pipefail

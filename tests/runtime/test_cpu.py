@@ -62,7 +62,7 @@ def test_a_bundle_verified_on_other_int8_kernels_warns_in_one_line(int8_bundle, 
         load(int8_bundle)
     (message,) = [r.getMessage() for r in caplog.records]
     assert "was verified on avx512-vnni int8 kernels; this CPU has avx2 kernels" in message
-    assert "full-range int8 weights saturate here" in message and "--target-cpu avx2" in message and "\n" not in message
+    assert "full-range int8 weights can saturate the int16 sums of these kernels" in message and "--target-cpu avx2" in message and "\n" not in message
     caplog.clear()
     monkeypatch.setenv("LALM_CPU_FLAGS", AVX2 + " avx512f avx512_vnni")
     with caplog.at_level(logging.WARNING, logger="runtime.cpu"):
@@ -89,4 +89,4 @@ def test_the_warning_names_what_is_at_stake(monkeypatch):
     assert "outputs may differ slightly" in int8_kernel_mismatch(seven_bit, "b")
     monkeypatch.setenv("LALM_CPU_FLAGS", AVX2)
     assert "saturate" not in int8_kernel_mismatch({**seven_bit, "target_cpu": "avx512-vnni", "verified_on": {"int8_kernels": "amx"}}, "b")
-    assert "saturate here" in int8_kernel_mismatch({"weight_range": "8-bit", "verified_on": {"int8_kernels": "amx"}}, "b")
+    assert "can saturate the int16 sums" in int8_kernel_mismatch({"weight_range": "8-bit", "verified_on": {"int8_kernels": "amx"}}, "b")
