@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.cpu import describe_cpu, has_bf16, int8_kernels, isa_label
+from runtime.cpu import describe_cpu, has_bf16, isa_label
 
 
 def describe_machine() -> dict[str, Any]:
@@ -80,7 +80,7 @@ def ort_matmul_gops(int8: bool, m: int = 512, k: int = 768, n: int = 3072) -> fl
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(source))
         if int8:
-            quantize_int8(source, target, int8_recipe(int8_kernels()))
+            quantize_int8(source, target, int8_recipe("auto"))
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(target if int8 else source), options, providers=["CPUExecutionProvider"])

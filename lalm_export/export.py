@@ -27,7 +27,7 @@ from lalm_export.io import atomic_folder, sha256_tree
 from lalm_export.merge import AdapterForPart, dequantize_4bit_linears, merge_adapter_into, read_adapter_for_part, read_lora_pairs
 from lalm_export.models.adapters import QuantizationSettings, load_full_weights, read_adapter_metadata
 from lalm_export.models.loading import load_family_model
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, resolved_target_cpu, validate_options
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, validate_options
 from lalm_export.precision import SPECS, TransformJob, apply_precision
 from lalm_export.progress import Stages
 from lalm_export.rewrites import LAST_POSITION_LOGITS, keep_last_position_logits
@@ -228,7 +228,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
             detail = precision.summary + (f", {opts.int4.describe()}" if opts.precision == "int4" else "")
             with stages.stage("precision", detail):
                 graph = tmp / GRAPH_NAME
-                job = TransformJob(spec.role, opts.int4, resolved_target_cpu(opts.target_cpu))
+                job = TransformJob(spec.role, opts.int4, opts.target_cpu)
                 facts = apply_precision(fp32_graph, graph, opts.precision, job)
                 shutil.rmtree(fp32_folder)
         if opts.verify:

@@ -46,7 +46,7 @@ from lalm_export.models.lalm import (
     read_lalm_config,
     resize_for_tokenizer,
 )
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_output, check_target_cpu, require_cuda, resolved_target_cpu
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_output, check_target_cpu, require_cuda
 from lalm_export.precision import SPECS, TransformJob, apply_precision, check_precision
 from lalm_export.progress import Stages
 from lalm_export.signals import speech_like
@@ -172,9 +172,8 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
         if all_fp32(opts):
             stages.skip("precision", "fp32")
         placing = nullcontext() if all_fp32(opts) else stages.stage("precision", f"audio encoder {opts.encoder_precision}, decoder {opts.decoder_precision}")
-        target_cpu = resolved_target_cpu(opts.target_cpu)
         with placing:
-            recipes = {graph: place_graph(fp32, tmp, graph, precision, role, target_cpu) for graph, (precision, role) in precisions.items()}
+            recipes = {graph: place_graph(fp32, tmp, graph, precision, role, opts.target_cpu) for graph, (precision, role) in precisions.items()}
             shutil.rmtree(fp32)
         if opts.verify:
             with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32: audio features, then greedy tokens end to end"):

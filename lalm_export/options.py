@@ -13,7 +13,7 @@ from lalm_export.fused import GRAPH_CHOICES
 from lalm_export.int4 import Int4Options
 from lalm_export.precision import check_precision
 from lalm_export.tolerances import FP32_RELATIVE
-from runtime.cpu import INT8_KERNELS, int8_kernels
+from runtime.cpu import INT8_KERNELS
 
 DEFAULT_OPSET = 18
 TARGET_CPUS = ("auto", *INT8_KERNELS)
@@ -135,11 +135,6 @@ def check_target_cpu(target_cpu: str, precisions: tuple[str, ...]) -> None:
         raise OptionsError(f"unknown --target-cpu {target_cpu!r}; choose one of {', '.join(TARGET_CPUS)}")
     if target_cpu != "auto" and "int8" not in precisions:
         raise OptionsError("--target-cpu chooses the int8 recipe: pass it with --precision int8 (or --encoder-precision / --decoder-precision int8)")
-
-
-def resolved_target_cpu(target_cpu: str) -> str:
-    """auto: the int8 kernels of this machine, where the parity gate runs."""
-    return int8_kernels() if target_cpu == "auto" else target_cpu
 
 
 def check_output(output: Path, force: bool) -> None:

@@ -39,7 +39,6 @@ from lalm_export.tolerances import (
     INT4_DECODER_ROW_COSINE,
 )
 from lalm_export.transforms import convert_fp16, int8_recipe, quantize_int8
-from runtime.cpu import int8_kernels
 
 DEVICES = ("cpu", "cuda")
 
@@ -58,7 +57,7 @@ class TransformJob:
 
     role: str
     int4: Int4Options = Int4Options()
-    target_cpu: str = ""  # int8: the class of int8 kernels the graph is made for (runtime/cpu.py); "": this machine's
+    target_cpu: str = "auto"  # int8: the class of int8 kernels the graph is made for (runtime/cpu.py); auto: this machine's
 
 
 # A transform writes the precision's graph for an fp32 graph and returns facts for the manifest.
@@ -88,7 +87,7 @@ class PrecisionSpec:
 
 
 def _int8(source: Path, target: Path, job: TransformJob) -> Mapping[str, object]:
-    recipe = int8_recipe(job.target_cpu or int8_kernels())
+    recipe = int8_recipe(job.target_cpu)
     quantize_int8(source, target, recipe)
     return recipe.to_dict()
 

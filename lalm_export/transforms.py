@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from lalm_export.graph_files import LARGE_GRAPH_BYTES, is_large, load_graph, save_graph
-from runtime.cpu import saturates
+from runtime.cpu import int8_kernels, saturates
 
 # Kept in float32 in fp16 graphs: the RMS / layer-norm reductions (x^2 overflows float16).
 FP16_FLOAT32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "LayerNormalization", "SimplifiedLayerNormalization"]
@@ -35,10 +35,12 @@ class Int8Recipe:
 
 
 def int8_recipe(target_cpu: str) -> Int8Recipe:
-    """The recipe for `target_cpu`: where the kernels saturate (AVX2, AVX-512 without VNNI),
+    """The recipe for `target_cpu` (auto: this machine's kernels, where the parity gate runs):
+    where the kernels saturate (AVX2, AVX-512 without VNNI),
     7-bit weights with a scale per output channel (per tensor, 7 bits lose too much at base
     sizes: docs/performance-notes.md); where they sum in int32 (VNNI, AMX), 8-bit weights
     per tensor."""
+    target_cpu = int8_kernels() if target_cpu == "auto" else target_cpu
     saturating = saturates(target_cpu)
     return Int8Recipe(target_cpu, reduce_range=saturating, per_channel=saturating)
 
