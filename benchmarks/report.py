@@ -34,16 +34,14 @@ def _table(headers: list[str], rows: Iterable[list[Any]]) -> list[str]:
     return lines
 
 
-def _failed(row: dict[str, Any], width: int, lead: int) -> list[Any] | None:
-    """The cells of a variant whose export failed: its first `lead` cells, the reason, dashes."""
+def _failed(row: dict[str, Any], width: int) -> list[Any] | None:
+    """The cells of a variant whose export failed: the cells that name it (family, input and
+    variant for encoders; the variant elsewhere), the reason, dashes."""
     if "failed" not in row:
         return None
+    lead = [row["family"], row["case"], row["variant"]] if row["role"] == "encoder" else [row["variant"]]
     reason = row["failed"].splitlines()[0].replace("|", "/")
-    return [*_lead(row)[:lead], f"**FAILED**: {reason[:160]}", *["—"] * (width - lead - 1)]
-
-
-def _lead(row: dict[str, Any]) -> list[Any]:
-    return [row["family"], row["case"], row["variant"]] if row["role"] == "encoder" else [row["variant"]]
+    return [*lead, f"**FAILED**: {reason[:160]}", *["—"] * (width - len(lead) - 1)]
 
 
 def _fastest(row: dict[str, Any], figure: str) -> str:
@@ -63,7 +61,7 @@ def encoder_table(rows: list[dict[str, Any]], references: list[str]) -> list[str
     headers += ["GFLOP/s (% of ceiling)", "cosine", "min frame cosine", "max-abs / relative", "peak RSS GiB", "parity"]
     body = []
     for row in rows:
-        failed = _failed(row, len(headers), 3)
+        failed = _failed(row, len(headers))
         if failed:
             body.append(failed)
             continue
@@ -98,7 +96,7 @@ def decoder_table(rows: list[dict[str, Any]], references: list[str]) -> list[str
     headers += ["weights MB/token", "bandwidth floor tok/s (reached)", "greedy agreement (first divergence)", "top-1 agreement", "logits cosine", "parity"]
     body = []
     for row in rows:
-        failed = _failed(row, len(headers), 1)
+        failed = _failed(row, len(headers))
         if failed:
             body.append(failed)
             continue
@@ -128,7 +126,7 @@ def lalm_table(rows: list[dict[str, Any]], references: list[str]) -> list[str]:
     headers += [f"vs eager {r}" for r in references] + ["vs fastest eager", "greedy agreement (first divergence)", "parity"]
     body = []
     for row in rows:
-        failed = _failed(row, len(headers), 1)
+        failed = _failed(row, len(headers))
         if failed:
             body.append(failed)
             continue

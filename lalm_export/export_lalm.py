@@ -46,7 +46,7 @@ from lalm_export.models.lalm import (
     read_lalm_config,
     resize_for_tokenizer,
 )
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_output, check_target_cpu, require_cuda
+from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_min_cosine, check_output, check_target_cpu, require_cuda
 from lalm_export.precision import SPECS, TransformJob, apply_precision, check_precision
 from lalm_export.progress import Stages
 from lalm_export.signals import speech_like
@@ -296,11 +296,12 @@ def validate_lalm_options(opts: LalmExportOptions) -> None:
     check_precision(opts.encoder_precision, "encoder", opts.device)
     check_precision(opts.decoder_precision, "decoder", opts.device)
     check_target_cpu(opts.target_cpu, (opts.encoder_precision, opts.decoder_precision))
-    if opts.min_cosine is not None and (opts.encoder_precision == "fp32" or not 0 < opts.min_cosine <= 1):
-        raise OptionsError(
-            "--min-cosine with --lalm is a bound in (0, 1] on the audio features of a reduced-precision audio encoder: "
-            "pass --encoder-precision int8 (or fp16 with --device cuda)"
-        )
+    check_min_cosine(
+        opts.min_cosine,
+        opts.encoder_precision,
+        "--min-cosine with --lalm is a bound in (0, 1] on the audio features of a reduced-precision audio encoder: "
+        "pass --encoder-precision int8 (or fp16 with --device cuda)",
+    )
     check_output(Path(opts.output), opts.force)
     if opts.device == "cuda":
         require_cuda()

@@ -121,12 +121,17 @@ def _check_numbers(opts: ExportOptions) -> None:
     low, high = OPSET_RANGE
     if not low <= opts.opset <= high:
         raise OptionsError(f"--opset must be between {low} and {high}, not {opts.opset}")
-    if opts.min_cosine is not None and (opts.precision == "fp32" or not 0 < opts.min_cosine <= 1):
-        raise OptionsError("--min-cosine is a bound in (0, 1] for --precision fp16, int8 or int4 (fp32 is gated by --rtol)")
+    check_min_cosine(opts.min_cosine, opts.precision, "--min-cosine is a bound in (0, 1] for --precision fp16, int8 or int4 (fp32 is gated by --rtol)")
     if not math.isfinite(opts.rtol) or opts.rtol <= 0:
         raise OptionsError(f"--rtol must be a positive number, not {opts.rtol}")
     if opts.atol is not None and (not math.isfinite(opts.atol) or opts.atol < 0):
         raise OptionsError(f"--atol must be a non-negative number, not {opts.atol}")
+
+
+def check_min_cosine(min_cosine: float | None, precision: str, rule: str) -> None:
+    """--min-cosine bounds a reduced precision's cosine: a number in (0, 1], never for fp32; `rule` says so to the user."""
+    if min_cosine is not None and (precision == "fp32" or not 0 < min_cosine <= 1):
+        raise OptionsError(rule)
 
 
 def check_target_cpu(target_cpu: str, precisions: tuple[str, ...]) -> None:
