@@ -10,9 +10,9 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import ACCURACY_VARIANTS, RUN_EXTRA_VARIANTS
-from lalm_export.families import ENCODER_FAMILIES, FAMILIES
-from lalm_export.fused import GRAPH_CHOICES
-from lalm_export.precision import PRECISIONS
+from lalm_export.graphs.fused import GRAPH_CHOICES
+from lalm_export.models.families import ENCODER_FAMILIES, FAMILIES
+from lalm_export.precision.specs import PRECISIONS
 
 EPILOG = """examples:
   # the CI gate: tiny models, compared with the committed baseline of this CPU's instruction set

@@ -39,13 +39,13 @@ from tqdm import tqdm
 from benchmarks.machine import describe_machine
 from benchmarks.real_whisper import save_whisper_tiny_en
 from benchmarks.run import output_figures, variant_options
-from lalm_export.bundle_facts import library_versions
-from lalm_export.eager import EagerDecoderBackend, eager_encoder_outputs
 from lalm_export.errors import ParityError
-from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.families import get_family
+from lalm_export.export.component import ExportOptions, export_bundle
+from lalm_export.export.manifest import library_versions
+from lalm_export.models.eager import EagerDecoderBackend, eager_encoder_outputs
+from lalm_export.models.families import get_family
 from lalm_export.models.loading import load_family_model
-from lalm_export.signals import speech_like
+from lalm_export.parity.signals import speech_like
 from runtime.api import load
 from runtime.audio import features_for
 from runtime.generation import GenerationOptions, generate

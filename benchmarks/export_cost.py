@@ -22,7 +22,7 @@ def build_base_checkpoint(family: str, folder: Path) -> int:
     from safetensors import safe_open
 
     from benchmarks.presets import base_config
-    from lalm_export.tiny import save_random_checkpoint
+    from lalm_export.demo.tiny import save_random_checkpoint
 
     save_random_checkpoint(family, folder, base_config(family), seed=0)
     with safe_open(str(folder / "model.safetensors"), framework="np") as weights:

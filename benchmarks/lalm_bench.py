@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from benchmarks.measure import interleaved, peak_rss, speedups_vs_eager, summary
 from benchmarks.presets import eager_precisions, eager_references
+from lalm_export.demo.tiny import save_random_checkpoint
 from lalm_export.errors import LalmExportError
-from lalm_export.export_lalm import export_lalm_bundle
+from lalm_export.export.lalm import export_lalm_bundle
+from lalm_export.export.options import LalmExportOptions
 from lalm_export.models import LLMDecoder, WhisperAudioEncoder
 from lalm_export.models.lalm import LALM, ProjectorConfig
-from lalm_export.options import LalmExportOptions
-from lalm_export.signals import speech_like
-from lalm_export.tiny import save_random_checkpoint
+from lalm_export.parity.signals import speech_like
 from runtime.api import load
 from runtime.generation import GenerationOptions
 from runtime.sessions import SessionOptions

@@ -66,7 +66,7 @@ def ort_matmul_gops(int8: bool, m: int = 512, k: int = 768, n: int = 3072) -> fl
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    from lalm_export.transforms import int8_recipe, quantize_int8
+    from lalm_export.precision.transforms import int8_recipe, quantize_int8
 
     weight = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
     graph = helper.make_graph(

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lalm_export.families import get_family
-from lalm_export.tiny import tiny_config
+from lalm_export.demo.tiny import tiny_config
+from lalm_export.models.families import get_family
 from runtime.cpu import has_bf16
 
 

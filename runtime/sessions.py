@@ -78,7 +78,7 @@ def conv_algo_search() -> str:
 def cuda_provider_options() -> dict[str, str]:
     """CUDAExecutionProvider settings, each for a reason:
     - use_tf32 0: TF32 matmuls keep 10 mantissa bits, so fp32 graphs would miss the 1e-4 parity
-      of eager fp32 (which `lalm_export.eager.full_fp32` also runs without TF32);
+      of eager fp32 (which `lalm_export.models.eager.full_fp32` also runs without TF32);
     - arena_extend_strategy kSameAsRequested: the memory arena grows by what is asked, not by
       doubling, so a 0.5B decoder does not reserve twice its size;
     - cudnn_conv_algo_search (see `conv_algo_search`): the cuDNN heuristic that finds a plan for

@@ -17,14 +17,14 @@ import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from lalm_export.export import ExportOptions, export_bundle  # noqa: E402
-from lalm_export.export_lalm import export_lalm_bundle  # noqa: E402
-from lalm_export.families import ENCODER_FAMILIES, FAMILIES  # noqa: E402
+from lalm_export.demo.tiny import build_tiny_checkpoint  # noqa: E402
+from lalm_export.export.component import ExportOptions, export_bundle  # noqa: E402
+from lalm_export.export.lalm import export_lalm_bundle  # noqa: E402
+from lalm_export.export.options import LalmExportOptions  # noqa: E402
 from lalm_export.models import LLMDecoder, encoder_class  # noqa: E402
+from lalm_export.models.families import ENCODER_FAMILIES, FAMILIES  # noqa: E402
 from lalm_export.models.lalm import LALM, ProjectorConfig  # noqa: E402
-from lalm_export.options import LalmExportOptions  # noqa: E402
-from lalm_export.signals import speech_like  # noqa: E402
-from lalm_export.tiny import build_tiny_checkpoint  # noqa: E402
+from lalm_export.parity.signals import speech_like  # noqa: E402
 from tests.helpers import randomize_lora  # noqa: E402
 
 

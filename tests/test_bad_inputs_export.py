@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lalm_export.cli import main
+from lalm_export.demo.tiny import build_tiny_checkpoint
 from lalm_export.errors import OutputExistsError, OutputPathError
 from lalm_export.io import atomic_folder
 from lalm_export.models import HubertAudioEncoder
-from lalm_export.tiny import build_tiny_checkpoint
 from tests.helpers import REPO, SUBPROCESS_TIMEOUT_S, assert_user_error, randomize_lora, run_main
 
 
@@ -182,7 +182,7 @@ def test_nan_on_either_side_fails_the_gate_and_names_the_output(side):
     import numpy as np
 
     from lalm_export.errors import ParityError
-    from lalm_export.verify import ParityReport, Tolerance
+    from lalm_export.parity.report import ParityReport, Tolerance
 
     clean = np.ones((1, 4, 8), dtype=np.float32)
     broken = clean.copy()

@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from lalm_export.cli import main
-from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.models import HubertAudioEncoder, LLMDecoder
+from lalm_export.models.families import ENCODER_FAMILIES
 from tests.helpers import assert_user_error, randomize_lora, run_cli, run_main
 
 

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from lalm_export.demo import DEMO_MARK, prepare_out
-from lalm_export.demo import main as demo_main
+from lalm_export.demo.run import DEMO_MARK, prepare_out
+from lalm_export.demo.run import main as demo_main
 from tests.helpers import assert_user_error, run_cli, run_main
 
 
@@ -64,8 +64,8 @@ def test_a_precision_the_gate_refuses_is_reported_and_the_demo_goes_on(checkpoin
     (here forced by a bound no int8 graph meets) instead of dying with a traceback."""
     from dataclasses import replace
 
-    from lalm_export.demo import export_reduced
-    from lalm_export.export import ExportOptions
+    from lalm_export.demo.run import export_reduced
+    from lalm_export.export.component import ExportOptions
 
     options = ExportOptions(family="wav2vec2", model=str(checkpoints["wav2vec2"]), output=tmp_path / "int8", precision="int8")
     refused = export_reduced(replace(options, min_cosine=1.0))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lalm_export.dtmf import WINDOW_SECONDS, curriculum, dtmf_examples, edit_error_rate, key_accuracy
+from lalm_export.demo.dtmf import WINDOW_SECONDS, curriculum, dtmf_examples, edit_error_rate, key_accuracy
 
 
 def test_clips_fit_the_window_and_seeds_repeat():

@@ -11,14 +11,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from lalm_export.demo.tiny import tiny_input
 from lalm_export.errors import ParityError
-from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.families import get_family
-from lalm_export.merge import merge_adapter_into, read_lora_pairs
+from lalm_export.export.component import ExportOptions, export_bundle
 from lalm_export.models import ENCODER_CLASSES, LLMDecoder
+from lalm_export.models.families import get_family
 from lalm_export.models.loading import load_family_model
-from lalm_export.tiny import tiny_input
-from lalm_export.tolerances import FP32_RELATIVE
+from lalm_export.models.merge import merge_adapter_into, read_lora_pairs
+from lalm_export.parity.bounds import FP32_RELATIVE
 from runtime.generation import GenerationOptions, generate
 from runtime.manifest import sha256_of
 from runtime.ort_backends import OrtDecoderBackend
@@ -180,7 +180,7 @@ def test_force_replaces_only_a_complete_bundle(checkpoints, tmp_path):
 def test_the_eager_reference_runs_without_tf32_and_restores_the_settings():
     import torch
 
-    from lalm_export.eager import full_fp32
+    from lalm_export.models.eager import full_fp32
 
     torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
     with full_fp32():

@@ -7,11 +7,11 @@ import dataclasses
 
 import pytest
 
+from lalm_export.demo.tiny import build_tiny_checkpoint, tiny_input
 from lalm_export.errors import UnknownFamilyError
-from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.families import ENCODER_FAMILIES, FAMILIES, get_family
+from lalm_export.export.component import ExportOptions, export_bundle
 from lalm_export.models import ENCODER_CLASSES, encoder_class
-from lalm_export.tiny import build_tiny_checkpoint, tiny_input
+from lalm_export.models.families import ENCODER_FAMILIES, FAMILIES, get_family
 from runtime.api import load
 
 # Modules whose tests take the `encoder_family` fixture: every encoder row must appear in them.

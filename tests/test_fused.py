@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-import lalm_export.fused as fused
+import lalm_export.graphs.fused as fused
 from lalm_export.cli import main
+from lalm_export.demo.tiny import save_random_checkpoint
 from lalm_export.errors import OptionsError
-from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.families import TINY_HIDDEN, get_family
-from lalm_export.tiny import save_random_checkpoint
+from lalm_export.export.component import ExportOptions, export_bundle
+from lalm_export.models.families import TINY_HIDDEN, get_family
 from runtime.api import load
 from runtime.errors import RuntimeUserError
 from runtime.generation import GenerationOptions

@@ -12,9 +12,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lalm_export.cli import main
-from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.families import get_family
-from lalm_export.gptq import (
+from lalm_export.export.component import ExportOptions, export_bundle
+from lalm_export.models.families import get_family
+from lalm_export.models.llm import load_tokenizer
+from lalm_export.models.loading import load_family_model
+from lalm_export.precision.gptq import (
     CALIBRATION_WINDOW,
     calibration_windows,
     first_layer_inputs,
@@ -25,9 +27,7 @@ from lalm_export.gptq import (
     sampled_calibration_windows,
     signed_block_scales,
 )
-from lalm_export.int4 import INT4_BLOCK_SIZE, Int4Options, exact_int4_grid, pack_int4, quantize_int4
-from lalm_export.models.llm import load_tokenizer
-from lalm_export.models.loading import load_family_model
+from lalm_export.precision.int4 import INT4_BLOCK_SIZE, Int4Options, exact_int4_grid, pack_int4, quantize_int4
 from runtime.manifest import read_manifest
 from tests.helpers import assert_user_error, run_cli, run_main
 

@@ -14,14 +14,14 @@ import soundfile as sf
 import torch
 
 from lalm_export.cli import main as export_main
+from lalm_export.demo.tiny import save_random_checkpoint
+from lalm_export.demo.training import train_lalm
 from lalm_export.errors import OptionsError
-from lalm_export.export_lalm import export_lalm_bundle
+from lalm_export.export.lalm import export_lalm_bundle
+from lalm_export.export.options import LalmExportOptions
 from lalm_export.models import LLMDecoder, encoder_class
 from lalm_export.models.lalm import LALM, ProjectorConfig
-from lalm_export.options import LalmExportOptions
-from lalm_export.signals import speech_like
-from lalm_export.tiny import save_random_checkpoint
-from lalm_export.training import train_lalm
+from lalm_export.parity.signals import speech_like
 from runtime.api import load
 from runtime.audio import load_audio
 from runtime.errors import RuntimeUserError
@@ -384,7 +384,7 @@ def test_per_component_precision_is_for_lalm_bundles(checkpoints, tmp_path, caps
 def test_audio_past_a_short_whisper_window_is_refused_not_cut(tmp_path, capsys):
     """A Whisper-style encoder with a 2 s window: 3 s of audio would lose its last second in
     the log-mel front end; the runtime says so instead."""
-    from lalm_export.dtmf import build_dtmf_lalm
+    from lalm_export.demo.dtmf import build_dtmf_lalm
     from runtime.infer import main as infer_main
 
     build_dtmf_lalm(tmp_path / "checkpoints").save_pretrained(tmp_path / "lalm")

@@ -10,10 +10,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import WhisperModel
 
 from lalm_export.errors import AdapterMismatchError
-from lalm_export.families import get_family
-from lalm_export.merge import LoraPair, lora_delta, merge_adapter_into, merge_lora, read_adapter_for_part, read_lora_pairs
 from lalm_export.models import Wav2Vec2AudioEncoder
+from lalm_export.models.families import get_family
 from lalm_export.models.loading import load_family_model
+from lalm_export.models.merge import LoraPair, lora_delta, merge_adapter_into, merge_lora, read_adapter_for_part, read_lora_pairs
 from tests.helpers import randomize_lora, relative_error, run_encoder
 
 
@@ -86,7 +86,7 @@ def test_adapter_of_the_whole_whisper_model_exports_its_encoder_part(checkpoints
     decoder too: the encoder's part is merged, the rest left out and counted in the manifest."""
     from transformers import WhisperForConditionalGeneration
 
-    from lalm_export.export import ExportOptions, export_bundle
+    from lalm_export.export.component import ExportOptions, export_bundle
 
     whole = WhisperForConditionalGeneration.from_pretrained(str(checkpoints["whisper"]))
     peft_model = get_peft_model(whole, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

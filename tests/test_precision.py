@@ -14,9 +14,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from lalm_export.cli import main
-from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.rewrites import fold_constant_transposes, keep_last_position_logits
-from lalm_export.verify import OutputError, Tolerance
+from lalm_export.export.component import ExportOptions, export_bundle
+from lalm_export.graphs.rewrites import fold_constant_transposes, keep_last_position_logits
+from lalm_export.parity.report import OutputError, Tolerance
 from runtime.api import load
 from runtime.cpu import int8_kernels
 from runtime.generation import GenerationOptions

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from lalm_export.demo import main as demo_main
-from lalm_export.spoken_digits import RATE, WINDOW_SECONDS, spoken_examples
+from lalm_export.demo.run import main as demo_main
+from lalm_export.demo.spoken_digits import RATE, WINDOW_SECONDS, spoken_examples
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (the task is optional)")

@@ -1,6 +1,5 @@
 """PyTorch wrappers: the contract of the original usage guide (`src.model.*`)."""
 
-from lalm_export.families import ENCODER_FAMILIES
 from lalm_export.models.audio_encoder import (
     BaseAudioEncoder,
     Data2VecAudioEncoder,
@@ -10,6 +9,7 @@ from lalm_export.models.audio_encoder import (
     WhisperAudioEncoder,
     encoder_class,
 )
+from lalm_export.models.families import ENCODER_FAMILIES
 from lalm_export.models.llm import LLMDecoder
 
 ENCODER_CLASSES = {family: encoder_class(family) for family in ENCODER_FAMILIES}

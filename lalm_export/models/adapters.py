@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from lalm_export.errors import AdapterMismatchError, OptionsError
-from lalm_export.families import get_family
 from lalm_export.io import atomic_folder, read_json, read_safetensors, write_json, write_safetensors
+from lalm_export.models.families import get_family
 
 ADAPTER_METADATA = "lalm_adapter.json"
 PEFT_PREFIX = "base_model.model."  # what peft puts before the model's module names in an adapter's keys

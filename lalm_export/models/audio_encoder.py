@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from lalm_export.errors import OptionsError
-from lalm_export.families import ENCODER_FAMILIES, get_family
 from lalm_export.models.adapters import (
     AdapterCheckpoints,
     TrainingMode,
     attach_lora,
     set_trainable,
 )
+from lalm_export.models.families import ENCODER_FAMILIES, get_family
 from lalm_export.models.loading import load_family_model, model_device
 
 

@@ -264,7 +264,7 @@ class LALM(nn.Module):
         into `encoder_s`, `prefill_s` and `decode_s`, as the runtime reports them."""
         import time
 
-        from lalm_export.eager import EagerDecoderBackend
+        from lalm_export.models.eager import EagerDecoderBackend
         from runtime.generation import PromptEmbeds, generate, until_eos
 
         start = time.perf_counter()

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from lalm_export.errors import ModelLoadError
-from lalm_export.families import get_family
 from lalm_export.io import check_model_source
 from lalm_export.models.adapters import AdapterCheckpoints, TrainingMode, attach_lora, set_trainable
+from lalm_export.models.families import get_family
 from lalm_export.models.loading import load_family_model, model_device
 
 

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from lalm_export.errors import ModelLoadError, OptionsError
-from lalm_export.families import FAMILIES, FamilySpec
 from lalm_export.io import load_hf_config, load_hf_model
 from lalm_export.models.adapters import QuantizationSettings
+from lalm_export.models.families import FAMILIES, FamilySpec
 
 
 def require_bitsandbytes() -> None:

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.real_whisper import encoder_weights, packaged_model_bin, read_ctranslate2, save_whisper_tiny_en
 from lalm_export.errors import CorruptWeightsError
-from lalm_export.families import get_family
+from lalm_export.models.families import get_family
 from lalm_export.models.loading import load_family_model
 from tests.helpers import run_cli
 

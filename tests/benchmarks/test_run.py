@@ -169,7 +169,7 @@ def test_accuracy_command_trains_exports_and_measures(tmp_path):
 
 
 def test_decode_floor_holds_each_bundle_and_its_weight_kernels_against_the_bandwidth_of_its_round(checkpoints, tmp_path):
-    from lalm_export.export import ExportOptions, export_bundle
+    from lalm_export.export.component import ExportOptions, export_bundle
 
     for graph in ("fused", "optimum"):
         export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=tmp_path / graph, precision="int4", decoder_graph=graph), quiet=True)

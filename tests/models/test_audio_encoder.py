@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lalm_export.demo.tiny import tiny_input
 from lalm_export.errors import AdapterMismatchError, CorruptWeightsError, ModelLoadError, OptionsError
 from lalm_export.models import ENCODER_CLASSES, BaseAudioEncoder, WhisperAudioEncoder
-from lalm_export.tiny import tiny_input
 
 
 def trainable(model: torch.nn.Module) -> int:

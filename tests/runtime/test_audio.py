@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
-from lalm_export.signals import speech_like
+from lalm_export.parity.signals import speech_like
 from runtime.audio import load_audio, log_mel, normalize_waveform
 from runtime.errors import AudioError
 

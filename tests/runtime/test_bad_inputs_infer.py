@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.signals import speech_like
+from lalm_export.export.component import ExportOptions, export_bundle
+from lalm_export.parity.signals import speech_like
 from runtime.api import load
 from runtime.errors import ContextLengthError, RuntimeUserError
 from runtime.infer import main

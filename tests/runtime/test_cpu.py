@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from lalm_export.export import ExportOptions, export_bundle
+from lalm_export.export.component import ExportOptions, export_bundle
 from runtime.api import load
 from runtime.cpu import cpu_flags, describe_cpu, has_bf16, int8_kernel_mismatch, int8_kernels, isa_label, saturates
 

@@ -12,10 +12,10 @@ import soundfile as sf
 import torch
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM
 
-from lalm_export.export import ExportOptions, export_bundle
-from lalm_export.families import FAMILIES, get_family
+from lalm_export.export.component import ExportOptions, export_bundle
+from lalm_export.models.families import FAMILIES, get_family
 from lalm_export.models.loading import load_family_model
-from lalm_export.signals import speech_like
+from lalm_export.parity.signals import speech_like
 from runtime.api import load
 from runtime.generation import GenerationOptions
 from runtime.infer import main as infer_main

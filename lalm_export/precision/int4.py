@@ -2,7 +2,7 @@
 
 The grid is the one ONNX Runtime's MatMulNBits stores: symmetric blocks along the input
 dimension, each block's largest-magnitude weight at -8 (`block_scale`), values rounded and
-clipped to [-8, 7] (`grid_levels`). GPTQ (`lalm_export/gptq.py`) rounds onto this grid and the
+clipped to [-8, 7] (`grid_levels`). GPTQ (`lalm_export/precision/gptq.py`) rounds onto this grid and the
 packer here recovers it, so both read the rule from this module."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import onnx
 from onnx import numpy_helper
 
 from lalm_export.errors import OptionsError
-from lalm_export.graph_files import load_graph, save_graph
-from lalm_export.rewrites import fold_constant_transposes, logits_matmul
+from lalm_export.graphs.files import load_graph, save_graph
+from lalm_export.graphs.rewrites import fold_constant_transposes, logits_matmul
 
 INT4_METHODS = ("rtn", "gptq")
 INT4_BLOCK_SIZE = 32  # the default: larger blocks decode faster and round coarser (docs/performance-notes.md)

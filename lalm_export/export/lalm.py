@@ -10,7 +10,7 @@ Three parts, every adapter merged as for the single components (QLoRA into its d
 - `decoder.onnx`: the decoder without its embedding: `inputs_embeds`, `attention_mask` and
   the KV cache → logits. ONNX Runtime's model builder writes it fused (`exclude_embeds`) for
   the architectures it covers on the CPU; Optimum's graph, its first input renamed
-  (`lalm_export.embeds_graph`), for the others and for CUDA.
+  (`lalm_export.graphs.embeds`), for the others and for CUDA.
 The parity gate compares the audio features with the eager encoder + projector, then the
 greedy tokens of the whole pipeline with the eager LALM's."""
 
@@ -29,14 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from lalm_export.bundle_facts import graph_facts, int8_record, library_versions
-from lalm_export.embeds_graph import export_embeds_decoder
 from lalm_export.errors import OptionsError
-from lalm_export.export import last_position_logits_only, load_merged_model
-from lalm_export.families import FamilySpec, get_family
-from lalm_export.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
+from lalm_export.export.component import last_position_logits_only, load_merged_model
+from lalm_export.export.manifest import graph_facts, int8_record, library_versions
+from lalm_export.export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_min_cosine, check_output, check_target_cpu, require_cuda
+from lalm_export.graphs.embeds import export_embeds_decoder
+from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
 from lalm_export.io import atomic_folder, read_safetensors, sha256_tree
 from lalm_export.models.adapters import load_full_weights
+from lalm_export.models.families import FamilySpec, get_family
 from lalm_export.models.lalm import (
     PROJECTOR_WEIGHTS,
     AudioProjector,
@@ -46,10 +47,9 @@ from lalm_export.models.lalm import (
     read_lalm_config,
     resize_for_tokenizer,
 )
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_min_cosine, check_output, check_target_cpu, require_cuda
-from lalm_export.precision import SPECS, TransformJob, apply_precision, check_precision
+from lalm_export.parity.signals import speech_like
+from lalm_export.precision.specs import SPECS, TransformJob, apply_precision, check_precision
 from lalm_export.progress import Stages
-from lalm_export.signals import speech_like
 from runtime.limits import receptive_field
 from runtime.manifest import Manifest, Source, sha256_of
 
@@ -177,7 +177,7 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
             shutil.rmtree(fp32)
         if opts.verify:
             with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32: audio features, then greedy tokens end to end"):
-                from lalm_export.lalm_gate import check_lalm
+                from lalm_export.parity.lalm import check_lalm
 
                 report = check_lalm(
                     merged, tmp, opts.encoder_precision, all_fp32=all_fp32(opts), seed=opts.seed, provider=opts.device, min_cosine=opts.min_cosine

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from lalm_export.errors import ExportError, OptionsError
-from lalm_export.rewrites import LAST_POSITION_LOGITS
+from lalm_export.graphs.rewrites import LAST_POSITION_LOGITS
 from runtime.ort_backends import LEFT_PADDING_METADATA
 
 if TYPE_CHECKING:  # torch stays out of the CLI's start-up, which reads GRAPH_CHOICES

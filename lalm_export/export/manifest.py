@@ -11,8 +11,8 @@ from typing import Any
 import onnxruntime as ort
 from torch import nn
 
-from lalm_export.options import ExportOptions
-from lalm_export.precision import SPECS
+from lalm_export.export.options import ExportOptions
+from lalm_export.precision.specs import SPECS
 from runtime.cpu import describe_cpu
 from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
 

@@ -9,11 +9,11 @@ Every precision starts from the fp32 export and rewrites its ONNX graph:
   its fp32 rate, while unsigned weights (QUInt8) run no faster than fp32. The weights' range
   depends on the CPU the graph is made for (`--target-cpu`, default this machine's): 7-bit per
   output channel where the int8 kernels saturate (AVX2, AVX-512 without VNNI), 8-bit elsewhere
-  (`lalm_export/transforms.py`, `runtime/cpu.py`). Convolutions, norms
+  (`lalm_export/precision/transforms.py`, `runtime/cpu.py`). Convolutions, norms
   and attention stay fp32: ORT's int8 Conv is slower than its fp32 Conv, and a convolution
   rewritten as an int8 MatMul loses the quiet frames of real audio to the per-tensor
   activation scale (docs/performance-notes.md).
-- int4 (decoders): weight-only MatMulNBits (`lalm_export/int4.py`): symmetric blocks, the
+- int4 (decoders): weight-only MatMulNBits (`lalm_export/precision/int4.py`): symmetric blocks, the
   lm_head in 8-bit blocks by default, weights rounded to nearest or GPTQ's.
 - fp16 (CUDA): float16 weights and compute with float32 inputs and outputs; the RMS/layer
   norm reductions stay float32, where float16 would overflow on large activations.
@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lalm_export.errors import OptionsError
-from lalm_export.int4 import Int4Options, quantize_int4
-from lalm_export.tolerances import (
+from lalm_export.parity.bounds import (
     DECODER_COSINE,
     DECODER_ROW_COSINE,
     ENCODER_COSINE,
@@ -38,7 +37,8 @@ from lalm_export.tolerances import (
     INT4_DECODER_COSINE,
     INT4_DECODER_ROW_COSINE,
 )
-from lalm_export.transforms import convert_fp16, int8_recipe, quantize_int8
+from lalm_export.precision.int4 import Int4Options, quantize_int4
+from lalm_export.precision.transforms import convert_fp16, int8_recipe, quantize_int8
 
 DEVICES = ("cpu", "cuda")
 

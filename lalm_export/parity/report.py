@@ -14,11 +14,11 @@ import onnxruntime as ort
 from torch import nn
 from tqdm import tqdm
 
-from lalm_export.eager import EagerDecoderBackend, eager_encoder_outputs
 from lalm_export.errors import ParityError
-from lalm_export.families import FamilySpec
-from lalm_export.signals import speech_like
-from lalm_export.tolerances import FP32_RELATIVE, GREEDY_STEPS
+from lalm_export.models.eager import EagerDecoderBackend, eager_encoder_outputs
+from lalm_export.models.families import FamilySpec
+from lalm_export.parity.bounds import FP32_RELATIVE, GREEDY_STEPS
+from lalm_export.parity.signals import speech_like
 from runtime.generation import GenerationOptions, generate
 from runtime.ort_backends import decoder_backend
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lalm_export.families import TINY_VOCAB, get_family
+from lalm_export.models.families import TINY_VOCAB, get_family
 
 _CORPUS = (
     "the quick brown fox jumps over the lazy dog. audio language models listen and speak. "

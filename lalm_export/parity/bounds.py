@@ -18,5 +18,5 @@ DECODER_COSINE, DECODER_ROW_COSINE = 0.99, 0.98
 # weights far better, and --min-cosine raises the bound for them.
 INT4_DECODER_COSINE, INT4_DECODER_ROW_COSINE = 0.8, 0.8
 # Greedy tokens of a quantized decoder diverge wherever two logits are near-tied (random
-# weights: everywhere), so their agreement is recorded, not gated. lalm_export/precision.py
+# weights: everywhere), so their agreement is recorded, not gated. lalm_export/precision/specs.py
 # assigns these bounds to each precision's rows.

@@ -1,4 +1,4 @@
-"""The int8 and fp16 graph transforms (int4's lives in `lalm_export/int4.py`)."""
+"""The int8 and fp16 graph transforms (int4's lives in `lalm_export/precision/int4.py`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from lalm_export.graph_files import LARGE_GRAPH_BYTES, is_large, load_graph, save_graph
+from lalm_export.graphs.files import LARGE_GRAPH_BYTES, is_large, load_graph, save_graph
 from runtime.cpu import int8_kernels, saturates
 
 # Kept in float32 in fp16 graphs: the RMS / layer-norm reductions (x^2 overflows float16).

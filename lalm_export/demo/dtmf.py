@@ -73,7 +73,7 @@ def _edit_distance(a: str, b: str) -> int:
 
 def build_dtmf_lalm(folder: Path, seed: int = 0):
     """The tiny LALM for the task (`training.build_tiny_lalm`) with a 2 s window."""
-    from lalm_export.training import build_tiny_lalm
+    from lalm_export.demo.training import build_tiny_lalm
 
     return build_tiny_lalm(folder, WINDOW_SECONDS, PROMPT, seed)
 
@@ -81,7 +81,7 @@ def build_dtmf_lalm(folder: Path, seed: int = 0):
 def curriculum(step: int, steps: int) -> tuple[int, int]:
     """Keys per clip at `step`: one key first (the decoder learns to read the audio), then
     one to three, then the task's three to six."""
-    from lalm_export.training import curriculum_stage
+    from lalm_export.demo.training import curriculum_stage
 
     return ((1, 1), (1, 3), (3, 6))[curriculum_stage(step, steps)]
 
@@ -94,7 +94,7 @@ DTMF_LR = 1.5e-3
 
 def train_dtmf(model, steps: int = 1200, batch: int = 16, lr: float = DTMF_LR, seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> None:
     """Train `model` on fresh DTMF clips each step (no clip is seen twice)."""
-    from lalm_export.training import train_lalm
+    from lalm_export.demo.training import train_lalm
 
     def batch_for(step: int) -> tuple[list[np.ndarray], list[str]]:
         low, high = curriculum(step, steps)

@@ -52,9 +52,9 @@ def build_tiny_lalm(folder: Path, window_seconds: int, prompt: str, seed: int = 
     encoder and decoder fully trained."""
     from transformers import WhisperFeatureExtractor
 
+    from lalm_export.demo.tiny import build_tiny_checkpoint, save_random_checkpoint, tiny_config
     from lalm_export.models import LLMDecoder, encoder_class
     from lalm_export.models.lalm import LALM, ProjectorConfig
-    from lalm_export.tiny import build_tiny_checkpoint, save_random_checkpoint, tiny_config
 
     config = tiny_config("whisper")
     config.max_source_positions = window_seconds * 50  # 50 encoder frames per second

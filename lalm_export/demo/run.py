@@ -28,12 +28,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lalm_export.cli import quiet_libraries  # noqa: E402
+from lalm_export.demo.tiny import build_tiny_checkpoint, tiny_input  # noqa: E402
 from lalm_export.errors import OptionsError, ParityError  # noqa: E402
-from lalm_export.export import ExportOptions, export_bundle  # noqa: E402
-from lalm_export.families import FAMILIES  # noqa: E402
+from lalm_export.export.component import ExportOptions, export_bundle  # noqa: E402
 from lalm_export.models import ENCODER_CLASSES, LLMDecoder  # noqa: E402
-from lalm_export.signals import speech_like  # noqa: E402
-from lalm_export.tiny import build_tiny_checkpoint, tiny_input  # noqa: E402
+from lalm_export.models.families import FAMILIES  # noqa: E402
+from lalm_export.parity.signals import speech_like  # noqa: E402
 from runtime.cpu import describe_cpu  # noqa: E402
 from runtime.generation import GenerationOptions, generate  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--spoken-steps", type=steps_count, default=3000, help="training steps of the spoken-digits audio LLM (default: 3000)")
     args = parser.parse_args(argv)
-    from lalm_export.spoken_digits import espeak
+    from lalm_export.demo.spoken_digits import espeak
 
     try:
         if args.spoken_digits:
@@ -304,7 +304,7 @@ class AudioTask:
 
 
 def dtmf_task() -> AudioTask:
-    from lalm_export.dtmf import HELD_OUT_SEED, build_dtmf_lalm, dtmf_examples, train_dtmf
+    from lalm_export.demo.dtmf import HELD_OUT_SEED, build_dtmf_lalm, dtmf_examples, train_dtmf
 
     return AudioTask(
         "dtmf",
@@ -317,7 +317,7 @@ def dtmf_task() -> AudioTask:
 
 
 def spoken_digits_task() -> AudioTask:
-    from lalm_export.spoken_digits import HELD_OUT_SEED, build_spoken_lalm, spoken_examples, train_spoken
+    from lalm_export.demo.spoken_digits import HELD_OUT_SEED, build_spoken_lalm, spoken_examples, train_spoken
 
     return AudioTask(
         "spoken",
@@ -338,7 +338,7 @@ def run_lalm(root: Path, task: AudioTask, steps: int, say) -> None:
     from tqdm import tqdm
 
     from lalm_export import cli
-    from lalm_export.dtmf import edit_error_rate, key_accuracy
+    from lalm_export.demo.dtmf import edit_error_rate, key_accuracy
     from runtime import infer
     from runtime.api import load as load_bundle
 
@@ -419,7 +419,3 @@ def run_runtime(root: Path) -> None:
         infer.main(command)
         sys.stdout.flush()
         sys.stderr.flush()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

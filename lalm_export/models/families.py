@@ -88,7 +88,7 @@ class FamilySpec:
 
 _AUDIO_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TINY_HIDDEN = 64
-TINY_VOCAB = 320  # the tiny tokenizer's vocabulary (lalm_export.tiny)
+TINY_VOCAB = 320  # the tiny tokenizer's vocabulary (lalm_export.demo.tiny)
 # Raw-audio encoders at test size: every Linear has in_features >= 64 (bitsandbytes' CPU kernel).
 _TINY_RAW_AUDIO = dict(
     hidden_size=TINY_HIDDEN,

@@ -9,11 +9,11 @@ from typing import Any
 
 from torch import nn
 
-from lalm_export.eager import full_fp32
-from lalm_export.options import ExportOptions
-from lalm_export.precision import SPECS
+from lalm_export.export.options import ExportOptions
+from lalm_export.models.eager import full_fp32
+from lalm_export.parity.report import ParityReport, Tolerance, check_decoder, check_encoder
+from lalm_export.precision.specs import SPECS
 from lalm_export.progress import Stages
-from lalm_export.verify import ParityReport, Tolerance, check_decoder, check_encoder
 from runtime.sessions import SessionOptions, create_session
 
 

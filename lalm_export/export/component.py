@@ -17,20 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lalm_export.bundle_facts import build_manifest, int8_record, save_companions
 from lalm_export.errors import AdapterMismatchError, OptionsError
-from lalm_export.families import FamilySpec
-from lalm_export.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
-from lalm_export.gate import verify_graph
-from lalm_export.graph_files import load_graph, save_graph
+from lalm_export.export.manifest import build_manifest, int8_record, save_companions
+from lalm_export.export.options import DEFAULT_OPSET, ExportOptions, validate_options
+from lalm_export.graphs.files import load_graph, save_graph
+from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
+from lalm_export.graphs.rewrites import LAST_POSITION_LOGITS, keep_last_position_logits
 from lalm_export.io import atomic_folder, sha256_tree
-from lalm_export.merge import AdapterForPart, dequantize_4bit_linears, merge_adapter_into, read_adapter_for_part, read_lora_pairs
 from lalm_export.models.adapters import QuantizationSettings, load_full_weights, read_adapter_metadata
+from lalm_export.models.families import FamilySpec
 from lalm_export.models.loading import load_family_model
-from lalm_export.options import DEFAULT_OPSET, ExportOptions, validate_options
-from lalm_export.precision import SPECS, TransformJob, apply_precision
+from lalm_export.models.merge import AdapterForPart, dequantize_4bit_linears, merge_adapter_into, read_adapter_for_part, read_lora_pairs
+from lalm_export.parity.component import verify_graph
+from lalm_export.precision.specs import SPECS, TransformJob, apply_precision
 from lalm_export.progress import Stages
-from lalm_export.rewrites import LAST_POSITION_LOGITS, keep_last_position_logits
 from runtime.manifest import Manifest, Source, sha256_of
 
 GRAPH_NAME = "model.onnx"
@@ -182,8 +182,8 @@ def last_position_logits_only(graph: Path) -> list[str]:
 
 def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of `model` whose Linear weights are GPTQ's int4 weights, and what was done."""
-    from lalm_export.gptq import CALIBRATION_WINDOW, Calibration, calibration_windows, gptq_quantize_decoder, sampled_calibration_windows
     from lalm_export.models.llm import load_tokenizer
+    from lalm_export.precision.gptq import CALIBRATION_WINDOW, Calibration, calibration_windows, gptq_quantize_decoder, sampled_calibration_windows
 
     tokenizer = load_tokenizer(opts.model_source, opts.trust_remote_code)
     if opts.int4.calibration is None:

@@ -67,7 +67,7 @@ def spoken_examples(count: int, seed: int, min_digits: int = 1, max_digits: int 
 def build_spoken_lalm(folder: Path, seed: int = 0):
     """The tiny LALM of `training.build_tiny_lalm` with a 3 s window. (A wider, deeper encoder,
     d_model 128 and 3 layers, did worse in 3,000 steps: 54 % of digits in place against 68 %.)"""
-    from lalm_export.training import build_tiny_lalm
+    from lalm_export.demo.training import build_tiny_lalm
 
     return build_tiny_lalm(folder, WINDOW_SECONDS, PROMPT, seed)
 
@@ -84,7 +84,7 @@ def train_spoken(
 ) -> None:
     """Synthesize the pool (`progress`: a bar), then train `model` on batches drawn from it:
     one digit first, then one or two, then one to four."""
-    from lalm_export.training import curriculum_stage, train_lalm
+    from lalm_export.demo.training import curriculum_stage, train_lalm
 
     examples = spoken_examples(pool, seed=POOL_SEED + seed, progress=progress)
     longest_per_stage = (1, 2, 4)

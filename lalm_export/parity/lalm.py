@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lalm_export.eager import EagerDecoderBackend
-from lalm_export.export_lalm import GATE_CLIPS_S, GATE_TOKENS, MergedLalm
-from lalm_export.precision import SPECS
-from lalm_export.signals import speech_like
-from lalm_export.verify import ParityReport, Tolerance
+from lalm_export.export.lalm import GATE_CLIPS_S, GATE_TOKENS, MergedLalm
+from lalm_export.models.eager import EagerDecoderBackend
+from lalm_export.parity.report import ParityReport, Tolerance
+from lalm_export.parity.signals import speech_like
+from lalm_export.precision.specs import SPECS
 from runtime.generation import GenerationOptions, PromptEmbeds, generate
 from runtime.lalm import LalmRunner, prompt_embeddings
 

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lalm_export.errors import OptionsError
-from lalm_export.int4 import block_scale, grid_levels
+from lalm_export.precision.int4 import block_scale, grid_levels
 
 CALIBRATION_WINDOW = 128  # tokens per calibration sequence
 MAX_CALIBRATION_WINDOWS = 64

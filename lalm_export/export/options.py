@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lalm_export.errors import OptionsError, OutputExistsError, OutputPathError
-from lalm_export.families import FamilySpec, get_family
-from lalm_export.fused import GRAPH_CHOICES
-from lalm_export.int4 import Int4Options
-from lalm_export.precision import check_precision
-from lalm_export.tolerances import FP32_RELATIVE
+from lalm_export.graphs.fused import GRAPH_CHOICES
+from lalm_export.models.families import FamilySpec, get_family
+from lalm_export.parity.bounds import FP32_RELATIVE
+from lalm_export.precision.int4 import Int4Options
+from lalm_export.precision.specs import check_precision
 from runtime.cpu import INT8_KERNELS
 
 DEFAULT_OPSET = 18

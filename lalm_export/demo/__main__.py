@@ -1,0 +1,5 @@
+import sys
+
+from lalm_export.demo.run import main
+
+sys.exit(main())
