@@ -39,7 +39,7 @@ test-slow: $(STAMP)
 
 # The tests whose figures depend on the CPU's kernels (int8 recipes, the gate, the benchmarks), as
 # on an AVX2-only CPU: CPUID masked on this one (benchmarks/cpu_mask; needs CPUID faulting and cc).
-AVX2_TESTS := tests/test_precision.py tests/test_lalm.py tests/test_demo.py tests/runtime/test_cpu.py tests/benchmarks/test_run.py tests/benchmarks/test_compare.py
+AVX2_TESTS := tests/precision/test_precision.py tests/export/test_lalm.py tests/demo/test_demo.py tests/runtime/test_cpu.py tests/benchmarks/test_run.py tests/benchmarks/test_compare.py
 test-avx2: $(STAMP)
 	benchmarks/cpu_mask/as_avx2.sh $(PY) -m pytest -q -p no:faulthandler -m "not slow" $(AVX2_TESTS)
 

@@ -36,7 +36,7 @@ from lalm_export.export.manifest import library_versions
 from lalm_export.models.eager import EagerDecoderBackend, full_fp32
 from lalm_export.models.families import FAMILIES, get_family
 from lalm_export.models.loading import load_family_model
-from lalm_export.parity.bounds import FP32_RELATIVE
+from lalm_export.parity.bounds import gate_tolerance
 from lalm_export.parity.report import OutputError
 from lalm_export.parity.signals import speech_like
 from lalm_export.precision.specs import SPECS
@@ -109,13 +109,8 @@ def variant_options(variant: str, options: ExportOptions, calibration: Path | No
 
 
 def parity_bounds(role: str, variant: str) -> dict[str, dict[str, float]]:
-    """The same bounds as the export's parity gate: {figure: {"min"|"max": bound}}."""
-    bound = SPECS[base_precision(variant)].cosine_bound(role)  # the defaults: no --min-cosine here
-    finite = {"nonfinite_eager": {"max": 0}, "nonfinite_onnx": {"max": 0}}  # a NaN or inf fails, as at export
-    if bound is None:
-        bounds = {"relative": {"max": FP32_RELATIVE}, **finite}
-        return {**bounds, "greedy_agreement": {"min": 1.0}} if role == "decoder" else bounds
-    return {"cosine": {"min": bound.cosine}, "row_cosine": {"min": bound.row_cosine}, **finite}
+    """The export's parity gate at its defaults (no --min-cosine here): {figure: {"min"|"max": bound}}."""
+    return gate_tolerance(base_precision(variant), role).figure_bounds(greedy=role == "decoder")
 
 
 def parity_passes(figures: dict[str, Any], bounds: dict[str, dict[str, float]]) -> bool:

@@ -1,15 +1,13 @@
-"""The export pipeline: load → merge → export (Optimum or ONNX Runtime's model builder) →
-precision → verify → write the bundle.
-
-The bundle is built in a temporary folder beside `--output` and renamed into place only
-when complete and verified: a failed or interrupted export leaves no bundle. Options and
-their rules live in `options.py`, the parity gate in `gate.py`, the manifest in `bundle_facts.py`."""
+"""`lalm-export --encoder/--decoder`: one component as a bundle. Its base is loaded (4-bit
+where its QLoRA adapter was trained so) and its adapter merged or its weights loaded, then
+the skeleton (`pipeline.py`) exports it with Optimum or ONNX Runtime's model builder,
+applies the precision, gates it (`lalm_export/parity/component.py`) and writes it."""
 
 from __future__ import annotations
 
 import copy
-import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,23 +16,23 @@ import torch
 from torch import nn
 
 from lalm_export.errors import AdapterMismatchError, OptionsError
-from lalm_export.export.manifest import build_manifest, int8_record, save_companions
+from lalm_export.export.manifest import Built, BundleKind, build_manifest, save_companions
 from lalm_export.export.options import DEFAULT_OPSET, ExportOptions, validate_options
+from lalm_export.export.pipeline import STAGES, GraphPart, RunSettings, run_export
 from lalm_export.graphs.files import load_graph, save_graph
 from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
 from lalm_export.graphs.rewrites import LAST_POSITION_LOGITS, keep_last_position_logits
-from lalm_export.io import atomic_folder, sha256_tree
+from lalm_export.io import sha256_tree
 from lalm_export.models.adapters import QuantizationSettings, load_full_weights, read_adapter_metadata
 from lalm_export.models.families import FamilySpec
 from lalm_export.models.loading import load_family_model
 from lalm_export.models.merge import AdapterForPart, dequantize_4bit_linears, merge_adapter_into, read_adapter_for_part, read_lora_pairs
-from lalm_export.parity.component import verify_graph
-from lalm_export.precision.specs import SPECS, TransformJob, apply_precision
+from lalm_export.parity.component import ComponentGate, verify_graph
+from lalm_export.precision.specs import SPECS
 from lalm_export.progress import Stages
 from runtime.manifest import Manifest, Source, sha256_of
 
 GRAPH_NAME = "model.onnx"
-STAGES = ["load", "merge", "export", "precision", "verify", "write"]
 
 __all__ = ["ExportOptions", "export_bundle", "validate_options"]
 
@@ -65,45 +63,63 @@ class Merged:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def load_merged_model(opts: ExportOptions, stages: Stages) -> Merged:
-    """Load the base, merge the adapter or load the weights: the module the graph must reproduce."""
-    spec = opts.spec
+@dataclass(frozen=True)
+class Loaded:
+    """A component's base as loaded, before its adapter or weights."""
+
+    model: nn.Module
+    quantization: QuantizationSettings | None  # the 4-bit base its adapter was trained on
+
+
+def load_base(opts: ExportOptions) -> Loaded:
+    """The component's base, 4-bit where its adapter was trained on a 4-bit base."""
     quantization = adapter_quantization(opts)
-    detail = opts.model_source + (f" (4-bit {quantization.quant_type} base, as the adapter was trained)" if quantization else "")
-    with stages.stage("load", detail):
-        model = load_family_model(spec, opts.model_source, quantization, opts.trust_remote_code)
-        check_decoder_arch(model, opts)
+    model = load_family_model(opts.spec, opts.model_source, quantization, opts.trust_remote_code)
+    check_decoder_arch(model, opts)
+    return Loaded(model, quantization)
+
+
+def describe_base(opts: ExportOptions, quantization: QuantizationSettings | None) -> str:
+    return opts.model_source + (f" (4-bit {quantization.quant_type} base, as the adapter was trained)" if quantization else "")
+
+
+def merge_into_base(loaded: Loaded, opts: ExportOptions, say: Callable[[str], None], label: str = "") -> Merged:
+    """Dequantize a 4-bit base, merge the adapter or load the weights: the fp32 module the graph
+    must reproduce. `label` names the part in the progress lines of a bundle with several."""
+    spec, model, quantization = opts.spec, loaded.model, loaded.quantization
+    prefix = f"      {label}: " if label else "      "
     notes: dict[str, Any] = {}
-    with stages.stage("merge"):
-        source = Source(model=opts.model_source)
-        if quantization is not None:
-            count = dequantize_4bit_linears(model)
-            stages.say(f"      dequantized {count} 4-bit Linear layers to fp32")
-        if opts.adapter is not None:
-            adapter = read_adapter_for_part(opts.adapter, model, spec.submodule) if spec.submodule else AdapterForPart(read_lora_pairs(opts.adapter, model))
-            merge_adapter_into(model, adapter.pairs)
-            stages.say(f"      merged LoRA into {len(adapter.pairs)} Linear layers")
-            if adapter.left_out:
-                stages.say(
-                    f"      note: the adapter also adapts {len(adapter.left_out)} modules outside the {spec.name} {spec.submodule} "
-                    f"(e.g. {adapter.left_out[0]}); they are not part of this bundle and were left out"
-                )
-                notes = {"adapter_modules_left_out": len(adapter.left_out), "adapter_left_out_example": adapter.left_out[0]}
-            source = Source(
-                model=opts.model_source,
-                adapter=str(Path(opts.adapter).resolve()),
-                adapter_sha256=sha256_tree(opts.adapter),
-                merge="qlora-dequantized" if quantization else "lora",
+    source = Source(model=opts.model_source)
+    if quantization is not None:
+        say(f"{prefix}dequantized {dequantize_4bit_linears(model)} 4-bit Linear layers to fp32")
+    if opts.adapter is not None:
+        adapter = read_adapter_for_part(opts.adapter, model, spec.submodule) if spec.submodule else AdapterForPart(read_lora_pairs(opts.adapter, model))
+        merge_adapter_into(model, adapter.pairs)
+        say(f"{prefix}merged LoRA into {len(adapter.pairs)} Linear layers")
+        if adapter.left_out:
+            say(
+                f"{prefix}note: the adapter also adapts {len(adapter.left_out)} modules outside the {spec.name} {spec.submodule} "
+                f"(e.g. {adapter.left_out[0]}); they are not part of this bundle and were left out"
             )
-        elif opts.weights is not None:
-            load_full_weights(model, opts.weights, spec.name)
-            source = Source(
-                model=opts.model_source,
-                weights=str(Path(opts.weights).resolve()),
-                weights_sha256=sha256_tree(opts.weights),
-                merge="full-weights",
-            )
+            notes = {"adapter_modules_left_out": len(adapter.left_out), "adapter_left_out_example": adapter.left_out[0]}
+        source = Source(
+            model=opts.model_source,
+            adapter=str(Path(opts.adapter).resolve()),
+            adapter_sha256=sha256_tree(opts.adapter),
+            merge="qlora-dequantized" if quantization else "lora",
+        )
+    elif opts.weights is not None:
+        load_full_weights(model, opts.weights, spec.name)
+        source = Source(model=opts.model_source, weights=str(Path(opts.weights).resolve()), weights_sha256=sha256_tree(opts.weights), merge="full-weights")
     return Merged(model.float().eval(), source, notes)
+
+
+def load_merged_model(opts: ExportOptions, stages: Stages) -> Merged:
+    """The load and merge stages of a component export."""
+    with stages.stage("load", describe_base(opts, adapter_quantization(opts))):
+        loaded = load_base(opts)
+    with stages.stage("merge"):
+        return merge_into_base(loaded, opts, stages.say)
 
 
 def check_decoder_arch(model: nn.Module, opts: ExportOptions) -> None:
@@ -202,49 +218,67 @@ def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[n
     return quantized, {**calibration.to_dict(), "layers": layers}
 
 
+@dataclass
+class ComponentSteps:
+    """The component's part of the skeleton: one graph, `model.onnx`."""
+
+    opts: ExportOptions
+    merged: Merged
+    graph_kind: str
+    exporter: str
+    stages: Stages
+    int4_weights: dict[str, Any] = field(default_factory=lambda: {"method": "rtn"})
+
+    @property
+    def parts(self) -> tuple[GraphPart, ...]:
+        return (GraphPart(GRAPH_NAME, self.opts.spec.role, self.opts.precision),)
+
+    @property
+    def precision_detail(self) -> str:
+        summary = SPECS[self.opts.precision].summary
+        return summary + (f", {self.opts.int4.describe()}" if self.opts.precision == "int4" else "")
+
+    @property
+    def verify_detail(self) -> str:
+        return f"ONNX Runtime ({self.opts.device}) vs eager fp32"
+
+    def export_graphs(self, fp32: Path, bundle: Path) -> list[str]:
+        exported = self.merged.model
+        if self.opts.int4.method == "gptq":
+            exported, self.int4_weights = gptq_model(exported, self.opts, self.stages)
+        graph = export_graph(exported, self.opts, fp32, self.graph_kind)
+        return optimize_graph(graph, self.opts, self.graph_kind)
+
+    def verify(self, bundle: Path, stages: Stages) -> dict[str, Any]:
+        opts = self.opts
+        gate = ComponentGate(opts.spec, opts.precision, opts.device, opts.seed, opts.all_hidden_states, opts.min_cosine, opts.rtol, opts.atol)
+        return verify_graph(self.merged.model, bundle / GRAPH_NAME, gate, stages)
+
+    def manifest(self, bundle: Path, built: Built) -> Manifest:
+        opts, model = self.opts, self.merged.model
+        extra = {**save_companions(model, opts, bundle), **self.merged.notes}
+        if opts.spec.role == "decoder":
+            extra["decoder_graph"] = self.graph_kind
+        if opts.precision == "int4":
+            extra["int4"] = {**self.int4_weights, "block_size": opts.int4.block_size, "lm_head": built.transforms[GRAPH_NAME]["lm_head"]}
+        spec = opts.spec
+        kind = BundleKind(spec.name, spec.role, str(model.config.model_type), spec.input_kind, SPECS[opts.precision].weights, opts.precision)
+        return build_manifest(bundle, {"model": GRAPH_NAME}, kind, self.merged.source, built, extra, opts.device)
+
+
 def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
     """Export one bundle to `opts.output`; raises a `LalmExportError` on any user error."""
     validate_options(opts)
     stages = Stages(STAGES, quiet=quiet)
     torch.manual_seed(opts.seed)
     merged = load_merged_model(opts, stages)
-    model, source = merged.model, merged.source
-    spec = opts.spec
-    # validate_options refused a non-empty output without --force; an empty folder is replaced.
     custom_opset = opts.opset if opts.opset != DEFAULT_OPSET else None
-    graph_kind, why = choose_decoder_graph(opts.decoder_graph, model, opts.optimize, opts.device, custom_opset) if spec.role == "decoder" else ("optimum", "")
+    if opts.spec.role == "decoder":
+        graph_kind, why = choose_decoder_graph(opts.decoder_graph, merged.model, opts.optimize, opts.device, custom_opset)
+    else:
+        graph_kind, why = "optimum", ""
     exporter = f"ONNX Runtime model builder, fused graph ({why})" if graph_kind == "fused" else f"Optimum, opset {opts.opset}" + (f" ({why})" if why else "")
-    precision = SPECS[opts.precision]
-    with atomic_folder(opts.output, replace=opts.force or Path(opts.output).is_dir()) as tmp:
-        fp32_folder = tmp if precision.transform is None else tmp / "fp32"
-        with stages.stage("export", exporter):
-            exported, int4_weights = gptq_model(model, opts, stages) if opts.int4.method == "gptq" else (model, {"method": "rtn"})
-            fp32_graph = export_graph(exported, opts, fp32_folder, graph_kind)
-            optimizations = optimize_graph(fp32_graph, opts, graph_kind)
-        if precision.transform is None:
-            stages.skip("precision", opts.precision)
-            graph, facts = fp32_graph, {}
-        else:
-            detail = precision.summary + (f", {opts.int4.describe()}" if opts.precision == "int4" else "")
-            with stages.stage("precision", detail):
-                graph = tmp / GRAPH_NAME
-                job = TransformJob(spec.role, opts.int4, opts.target_cpu)
-                facts = apply_precision(fp32_graph, graph, opts.precision, job)
-                shutil.rmtree(fp32_folder)
-        if opts.verify:
-            with stages.stage("verify", f"ONNX Runtime ({opts.device}) vs eager fp32"):
-                parity = verify_graph(model, graph, opts, stages)
-        else:
-            stages.skip("verify", "--no-verify")
-            parity = {"verified": False, "reason": "--no-verify"}
-        with stages.stage("write", str(opts.output)):
-            extra = {**save_companions(model, opts, tmp), **merged.notes}
-            if spec.role == "decoder":
-                extra["decoder_graph"] = graph_kind
-            if opts.precision == "int4":
-                extra["int4"] = {**int4_weights, "block_size": opts.int4.block_size, "lm_head": facts["lm_head"]}
-            if opts.precision == "int8":
-                extra["int8"] = int8_record(facts, verified=opts.verify)
-            manifest = build_manifest(model, opts, tmp, graph, source, parity, extra, optimizations)
-            manifest.write(tmp)
-    return manifest
+    steps = ComponentSteps(opts, merged, graph_kind, exporter, stages)
+    # validate_options refused a non-empty output without --force; an empty folder is replaced.
+    settings = RunSettings(Path(opts.output), opts.force or Path(opts.output).is_dir(), opts.verify, opts.target_cpu, opts.int4)
+    return run_export(steps, settings, stages)

@@ -1,10 +1,13 @@
-"""The bundle's facts: its graph record, the companion files the runtime needs (config,
-feature extractor or tokenizer), the library versions, and the manifest built from them."""
+"""The bundle's manifest, one builder for both kinds of export: the graphs' records, the
+facts the runtime needs (a decoder's, an encoder's), the library versions, and what the
+pipeline learned while building (`Built`); the companion files of a component bundle
+(config, feature extractor or tokenizer)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,6 @@ import onnxruntime as ort
 from torch import nn
 
 from lalm_export.export.options import ExportOptions
-from lalm_export.precision.specs import SPECS
 from runtime.cpu import describe_cpu
 from runtime.manifest import GraphFile, Manifest, Source, TensorSpec, sha256_of
 
@@ -48,15 +50,7 @@ def save_companions(model: nn.Module, opts: ExportOptions, folder: Path) -> dict
         tokenizer.save_pretrained(str(folder))
         if model.generation_config is not None:
             model.generation_config.save_pretrained(str(folder))
-        return {
-            "vocab_size": int(model.config.vocab_size),
-            # positions the graph was exported for (a fused graph's rotary cache ends there): prompt + new tokens
-            "context_length": getattr(model.config, "max_position_embeddings", None),
-            "num_hidden_layers": int(model.config.num_hidden_layers),
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
+        return decoder_facts(model, tokenizer)
     feature_source = save_feature_extractor(model, opts, folder)
     extractor = spec.feature_extractor
     return {
@@ -66,6 +60,21 @@ def save_companions(model: nn.Module, opts: ExportOptions, folder: Path) -> dict
         "sampling_rate": extractor.sampling_rate if extractor else 16_000,
         "chunk_seconds": extractor.chunk_seconds if extractor else None,
         "feature_extractor": feature_source,
+    }
+
+
+def decoder_facts(model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """What the runtime needs of a decoder: its vocabulary (the embedding's rows, which an LALM
+    grows by its audio token), the positions the graph was exported for (a fused graph's
+    rotary cache ends there: prompt + new tokens), its size and the tokenizer's special ids."""
+    return {
+        "vocab_size": int(model.get_input_embeddings().num_embeddings),
+        "context_length": getattr(model.config, "max_position_embeddings", None),
+        "num_hidden_layers": int(model.config.num_hidden_layers),
+        "hidden_size": int(model.config.hidden_size),
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
     }
 
 
@@ -100,26 +109,46 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_manifest(
-    model: nn.Module, opts: ExportOptions, folder: Path, graph: Path, source: Source, parity: dict[str, Any], extra: dict[str, Any], optimizations: list[str]
-) -> Manifest:
-    """The manifest of the bundle being written in `folder`, whose graph is `graph`."""
-    spec = opts.spec
-    record, opset = graph_facts(folder, graph)
+@dataclass(frozen=True)
+class BundleKind:
+    """What a bundle is: the manifest's identifying fields."""
+
+    family: str
+    role: str
+    model_type: str
+    input_kind: str
+    dtype: str  # the weights' type (precision/specs.py)
+    precision: str  # fp32, int8, ... or mixed (an LALM whose parts differ)
+
+
+@dataclass(frozen=True)
+class Built:
+    """What the pipeline learned while building the bundle."""
+
+    parity: dict[str, Any]
+    transforms: dict[str, dict[str, Any]]  # graph file -> the facts of its precision transform
+    optimizations: list[str]
+    int8: dict[str, Any] | None = None  # extra.int8, where a graph is int8
+
+
+def build_manifest(folder: Path, graphs: dict[str, str], kind: BundleKind, source: Source, built: Built, extra: dict[str, Any], device: str) -> Manifest:
+    """The manifest of the bundle being written in `folder`; `graphs`: its name -> graph file
+    (the first one's opset is the bundle's)."""
+    records = {name: graph_facts(folder, folder / file) for name, file in graphs.items()}
     return Manifest(
-        family=spec.name,
-        role=spec.role,
-        model_type=str(model.config.model_type),
-        input_kind=spec.input_kind,
-        graphs={"model": record},
-        dtype=SPECS[opts.precision].weights,
-        opset=opset,
+        family=kind.family,
+        role=kind.role,
+        model_type=kind.model_type,
+        input_kind=kind.input_kind,
+        graphs={name: record for name, (record, _) in records.items()},
+        dtype=kind.dtype,
+        opset=next(iter(records.values()))[1],
         source=source,
         libraries=library_versions(),
-        parity=parity,
+        parity=built.parity,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        extra=extra,
-        precision=opts.precision,
-        optimizations=optimizations,
-        device=opts.device,
+        extra={**extra, **({"int8": built.int8} if built.int8 is not None else {})},
+        precision=kind.precision,
+        optimizations=built.optimizations,
+        device=device,
     )

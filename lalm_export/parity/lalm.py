@@ -9,13 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lalm_export.export.lalm import GATE_CLIPS_S, GATE_TOKENS, MergedLalm
 from lalm_export.models.eager import EagerDecoderBackend
-from lalm_export.parity.report import ParityReport, Tolerance
+from lalm_export.models.lalm_graph import MergedLalm
+from lalm_export.parity.bounds import gate_tolerance
+from lalm_export.parity.report import ParityReport
 from lalm_export.parity.signals import speech_like
-from lalm_export.precision.specs import SPECS
 from runtime.generation import GenerationOptions, PromptEmbeds, generate
 from runtime.lalm import LalmRunner, prompt_embeddings
+
+GATE_TOKENS = 32  # greedy tokens compared per clip
+GATE_CLIPS_S = (1.0, 1.6)  # speech-like clips, seconds: two lengths
 
 
 def eager_features(merged: MergedLalm, clip: np.ndarray) -> np.ndarray:
@@ -41,7 +44,7 @@ def check_lalm(
     merged: MergedLalm,
     folder: Path,
     encoder_precision: str = "fp32",
-    all_fp32: bool = True,
+    decoder_precision: str = "fp32",
     seed: int = 0,
     provider: str = "cpu",
     min_cosine: float | None = None,
@@ -50,9 +53,7 @@ def check_lalm(
     `min_cosine`) and 32 greedy tokens, all equal where every graph is fp32 (recorded
     otherwise, as for decoders). ONNX Runtime runs on `provider`; the reference is the eager
     fp32 LALM on the CPU."""
-    bound = SPECS[encoder_precision].cosine_bound("encoder", min_cosine)
-    cosine = {} if bound is None else {"cosine": bound.cosine, "row_cosine": bound.row_cosine}
-    tolerance = Tolerance(greedy_agreement=1.0 if all_fp32 else None, **cosine)
+    tolerance = gate_tolerance(encoder_precision, "encoder", min_cosine, greedy_precisions=[decoder_precision])
     report = ParityReport(tolerance, reference="eager PyTorch fp32 LALM (merged)")
     facts = {key: merged.config[key] for key in ("audio_token", "audio_token_id", "prompt")}
     runner = LalmRunner.from_parts(

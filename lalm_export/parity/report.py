@@ -1,41 +1,18 @@
-"""The parity gate: ONNX Runtime against the eager module on fresh random inputs.
-
-Every output of every case is compared; then one `ParityError` lists each output's
-max-abs and relative error against its tolerance."""
+"""One gate's comparison and its report: every output of every case against the eager
+module (max-abs, relative error, cosine of the whole and of the worst row, NaN and inf
+counted), then one `ParityError` that lists each output against its tolerance."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-from torch import nn
-from tqdm import tqdm
 
 from lalm_export.errors import ParityError
-from lalm_export.models.eager import EagerDecoderBackend, eager_encoder_outputs
-from lalm_export.models.families import FamilySpec
-from lalm_export.parity.bounds import FP32_RELATIVE, GREEDY_STEPS
-from lalm_export.parity.signals import speech_like
-from runtime.generation import GenerationOptions, generate
-from runtime.ort_backends import decoder_backend
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """fp32 graphs are gated on relative error; reduced precisions on cosine similarity,
-    since their error is spread over every element rather than a rounding difference."""
-
-    relative: float = FP32_RELATIVE
-    absolute: float | None = None  # when set, an output also passes if max-abs <= absolute
-    cosine: float | None = None  # when set: gate on cosine and per-row cosine instead of relative error
-    row_cosine: float | None = None
-    greedy_agreement: float | None = 1.0  # None: greedy agreement is recorded, not gated
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from lalm_export.parity.bounds import Tolerance
 
 
 def cosine_similarities(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
@@ -145,85 +122,16 @@ class ParityReport:
             )
         return lines
 
+    def gate(self, say: Callable[[str], None]) -> dict[str, Any]:
+        """Say the summary, refuse (`ParityError`) when failed; the manifest's parity record."""
+        for line in self.summary_lines():
+            say(f"      {line}")
+        self.raise_if_failed()
+        return self.to_dict()
+
     def raise_if_failed(self) -> None:
         if any(err.nonfinite for err in self.outputs.values()):
             broken = "; ".join(self.summary_lines())
             raise ParityError(f"NaN or inf in the outputs, so nothing can be verified: {broken}; check the weights (--weights, --adapter) for NaN")
         if not self.passed:
             raise ParityError(f"ONNX graph disagrees with {self.reference}: " + "; ".join(self.summary_lines()))
-
-
-def encoder_cases(spec: FamilySpec, seed: int, n_mels: int = 80) -> list[tuple[str, np.ndarray]]:
-    """At least two batch sizes and two lengths (Whisper: its fixed 30 s window only), of
-    noise and of speech-like audio: quiet stretches between syllables are where a reduced
-    precision loses most."""
-    rng = np.random.default_rng(seed)
-    if not spec.dynamic_length:
-        return [(f"batch {b}, 3000 frames", rng.standard_normal((b, n_mels, 3000)).astype(np.float32)) for b in (1, 2)]
-    noise = [
-        (f"noise, batch {b}, {samples / 16000:.2f} s", (0.1 * rng.standard_normal((b, samples))).astype(np.float32))
-        for b in (1, 2)
-        for samples in (16_000, 25_600)
-    ]
-    speech = [
-        (f"speech-like, batch {b}, {seconds:.2f} s", np.stack([speech_like(seconds, seed=seed + i) for i in range(b)])) for b, seconds in ((1, 1.0), (2, 1.6))
-    ]
-    return noise + speech
-
-
-def check_encoder(
-    model: nn.Module,
-    session: ort.InferenceSession,
-    spec: FamilySpec,
-    all_hidden_states: bool,
-    tolerance: Tolerance,
-    seed: int = 0,
-    progress: bool = True,
-) -> ParityReport:
-    report = ParityReport(tolerance)
-    cases = encoder_cases(spec, seed, n_mels=int(getattr(model.config, "num_mel_bins", 80)))
-    names = [o.name for o in session.get_outputs()]
-    for case, x in tqdm(cases, desc="verify", unit="case", disable=not progress, leave=False):
-        reference = eager_encoder_outputs(model, spec.input_name, x, all_hidden_states)
-        onnx_out = dict(zip(names, session.run(names, {spec.input_name: x})))
-        for name in names:
-            report.record(name, reference[name], onnx_out[name])
-        report.cases.append(case)
-    return report
-
-
-def check_decoder(
-    model: nn.Module,
-    session: ort.InferenceSession,
-    tolerance: Tolerance,
-    vocab_size: int,
-    seed: int = 0,
-    steps: int = GREEDY_STEPS,
-    progress: bool = True,
-) -> ParityReport:
-    """Last-position logits over prompts of two batch sizes and lengths, then greedy tokens."""
-    report = ParityReport(tolerance)
-    rng = np.random.default_rng(seed)
-    eager, onnx = EagerDecoderBackend(model), decoder_backend(session)
-    shapes = [(1, 5), (2, 9)]
-    for batch, length in tqdm(shapes, desc="verify", unit="case", disable=not progress, leave=False):
-        ids = rng.integers(3, vocab_size, size=(batch, length))
-        mask = np.ones_like(ids)
-        if batch > 1:
-            mask[-1, : length // 3] = 0  # left padding in the last row
-        report.record("logits (prefill)", eager.prefill(ids, mask), onnx.prefill(ids, mask))
-        step_ids = rng.integers(3, vocab_size, size=(batch,))
-        report.record("logits (decode step)", eager.decode_step(step_ids), onnx.decode_step(step_ids))
-        report.cases.append(f"batch {batch}, prompt {length} tokens")
-    prompt = rng.integers(3, vocab_size, size=(1, 8))
-    options = GenerationOptions(max_new_tokens=steps)
-    ones = np.ones_like(prompt)
-    reference = generate(eager, prompt, ones, options)[0]
-    candidate = generate(onnx, prompt, ones, options)[0]
-    same = reference == candidate
-    report.greedy = {
-        "steps": int(steps),
-        "agreement": float(same.mean()),
-        "first_divergence": None if same.all() else int(np.argmin(same)),
-    }
-    return report

@@ -1,9 +1,9 @@
-"""What each `--precision` means: one row per precision, with its graph transform and the
-parity bound its graphs are gated on.
+"""What each `--precision` means: one row per precision, with its graph transform (the
+bounds its graphs are gated on are in `lalm_export/parity/bounds.py`).
 
 Every precision starts from the fp32 export and rewrites its ONNX graph:
 
-- fp32: unchanged; gated on relative error.
+- fp32: unchanged.
 - int8 (CPU): dynamic quantization of the MatMuls with constant weights, signed int8
   weights and uint8 activations (U8S8): ONNX Runtime runs them on VNNI/AMX at several times
   its fp32 rate, while unsigned weights (QUInt8) run no faster than fp32. The weights' range
@@ -20,35 +20,20 @@ Every precision starts from the fp32 export and rewrites its ONNX graph:
 - bf16: refused. ONNX Runtime's CPU provider has no bf16 MatMul kernel, and a graph that
   casts to bf16 and back would only be slower.
 
-Adding a precision is one row here and one transform function."""
+Adding a precision is one row here, one transform function and, where it is not exact, one
+row of bounds in `lalm_export/parity/bounds.py`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lalm_export.errors import OptionsError
-from lalm_export.parity.bounds import (
-    DECODER_COSINE,
-    DECODER_ROW_COSINE,
-    ENCODER_COSINE,
-    ENCODER_ROW_COSINE,
-    INT4_DECODER_COSINE,
-    INT4_DECODER_ROW_COSINE,
-)
 from lalm_export.precision.int4 import Int4Options, quantize_int4
 from lalm_export.precision.transforms import convert_fp16, int8_recipe, quantize_int8
 
 DEVICES = ("cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class CosineBound:
-    """Cosine against eager fp32, of the whole output and of its worst row."""
-
-    cosine: float
-    row_cosine: float
 
 
 @dataclass(frozen=True)
@@ -72,18 +57,9 @@ class PrecisionSpec:
     devices: tuple[str, ...]
     summary: str
     transform: Transform | None  # None: the fp32 export itself
-    bounds: Mapping[str, CosineBound] = field(default_factory=dict, hash=False)  # role -> bound; empty: relative error
     other_role: str = ""  # what to use for a role this precision is not for
     other_device: str = ""  # what to use on a device it is not for
     refused: str = ""  # why this precision is never exported, and what to use instead
-
-    def cosine_bound(self, role: str, min_cosine: float | None = None) -> CosineBound | None:
-        """The cosine gate for `role` (`min_cosine`, `--min-cosine`, replaces both of its
-        bounds); None: the graph is gated on relative error."""
-        bound = self.bounds.get(role)
-        if bound is None or min_cosine is None:
-            return bound
-        return CosineBound(min_cosine, min_cosine)
 
 
 def _int8(source: Path, target: Path, job: TransformJob) -> Mapping[str, object]:
@@ -101,13 +77,11 @@ def _fp16(source: Path, target: Path, job: TransformJob) -> Mapping[str, object]
     return {}
 
 
-_REDUCED = {"encoder": CosineBound(ENCODER_COSINE, ENCODER_ROW_COSINE), "decoder": CosineBound(DECODER_COSINE, DECODER_ROW_COSINE)}
-
 SPECS: dict[str, PrecisionSpec] = {
     spec.name: spec
     for spec in (
         PrecisionSpec("fp32", "float32", ("encoder", "decoder"), DEVICES, "float32 throughout: the exact graph", None),
-        PrecisionSpec("fp16", "float16", ("encoder", "decoder"), DEVICES, "float16 weights and compute, float32 I/O and norms (for CUDA)", _fp16, _REDUCED),
+        PrecisionSpec("fp16", "float16", ("encoder", "decoder"), DEVICES, "float16 weights and compute, float32 I/O and norms (for CUDA)", _fp16),
         PrecisionSpec(
             "bf16",
             "bfloat16",
@@ -125,7 +99,6 @@ SPECS: dict[str, PrecisionSpec] = {
             ("cpu",),
             "dynamic int8 MatMuls (CPU)",
             _int8,
-            _REDUCED,
             other_device="--precision int8 is a CPU scheme (AMX/VNNI int8 kernels); with --device cuda use --precision fp16",
         ),
         PrecisionSpec(
@@ -135,7 +108,6 @@ SPECS: dict[str, PrecisionSpec] = {
             DEVICES,
             "int4 weight-only MatMulNBits",
             _int4,
-            {"decoder": CosineBound(INT4_DECODER_COSINE, INT4_DECODER_ROW_COSINE)},
             other_role="--precision int4 is for decoders (weight-only int4 pays off where weights dominate); for an encoder use --precision int8",
         ),
     )

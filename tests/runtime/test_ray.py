@@ -15,10 +15,10 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from benchmarks.serve_load import free_port, wait_for_health
 from runtime.batch import main as batch_main
 from runtime.infer import main as infer_main
-from tests.helpers import REPO, run_main
+from tests.helpers import SUBPROCESS_TIMEOUT_S, run_main
+from tests.runtime.serving import serve_process
 
 pytestmark = pytest.mark.slow
 TOKENS = 10
@@ -31,35 +31,34 @@ def infer_records(capsys, bundle, audio_files) -> dict[str, dict]:
 
 def test_ray_serve_answers_the_openai_client_as_runtime_infer_does(serve_bundles, audio_files, capsys):
     expected = infer_records(capsys, serve_bundles["lalm"], audio_files[:1])[str(audio_files[0])]
-    port = free_port()
-    command = [sys.executable, "-m", "runtime.serve", serve_bundles["lalm"], serve_bundles["wav2vec2"], "--ray", "--port", port, "--max-new-tokens", TOKENS]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    process = subprocess.Popen([str(c) for c in command], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    args = (serve_bundles["lalm"], serve_bundles["wav2vec2"], "--ray", "--max-new-tokens", TOKENS)
     try:
-        wait_for_health(url, process, 180)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        with open(audio_files[0], "rb") as handle:
-            assert client.audio.transcriptions.create(model="lalm", file=handle).text == expected["text"]
-        with open(audio_files[0], "rb") as handle:
-            events = list(client.audio.transcriptions.create(model="lalm", file=handle, stream=True))
-        assert events[-1].type == "transcript.text.done" and events[-1].text == expected["text"]
-
-        def features(_):
-            with open(audio_files[0], "rb") as handle:
-                return httpx.post(f"{url}/v1/audio/features", data={"model": "wav2vec2"}, files={"file": handle}, timeout=60).status_code
-
-        with ThreadPoolExecutor(8) as pool:
-            assert list(pool.map(features, range(8))) == [200] * 8
-        metrics = httpx.get(f"{url}/metrics").text.splitlines()
-        batches = next(line for line in metrics if line.startswith('lalm_batch_size_count{model="wav2vec2"}'))
-        assert float(batches.split()[-1]) < 8  # @serve.batch put clips together
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=90) == 0
+        with serve_process(*args, env=env, stdout=subprocess.DEVNULL) as (url, process):
+            check_ray_server(url, process, audio_files, expected)
     finally:
-        if process.poll() is None:
-            process.kill()
-            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+def check_ray_server(url: str, process: subprocess.Popen, audio_files, expected: dict) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with open(audio_files[0], "rb") as handle:
+        assert client.audio.transcriptions.create(model="lalm", file=handle).text == expected["text"]
+    with open(audio_files[0], "rb") as handle:
+        events = list(client.audio.transcriptions.create(model="lalm", file=handle, stream=True))
+    assert events[-1].type == "transcript.text.done" and events[-1].text == expected["text"]
+
+    def features(_):
+        with open(audio_files[0], "rb") as handle:
+            return httpx.post(f"{url}/v1/audio/features", data={"model": "wav2vec2"}, files={"file": handle}, timeout=60).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(features, range(8))) == [200] * 8
+    metrics = httpx.get(f"{url}/metrics").text.splitlines()
+    batches = next(line for line in metrics if line.startswith('lalm_batch_size_count{model="wav2vec2"}'))
+    assert float(batches.split()[-1]) < 8  # @serve.batch put clips together
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=SUBPROCESS_TIMEOUT_S) == 0
 
 
 def test_deployment_in_ray_serve_local_testing_mode(serve_bundles, audio_files, capsys):

@@ -7,8 +7,6 @@ import base64
 import io
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +17,11 @@ import openai
 import pytest
 import soundfile as sf
 
-from benchmarks.serve_load import free_port, wait_for_health
 from runtime.infer import main as infer_main
 from runtime.server.engine import ServeSettings
 from runtime.server.turns import TakingTurns
-from tests.helpers import REPO, SUBPROCESS_TIMEOUT_S, run_main
-from tests.runtime.serving import running_server
+from tests.helpers import SUBPROCESS_TIMEOUT_S, run_main
+from tests.runtime.serving import running_server, serve_process
 
 TOKENS = 12
 
@@ -232,12 +229,7 @@ def test_a_short_generation_is_not_held_behind_a_long_one(serve_bundles, monkeyp
 
 
 def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(serve_bundles):
-    port = free_port()
-    command = [sys.executable, "-m", "runtime.serve", serve_bundles["llm"], "--port", port, "-q", "--decode-slots", "1"]
-    process = subprocess.Popen([str(c) for c in command], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, process, 60)
+    with serve_process(serve_bundles["llm"], "-q", "--decode-slots", "1") as (url, process):
         body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 240}
         # One decode slot: the requests queue. A request takes ~0.1 s here, so 24 in flight leave
         # seconds of work after the signal (8 left ~0.7 s, and a CI run once saw them all finish first).
@@ -256,6 +248,3 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(serve_bundl
         assert all(a.status_code == 200 or a.json()["error"]["code"] == "server_shutting_down" for a in answers)
         assert process.wait(timeout=SUBPROCESS_TIMEOUT_S) == 0
         assert "request(s) in flight get up to 30 s to finish" in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()

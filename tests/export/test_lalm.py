@@ -19,6 +19,7 @@ from lalm_export.demo.training import train_lalm
 from lalm_export.errors import OptionsError
 from lalm_export.export.lalm import export_lalm_bundle
 from lalm_export.export.options import LalmExportOptions
+from lalm_export.export.pipeline import STAGES
 from lalm_export.models import LLMDecoder, encoder_class
 from lalm_export.models.lalm import LALM, ProjectorConfig
 from lalm_export.parity.signals import speech_like
@@ -28,8 +29,8 @@ from runtime.errors import RuntimeUserError
 from runtime.generation import GenerationOptions
 from runtime.infer import main as infer_main
 from runtime.lalm import clip_audio
+from tests.graphs.test_fused import tiny_decoder_config
 from tests.helpers import assert_user_error, randomize_lora, run_main
-from tests.test_fused import tiny_decoder_config
 
 CLIPS = (speech_like(1.0), speech_like(1.7, seed=3))
 
@@ -236,7 +237,10 @@ def test_a_whisper_encoder_takes_an_adapter_trained_on_the_whole_whisper_model(c
     shutil.copytree(tmp_path / "whole", tmp_path / "lalm" / "encoder")  # the whole model's adapter as the LALM's encoder
     result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", "--json", capsys=capsys)
     assert result.returncode == 0, result.stderr
-    assert f"the adapter also adapts {left_out} modules outside the whisper encoder" in result.stderr
+    assert f"encoder: note: the adapter also adapts {left_out} modules outside the whisper encoder" in result.stderr
+    # one progress line per stage, both parts loaded and merged under it
+    assert [result.stderr.count(f"[{i}/6] {stage}") for i, stage in enumerate(STAGES, 1)] == [1] * 6
+    assert "encoder: merged LoRA into" in result.stderr
     manifest = json.loads(result.stdout)
     assert manifest["extra"]["components"]["encoder"]["adapter_modules_left_out"] == left_out and manifest["parity"]["greedy"]["agreement"] == 1.0
     model.set_inference_mode()

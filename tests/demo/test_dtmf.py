@@ -1,5 +1,5 @@
 """The DTMF task's data. Training, export and the runtime's accuracy on held-out clips are
-tested through the demo, which runs them as a user does (`tests/test_demo.py`)."""
+tested through the demo, which runs them as a user does (`tests/demo/test_demo.py`)."""
 
 from __future__ import annotations
 

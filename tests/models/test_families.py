@@ -15,7 +15,12 @@ from lalm_export.models.families import ENCODER_FAMILIES, FAMILIES, get_family
 from runtime.api import load
 
 # Modules whose tests take the `encoder_family` fixture: every encoder row must appear in them.
-PER_FAMILY_MODULES = ("tests/models/test_audio_encoder.py", "tests/test_export.py", "tests/test_precision.py", "tests/runtime/test_infer.py")
+PER_FAMILY_MODULES = (
+    "tests/models/test_audio_encoder.py",
+    "tests/export/test_component.py",
+    "tests/precision/test_precision.py",
+    "tests/runtime/test_infer.py",
+)
 
 
 def test_unknown_family_lists_the_known_ones():
