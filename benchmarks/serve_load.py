@@ -10,7 +10,6 @@ alone and while a long generation runs (the decode-step turn policy)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import psutil
 import soundfile as sf
 
 from lalm_export.parity.signals import speech_like
+from runtime.server.readiness import free_port, wait_until_healthy
 
 CLIP_SECONDS = 2.0
 
@@ -45,26 +45,6 @@ class LoadSettings:
     warmup: int = 4
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_health(url: str, process: subprocess.Popen, seconds: float) -> None:
-    """Return once `url`/health answers 200; fail if `process` ends or `seconds` pass first."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the server at {url} did not become healthy (exit status {process.poll()})")
-        time.sleep(0.1)
-
-
 class Server:
     """`python -m runtime.serve` in a child process, its RSS sampled every 20 ms."""
 
@@ -77,7 +57,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.peak_rss = 0
         self._stop = threading.Event()
-        wait_for_health(self.url, self.process, 120)
+        wait_until_healthy(self.url, self.process, 120)
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:

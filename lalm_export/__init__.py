@@ -1,4 +1,9 @@
-"""lalm-export: Large Audio Language Models from fine-tuning to fast ONNX inference."""
+"""lalm-export: Large Audio Language Models from fine-tuning to fast ONNX inference.
+
+The rooms, in the order an export passes through them: `models/` (wrappers, registry, LALM,
+adapters), `export/` (the pipeline and its manifest), `graphs/` (ONNX graphs and rewrites),
+`precision/` (int8, fp16, int4), `parity/` (the gate); `demo/` is the built-in example and
+`cli.py` the `lalm-export` command. docs/layout.md has the map."""
 
 import logging
 

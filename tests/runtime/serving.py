@@ -3,7 +3,6 @@ thread (`running_server`), or the command itself in a child process (`serve_proc
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -12,11 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx2 as httpx
 import uvicorn
 
 from runtime.server.app import build_app
 from runtime.server.engine import Engine, ServeSettings, load_models
+from runtime.server.readiness import free_port, wait_until_healthy
 from runtime.sessions import SessionOptions
 from tests.helpers import REPO, SUBPROCESS_TIMEOUT_S
 
@@ -41,12 +40,6 @@ def running_server(bundles: dict[str, Path], settings: ServeSettings) -> Iterato
         thread.join(timeout=30)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def serve_process(*args: object, env: dict[str, str] | None = None, stdout: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """(base URL, process) of `python -m runtime.serve ARGS --port P` once its /health answers
@@ -56,26 +49,9 @@ def serve_process(*args: object, env: dict[str, str] | None = None, stdout: int 
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_health(url, process)
+        wait_until_healthy(url, process, SUBPROCESS_TIMEOUT_S)  # a loaded machine may take minutes to start Ray
         yield url, process
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-def wait_for_health(url: str, process: subprocess.Popen) -> None:
-    """Until `url`/health answers 200; fails when the process ends first (the deadline is only
-    a backstop: a loaded machine may take minutes to start Ray)."""
-    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(
-                f"runtime.serve at {url} did not become healthy (exit status {process.poll()}): {process.stderr.read() if process.stderr else ''}"
-            )
-        time.sleep(0.1)
