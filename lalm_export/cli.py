@@ -41,7 +41,7 @@ EPILOG = """examples:
 
   # an audio LLM saved by LALM.save_pretrained(): one bundle, int8 audio encoder and int4 decoder
   lalm-export --lalm ./my-lalm --encoder-precision int8 --decoder-precision int4 --output ./bundles/lalm
-  # its decoder as Optimum's graph (what architectures outside the fused graph's list, and CUDA, get)
+  # its decoder as the op-by-op graph (what architectures outside the fused graph's list, and CUDA, get)
   lalm-export --lalm ./my-lalm --decoder-graph optimum --output ./bundles/lalm-optimum
 
   # every layer's hidden states, printing the manifest as JSON
@@ -64,7 +64,7 @@ def finite_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lalm-export",
-        description="Merge an adapter into an audio encoder or LLM decoder, export it to ONNX through Optimum, "
+        description="Merge an adapter into an audio encoder or LLM decoder, export it to ONNX, "
         "verify ONNX Runtime against the eager model, and write a self-describing bundle.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=GRAPH_CHOICES,
         default="auto",
         help="decoders: fused = ONNX Runtime's model builder (GroupQueryAttention with rotary inside, fused norms; "
-        "Llama, Mistral, Qwen2, Qwen3; CPU), optimum = Optimum's op-by-op export; auto = fused where it applies and "
+        "Llama, Mistral, Qwen2, Qwen3; CPU), optimum = the op-by-op graph in Optimum's layout (torch.onnx); auto = fused where it applies and "
         "--optimize is on, else optimum (default: auto)",
     )
     parser.add_argument(
@@ -228,7 +228,8 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    for name in ("optimum", "bitsandbytes", "accelerate", "peft"):
+    transformers.logging.disable_progress_bar()  # a bar per checkpoint loaded and saved
+    for name in ("bitsandbytes", "accelerate", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -89,8 +89,12 @@ import transformers
 provider = sys.argv[1]
 print(f"   torch {torch.__version__} (CUDA {torch.cuda.is_available()}), transformers {transformers.__version__}, "
       f"onnxruntime {ort.__version__} {ort.get_available_providers()}", file=sys.stderr)
-if not transformers.__version__.startswith("4.57."):
-    sys.exit(f"transformers {transformers.__version__}: this project needs 4.57.x (carry the wheel)")
+import tomllib
+from packaging.requirements import Requirement
+with open("pyproject.toml", "rb") as f:  # the supported range, as the project declares it
+    needed = next(r for r in map(Requirement, tomllib.load(f)["project"]["dependencies"]) if r.name == "transformers")
+if transformers.__version__ not in needed.specifier:
+    sys.exit(f"transformers {transformers.__version__}: this project needs transformers{needed.specifier} (carry the wheel)")
 if provider == "cuda" and ("CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available()):
     sys.exit("no CUDA: onnxruntime-gpu or the GPU is missing")
 # A session on the provider itself: a listed CUDA provider can still fail to load its libraries.

@@ -1,12 +1,11 @@
 """`lalm-export --encoder/--decoder`: one component as a bundle. Its base is loaded (4-bit
 where its QLoRA adapter was trained so) and its adapter merged or its weights loaded, then
-the skeleton (`pipeline.py`) exports it with Optimum or ONNX Runtime's model builder,
+the skeleton (`pipeline.py`) exports it (torch.onnx, or ONNX Runtime's model builder),
 applies the precision, gates it (`lalm_export/parity/component.py`) and writes it."""
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,9 @@ from lalm_export.export.pipeline import STAGES, GraphPart, RunSettings, run_expo
 from lalm_export.graphs.files import load_graph, save_graph
 from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
 from lalm_export.graphs.rewrites import LAST_POSITION_LOGITS, keep_last_position_logits
+from lalm_export.graphs.traced import export_decoder, export_encoder
 from lalm_export.io import sha256_tree
 from lalm_export.models.adapters import QuantizationSettings, load_full_weights, read_adapter_metadata
-from lalm_export.models.families import FamilySpec
 from lalm_export.models.loading import load_family_model
 from lalm_export.models.merge import AdapterForPart, dequantize_4bit_linears, merge_adapter_into, read_adapter_for_part, read_lora_pairs
 from lalm_export.parity.component import ComponentGate, verify_graph
@@ -130,48 +129,17 @@ def check_decoder_arch(model: nn.Module, opts: ExportOptions) -> None:
         raise OptionsError(f"--decoder {opts.decoder_arch}, but {opts.model_source} is a {model_type!r} model; pass --decoder {model_type} or auto")
 
 
-def encoder_onnx_config(model: nn.Module, spec: FamilySpec, all_hidden_states: bool) -> Any:
-    """Optimum's registered ONNX config for the family, extended with every layer's hidden states."""
-    from optimum.exporters.tasks import TasksManager
-
-    constructor = TasksManager.get_exporter_config_constructor(
-        exporter="onnx", model_type=spec.optimum_model_type, task=spec.optimum_task, library_name="transformers"
-    )
-    config = constructor(model.config, task=spec.optimum_task)
-    if spec.optimum_behavior:
-        config = config.with_behavior(spec.optimum_behavior)
-    if all_hidden_states:
-        # Optimum exports only last_hidden_state (optimum#2338). Outputs named hidden_states.N
-        # make its patcher keep the model's hidden_states tuple, which ONNX flattens in order.
-        base = dict(config.outputs)
-        axes = base[spec.output_name]
-        layers = int(model.config.num_hidden_layers)
-        outputs = {**base, **{f"hidden_states.{i}": dict(axes) for i in range(layers + 1)}}
-        config.__class__ = type(f"{type(config).__name__}AllHiddenStates", (type(config),), {"outputs": property(lambda self: outputs)})
-    return config
-
-
 def export_graph(model: nn.Module, opts: ExportOptions, folder: Path, graph_kind: str = "optimum") -> Path:
-    from optimum.exporters.onnx.convert import export_pytorch, onnx_export_from_model
-
+    """Write `folder/model.onnx`: the fused decoder graph (ONNX Runtime's model builder), or the
+    op-by-op graph in Optimum's layout (`lalm_export/graphs/traced.py`)."""
     spec = opts.spec
     if graph_kind == "fused":
         from lalm_export.models.llm import load_tokenizer
 
         return build_fused_decoder(model, load_tokenizer(opts.model_source, opts.trust_remote_code), folder, opts.trust_remote_code)
-    folder.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # The tracer warns about every Python-level branch; the parity gate checks the
-        # graph on other batch sizes and lengths than the ones traced, which is the real test.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*(opset|aten::index).*", category=UserWarning)
-        if spec.role == "decoder":
-            onnx_export_from_model(model, folder, task=spec.optimum_task, opset=opts.opset, do_validation=False)
-        else:
-            config = encoder_onnx_config(model, spec, opts.all_hidden_states)
-            kwargs = {"output_hidden_states": True} if opts.all_hidden_states else None
-            export_pytorch(model, config, opset=opts.opset, output=folder / GRAPH_NAME, model_kwargs=kwargs)
-    return folder / GRAPH_NAME
+    if spec.role == "decoder":
+        return export_decoder(model, folder / GRAPH_NAME, opts.opset)
+    return export_encoder(model, spec, opts.all_hidden_states, folder / GRAPH_NAME, opts.opset)
 
 
 def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[str]:
@@ -184,7 +152,7 @@ def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[st
 
 
 def last_position_logits_only(graph: Path) -> list[str]:
-    """Rewrite an Optimum decoder graph file in place to compute the last position's logits
+    """Rewrite an op-by-op decoder graph file in place to compute the last position's logits
     only; returns the rewrite's name, or nothing (file unchanged) when its logits do not come
     from a MatMul."""
     proto = load_graph(graph)
@@ -277,7 +245,11 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> Manifest:
         graph_kind, why = choose_decoder_graph(opts.decoder_graph, merged.model, opts.optimize, opts.device, custom_opset)
     else:
         graph_kind, why = "optimum", ""
-    exporter = f"ONNX Runtime model builder, fused graph ({why})" if graph_kind == "fused" else f"Optimum, opset {opts.opset}" + (f" ({why})" if why else "")
+    exporter = (
+        f"ONNX Runtime model builder, fused graph ({why})"
+        if graph_kind == "fused"
+        else f"torch.onnx, op by op, opset {opts.opset}" + (f" ({why})" if why else "")
+    )
     steps = ComponentSteps(opts, merged, graph_kind, exporter, stages)
     # validate_options refused a non-empty output without --force; an empty folder is replaced.
     settings = RunSettings(Path(opts.output), opts.force or Path(opts.output).is_dir(), opts.verify, opts.target_cpu, opts.int4)

@@ -9,8 +9,8 @@ Three parts, every adapter merged as for the single components (QLoRA into its d
   the audio rows take the placeholder's place;
 - `decoder.onnx`: the decoder without its embedding: `inputs_embeds`, `attention_mask` and
   the KV cache → logits. ONNX Runtime's model builder writes it fused (`exclude_embeds`) for
-  the architectures it covers on the CPU; Optimum's graph, its first input renamed
-  (`lalm_export.graphs.embeds`), for the others and for CUDA.
+  the architectures it covers on the CPU; the op-by-op graph in Optimum's layout, fed
+  `inputs_embeds` (`lalm_export/graphs/traced.py`), for the others and for CUDA.
 The skeleton (`pipeline.py`) runs the stages; the gate (`lalm_export/parity/lalm.py`)
 compares the audio features with the eager encoder + projector, then the greedy tokens of the
 whole pipeline with the eager LALM's."""
@@ -32,8 +32,8 @@ from lalm_export.export.component import Loaded, describe_base, last_position_lo
 from lalm_export.export.manifest import Built, BundleKind, build_manifest, decoder_facts
 from lalm_export.export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_min_cosine, check_output, check_target_cpu, require_cuda
 from lalm_export.export.pipeline import STAGES, GraphPart, RunSettings, run_export
-from lalm_export.graphs.embeds import export_embeds_decoder
 from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
+from lalm_export.graphs.traced import export_decoder as export_traced_decoder
 from lalm_export.io import read_safetensors, sha256_tree
 from lalm_export.models.adapters import load_full_weights
 from lalm_export.models.families import get_family
@@ -128,7 +128,7 @@ def export_decoder(merged: MergedLalm, graph_kind: str, folder: Path, trust_remo
     if graph_kind == "fused":
         build_fused_decoder(merged.decoder, merged.tokenizer, folder, trust_remote_code, exclude_embeds=True, filename=DECODER_GRAPH)
         return list(FUSED_OPTIMIZATIONS)
-    return last_position_logits_only(export_embeds_decoder(merged.decoder, folder / DECODER_GRAPH, DEFAULT_OPSET))
+    return last_position_logits_only(export_traced_decoder(merged.decoder, folder / DECODER_GRAPH, DEFAULT_OPSET, embeds=True))
 
 
 @dataclass
@@ -157,8 +157,7 @@ class LalmSteps:
         merged = self.merged
         export_audio_encoder(merged.graph, merged.feature_config, fp32 / ENCODER_GRAPH)
         optimizations = export_decoder(merged, self.graph_kind, fp32, self.opts.trust_remote_code)
-        table = merged.decoder.get_input_embeddings().weight.detach().float().numpy()
-        np.save(bundle / TOKEN_TABLE, table, allow_pickle=False)
+        np.save(bundle / TOKEN_TABLE, token_table(merged.decoder), allow_pickle=False)
         merged.tokenizer.save_pretrained(str(bundle))
         dump_feature_config(merged.feature_config, bundle / "preprocessor_config.json")
         return optimizations
@@ -187,10 +186,18 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
     torch.manual_seed(opts.seed)
     merged = load_merged_lalm(opts, stages)
     graph_kind, why = choose_decoder_graph(opts.decoder_graph, merged.decoder, optimize=True, device=opts.device)
-    builder = "ONNX Runtime's model builder" if graph_kind == "fused" else "Optimum"
+    builder = "ONNX Runtime's model builder" if graph_kind == "fused" else "torch.onnx, op by op"
     exporter = f"audio encoder + projector (torch.onnx), decoder on inputs_embeds ({builder}: {why})"
     settings = RunSettings(Path(opts.output), Path(opts.output).is_dir(), opts.verify, opts.target_cpu)
     return run_export(LalmSteps(opts, merged, graph_kind, exporter), settings, stages)
+
+
+def token_table(decoder: torch.nn.Module) -> np.ndarray:
+    """Every token's row as the decoder's embedding module computes it (not its raw weight: a
+    module may scale its rows, as Gemma's does on transformers 5)."""
+    embedding = decoder.get_input_embeddings()
+    with torch.no_grad():
+        return embedding(torch.arange(embedding.num_embeddings)).float().numpy()
 
 
 def dump_feature_config(config: dict[str, Any], path: Path) -> None:

@@ -97,7 +97,7 @@ def int8_record(recipe: dict[str, Any], verified: bool) -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
-    names = ["lalm-export", "torch", "transformers", "optimum", "optimum-onnx", "peft", "bitsandbytes", "onnx", "onnxruntime"]
+    names = ["lalm-export", "torch", "transformers", "peft", "bitsandbytes", "onnx", "onnxruntime", "onnxruntime-genai"]
     versions = {}
     for name in names + ["onnxruntime-gpu"]:
         try:

@@ -43,7 +43,7 @@ class ExportOptions:
     min_cosine: float | None = None  # replaces the reduced-precision cosine bounds
     device: str = "cpu"  # where the parity gate runs: the eager reference and ONNX Runtime's provider
     optimize: bool = True
-    decoder_graph: str = "auto"  # decoders: "fused" (ONNX Runtime's model builder), "optimum", or auto
+    decoder_graph: str = "auto"  # decoders: "fused" (ONNX Runtime's model builder), "optimum" (op by op, Optimum's layout), or auto
     int4: Int4Options = Int4Options()
     target_cpu: str = "auto"  # int8: the int8 kernels to make the graph for (runtime/cpu.py); auto: this machine's
 
@@ -75,12 +75,10 @@ class LalmExportOptions:
 
 
 def supported_decoder_archs() -> list[str]:
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers Optimum's ONNX configs)
-    from optimum.exporters.tasks import TasksManager
+    """The model types transformers loads as causal LMs: what `--decoder ARCH` may name."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return sorted(
-        model_type for model_type, exporters in TasksManager._SUPPORTED_MODEL_TYPE.items() if "text-generation-with-past" in exporters.get("onnx", {})
-    )
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def validate_options(opts: ExportOptions) -> None:
@@ -101,7 +99,7 @@ def validate_options(opts: ExportOptions) -> None:
     if opts.decoder_graph not in GRAPH_CHOICES:
         raise OptionsError(f"unknown --decoder-graph {opts.decoder_graph!r}; choose one of {', '.join(GRAPH_CHOICES)}")
     if spec.role == "encoder" and opts.decoder_graph != "auto":
-        raise OptionsError("--decoder-graph is for decoders; encoders are exported through Optimum")
+        raise OptionsError("--decoder-graph is for decoders; encoders have one graph")
     opts.int4.validate(opts.precision)
     if opts.device == "cuda":
         require_cuda()

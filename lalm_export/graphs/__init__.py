@@ -1,2 +1,3 @@
-"""ONNX graphs: building the ones Optimum does not (the fused decoder, the decoder on
-`inputs_embeds`), rewrites that keep the math, and reading and writing graph files."""
+"""ONNX graphs: the op-by-op graphs in Optimum's layout (`traced.py`, torch.onnx), the fused
+decoder (`fused.py`, ONNX Runtime's model builder), rewrites that keep the math, and reading
+and writing graph files."""

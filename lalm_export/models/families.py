@@ -55,12 +55,9 @@ class FamilySpec:
     input_kind: InputKind
     input_name: str  # forward() keyword and ONNX input name
     output_name: str  # the final output in ONNX (and the HF ModelOutput field)
-    optimum_model_type: str | None  # model type for Optimum's ONNX config; None: from the checkpoint
-    optimum_task: str
     tiny: ConfigRecipe  # hidden 64, 2 layers: tests, the demo and the CI benchmark
     base: ConfigRecipe  # real architecture sizes (random weights): the committed benchmarks
     submodule: str | None = None  # attribute of the loaded model that is kept (Whisper: "encoder")
-    optimum_behavior: str | None = None  # Optimum config behaviour for that submodule
     default_lora_targets: tuple[str, ...] | None = None  # None: peft's per-architecture default
     default_checkpoint: str = ""
     feature_extractor: FeatureExtractorSpec | None = None
@@ -116,7 +113,7 @@ def _raw_audio_family(
     qlora_full_precision: tuple[str, ...] = (),
     **tiny: Any,
 ) -> FamilySpec:
-    """A wav2vec2-style encoder: raw 16 kHz samples in, Optimum's feature-extraction export."""
+    """A wav2vec2-style encoder: raw 16 kHz samples in, its hidden states out."""
     return FamilySpec(
         name=name,
         role="encoder",
@@ -124,8 +121,6 @@ def _raw_audio_family(
         input_kind="raw_audio",
         input_name="input_values",
         output_name="last_hidden_state",
-        optimum_model_type=name,
-        optimum_task="feature-extraction",
         tiny=recipe(config_class, **{**_TINY_RAW_AUDIO, **tiny}),
         base=recipe(config_class),  # the config defaults are the base-size model
         default_lora_targets=lora_targets,
@@ -147,8 +142,6 @@ FAMILIES: dict[str, FamilySpec] = {
             input_kind="log_mel",
             input_name="input_features",
             output_name="last_hidden_state",
-            optimum_model_type="whisper",
-            optimum_task="feature-extraction",
             tiny=recipe(
                 "WhisperConfig",
                 d_model=TINY_HIDDEN,
@@ -181,7 +174,6 @@ FAMILIES: dict[str, FamilySpec] = {
                 max_source_positions=1500,
             ),
             submodule="encoder",
-            optimum_behavior="encoder",
             default_lora_targets=_AUDIO_LORA_TARGETS,
             default_checkpoint="openai/whisper-large-v3",
             feature_extractor=FeatureExtractorSpec(
@@ -223,8 +215,6 @@ FAMILIES: dict[str, FamilySpec] = {
             input_kind="token_ids",
             input_name="input_ids",
             output_name="logits",
-            optimum_model_type=None,
-            optimum_task="text-generation-with-past",
             tiny=recipe(
                 "LlamaConfig",
                 hidden_size=TINY_HIDDEN,

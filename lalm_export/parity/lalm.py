@@ -15,7 +15,7 @@ from lalm_export.parity.bounds import gate_tolerance
 from lalm_export.parity.report import ParityReport
 from lalm_export.parity.signals import speech_like
 from runtime.generation import GenerationOptions, PromptEmbeds, generate
-from runtime.lalm import LalmRunner, prompt_embeddings
+from runtime.lalm import LalmRunner
 
 GATE_TOKENS = 32  # greedy tokens compared per clip
 GATE_CLIPS_S = (1.0, 1.6)  # speech-like clips, seconds: two lengths
@@ -33,9 +33,14 @@ def eager_features(merged: MergedLalm, clip: np.ndarray) -> np.ndarray:
 
 
 def eager_tokens(merged: MergedLalm, features: np.ndarray, options: GenerationOptions) -> np.ndarray:
-    prompt_ids = merged.tokenizer(merged.config["prompt"])["input_ids"]
-    table = merged.decoder.get_input_embeddings().weight.detach().numpy()
-    embeds = torch.from_numpy(prompt_embeddings(prompt_ids, int(merged.config["audio_token_id"]), table, features)[None])
+    """The eager LALM's greedy tokens. Its prompt rows come from the decoder's embedding module,
+    as in `LALM.embed_prompt`, not from the bundle's token table: a table that is not what the
+    module computes (a module that scales its rows, as Gemma's does on transformers 5) fails here."""
+    prompt_ids = list(merged.tokenizer(merged.config["prompt"])["input_ids"])
+    at = prompt_ids.index(int(merged.config["audio_token_id"]))
+    with torch.no_grad():
+        rows = merged.decoder.get_input_embeddings()(torch.tensor(prompt_ids)).float().numpy()
+    embeds = torch.from_numpy(np.concatenate([rows[:at], features, rows[at + 1 :]])[None])
     ones = np.ones((1, embeds.shape[1]), dtype=np.int64)
     return generate(PromptEmbeds(EagerDecoderBackend(merged.decoder), embeds), ones * 0, ones, options)[0]
 

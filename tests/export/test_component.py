@@ -149,7 +149,7 @@ def test_bundle_is_self_describing(checkpoints, tmp_path):
     assert graph["inputs"][0] == {"name": "input_values", "dtype": "float32", "shape": ["batch_size", "sequence_length"]}
     assert graph["outputs"][0]["name"] == "last_hidden_state"
     assert data["source"]["merge"] == "none" and data["opset"] == 18 and data["dtype"] == "float32"
-    assert {"torch", "transformers", "optimum", "onnxruntime"} <= set(data["libraries"])
+    assert {"torch", "transformers", "onnxruntime"} <= set(data["libraries"])
     assert data["parity"]["passed"] and len(data["parity"]["cases"]) >= 4
     assert (bundle / "preprocessor_config.json").is_file() and (bundle / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary folder left behind

@@ -299,16 +299,22 @@ def test_clips_with_as_many_frames_generate_as_one_batch_with_the_tokens_of_each
     assert [t.batch_size for t in together] == [3, 3, 1, 3]
     alone = [runner.transcribe([clip], options=options)[0] for clip in clips]
     assert [t.tokens for t in together] == [t.tokens for t in alone] and [t.text for t in together] == [t.text for t in alone]
-    # A stop string ends a row where it would end alone; the others go on.
-    first, second = alone[0].text, alone[1].text
-    stop = next(first[i : i + 3] for i in range(len(first) - 2) if "\ufffd" not in first[i : i + 3] and first[i : i + 3] not in second)
-    audios, prompt = [clip_audio(clip, i) for i, clip in enumerate(clips[:2])], runner.facts["prompt"]
+    # A stop string ends a row where it would end alone; the others go on. The rows: two clips of
+    # as many frames whose texts differ (random weights: a 3-character piece of one not in the other).
+    stop, (i, j) = next(
+        (text[k : k + 3], (a, b))
+        for a, b in ((0, 1), (1, 0), (0, 3), (3, 0), (1, 3), (3, 1))
+        for text in [alone[a].text]
+        for k in range(len(text) - 2)
+        if "\ufffd" not in text[k : k + 3] and text[k : k + 3] not in alone[b].text
+    )
+    audios, prompt = [clip_audio(clips[n], n) for n in (i, j)], runner.facts["prompt"]
     features = runner.audio_features_batch([a.samples for a in audios])
     options = runner.resolve(None, options)[1]
     batched = runner.transcribe_batch(audios, features, 0.0, prompt, options, stop_strings=[stop])
     single = [runner.transcribe_batch([a], [f], 0.0, prompt, options, stop_strings=[stop])[0] for a, f in zip(audios, features)]
     assert [t.tokens for t in batched] == [t.tokens for t in single]
-    assert len(batched[0].tokens) < len(batched[1].tokens) == len(alone[1].tokens) and stop not in batched[0].text
+    assert len(batched[0].tokens) < len(batched[1].tokens) == len(alone[j].tokens) and stop not in batched[0].text
 
 
 def test_a_prompt_needs_the_audio_placeholder_once_and_one_clip_needs_no_list(checkpoints, audio_files, tmp_path):

@@ -96,6 +96,8 @@ def fake_model(architecture: str, rope_scaling=None) -> SimpleNamespace:
 def test_the_graph_choice_follows_the_flags_and_says_why(monkeypatch):
     llama = fake_model("LlamaForCausalLM")
     assert fused.choose_decoder_graph("auto", llama, optimize=True, device="cpu")[0] == "fused"
+    plain_rotary = fake_model("LlamaForCausalLM", {"rope_type": "default", "rope_theta": 10000.0})  # how transformers 5 writes no scaling
+    assert fused.choose_decoder_graph("auto", plain_rotary, optimize=True, device="cpu")[0] == "fused"
     assert fused.choose_decoder_graph("auto", llama, optimize=False, device="cpu") == ("optimum", "--no-optimize")
     assert fused.choose_decoder_graph("auto", llama, optimize=True, device="cuda")[0] == "optimum"
     assert fused.choose_decoder_graph("auto", llama, optimize=True, device="cpu", opset=17) == ("optimum", "--opset 17")
@@ -124,7 +126,7 @@ def test_the_builder_runs_no_checkpoint_code_unless_asked(checkpoints, tmp_path,
 
     monkeypatch.setattr(builder, "create_model", spy)
     export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=tmp_path / "b", verify=False), quiet=True)
-    assert calls and calls[0]["hf_remote"] is False and calls[0]["hf_token"] == "false"
+    assert calls and calls[0]["hf_remote"] is False and calls[0]["hf_token"] is None  # no checkpoint code, no hub token
     assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.suffix in (".onnx", ".data")) == ["model.onnx", "model.onnx.data"]
 
 
