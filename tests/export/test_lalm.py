@@ -191,6 +191,19 @@ def test_optimums_graph_on_embeddings_where_the_fused_graph_does_not_apply(decod
     assert all(len(tokens) == 32 for tokens in ours)
 
 
+def test_a_token_table_that_is_not_what_the_embedding_module_computes_fails_the_gate(checkpoints, gemma, tmp_path, capsys, monkeypatch):
+    """Gemma's embedding module scales its rows (transformers 5): a table of its raw weights,
+    as bundles were written before, gives other prompts than the eager LALM, and the gate,
+    whose eager side embeds with the module, refuses it."""
+    import lalm_export.export.lalm as export_lalm
+
+    monkeypatch.setattr(export_lalm, "token_table", lambda decoder: decoder.get_input_embeddings().weight.detach().float().numpy())
+    tiny_lalm(checkpoints, "whisper", decoder_path=gemma).save_pretrained(tmp_path / "lalm")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", capsys=capsys)
+    assert_user_error(result, "greedy tokens")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_a_fused_graph_for_a_decoder_it_does_not_cover_is_refused(checkpoints, gemma, tmp_path, capsys):
     tiny_lalm(checkpoints, "hubert", decoder_path=gemma).save_pretrained(tmp_path / "lalm")
     result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", "--decoder-graph", "fused", capsys=capsys)
