@@ -104,8 +104,10 @@ def sha256_tree(folder: str | Path) -> str:
 
 
 @contextmanager
-def atomic_folder(target: str | Path, replace: bool) -> Iterator[Path]:
+def atomic_folder(target: str | Path, replace: bool, keep_others: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it takes `target`'s place.
+    `keep_others`: what an existing `target` holds under names the new folder does not use
+    moves into it (a user's files in a model folder), instead of going with the old folder.
 
     An exception (an interrupt included) leaves `target` as it was and removes the temporary
     folder and any parent folders made for it, so a failed write leaves nothing behind. The
@@ -122,7 +124,7 @@ def atomic_folder(target: str | Path, replace: bool) -> Iterator[Path]:
         raise OutputPathError(f"{target}: no permission to write in {target.parent}; pass a path in a folder you can write to") from None
     try:
         yield tmp
-        _move_into_place(tmp, target, replace)
+        _move_into_place(tmp, target, replace, keep_others)
         done = True
     finally:
         if tmp.exists():
@@ -131,7 +133,7 @@ def atomic_folder(target: str | Path, replace: bool) -> Iterator[Path]:
             remove_made(made)
 
 
-def _move_into_place(tmp: Path, target: Path, replace: bool) -> None:
+def _move_into_place(tmp: Path, target: Path, replace: bool, keep_others: bool = False) -> None:
     raced = OutputExistsError(f"{target} was written by another process while this one ran; nothing of this run was kept")
     if target.exists():
         if not replace:
@@ -139,6 +141,10 @@ def _move_into_place(tmp: Path, target: Path, replace: bool) -> None:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
         tmp.rename(target)
+        if keep_others:  # moved after the swap: until then they stay in the old folder, never in a partial one
+            for entry in old.iterdir():
+                if not (target / entry.name).exists():
+                    entry.rename(target / entry.name)
         shutil.rmtree(old, ignore_errors=True)
         return
     try:

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.cpu import warn_on_int8_kernel_mismatch
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
-from runtime.generation import DecoderBackend, GenerationOptions, StepClock, generate, until_eos
+from runtime.generation import DecoderBackend, GenerationOptions, StepClock, check_prompt_text, generate, until_eos
 from runtime.lalm import LalmRunner, cut_at_stop, load_lalm
 from runtime.limits import audio_limits
 from runtime.manifest import Manifest, read_json_object, read_manifest, read_tokenizer, sha256_of, verify_graph_files
@@ -175,7 +175,7 @@ class TextGenerator(_BundleModel):
         if not prompts:
             raise RuntimeUserError("no prompt given; pass at least one prompt")
         for prompt in prompts:
-            _check_text(prompt)
+            check_prompt_text(prompt)
         encoded = [self.tokenizer.encode(p).ids for p in prompts]
         if any(not ids for ids in encoded):
             raise RuntimeUserError("a prompt encodes to no tokens; pass non-empty text")
@@ -236,17 +236,6 @@ class TextGenerator(_BundleModel):
         """The completion's text: up to its first EOS when generation stops there, cut at a stop string."""
         kept = until_eos(tokens, options)
         return cut_at_stop(self.decode(kept), stop_strings)
-
-
-def _check_text(prompt: object) -> None:
-    """Prompts are text: refuse other types and strings that are not valid UTF-8 (the bytes of
-    a command-line argument in another encoding arrive as lone surrogates)."""
-    if not isinstance(prompt, str):
-        raise RuntimeUserError(f"a prompt must be text (str), not {type(prompt).__name__}")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise RuntimeUserError(f"a prompt is not valid UTF-8 text (character {err.start}); pass it in UTF-8 (e.g. convert with iconv)") from None
 
 
 def context_length(manifest: Manifest, folder: Path) -> int:

@@ -179,3 +179,14 @@ class StepClock:
 
 class GenerationCancelled(Exception):
     """Raised inside a generation loop to end it (not a user error: the caller asked for it)."""
+
+
+def check_prompt_text(prompt: object) -> None:
+    """Prompts are text: refuse other types and strings that are not valid UTF-8 (the bytes of
+    a command-line argument in another encoding arrive as lone surrogates)."""
+    if not isinstance(prompt, str):
+        raise RuntimeUserError(f"a prompt must be text (str), not {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RuntimeUserError(f"a prompt is not valid UTF-8 text (character {err.start}); pass it in UTF-8 (e.g. convert with iconv)") from None

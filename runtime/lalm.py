@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from runtime.audio import Audio, check_samples, features_for, load_audio
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
-from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, generate, until_eos
+from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check_prompt_text, generate, until_eos
 from runtime.limits import AudioLimits, audio_limits
 from runtime.ort_backends import OrtDecoderBackend
 
@@ -111,6 +111,7 @@ class LalmRunner:
         return OrtDecoderBackend(self.decoder, binding_device=self.provider, embed=lambda ids: self.table[ids])
 
     def prompt_ids(self, prompt: str) -> list[int]:
+        check_prompt_text(prompt)
         encoded = self.tokenizer.encode(prompt)
         return list(encoded.ids if hasattr(encoded, "ids") else encoded)
 

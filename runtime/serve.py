@@ -28,6 +28,17 @@ examples:
 exit status: 0 stopped (SIGINT/SIGTERM: in-flight requests finish first); 1 user error; 2 bad flags."""
 
 
+def port_number(text: str) -> int:
+    """A TCP port: the socket layer would take 70000 modulo 65536 and listen on another one."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port; choose one in 1-65535")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtime.serve",
@@ -38,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE", help="bundle folders written by lalm-export")
     parser.add_argument("--name", action="append", metavar="ID", help="model id of each bundle, in order (default: the folder name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default: 8000)")
     load = parser.add_argument_group("batching and limits")
     load.add_argument("--max-batch-size", type=int, default=8, help="clips per encoder batch (default: 8)")
     load.add_argument(

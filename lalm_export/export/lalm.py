@@ -34,10 +34,10 @@ from lalm_export.export.options import DEFAULT_OPSET, ExportOptions, LalmExportO
 from lalm_export.export.pipeline import STAGES, GraphPart, RunSettings, run_export
 from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
 from lalm_export.graphs.traced import export_decoder as export_traced_decoder
-from lalm_export.io import read_safetensors, sha256_tree
+from lalm_export.io import sha256_tree
 from lalm_export.models.adapters import load_full_weights
 from lalm_export.models.families import get_family
-from lalm_export.models.lalm import PROJECTOR_WEIGHTS, AudioProjector, ProjectorConfig, encoder_feature_config_for, read_lalm_config, resize_for_tokenizer
+from lalm_export.models.lalm import AudioProjector, ProjectorConfig, encoder_feature_config_for, load_projector_weights, read_lalm_config, resize_for_tokenizer
 from lalm_export.models.lalm_graph import AudioEncoderGraph, MergedLalm
 from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
 from lalm_export.parity.signals import speech_like
@@ -93,7 +93,7 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
         projector = AudioProjector(
             int(encoder.config.hidden_size), int(encoder.config.num_hidden_layers), int(decoder.config.hidden_size), ProjectorConfig(**config["projector"])
         )
-        projector.load_state_dict(read_safetensors(folder / PROJECTOR_WEIGHTS))
+        load_projector_weights(projector, folder)
     spec = get_family(config["encoder"]["family"])
     graph = AudioEncoderGraph(encoder, projector.eval(), spec).eval()
     feature_config = encoder_feature_config_for(config["encoder"]["base_model"], spec, encoder.config)

@@ -20,7 +20,7 @@ from torch import nn
 
 from lalm_export.errors import AdapterMismatchError, OptionsError
 from lalm_export.io import atomic_folder, read_json, read_safetensors, write_json, write_safetensors
-from lalm_export.models.adapters import TrainingMode, set_trainable
+from lalm_export.models.adapters import TrainingMode, first_mismatch, set_trainable
 from lalm_export.models.audio_encoder import BaseAudioEncoder, encoder_class
 from lalm_export.models.llm import LLMDecoder
 from lalm_export.models.loading import model_device
@@ -299,20 +299,23 @@ class LALM(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> None:
         """One folder: config, projector (safetensors), each component's adapter or full
-        weights, the tokenizer with its audio token. The base models are referenced, not copied."""
-        with atomic_folder(folder, replace=True) as tmp:
+        weights, the tokenizer with its audio token. The base models are referenced, not copied;
+        other files of an existing folder (base models kept under it, say) stay."""
+        with atomic_folder(folder, replace=True, keep_others=True) as tmp:
             write_safetensors(self.projector.state_dict(), tmp / PROJECTOR_WEIGHTS)
             self._save_component(self.encoder, tmp / "encoder")
             self._save_component(self.decoder, tmp / "decoder")
             self.decoder.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            write_json(self.config_dict(), tmp / LALM_CONFIG)
+            write_json(self.config_dict(Path(folder).expanduser()), tmp / LALM_CONFIG)
 
-    def config_dict(self) -> dict[str, Any]:
+    def config_dict(self, folder: Path) -> dict[str, Any]:
+        """`lalm_config.json` of this model saved in `folder`."""
+        encoder_base, decoder_base = (base_model_reference(part.model_name, folder) for part in (self.encoder, self.decoder))
         return {
             "format": "lalm-export LALM",
             "version": 1,
-            "encoder": {"family": self.encoder.family, "base_model": self.encoder.model_name, "mode": dataclasses.asdict(self.encoder.mode)},
-            "decoder": {"family": self.decoder.family, "base_model": self.decoder.model_name, "mode": dataclasses.asdict(self.decoder.mode)},
+            "encoder": {"family": self.encoder.family, "base_model": encoder_base, "mode": dataclasses.asdict(self.encoder.mode)},
+            "decoder": {"family": self.decoder.family, "base_model": decoder_base, "mode": dataclasses.asdict(self.decoder.mode)},
             "projector": dataclasses.asdict(self.projector.config),
             "audio_token": self.audio_token,
             "audio_token_id": self.audio_token_id,
@@ -342,7 +345,7 @@ class LALM(nn.Module):
                 component.load_lora_weights(folder / part)
             elif component.mode.finetune:
                 component.load_model_weights(folder / part)
-        model.projector.load_state_dict(read_safetensors(folder / PROJECTOR_WEIGHTS))
+        load_projector_weights(model.projector, folder)
         return model
 
 
@@ -351,12 +354,65 @@ def _mode_kwargs(mode: TrainingMode) -> dict[str, Any]:
 
 
 def read_lalm_config(folder: Path) -> dict[str, Any]:
+    """The folder's `lalm_config.json`, its base models' relative paths resolved against the folder."""
     if not (folder / LALM_CONFIG).is_file():
         raise OptionsError(f"{folder} is not an LALM folder (no {LALM_CONFIG}); pass a folder written by LALM.save_pretrained()")
     config = read_json(folder / LALM_CONFIG, "LALM config")
     if config.get("format") != "lalm-export LALM" or config.get("version") != 1:
         raise OptionsError(f"{folder / LALM_CONFIG} is not an LALM config of version 1; save the model again")
+    for part in ("encoder", "decoder"):
+        section = config.get(part)
+        if not isinstance(section, dict) or not isinstance(section.get("base_model"), str):
+            raise OptionsError(f"{folder / LALM_CONFIG} has no {part}.base_model; save the model again with LALM.save_pretrained()")
+        section["base_model"] = resolve_base_model(folder, section["base_model"])
+    fields = {f.name for f in dataclasses.fields(ProjectorConfig)}
+    projector = config.get("projector")
+    if not isinstance(projector, dict) or not set(projector) <= fields:
+        raise OptionsError(f"{folder / LALM_CONFIG}: 'projector' must hold {', '.join(sorted(fields))}; save the model again with LALM.save_pretrained()")
+    for needed in (PROJECTOR_WEIGHTS, "tokenizer"):
+        if not (folder / needed).exists():
+            raise OptionsError(f"{folder} has no {needed}, which an LALM folder holds; save the model again with LALM.save_pretrained()")
     return config
+
+
+def load_projector_weights(projector: AudioProjector, folder: Path) -> None:
+    """The saved projector's weights, refused in one line when they are not this projector's
+    (saved for other encoder or decoder sizes, or edited)."""
+    tensors = read_safetensors(folder / PROJECTOR_WEIGHTS)
+    problem = first_mismatch({name: value.shape for name, value in projector.state_dict().items()}, tensors, str(folder / PROJECTOR_WEIGHTS))
+    if problem is not None:
+        raise AdapterMismatchError(f"{problem}: the projector does not fit this LALM's encoder and decoder; save the model again")
+    projector.load_state_dict(tensors)
+
+
+def base_model_reference(model_name: str, folder: Path) -> str:
+    """How `lalm_config.json` names a base model: a local checkpoint under the LALM folder by its
+    path relative to the folder (the folder can move with its bases), another local one by its
+    absolute path (the current directory may change), a hub id as it is."""
+    path = Path(model_name).expanduser()
+    if not path.exists():
+        return model_name
+    try:
+        return path.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def resolve_base_model(folder: Path, name: str) -> str:
+    """A base model named in `lalm_config.json`: a relative path is the LALM folder's, never the
+    current directory's (one that exists only there is refused); any other name is a hub id."""
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return str(path)
+    under = folder / path
+    if under.exists():
+        return str(under.resolve())
+    if path.exists():
+        raise OptionsError(
+            f"{folder / LALM_CONFIG} names the base model {name!r}, a path that is not under the LALM folder: it would be read from "
+            "the current directory, which may hold another checkpoint; write its absolute path there, or save the model again"
+        )
+    return name
 
 
 def add_audio_token(decoder: LLMDecoder, token: str) -> int:

@@ -300,6 +300,9 @@ def test_infer_transcribes_audio_files_as_json_and_streams(checkpoints, tmp_path
     assert [r["tokens"] for r in records] == [tokens for _, tokens in expected]
     streamed = run_main(infer_main, tmp_path / "bundle", "--audio", files[0], "--max-new-tokens", "16", "--prompt", "Transcribe the audio:", capsys=capsys)
     assert streamed.returncode == 0 and streamed.stdout == records[0]["text"] + "\n"
+    # a prompt in another encoding than UTF-8 arrives as lone surrogates: one line, as for decoders
+    not_utf8 = run_main(infer_main, tmp_path / "bundle", "--audio", files[0], "--prompt", "caf\udce9 <|audio|>", capsys=capsys)
+    assert_user_error(not_utf8, "not valid UTF-8")
 
 
 def test_clips_with_as_many_frames_generate_as_one_batch_with_the_tokens_of_each_alone(checkpoints, tmp_path):
@@ -342,6 +345,66 @@ def test_a_prompt_needs_the_audio_placeholder_once_and_one_clip_needs_no_list(ch
         runner.transcribe([CLIPS[0]], prompt="Transcribe the audio:")
     with pytest.raises(RuntimeUserError, match="placeholder exactly once .*, not 2 times"):
         runner.transcribe([CLIPS[0]], prompt="<|audio|> and <|audio|>")
+
+
+def test_an_lalm_folder_moves_with_the_base_models_it_holds(checkpoints, tmp_path, capsys):
+    folder = tmp_path / "lalm"
+    for part in ("wav2vec2", "llm"):
+        shutil.copytree(checkpoints[part], folder / "bases" / part)
+    moved_checkpoints = {part: folder / "bases" / part for part in ("wav2vec2", "llm")}
+    model = tiny_lalm(moved_checkpoints, "wav2vec2")
+    model.save_pretrained(folder)
+    config = json.loads((folder / "lalm_config.json").read_text(encoding="utf-8"))
+    assert (config["encoder"]["base_model"], config["decoder"]["base_model"]) == ("bases/wav2vec2", "bases/llm")
+    shutil.move(folder, tmp_path / "moved")
+    assert LALM.from_pretrained(tmp_path / "moved").decoder.model_name == str((tmp_path / "moved" / "bases" / "llm").resolve())
+    result = run_main(export_main, "--lalm", tmp_path / "moved", "--output", tmp_path / "bundle", "--json", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["extra"]["components"]["decoder"]["model"] == str((tmp_path / "moved" / "bases" / "llm").resolve())
+
+
+def test_a_relative_base_model_is_the_lalm_folders_never_the_current_directorys(checkpoints, tmp_path, capsys, monkeypatch):
+    tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
+    config_path = tmp_path / "lalm" / "lalm_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["decoder"]["base_model"] = "elsewhere/llm"  # relative, and not under the LALM folder
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    shutil.copytree(checkpoints["llm"], tmp_path / "cwd" / "elsewhere" / "llm")
+    monkeypatch.chdir(tmp_path / "cwd")  # where such a path would have been read from
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", capsys=capsys)
+    assert_user_error(result, "not under the LALM folder")
+    assert not (tmp_path / "bundle").exists()
+
+
+def break_projector_shape(folder, checkpoints):
+    other = folder.parent / "other-lalm"
+    tiny_lalm(checkpoints, "wav2vec2", downsample=4).save_pretrained(other)
+    shutil.copy(other / "projector.safetensors", folder / "projector.safetensors")
+
+
+def edit_lalm_config(folder, change) -> None:
+    config = json.loads((folder / "lalm_config.json").read_text(encoding="utf-8"))
+    change(config)
+    (folder / "lalm_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+MALFORMED_LALM_FOLDERS = {
+    "projector saved for other sizes": (break_projector_shape, "does not fit this LALM"),
+    "no projector settings": (lambda f, c: edit_lalm_config(f, lambda config: config.pop("projector")), "'projector' must hold"),
+    "no tokenizer folder": (lambda f, c: shutil.rmtree(f / "tokenizer"), "has no tokenizer"),
+    "encoder of another family than the config says": (lambda f, c: edit_lalm_config(f, lambda config: config["encoder"].update(family="hubert")), "hubert"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_LALM_FOLDERS))
+def test_a_malformed_lalm_folder_is_one_line(case, checkpoints, tmp_path, capsys):
+    damage, fragment = MALFORMED_LALM_FOLDERS[case]
+    tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
+    damage(tmp_path / "lalm", checkpoints)
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_lalm_flags_that_describe_a_component_are_refused(checkpoints, tmp_path, capsys):

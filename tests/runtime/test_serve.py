@@ -20,7 +20,7 @@ import soundfile as sf
 from runtime.infer import main as infer_main
 from runtime.server.engine import ServeSettings
 from runtime.server.turns import TakingTurns
-from tests.helpers import SUBPROCESS_TIMEOUT_S, run_main
+from tests.helpers import SUBPROCESS_TIMEOUT_S, assert_user_error, run_main
 from tests.runtime.serving import running_server, serve_process
 
 TOKENS = 12
@@ -248,3 +248,12 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(serve_bundl
         assert all(a.status_code == 200 or a.json()["error"]["code"] == "server_shutting_down" for a in answers)
         assert process.wait(timeout=SUBPROCESS_TIMEOUT_S) == 0
         assert "request(s) in flight get up to 30 s to finish" in process.stderr.read()
+
+
+@pytest.mark.parametrize("port, fragment", [("70000", "not a TCP port"), ("0", "not a TCP port"), ("http", "not a port number")])
+def test_a_port_outside_1_to_65535_is_a_bad_flag(port, fragment, serve_bundles, capsys):
+    from runtime.serve import main as serve_main
+
+    result = run_main(serve_main, serve_bundles["llm"], "--port", port, capsys=capsys)
+    assert result.returncode == 2
+    assert_user_error(result, fragment)
