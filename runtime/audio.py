@@ -70,7 +70,9 @@ def _decode(source: object, label: str, name: str) -> Audio:
     try:
         data, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError, TypeError, ValueError) as err:
-        raise AudioError(f"{label} is not a readable audio file (wav, flac or ogg expected): {err}") from err
+        # libsndfile's own words ("Format not recognised."), not its message naming the Python object it read
+        reason = getattr(err, "error_string", None) or str(err)
+        raise AudioError(f"{label} is not a readable audio file (wav, flac or ogg expected): {reason}") from err
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     mono = check_samples(mono, label)
     return Audio(name=name, samples=check_samples(resample(mono, rate), label), source_rate=int(rate))

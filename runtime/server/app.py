@@ -15,7 +15,9 @@ import base64
 import binascii
 import io
 import json
+import math
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.audio import Audio, decode_audio
 from runtime.generation import GenerationOptions
@@ -42,6 +45,15 @@ def build_app(engine: Engine) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        """404 and 405 as OpenAI error objects, not FastAPI's {"detail": ...}."""
+        codes = {404: ("not_found", f"no endpoint {request.url.path}; see GET /v1/models and the endpoints in docs/serving.md")}
+        code, message = codes.get(err.status_code, ("method_not_allowed" if err.status_code == 405 else None, str(err.detail)))
+        if err.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return JSONResponse(ApiError(err.status_code, message, code=code).body(), status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -101,7 +113,7 @@ def build_app(engine: Engine) -> FastAPI:
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         stem = audio.name.rsplit(".", 1)[0] or "audio"
-        headers = {"Content-Disposition": f'attachment; filename="{stem}.npy"', "X-Shape": ",".join(map(str, array.shape))}
+        headers = {"Content-Disposition": _attachment(f"{stem}.npy"), "X-Shape": ",".join(map(str, array.shape))}
         return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers)
 
     @app.post("/v1/audio/transcriptions")
@@ -141,14 +153,16 @@ def build_app(engine: Engine) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await _json_body(request)
+        _refuse_unimplemented(body)
         model = engine.model(body.get("model"), ("decoder", "lalm"), "/v1/chat/completions")
         prompt, clip = _chat_prompt(model, body.get("messages"))
-        options = _options(engine, body)
+        options = _options(engine, body, json_body=True)
         stop = _stop(body.get("stop"))
-        if body.get("n", 1) != 1:
-            raise bad_request("n must be 1: one choice per request", "n")
         stream = _flag(body.get("stream"), "stream")
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        stream_options = body.get("stream_options")
+        if stream_options is not None and not isinstance(stream_options, dict):
+            raise bad_request(f'stream_options must be an object such as {{"include_usage": true}}, not {stream_options!r}', "stream_options")
+        include_usage = _flag((stream_options or {}).get("include_usage"), "stream_options.include_usage") if stream else False
         eos = model.runner.facts.get("eos_token_id") if model.kind == "lalm" else model.runner.eos_token_id
         chat = ChatReply(model.name, options.max_new_tokens, include_usage, eos)
         release = engine.admit()
@@ -217,31 +231,55 @@ def _flag(value: object, param: str) -> bool:
     raise bad_request(f"{param} must be true or false, not {value!r}", param)
 
 
-def _number(value: object, param: str, default: float | None, kind: type = float) -> Any:
-    if value is None or value == "":
+def _number(value: object, param: str, default: float | None, kind: type = float, json_body: bool = False) -> Any:
+    """A finite number; in a JSON body a JSON number (a form field arrives as text)."""
+    if value is None or (value == "" and not json_body):
         return default
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (json_body and not isinstance(value, (int, float))):
         raise bad_request(f"{param} must be a number, not {value!r}", param)
     try:
         number = kind(value)
-    except (TypeError, ValueError):
-        raise bad_request(f"{param} must be a number, not {value!r}", param) from None
+    except (TypeError, ValueError, OverflowError):
+        raise bad_request(f"{param} must be a finite number, not {value!r}", param) from None
+    if not math.isfinite(number):
+        raise bad_request(f"{param} must be a finite number, not {value!r}", param)
     if kind is int and isinstance(value, float) and value != number:
         raise bad_request(f"{param} must be a whole number, not {value!r}", param)
     return number
 
 
-def _options(engine: Engine, fields: dict[str, Any]) -> GenerationOptions:
+def _options(engine: Engine, fields: dict[str, Any], json_body: bool = False) -> GenerationOptions:
     max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
+    seed = _number(fields.get("seed"), "seed", None, int, json_body)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise bad_request(f"seed must be a whole number from 0 to 2**63 - 1, not {seed}", "seed")
     options = GenerationOptions(
-        max_new_tokens=_number(max_tokens, "max_tokens", engine.settings.max_new_tokens, int),
+        max_new_tokens=_number(max_tokens, "max_tokens", engine.settings.max_new_tokens, int, json_body),
         stop_at_eos=not _flag(fields.get("ignore_eos"), "ignore_eos"),  # vLLM's extension: generate past EOS
-        temperature=_number(fields.get("temperature"), "temperature", 0.0),
-        top_p=_number(fields.get("top_p"), "top_p", 1.0),
-        seed=_number(fields.get("seed"), "seed", None, int),
+        temperature=_number(fields.get("temperature"), "temperature", 0.0, float, json_body),
+        top_p=_number(fields.get("top_p"), "top_p", 1.0, float, json_body),
+        seed=seed,
     )
     as_api_error(options.validate)
     return options
+
+
+# OpenAI parameters this server does not implement: a 400 naming them, not a 200 that ignores them.
+UNIMPLEMENTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "logit_bias", "presence_penalty", "frequency_penalty")
+
+
+def _refuse_unimplemented(body: dict[str, Any]) -> None:
+    for param in UNIMPLEMENTED:
+        if body.get(param) not in (None, False, 0, [], {}):
+            raise bad_request(f"{param} is not supported by this server; leave it out", param, code="unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise bad_request(
+            f"response_format {response_format!r} is not supported: this server answers plain text", "response_format", code="unsupported_parameter"
+        )
+    n = body.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise bad_request(f"n must be 1: one choice per request, not {n!r}", "n", code="unsupported_parameter")
 
 
 def _stop(value: object) -> list[str]:
@@ -313,6 +351,13 @@ def _too_large(size: int, limit: int) -> ApiError:
     return ApiError(
         413, f"the request body is {size / 2**20:.1f} MiB, over this server's limit of {limit / 2**20:g} MiB (--max-body-mb)", code="request_too_large"
     )
+
+
+def _attachment(filename: str) -> str:
+    """A Content-Disposition header for any file name: headers are Latin-1, so an ASCII
+    stand-in and the UTF-8 name percent-encoded (RFC 6266)."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(filename, safe='')}"
 
 
 def _error_response(err: ApiError) -> JSONResponse:

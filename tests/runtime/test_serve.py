@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 import httpx2 as httpx
 import numpy as np
@@ -171,6 +172,53 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(client, audio_fil
         call(client, handle)
     assert fragment in raised.value.body["message"] and raised.value.body["type"]
     assert client.models.list().data  # still serving
+
+
+CHAT = b'{"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4'
+JSON_BODIES = {
+    "negative seed": (CHAT + b', "seed": -1}', "seed"),
+    "seed past any integer": (CHAT + b', "seed": 1e400}', "seed must be a finite number"),
+    "max_tokens past any integer": (CHAT.replace(b'"max_tokens": 4', b'"max_tokens": 1e400') + b"}", "max_tokens must be a finite number"),
+    "max_tokens as a string": (CHAT.replace(b'"max_tokens": 4', b'"max_tokens": "5"') + b"}", "max_tokens must be a number"),
+    "stream_options not an object": (CHAT + b', "stream": true, "stream_options": "x"}', "stream_options must be an object"),
+    "logprobs": (CHAT + b', "logprobs": true}', "logprobs is not supported"),
+    "tools": (CHAT + b', "tools": [{"type": "function", "function": {"name": "f"}}]}', "tools is not supported"),
+    "json response_format": (CHAT + b', "response_format": {"type": "json_object"}}', "response_format"),
+    "logit_bias": (CHAT + b', "logit_bias": {"5": 10}}', "logit_bias is not supported"),
+    "presence_penalty": (CHAT + b', "presence_penalty": 0.5}', "presence_penalty is not supported"),
+    "two choices": (CHAT + b', "n": 2}', "n must be 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JSON_BODIES))
+def test_chat_parameters_out_of_range_or_not_implemented_are_400_naming_the_parameter(case, server):
+    body, fragment = JSON_BODIES[case]
+    answer = httpx.post(f"{server[0]}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert fragment in answer.json()["error"]["message"]
+
+
+def test_text_that_is_not_unicode_and_an_upload_name_beyond_latin_1_are_not_500s(server, audio_files):
+    url = server[0]
+    audio = _audio_part(audio_files[0])
+    lone_surrogate = '{"model": "lalm", "messages": [{"role": "user", "content": [{"type": "text", "text": "caf\\udce9"}, AUDIO]}]}'
+    body = lone_surrogate.replace("AUDIO", json.dumps(audio)).encode()
+    answer = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "not valid UTF-8" in answer.json()["error"]["message"], answer.text
+    with open(audio_files[0], "rb") as handle:
+        named = httpx.post(f"{url}/v1/audio/features", data={"model": "wav2vec2"}, files={"file": ("klänge-音声.wav", handle)})
+    assert named.status_code == 200, named.text
+    assert named.headers["content-disposition"].endswith("filename*=UTF-8''" + quote("klänge-音声.npy", safe=""))
+    unreadable = httpx.post(f"{url}/v1/audio/features", data={"model": "wav2vec2"}, files={"file": ("notes.wav", b"not audio at all")})
+    message = unreadable.json()["error"]["message"]
+    assert unreadable.status_code == 400 and message.startswith("notes.wav is not a readable audio file") and "object at 0x" not in message
+
+
+def test_an_unknown_path_and_a_wrong_method_are_openai_error_objects(server):
+    missing = httpx.get(f"{server[0]}/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = httpx.get(f"{server[0]}/v1/chat/completions")
+    assert wrong.status_code == 405 and "GET is not allowed" in wrong.json()["error"]["message"]
 
 
 def test_body_over_the_limit_is_413_and_a_full_queue_is_503_with_retry_after(serve_bundles, monkeypatch):
