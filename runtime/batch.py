@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -89,28 +90,68 @@ def collect_inputs(paths: Sequence[Path]) -> list[str]:
 
 
 def done_files(output: Path) -> set[str]:
-    """Files with a result in `output`. A last line cut short (a run killed mid-write) is
-    removed so that appending goes on from a whole line."""
+    """Files with a result in `output`. The whole file is read as runtime.batch's results
+    first: anything else (a text file, audio, another program's JSON Lines) is refused before a
+    byte of it changes. Then a last line cut short (a run killed mid-write) is removed, so that
+    appending goes on from a whole line."""
     from runtime.errors import RuntimeUserError
 
     if not output.exists():
+        if output.is_symlink():
+            raise RuntimeUserError(f"--output {output} is a link to a file that does not exist; pass a .jsonl file path")
         return set()
     if output.is_dir():
         raise RuntimeUserError(f"--output {output} is a folder; pass a .jsonl file path")
-    data = output.read_bytes()
+    foreign = f"{output} is not a results file of runtime.batch"
+    try:
+        data = output.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as err:
+        raise RuntimeUserError(f"--output {output} cannot be read ({err.strerror}); pass a file you can read and write") from None
+    except UnicodeDecodeError:
+        raise RuntimeUserError(f"{foreign} (not UTF-8 text); nothing in it was changed: pass another --output") from None
     good_end = data.rfind(b"\n") + 1
-    if good_end < len(data):
-        with open(output, "r+b") as handle:
-            handle.truncate(good_end)
     done = set()
-    for number, line in enumerate(data[:good_end].decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(text[:good_end].splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise RuntimeUserError(f"{output} line {number} is not JSON; is it a results file of runtime.batch? Pass another --output") from None
-        if isinstance(record, dict) and "file" in record and "error" not in record:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+            raise RuntimeUserError(f"{foreign} (line {number} is not one of its records); nothing in it was changed: pass another --output")
+        if "error" not in record:
             done.add(record["file"])
+    if good_end < len(data):
+        if not data[good_end:].startswith(b'{"file": '):
+            raise RuntimeUserError(f"{foreign} (its last line is not one of its records); nothing in it was changed: pass another --output")
+        with open(output, "r+b") as handle:
+            handle.truncate(good_end)
     return done
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """One runtime.batch run per output file at a time: a second one would append every
+    record again. A lock file beside the output, removed by the run that made it."""
+    import fcntl
+
+    from runtime.errors import RuntimeUserError
+
+    lock = output.with_name(f".{output.name}.lock")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+", encoding="utf-8")
+    except OSError as err:
+        raise RuntimeUserError(f"--output {output}: cannot write in {output.parent} ({err.strerror}); pass a path in a folder you can write to") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeUserError(f"another runtime.batch is writing {output}; wait for it to end, or pass another --output") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 # --- the work -------------------------------------------------------------------------------
@@ -244,19 +285,25 @@ def check_bundle_kind(model: Any) -> None:
 
 
 def append_records(output: Path, batches: Iterable[list[dict[str, Any]]], total: int, quiet: bool) -> tuple[int, int]:
-    """Append each record as a line as soon as it exists; (done, failed)."""
+    """Append each record as a line as soon as it exists; (done, failed). The file is opened
+    at the first record, so a run refused before any result leaves no empty output behind."""
     from tqdm import tqdm
 
     done = failed = 0
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "a", encoding="utf-8") as handle, tqdm(total=total, unit="file", disable=quiet, file=sys.stderr) as progress:
-        for records in batches:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
-                failed += "error" in record
-                done += "error" not in record
-            handle.flush()
-            progress.update(len(records))
+    handle = None
+    try:
+        with tqdm(total=total, unit="file", disable=quiet, file=sys.stderr) as progress:
+            for records in batches:
+                handle = handle or open(output, "a", encoding="utf-8")
+                for record in records:
+                    handle.write(json.dumps(record) + "\n")
+                    failed += "error" in record
+                    done += "error" not in record
+                handle.flush()
+                progress.update(len(records))
+    finally:
+        if handle is not None:
+            handle.close()
     return done, failed
 
 
@@ -269,27 +316,35 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) < 1:
                 raise RuntimeUserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
         files = collect_inputs(args.input)
-        finished = done_files(args.output)
-        todo = [f for f in files if f not in finished]
-        features_dir = args.features_dir or args.output.with_name(args.output.name.removesuffix(".jsonl") + ".features")
-        settings = BatchSettings(prompt=args.prompt, max_new_tokens=args.max_new_tokens, features_dir=str(features_dir.resolve()))
-        if not args.quiet:
-            print(f"runtime.batch: {len(files)} file(s), {len(files) - len(todo)} already in {args.output}, {len(todo)} to do", file=sys.stderr)
-        if not todo:
-            return 0
-        if args.ray:
-            import importlib.util
-
-            if importlib.util.find_spec("ray") is None:
-                raise RuntimeUserError("--ray needs Ray; install it with: pip install 'lalm-export[ray]'")
-        batches = run_ray(args, todo, settings) if args.ray else run_local(args, todo, settings)
-        done, failed = append_records(args.output, batches, len(todo), args.quiet)
+        with output_lock(args.output):
+            return run_batch(args, files)
     except RuntimeUserError as err:
         print(f"runtime.batch: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"runtime.batch: interrupted; run the same command again to go on from {args.output}", file=sys.stderr)
         return 130
+
+
+def run_batch(args: argparse.Namespace, files: list[str]) -> int:
+    """Resume from the output, run what is left, append its records; the exit status."""
+    from runtime.errors import RuntimeUserError
+
+    finished = done_files(args.output)
+    todo = [f for f in files if f not in finished]
+    features_dir = args.features_dir or args.output.with_name(args.output.name.removesuffix(".jsonl") + ".features")
+    settings = BatchSettings(prompt=args.prompt, max_new_tokens=args.max_new_tokens, features_dir=str(features_dir.resolve()))
+    if not args.quiet:
+        print(f"runtime.batch: {len(files)} file(s), {len(files) - len(todo)} already in {args.output}, {len(todo)} to do", file=sys.stderr)
+    if not todo:
+        return 0
+    if args.ray:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise RuntimeUserError("--ray needs Ray; install it with: pip install 'lalm-export[ray]'")
+    batches = run_ray(args, todo, settings) if args.ray else run_local(args, todo, settings)
+    done, failed = append_records(args.output, batches, len(todo), args.quiet)
     if not args.quiet or failed:
         print(f'runtime.batch: {done} done, {failed} failed (their records hold "error"; a rerun tries them again) -> {args.output}', file=sys.stderr)
     return 1 if failed else 0

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from runtime.batch import main as batch_main
 from runtime.infer import main as infer_main
@@ -74,3 +75,38 @@ def test_bad_batch_inputs_are_one_line_errors(bundle, args, fragment, serve_bund
     args = [str(audio_files[0]) if a == "AUDIO" else str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
     result = run_main(batch_main, serve_bundles[bundle], *args, "--output", tmp_path / "o.jsonl", capsys=capsys)
     assert_user_error(result, fragment)
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / ".o.jsonl.lock").exists()  # a refused run writes nothing
+
+
+def write_wav(path):
+    sf.write(path, np.zeros(1600, dtype=np.float32), 16_000, format="WAV")  # a recording given as --output by mistake
+
+
+FOREIGN_OUTPUTS = {
+    "a text file": lambda p: p.write_text("my notes\nthe last line, no newline"),
+    "audio": write_wav,
+    "another program's JSON Lines": lambda p: p.write_text('{"id": 1}\n{"id": 2}\n'),
+    "a link to a text file": lambda p: (p.with_name("notes.txt").write_text("my notes\nlast"), p.symlink_to(p.with_name("notes.txt"))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN_OUTPUTS))
+def test_an_output_that_is_not_its_results_file_is_refused_untouched(case, serve_bundles, audio_files, tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    FOREIGN_OUTPUTS[case](output)
+    before = output.read_bytes()
+    result = run_main(batch_main, serve_bundles["lalm"], "--input", audio_files[0], "--output", output, capsys=capsys)
+    assert_user_error(result, "is not a results file of runtime.batch")
+    assert output.read_bytes() == before
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(serve_bundles, audio_files, tmp_path, capsys):
+    from runtime.batch import output_lock
+
+    output = tmp_path / "out.jsonl"
+    with output_lock(output):  # a first run, holding the output
+        result = run_main(batch_main, serve_bundles["lalm"], "--input", audio_files[0], "--output", output, capsys=capsys)
+    assert_user_error(result, "another runtime.batch is writing")
+    assert not output.exists()
+    after = run_main(batch_main, serve_bundles["lalm"], "--input", audio_files[0], "--output", output, "-q", "--max-new-tokens", "4", capsys=capsys)
+    assert after.returncode == 0 and len(output.read_text().splitlines()) == 1
