@@ -32,17 +32,30 @@ def eager_features(merged: MergedLalm, clip: np.ndarray) -> np.ndarray:
     return projected[0, : int(lengths[0])].numpy()
 
 
-def eager_tokens(merged: MergedLalm, features: np.ndarray, options: GenerationOptions) -> np.ndarray:
-    """The eager LALM's greedy tokens. Its prompt rows come from the decoder's embedding module,
-    as in `LALM.embed_prompt`, not from the bundle's token table: a table that is not what the
-    module computes (a module that scales its rows, as Gemma's does on transformers 5) fails here."""
+def eager_prompt(merged: MergedLalm, features: np.ndarray) -> torch.Tensor:
+    """`(1, positions, hidden)`: the prompt as the eager LALM embeds it. Its rows come from the
+    decoder's embedding module, as in `LALM.embed_prompt`, not from the bundle's token table: a
+    table that is not what the module computes (a module that scales its rows, as Gemma's does
+    on transformers 5) fails the gate."""
     prompt_ids = list(merged.tokenizer(merged.config["prompt"])["input_ids"])
     at = prompt_ids.index(int(merged.config["audio_token_id"]))
     with torch.no_grad():
         rows = merged.decoder.get_input_embeddings()(torch.tensor(prompt_ids)).float().numpy()
-    embeds = torch.from_numpy(np.concatenate([rows[:at], features, rows[at + 1 :]])[None])
+    return torch.from_numpy(np.concatenate([rows[:at], features, rows[at + 1 :]])[None])
+
+
+def eager_tokens(merged: MergedLalm, embeds: torch.Tensor, options: GenerationOptions) -> np.ndarray:
     ones = np.ones((1, embeds.shape[1]), dtype=np.int64)
     return generate(PromptEmbeds(EagerDecoderBackend(merged.decoder), embeds), ones * 0, ones, options)[0]
+
+
+def prefill_logits(merged: MergedLalm, runner: LalmRunner, embeds: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The last position's logits of the eager decoder and of the bundle's, on the same prompt
+    embeddings: the decoder's own parity, apart from the audio features that feed it."""
+    mask = np.ones((1, embeds.shape[1]), dtype=np.int64)
+    with torch.no_grad():
+        eager = EagerDecoderBackend(merged.decoder).prefill_embeds(embeds, mask)
+    return eager, runner.new_backend().prefill_embeds(embeds.numpy(), mask)
 
 
 def check_lalm(
@@ -55,10 +68,12 @@ def check_lalm(
     min_cosine: float | None = None,
 ) -> ParityReport:
     """Features of each clip (relative error for fp32; a reduced precision's cosine bound, or
-    `min_cosine`) and 32 greedy tokens, all equal where every graph is fp32 (recorded
+    `min_cosine`), the decoder's logits on the same prompt (its precision's bounds, as the
+    decoder gate's), and 32 greedy tokens, all equal where every graph is fp32 (recorded
     otherwise, as for decoders). ONNX Runtime runs on `provider`; the reference is the eager
     fp32 LALM on the CPU."""
     tolerance = gate_tolerance(encoder_precision, "encoder", min_cosine, greedy_precisions=[decoder_precision])
+    decoder_tolerance = gate_tolerance(decoder_precision, "decoder")  # NaN or inf logits fail whatever the bound
     report = ParityReport(tolerance, reference="eager PyTorch fp32 LALM (merged)")
     facts = {key: merged.config[key] for key in ("audio_token", "audio_token_id", "prompt")}
     runner = LalmRunner.from_parts(
@@ -71,7 +86,9 @@ def check_lalm(
         clip = speech_like(seconds, seed=seed + index)
         reference, candidate = eager_features(merged, clip), runner.audio_features(clip)
         report.record("audio_features", reference, candidate)
-        expected = eager_tokens(merged, reference, options)
+        embeds = eager_prompt(merged, reference)
+        report.record("decoder logits (prefill)", *prefill_logits(merged, runner, embeds), tolerance=decoder_tolerance)
+        expected = eager_tokens(merged, embeds, options)
         ours = runner.tokens_for(candidate, merged.config["prompt"], options)
         same = expected == ours[: len(expected)] if len(ours) >= len(expected) else np.zeros(len(expected), dtype=bool)
         agree.append(same)

@@ -81,16 +81,23 @@ class ParityReport:
     outputs: dict[str, OutputError] = field(default_factory=dict)
     greedy: dict[str, Any] | None = None
     reference: str = "eager PyTorch fp32 (merged)"
+    output_tolerances: dict[str, Tolerance] = field(default_factory=dict)  # outputs held to other bounds than `tolerance`
+
+    def tolerance_of(self, name: str) -> Tolerance:
+        return self.output_tolerances.get(name, self.tolerance)
 
     @property
     def passed(self) -> bool:
         bound = self.tolerance.greedy_agreement
         greedy_ok = self.greedy is None or bound is None or self.greedy["agreement"] >= bound
-        return greedy_ok and all(err.passes(self.tolerance) for err in self.outputs.values())
+        return greedy_ok and all(err.passes(self.tolerance_of(name)) for name, err in self.outputs.items())
 
-    def record(self, name: str, reference: np.ndarray, candidate: np.ndarray) -> None:
+    def record(self, name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance | None = None) -> None:
+        """Add one case's `name` output; `tolerance`: its own bounds (a part of another precision)."""
         if reference.shape != candidate.shape:
             raise ParityError(f"output {name}: ONNX shape {candidate.shape} differs from eager shape {reference.shape}")
+        if tolerance is not None:
+            self.output_tolerances[name] = tolerance
         self.outputs.setdefault(name, OutputError()).update(reference, candidate)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,19 +106,18 @@ class ParityReport:
             "passed": self.passed,
             "reference": self.reference,
             "tolerance": self.tolerance.to_dict(),
+            **({"output_tolerances": {n: t.to_dict() for n, t in self.output_tolerances.items()}} if self.output_tolerances else {}),
             "cases": self.cases,
             "outputs": {n: e.to_dict() for n, e in self.outputs.items()},
             "greedy": self.greedy,
         }
 
     def summary_lines(self) -> list[str]:
-        tol = self.tolerance
-        bound = f"cosine >= {tol.cosine:g}, per-row >= {tol.row_cosine or tol.cosine:g}" if tol.cosine is not None else f"tolerance {tol.relative:g}"
         lines = [
             f"{name}: {err.describe_nonfinite()} FAIL"
             if err.nonfinite
             else f"{name}: max-abs {err.max_abs:.3g}, relative {err.relative:.3g}, cosine {err.cosine:.6f} (min per row {err.row_cosine:.6f}) "
-            f"({bound}) {'ok' if err.passes(tol) else 'FAIL'}"
+            f"({_describe(self.tolerance_of(name))}) {'ok' if err.passes(self.tolerance_of(name)) else 'FAIL'}"
             for name, err in self.outputs.items()
         ]
         if self.greedy is not None:
@@ -135,3 +141,7 @@ class ParityReport:
             raise ParityError(f"NaN or inf in the outputs, so nothing can be verified: {broken}; check the weights (--weights, --adapter) for NaN")
         if not self.passed:
             raise ParityError(f"ONNX graph disagrees with {self.reference}: " + "; ".join(self.summary_lines()))
+
+
+def _describe(tol: Tolerance) -> str:
+    return f"cosine >= {tol.cosine:g}, per-row >= {tol.row_cosine or tol.cosine:g}" if tol.cosine is not None else f"tolerance {tol.relative:g}"

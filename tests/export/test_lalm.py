@@ -204,6 +204,27 @@ def test_a_token_table_that_is_not_what_the_embedding_module_computes_fails_the_
     assert not (tmp_path / "bundle").exists()
 
 
+def nan_in_decoder_lora(model: LALM) -> None:
+    weight = next(p for n, p in model.decoder.model.named_parameters() if "lora_B" in n)
+    weight.data[0, 0] = float("nan")
+
+
+def nan_in_projector(model: LALM) -> None:
+    next(model.projector.parameters()).data.view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("poison", [nan_in_decoder_lora, nan_in_projector], ids=["decoder LoRA", "projector"])
+def test_nan_weights_in_any_part_fail_the_lalm_gate(poison, checkpoints, tmp_path, capsys):
+    """argmax of all-NaN logits is token 0 on both sides: greedy tokens alone would agree. The
+    gate checks the decoder's logits and the projector's output for NaN and inf too."""
+    model = tiny_lalm(checkpoints, "wav2vec2")
+    poison(model)
+    model.save_pretrained(tmp_path / "lalm")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", capsys=capsys)
+    assert_user_error(result, "NaN or inf")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_a_fused_graph_for_a_decoder_it_does_not_cover_is_refused(checkpoints, gemma, tmp_path, capsys):
     tiny_lalm(checkpoints, "hubert", decoder_path=gemma).save_pretrained(tmp_path / "lalm")
     result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", "--decoder-graph", "fused", capsys=capsys)
