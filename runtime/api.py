@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.audio import Audio, check_samples, features_for, load_audio
+from runtime.audio import Audio, check_feature_config, check_samples, features_for, load_audio
 from runtime.cpu import warn_on_int8_kernel_mismatch
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import DecoderBackend, GenerationOptions, StepClock, check_prompt_text, generate, until_eos
@@ -80,6 +80,7 @@ class EncoderRunner(_BundleModel):
     def __init__(self, folder: str | Path, options: SessionOptions) -> None:
         super().__init__(folder, options)
         self.feature_config = read_json_object(self.folder / "preprocessor_config.json", "bundle file")
+        check_feature_config(self.feature_config, self.manifest.input_kind, str(self.folder / "preprocessor_config.json"))
         self.input_name = self.session.get_inputs()[0].name
         self.limits = audio_limits(self.manifest, self.folder)
         # On CUDA inputs and outputs go through IO binding (device buffers, no staging copies).

@@ -154,3 +154,23 @@ def features_for(input_kind: str, samples: np.ndarray, config: dict[str, Any]) -
     if input_kind == "raw_audio":
         return normalize_waveform(samples, config)
     raise AudioError(f"the bundle's input kind {input_kind!r} takes no audio")
+
+
+# Fields of a bundle's preprocessor_config.json the features are computed from, with the
+# range a hand edit cannot leave (a hop of 0 divides by zero; a huge window allocates it).
+_LOG_MEL_FIELDS = {"n_fft": (16, 1 << 14), "hop_length": (1, 1 << 14), "feature_size": (1, 1024), "n_samples": (1, TARGET_RATE * 3600)}
+
+
+def check_feature_config(config: dict[str, Any], input_kind: str, where: str) -> None:
+    """A bundle's feature settings, refused in one line (BundleError) when out of range."""
+    from runtime.errors import BundleError
+
+    rate = config.get("sampling_rate", TARGET_RATE)
+    if rate != TARGET_RATE:
+        raise BundleError(f"{where}: sampling_rate {rate!r}, where lalm-export writes {TARGET_RATE}; export the bundle again")
+    if input_kind != "log_mel":
+        return
+    for name, (low, high) in _LOG_MEL_FIELDS.items():
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise BundleError(f"{where}: {name} {value!r} is not a whole number from {low} to {high}; export the bundle again")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.audio import Audio, check_samples, features_for, load_audio
+from runtime.audio import Audio, check_feature_config, check_samples, features_for, load_audio
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check_prompt_text, generate, until_eos
 from runtime.limits import AudioLimits, audio_limits
@@ -278,13 +278,42 @@ def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
     encoder, decoder = (
         open_bundle_graph(verify_graph_files(folder, manifest.graphs[name]), options, manifest.graphs[name], folder) for name in ("audio_encoder", "decoder")
     )
+    check_lalm_facts(manifest.extra, folder)
     embedding = manifest.extra["embedding"]
     table_path = folder / embedding["file"]
     if not table_path.is_file() or sha256_of(table_path) != embedding["sha256"]:
         raise BundleError(f"{table_path} is missing or does not match the sha256 in the manifest; export the bundle again")
     table = np.load(table_path, allow_pickle=False)
+    if list(table.shape) != list(embedding["shape"]):
+        raise BundleError(f"{table_path} has shape {list(table.shape)}, the manifest {embedding['shape']}; export the bundle again")
     feature_config = read_json_object(folder / "preprocessor_config.json", "bundle file")
+    check_feature_config(feature_config, manifest.input_kind, str(folder / "preprocessor_config.json"))
     runner = LalmRunner(folder, encoder, decoder, table, read_tokenizer(folder), feature_config, manifest.input_kind, dict(manifest.extra))
     runner.manifest = manifest
     runner.limits = audio_limits(manifest, folder)
     return runner
+
+
+MAX_CONTEXT = 1 << 20  # positions: past any decoder lalm-export writes, short of an allocation that fails
+
+
+def check_lalm_facts(extra: dict[str, Any], folder: Path) -> None:
+    """The manifest fields an LALM bundle runs on, refused in one line (BundleError) when a
+    hand edit removed them or put them out of range."""
+    where = f"{folder / 'manifest.json'}: extra"
+    embedding = extra.get("embedding")
+    if (
+        not isinstance(embedding, dict)
+        or not all(isinstance(embedding.get(k), str) for k in ("file", "sha256"))
+        or not isinstance(embedding.get("shape"), list)
+    ):
+        raise BundleError(f"{where}.embedding must name the token table (file, sha256, shape); export the bundle again")
+    whole = {"audio_token_id": (0, None), "context_length": (1, MAX_CONTEXT), "downsample": (1, 1 << 10)}
+    for name, (low, high) in whole.items():
+        value = extra.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise BundleError(f"{where}.{name} is {value!r}, not a whole number {span}; export the bundle again")
+    for name in ("prompt", "audio_token"):
+        if not isinstance(extra.get(name), str):
+            raise BundleError(f"{where}.{name} must be text; export the bundle again")

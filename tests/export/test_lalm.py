@@ -428,6 +428,41 @@ def test_a_malformed_lalm_folder_is_one_line(case, checkpoints, tmp_path, capsys
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.fixture(scope="module")
+def whisper_lalm_bundle(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lalm-bundle")
+    tiny_lalm(checkpoints, "whisper").save_pretrained(root / "lalm")
+    export_lalm_bundle(LalmExportOptions(lalm=root / "lalm", output=root / "bundle"), quiet=True)
+    return root / "bundle"
+
+
+def edit_json(path, change) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+DAMAGED_LALM_BUNDLES = {
+    "no token table record": (lambda b: edit_json(b / "manifest.json", lambda m: m["extra"].pop("embedding")), "extra.embedding must name"),
+    "a context of 10**12 positions": (lambda b: edit_json(b / "manifest.json", lambda m: m["extra"].update(context_length=10**12)), "extra.context_length"),
+    "an audio token id that is text": (lambda b: edit_json(b / "manifest.json", lambda m: m["extra"].update(audio_token_id="x")), "extra.audio_token_id"),
+    "a hop length of 0": (lambda b: edit_json(b / "preprocessor_config.json", lambda c: c.update(hop_length=0)), "hop_length 0"),
+    "the token table deleted": (lambda b: (b / "embed_tokens.npy").unlink(), "is missing or does not match"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_LALM_BUNDLES))
+def test_a_damaged_lalm_bundle_is_one_line(case, whisper_lalm_bundle, tmp_path, capsys):
+    damage, fragment = DAMAGED_LALM_BUNDLES[case]
+    bundle = tmp_path / "bundle"
+    shutil.copytree(whisper_lalm_bundle, bundle)
+    damage(bundle)
+    sf.write(tmp_path / "a.wav", speech_like(1.0), 16_000)
+    result = run_main(infer_main, bundle, "--audio", tmp_path / "a.wav", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, fragment)
+
+
 def test_lalm_flags_that_describe_a_component_are_refused(checkpoints, tmp_path, capsys):
     model = tiny_lalm(checkpoints, "hubert")
     model.save_pretrained(tmp_path / "lalm")
