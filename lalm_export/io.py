@@ -119,6 +119,7 @@ def atomic_folder(target: str | Path, replace: bool, keep_others: bool = False) 
     done = False
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the bundle its owner's alone
     except PermissionError:
         remove_made(made)
         raise OutputPathError(f"{target}: no permission to write in {target.parent}; pass a path in a folder you can write to") from None
@@ -131,6 +132,13 @@ def atomic_folder(target: str | Path, replace: bool, keep_others: bool = False) 
             shutil.rmtree(tmp, ignore_errors=True)
         if not done:
             remove_made(made)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _move_into_place(tmp: Path, target: Path, replace: bool, keep_others: bool = False) -> None:

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _check_extra(args.ray)
+        check_bundles(args.bundles)
+        check_port_free(args.host, args.port)
         if args.ray:
             from runtime.server.ray_serve import serve_on_ray
 
@@ -153,6 +155,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def check_bundles(bundles: list[Path]) -> None:
+    """Each bundle's manifest, read before a server or Ray starts: a wrong path is one line."""
+    from runtime.manifest import read_manifest
+
+    for bundle in bundles:
+        read_manifest(bundle)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on before loading anything (uvicorn would log the
+    failure and exit with its own status 3)."""
+    import socket
+
+    from runtime.errors import RuntimeUserError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise RuntimeUserError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port, or stop the program that holds it") from None
 
 
 def _check_extra(ray: bool) -> None:

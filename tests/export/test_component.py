@@ -4,6 +4,7 @@ the bundle is complete and self-describing; the parity gate refuses a bad graph.
 from __future__ import annotations
 
 import json
+import stat
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from lalm_export.demo.tiny import tiny_input
 from lalm_export.errors import ParityError
 from lalm_export.export.component import ExportOptions, export_bundle
+from lalm_export.io import current_umask
 from lalm_export.models import ENCODER_CLASSES, LLMDecoder
 from lalm_export.models.families import get_family
 from lalm_export.models.loading import load_family_model
@@ -152,6 +154,8 @@ def test_bundle_is_self_describing(checkpoints, tmp_path):
     assert {"torch", "transformers", "onnxruntime"} <= set(data["libraries"])
     assert data["parity"]["passed"] and len(data["parity"]["cases"]) >= 4
     assert (bundle / "preprocessor_config.json").is_file() and (bundle / "config.json").is_file()
+    # the folder gets the user's umask, as its files do (not the 0700 of a temporary folder)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o777 & ~current_umask()
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary folder left behind
 
 

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -305,3 +306,22 @@ def test_a_port_outside_1_to_65535_is_a_bad_flag(port, fragment, serve_bundles, 
     result = run_main(serve_main, serve_bundles["llm"], "--port", port, capsys=capsys)
     assert result.returncode == 2
     assert_user_error(result, fragment)
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads(serve_bundles, capsys):
+    from runtime.serve import main as serve_main
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        result = run_main(serve_main, serve_bundles["llm"], "--port", held.getsockname()[1], capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, "cannot listen on 127.0.0.1")
+
+
+def test_a_bad_bundle_is_one_line_before_ray_starts(tmp_path, capsys):
+    from runtime.serve import main as serve_main
+
+    result = run_main(serve_main, tmp_path / "not-a-bundle", "--ray", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, "does not exist")
