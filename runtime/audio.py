@@ -55,12 +55,28 @@ def load_audio(path: str | Path) -> Audio:
     return _decode(str(path), str(path), path.name)
 
 
-def decode_audio(data: bytes, name: str) -> Audio:
-    """`load_audio` for the bytes of an audio file (an upload): wav, flac, ogg, and mp3 where libsndfile reads it."""
+def decode_audio(data: bytes, name: str, max_seconds: float | None = None) -> Audio:
+    """`load_audio` for the bytes of an audio file (an upload): wav, flac, ogg, and mp3 where
+    libsndfile reads it. `max_seconds`: audio longer than that by its header is refused before it
+    is decoded or resampled (a small file whose header claims a low rate is hours long)."""
     import io
+
+    import soundfile
 
     if not data:
         raise AudioError(f"{name}: the audio file is empty (0 bytes)")
+    if max_seconds is not None:
+        try:
+            info = soundfile.info(io.BytesIO(data))
+        except (RuntimeError, soundfile.LibsndfileError, TypeError, ValueError) as err:
+            reason = getattr(err, "error_string", None) or str(err)
+            raise AudioError(f"{name} is not a readable audio file (wav, flac or ogg expected): {reason}") from err
+        seconds = info.frames / info.samplerate if info.samplerate > 0 else float("inf")
+        if seconds > max_seconds:
+            raise AudioError(
+                f"{name}: {seconds:.1f} s of audio by its header ({info.frames} frames at {info.samplerate} Hz), more than this bundle "
+                f"encodes at once ({max_seconds:g} s); split it into clips of at most {max_seconds:g} s"
+            )
     return _decode(io.BytesIO(data), name, name)
 
 

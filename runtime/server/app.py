@@ -37,6 +37,32 @@ TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
 
 
+class BodyLimit:
+    """The body limit for bodies that do not declare their length (chunked): counted as they
+    arrive, and a 413 once past the limit, before the rest is read or parsed. Declared lengths
+    are refused before any byte is read (`count_and_limit`)."""
+
+    def __init__(self, app: Any, limit_bytes: int) -> None:
+        self.app, self.limit_bytes = app, limit_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit_bytes:
+                    message = f"the request body is over this server's limit of {self.limit_bytes / 2**20:g} MiB (--max-body-mb); refused after {received:,} bytes"
+                    raise ApiError(413, message, code="request_too_large")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def build_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="lalm-export runtime", summary="OpenAI-compatible serving of lalm-export bundles (ONNX Runtime, no PyTorch)")
     app.state.engine = engine
@@ -60,6 +86,8 @@ def build_app(engine: Engine) -> FastAPI:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return JSONResponse(bad_request(f"{where or 'request'}: {first.get('msg', 'invalid request')}", where).body(), status_code=400)
+
+    app.add_middleware(BodyLimit, limit_bytes=limit_bytes)
 
     @app.middleware("http")
     async def count_and_limit(request: Request, call_next: Callable) -> Response:
@@ -95,7 +123,7 @@ def build_app(engine: Engine) -> FastAPI:
         form = await _form(request)
         model = engine.model(form.get("model"), ("encoder",), "/v1/audio/features")
         response_format = _choice(form.get("response_format") or "npy", ("npy", "json"), "response_format")
-        audio = await _upload(form, limit_bytes)
+        audio = await _upload(form, limit_bytes, model.runner.limits.max_seconds)
         with engine.admission():
             encoded = await engine.encode(model, audio)
         array = np.ascontiguousarray(encoded.hidden_states, dtype=np.float32)
@@ -124,7 +152,7 @@ def build_app(engine: Engine) -> FastAPI:
         stream = _flag(form.get("stream"), "stream")
         options = _options(engine, {"temperature": form.get("temperature")})
         prompt = _lalm_prompt(model, form.get("prompt"))
-        audio = await _upload(form, limit_bytes)
+        audio = await _upload(form, limit_bytes, model.runner.limits.max_seconds)
         release = engine.admit()
         try:
             work = await _lalm_work(engine, model, audio, prompt, options)
@@ -193,18 +221,20 @@ async def _form(request: Request) -> Any:
         raise bad_request("send the request as multipart/form-data with the audio in the `file` field")
     try:
         return await request.form()
+    except ApiError:
+        raise  # the body limit, hit while the form was read
     except Exception as err:  # python-multipart's parse errors have no common base
         raise bad_request(f"the multipart body could not be read: {err}") from None
 
 
-async def _upload(form: Any, limit_bytes: int) -> Audio:
+async def _upload(form: Any, limit_bytes: int, max_seconds: float) -> Audio:
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise bad_request("no audio: send the audio file in the `file` field", "file")
     data = await upload.read()
     if len(data) > limit_bytes:
         raise _too_large(len(data), limit_bytes)
-    return as_api_error(lambda: decode_audio(data, upload.filename or "upload"), "file")
+    return as_api_error(lambda: decode_audio(data, upload.filename or "upload", max_seconds), "file")
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -324,7 +354,7 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
             elif kind == "input_audio":
                 if token is None:
                     raise bad_request(f"{where}: {model.name} is a text bundle; audio needs an audio LLM bundle", where)
-                clips.append(_input_audio(part.get("input_audio"), where))
+                clips.append(_input_audio(part.get("input_audio"), where, model.runner.limits.max_seconds))
                 pieces.append(token)
             else:
                 raise bad_request(f"{where}: a part must be {{type: text, text}} or {{type: input_audio, input_audio: {{data, format}}}}", where)
@@ -334,7 +364,7 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
     return "\n".join(texts), (clips[0] if clips else None)
 
 
-def _input_audio(spec: object, where: str) -> Audio:
+def _input_audio(spec: object, where: str, max_seconds: float) -> Audio:
     if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
         raise bad_request(f"{where}.input_audio must be {{data: base64, format}}", where)
     audio_format = spec.get("format", "wav")
@@ -344,7 +374,7 @@ def _input_audio(spec: object, where: str) -> Audio:
         data = base64.b64decode(spec["data"], validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(f"{where}.input_audio.data is not valid base64", where) from None
-    return as_api_error(lambda: decode_audio(data, f"input_audio.{audio_format}"), where)
+    return as_api_error(lambda: decode_audio(data, f"input_audio.{audio_format}", max_seconds), where)
 
 
 def _too_large(size: int, limit: int) -> ApiError:

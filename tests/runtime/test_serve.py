@@ -227,6 +227,9 @@ def test_body_over_the_limit_is_413_and_a_full_queue_is_503_with_retry_after(ser
     with running_server({"llm": serve_bundles["llm"]}, settings) as (url, engine):
         big = httpx.post(f"{url}/v1/chat/completions", content=b"{" + b" " * 100_000 + b"}", headers={"content-type": "application/json"})
         assert big.status_code == 413 and "over this server's limit" in big.json()["error"]["message"]
+        chunks = (b"{" if i == 0 else b" " * 10_000 for i in range(100))  # no Content-Length: sent chunked
+        chunked = httpx.post(f"{url}/v1/chat/completions", content=chunks, headers={"content-type": "application/json"})
+        assert chunked.status_code == 413 and "refused after" in chunked.json()["error"]["message"]
         # A request held in flight: the model waits for the gate.
         gate, runner = threading.Event(), engine.models["llm"].runner
         complete = runner.complete
@@ -243,7 +246,7 @@ def test_body_over_the_limit_is_413_and_a_full_queue_is_503_with_retry_after(ser
         assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
         assert 'lalm_rejected_total{reason="queue_full"} 1.0' in metrics
-        assert 'lalm_requests_total{endpoint="/v1/chat/completions",status="413"} 1.0' in metrics
+        assert 'lalm_requests_total{endpoint="/v1/chat/completions",status="413"} 2.0' in metrics
         assert 'lalm_requests_total{endpoint="/v1/chat/completions",status="200"} 2.0' in metrics
 
 
@@ -325,3 +328,13 @@ def test_a_bad_bundle_is_one_line_before_ray_starts(tmp_path, capsys):
     result = run_main(serve_main, tmp_path / "not-a-bundle", "--ray", capsys=capsys)
     assert result.returncode == 1
     assert_user_error(result, "does not exist")
+
+
+def test_audio_too_long_by_its_header_is_refused_before_it_is_decoded(server, tmp_path):
+    """40 KB whose header says 1 Hz are 40,000 s of audio: refused from the header, not after
+    decoding and resampling them to hours of samples."""
+    path = tmp_path / "one-hertz.wav"
+    sf.write(path, np.zeros(40_000, dtype=np.int16), 1, format="WAV", subtype="PCM_16")
+    with open(path, "rb") as handle:
+        answer = httpx.post(f"{server[0]}/v1/audio/features", data={"model": "wav2vec2"}, files={"file": ("one-hertz.wav", handle)})
+    assert answer.status_code == 400 and "by its header (40000 frames at 1 Hz)" in answer.json()["error"]["message"], answer.text
