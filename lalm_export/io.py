@@ -103,6 +103,9 @@ def sha256_tree(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+PARTIAL_MARK = ".lalm-export-partial"  # in a folder being written: what the next write may clean up
+
+
 @contextmanager
 def atomic_folder(target: str | Path, replace: bool, keep_others: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it takes `target`'s place.
@@ -120,11 +123,13 @@ def atomic_folder(target: str | Path, replace: bool, keep_others: bool = False) 
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the bundle its owner's alone
+        (tmp / PARTIAL_MARK).touch()
     except PermissionError:
         remove_made(made)
         raise OutputPathError(f"{target}: no permission to write in {target.parent}; pass a path in a folder you can write to") from None
     try:
         yield tmp
+        (tmp / PARTIAL_MARK).unlink()
         _move_into_place(tmp, target, replace, keep_others)
         done = True
     finally:
@@ -192,11 +197,13 @@ def remove_made(made: list[Path]) -> None:
 
 
 def remove_stale_partials(target: Path) -> list[Path]:
-    """Remove `.NAME.partial-PID-*` folders beside `target` whose process no longer runs."""
+    """Remove `.NAME.partial-PID-*` folders beside `target` that this tool made (they hold its
+    mark) and whose process no longer runs; a folder of the same name without the mark is not ours."""
     removed = []
     for candidate in target.parent.glob(f".{target.name}.partial-*"):
         pid = candidate.name.removeprefix(f".{target.name}.partial-").split("-", 1)[0]
-        if candidate.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+        ours = (candidate / PARTIAL_MARK).is_file() and not candidate.is_symlink()
+        if ours and pid.isdigit() and not _process_alive(int(pid)):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+# Bundles written by lalm-export on transformers 4.57.6 (commit fff5f73): the format kept since.
+OLD_BUNDLES = REPO / "tests" / "data" / "bundles-transformers-4.57"
 # A hang guard, never a time limit on work: a loaded 2-core machine must not trip it.
 SUBPROCESS_TIMEOUT_S = 900
 

@@ -157,6 +157,41 @@ def check_output(output: Path, force: bool) -> None:
                 f"--output {output} holds files that are not a bundle: --force replaces only a bundle written by lalm-export or an "
                 "empty folder; choose another --output"
             )
+        foreign = sorted(str(p.relative_to(output)) for p in output.rglob("*") if not p.is_dir() and str(p.relative_to(output)) not in bundle_own_files(output))
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise OutputExistsError(
+                f"--output {output} also holds {foreign[0]}{more}, which lalm-export did not write: --force replaces only what it "
+                "wrote; move that out of the bundle, or choose another --output"
+            )
+
+
+BUNDLE_FILES = ".lalm-export-files.json"  # in a bundle: every file the export wrote there
+# What an export wrote beside its graphs before bundles recorded their files.
+_COMPANIONS = {
+    "manifest.json", "config.json", "generation_config.json", "preprocessor_config.json", "embed_tokens.npy", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+}  # fmt: skip
+
+
+def bundle_own_files(folder: Path) -> set[str]:
+    """The files of the bundle in `folder` that lalm-export wrote: its record of them, or for a
+    bundle written before it kept one, its graphs and the companion files exports write."""
+    import json
+
+    try:
+        recorded = json.loads((folder / BUNDLE_FILES).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        recorded = None
+    if isinstance(recorded, list) and all(isinstance(name, str) for name in recorded):
+        return set(recorded)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    graphs = manifest.get("graphs") if isinstance(manifest.get("graphs"), dict) else {}
+    written = set(_COMPANIONS)
+    for graph in graphs.values():
+        if isinstance(graph, dict):
+            written |= {str(graph.get("path"))} | {str(name) for name in graph.get("data_files") or {}}
+    return written
 
 
 def is_bundle(folder: Path) -> bool:

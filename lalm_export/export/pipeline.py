@@ -7,6 +7,7 @@ precision transforms and the folder."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lalm_export.export.manifest import Built, int8_record
+from lalm_export.export.options import BUNDLE_FILES
 from lalm_export.io import atomic_folder
 from lalm_export.precision.int4 import Int4Options
 from lalm_export.precision.specs import TransformJob, apply_precision
@@ -88,6 +90,7 @@ def run_export(steps: ExportSteps, settings: RunSettings, stages: Stages) -> Man
         with stages.stage("write", str(settings.output)):
             manifest = steps.manifest(tmp, Built(parity, transforms, optimizations, int8))
             manifest.write(tmp)
+            record_bundle_files(tmp)
     return manifest
 
 
@@ -99,3 +102,10 @@ def place_graph(source: Path, target: Path, part: GraphPart, settings: RunSettin
             file.rename(target / file.name)
         return {}
     return apply_precision(source / part.file, target / part.file, part.precision, TransformJob(part.role, settings.int4, settings.target_cpu))
+
+
+def record_bundle_files(folder: Path) -> None:
+    """Write the list of every file in the finished bundle: `--force` later replaces a bundle
+    only when it holds nothing else (a user's file put in it is refused, not deleted)."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    (folder / BUNDLE_FILES).write_text(json.dumps([*names, BUNDLE_FILES], indent=1) + "\n", encoding="utf-8")

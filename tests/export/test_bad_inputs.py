@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from lalm_export.cli import main
 from lalm_export.demo.tiny import build_tiny_checkpoint
 from lalm_export.errors import OutputExistsError, OutputPathError
-from lalm_export.io import atomic_folder
+from lalm_export.io import PARTIAL_MARK, atomic_folder
 from lalm_export.models import HubertAudioEncoder
 from tests.helpers import REPO, SUBPROCESS_TIMEOUT_S, assert_user_error, randomize_lora, run_main
 
@@ -122,11 +122,16 @@ def test_stale_partial_folders_of_dead_exports_are_removed(tmp_path):
     dead = tmp_path / ".bundle.partial-999999999-abc"  # no such process
     alive = tmp_path / f".bundle.partial-{os.getpid()}-def"  # a running export's
     other = tmp_path / ".bundle.partial-notes"  # not ours: no pid
-    for folder in (dead, alive, other):
+    users = tmp_path / ".bundle.partial-999999998-mine"  # named like ours, of a dead pid, but without our mark
+    for folder in (dead, alive, other, users):
         folder.mkdir()
+    for folder in (dead, alive):
+        (folder / PARTIAL_MARK).touch()
+    (users / "notes.txt").write_text("mine")
     with atomic_folder(target, replace=False) as tmp:
         (tmp / "manifest.json").write_text("{}")
-    assert not dead.exists() and alive.exists() and other.exists() and (target / "manifest.json").is_file()
+    assert not dead.exists() and alive.exists() and other.exists() and (users / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json"]  # the mark does not go into the bundle
 
 
 def test_the_loser_of_two_exports_to_one_output_is_a_clear_error(tmp_path):

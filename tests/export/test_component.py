@@ -4,6 +4,7 @@ the bundle is complete and self-describing; the parity gate refuses a bad graph.
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from lalm_export.demo.tiny import tiny_input
-from lalm_export.errors import ParityError
+from lalm_export.errors import OutputExistsError, ParityError
 from lalm_export.export.component import ExportOptions, export_bundle
 from lalm_export.io import current_umask
 from lalm_export.models import ENCODER_CLASSES, LLMDecoder
@@ -24,7 +25,7 @@ from lalm_export.parity.bounds import FP32_RELATIVE
 from runtime.generation import GenerationOptions, generate
 from runtime.manifest import sha256_of
 from runtime.ort_backends import OrtDecoderBackend
-from tests.helpers import randomize_lora, relative_error, run_encoder
+from tests.helpers import OLD_BUNDLES, randomize_lora, relative_error, run_encoder
 
 
 def lora_wrapper(family, checkpoints, **kwargs):
@@ -179,6 +180,22 @@ def test_force_replaces_only_a_complete_bundle(checkpoints, tmp_path):
     assert (bundle / "manifest.json").read_text() == before
     export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=bundle, force=True, seed=1), quiet=True)
     assert (bundle / "manifest.json").read_text() != before
+
+
+@pytest.mark.parametrize("written_by", ["this version", "transformers 4.57's lalm-export"])
+def test_force_never_deletes_a_users_file_inside_a_bundle(written_by, checkpoints, tmp_path):
+    bundle = tmp_path / "b"
+    if written_by == "this version":
+        export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=bundle), quiet=True)
+    else:  # no record of its files: its graphs and the companion files exports write are its own
+        shutil.copytree(OLD_BUNDLES / "hubert", bundle)
+    (bundle / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in bundle.iterdir())
+    with pytest.raises(OutputExistsError, match="also holds notes.txt, which lalm-export did not write"):
+        export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=bundle, force=True), quiet=True)
+    assert (bundle / "notes.txt").read_text() == "mine" and sorted(p.name for p in bundle.iterdir()) == before
+    (bundle / "notes.txt").unlink()
+    export_bundle(ExportOptions(family="hubert", model=str(checkpoints["hubert"]), output=bundle, force=True, verify=False), quiet=True)
 
 
 def test_the_eager_reference_runs_without_tf32_and_restores_the_settings():

@@ -6,7 +6,6 @@ The bundles and their outputs were recorded with commit fff5f73."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,9 @@ import pytest
 from lalm_export.parity.signals import speech_like
 from runtime.api import load
 from runtime.generation import GenerationOptions
+from tests.helpers import OLD_BUNDLES
 
-OLD = Path(__file__).resolve().parents[1] / "data" / "bundles-transformers-4.57"
+OLD = OLD_BUNDLES
 EXPECTED = json.loads((OLD / "expected.json").read_text(encoding="utf-8"))
 OPTIONS = GenerationOptions(max_new_tokens=16, stop_at_eos=False)
 
