@@ -56,7 +56,9 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit_bytes:
-                    message = f"the request body is over this server's limit of {self.limit_bytes / 2**20:g} MiB (--max-body-mb); refused after {received:,} bytes"
+                    message = (
+                        f"the request body is over this server's limit of {self.limit_bytes / 2**20:g} MiB (--max-body-mb); refused after {received:,} bytes"
+                    )
                     raise ApiError(413, message, code="request_too_large")
             return message
 
