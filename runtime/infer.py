@@ -18,7 +18,7 @@ EPILOG = """examples:
   python -m runtime.infer bundles/llm --prompt "Hello" --prompt "One two" --json --temperature 0.8 --top-p 0.9 --seed 1
 
   # an audio LLM bundle (lalm-export --lalm): each file's audio in the prompt, text out
-  python -m runtime.infer bundles/lalm --audio a.wav b.wav --prompt "Transcribe the audio:" --json
+  python -m runtime.infer bundles/lalm --audio a.wav b.wav --json   # the bundle's own prompt, named on stderr
 
 exit status: 0 done; 1 user error (one line on stderr); 2 bad flags."""
 
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="TEXT",
         help="a prompt; repeat for a batch (left-padded). Audio LLM bundles: one prompt for every --audio file, the audio placed "
-        "first unless the prompt holds the placeholder (default: the bundle's prompt)",
+        "first unless the prompt holds the placeholder (default: the bundle's prompt, the one it was trained with: manifest extra.prompt, "
+        "shown on the first line)",
     )
     text.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
     text.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sampling temperature")
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = load(args.bundle, SessionOptions(provider=args.provider, threads=args.threads, save_optimized=args.save_optimized))
-        say(f"{args.bundle}: {model.manifest.family} {model.manifest.role} ({model.manifest.precision}), provider {model.provider}", args.quiet)
+        trained = f", prompt {model.facts['prompt']!r} (the one it was trained with)" if isinstance(model, LalmRunner) else ""
+        say(f"{args.bundle}: {model.manifest.family} {model.manifest.role} ({model.manifest.precision}){trained}, provider {model.provider}", args.quiet)
         if isinstance(model, EncoderRunner):
             run_encoder(model, args)
         elif isinstance(model, LalmRunner):

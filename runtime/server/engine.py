@@ -70,6 +70,7 @@ class ServedModel:
             "family": self.manifest.family,
             "precision": self.manifest.precision,
             "provider": self.runner.provider,
+            **({"prompt": self.runner.facts["prompt"]} if self.kind == "lalm" else {}),  # the prompt it was trained with
         }
 
     @contextmanager

@@ -45,11 +45,12 @@ def infer_json(capsys, bundle, *args) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_models_lists_every_bundle_with_role_precision_and_provider(client):
+def test_models_lists_every_bundle_with_role_precision_and_provider(client, serve_bundles):
     cards = {model.id: model for model in client.models.list()}
     assert sorted(cards) == ["lalm", "llm", "wav2vec2"]
     assert {cards[name].role for name in cards} == {"lalm", "decoder", "encoder"}
     assert cards["lalm"].precision and cards["lalm"].provider == "cpu" and cards["lalm"].owned_by == "lalm-export"
+    assert cards["lalm"].prompt == json.loads((serve_bundles["lalm"] / "manifest.json").read_text())["extra"]["prompt"]  # the one it was trained with
 
 
 def test_transcription_equals_runtime_infer(client, serve_bundles, audio_files, capsys):
