@@ -76,7 +76,12 @@ def collect_inputs(paths: Sequence[Path]) -> list[str]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            try:
+                lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            except UnicodeDecodeError:
+                raise RuntimeUserError(f"--input {path} is not a UTF-8 text list of audio paths; write it in UTF-8, one path a line") from None
+            except OSError as err:
+                raise RuntimeUserError(f"--input {path} cannot be read ({err.strerror}); make it readable") from None
             files = [(path.parent / line) for line in lines if line and not line.startswith("#")]
         elif path.exists():
             files = [path]
@@ -333,6 +338,8 @@ def run_batch(args: argparse.Namespace, files: list[str]) -> int:
     finished = done_files(args.output)
     todo = [f for f in files if f not in finished]
     features_dir = args.features_dir or args.output.with_name(args.output.name.removesuffix(".jsonl") + ".features")
+    if features_dir.exists() and not features_dir.is_dir():
+        raise RuntimeUserError(f"--features-dir {features_dir} is a file; pass a folder for the .npy files (made if missing)")
     settings = BatchSettings(prompt=args.prompt, max_new_tokens=args.max_new_tokens, features_dir=str(features_dir.resolve()))
     if not args.quiet:
         print(f"runtime.batch: {len(files)} file(s), {len(files) - len(todo)} already in {args.output}, {len(todo)} to do", file=sys.stderr)

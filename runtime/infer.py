@@ -185,7 +185,9 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens, stop_at_eos=not args.ignore_eos, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
-    on_text = None if args.json else (lambda text: print(text, end="", flush=True))
+    # One file streams its text bare as it comes; several print one line each, "name: text"
+    streaming = not args.json and len(args.audio) == 1
+    on_text = (lambda text: print(text, end="", flush=True)) if streaming else None
     results = runner.transcribe(args.audio, prompt, options, on_text=on_text)
     for index, result in enumerate(results):
         if args.json:
@@ -200,7 +202,7 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
                 "batch_size": result.batch_size,
             }
             print(json.dumps(record))
-        elif index == 0:
+        elif streaming:
             print()
         else:
             print(f"{result.name}: {result.text}")

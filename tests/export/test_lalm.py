@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -321,6 +322,8 @@ def test_infer_transcribes_audio_files_as_json_and_streams(checkpoints, tmp_path
     assert [r["tokens"] for r in records] == [tokens for _, tokens in expected]
     streamed = run_main(infer_main, tmp_path / "bundle", "--audio", files[0], "--max-new-tokens", "16", "--prompt", "Transcribe the audio:", capsys=capsys)
     assert streamed.returncode == 0 and streamed.stdout == records[0]["text"] + "\n"
+    plain = run_main(infer_main, tmp_path / "bundle", "--audio", *files, "--max-new-tokens", "16", capsys=capsys)
+    assert plain.stdout == "".join(f"{Path(f).name}: {r['text']}\n" for f, r in zip(files, records))  # one format for every file
     # a prompt in another encoding than UTF-8 arrives as lone surrogates: one line, as for decoders
     not_utf8 = run_main(infer_main, tmp_path / "bundle", "--audio", files[0], "--prompt", "caf\udce9 <|audio|>", capsys=capsys)
     assert_user_error(not_utf8, "not valid UTF-8")

@@ -68,11 +68,16 @@ def test_a_bad_file_is_recorded_with_its_error_and_retried_on_the_next_run(serve
         ("llm", ["--input", "AUDIO"], "runtime.batch takes audio"),
         ("lalm", ["--input", "AUDIO", "--batch-size", "0"], "--batch-size must be at least 1"),
         ("lalm", ["--input", "EMPTY"], "no audio files"),
+        ("lalm", ["--input", "LATIN1_LIST"], "is not a UTF-8 text list"),
+        ("wav2vec2", ["--input", "AUDIO", "--features-dir", "A_FILE"], "--features-dir"),
     ],
 )
 def test_bad_batch_inputs_are_one_line_errors(bundle, args, fragment, serve_bundles, audio_files, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    args = [str(audio_files[0]) if a == "AUDIO" else str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    (tmp_path / "list.txt").write_bytes("caf\xe9.wav\n".encode("latin-1"))
+    (tmp_path / "a-file").write_text("mine")
+    names = {"AUDIO": str(audio_files[0]), "EMPTY": str(tmp_path / "empty"), "LATIN1_LIST": str(tmp_path / "list.txt"), "A_FILE": str(tmp_path / "a-file")}
+    args = [names.get(a, a) for a in args]
     result = run_main(batch_main, serve_bundles[bundle], *args, "--output", tmp_path / "o.jsonl", capsys=capsys)
     assert_user_error(result, fragment)
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / ".o.jsonl.lock").exists()  # a refused run writes nothing
