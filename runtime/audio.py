@@ -68,9 +68,8 @@ def decode_audio(data: bytes, name: str, max_seconds: float | None = None) -> Au
     if max_seconds is not None:
         try:
             info = soundfile.info(io.BytesIO(data))
-        except (RuntimeError, soundfile.LibsndfileError, TypeError, ValueError) as err:
-            reason = getattr(err, "error_string", None) or str(err)
-            raise AudioError(f"{name} is not a readable audio file (wav, flac or ogg expected): {reason}") from err
+        except UNREADABLE as err:
+            raise unreadable(name, err) from err
         seconds = info.frames / info.samplerate if info.samplerate > 0 else float("inf")
         if seconds > max_seconds:
             raise AudioError(
@@ -80,15 +79,23 @@ def decode_audio(data: bytes, name: str, max_seconds: float | None = None) -> Au
     return _decode(io.BytesIO(data), name, name)
 
 
+# What libsndfile (through soundfile) raises for a file it cannot read.
+UNREADABLE = (RuntimeError, TypeError, ValueError)  # soundfile.LibsndfileError is a RuntimeError
+
+
+def unreadable(label: str, err: Exception) -> AudioError:
+    """libsndfile's own words ("Format not recognised."), not its message naming the Python object it read."""
+    reason = getattr(err, "error_string", None) or str(err)
+    return AudioError(f"{label} is not a readable audio file (wav, flac or ogg expected): {reason}")
+
+
 def _decode(source: object, label: str, name: str) -> Audio:
     import soundfile
 
     try:
         data, rate = soundfile.read(source, dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError, TypeError, ValueError) as err:
-        # libsndfile's own words ("Format not recognised."), not its message naming the Python object it read
-        reason = getattr(err, "error_string", None) or str(err)
-        raise AudioError(f"{label} is not a readable audio file (wav, flac or ogg expected): {reason}") from err
+    except UNREADABLE as err:
+        raise unreadable(label, err) from err
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     mono = check_samples(mono, label)
     return Audio(name=name, samples=check_samples(resample(mono, rate), label), source_rate=int(rate))
@@ -180,6 +187,7 @@ _LOG_MEL_FIELDS = {"n_fft": (16, 1 << 14), "hop_length": (1, 1 << 14), "feature_
 def check_feature_config(config: dict[str, Any], input_kind: str, where: str) -> None:
     """A bundle's feature settings, refused in one line (BundleError) when out of range."""
     from runtime.errors import BundleError
+    from runtime.manifest import is_whole_number
 
     rate = config.get("sampling_rate", TARGET_RATE)
     if rate != TARGET_RATE:
@@ -188,5 +196,5 @@ def check_feature_config(config: dict[str, Any], input_kind: str, where: str) ->
         return
     for name, (low, high) in _LOG_MEL_FIELDS.items():
         value = config.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        if value is not None and not is_whole_number(value, low, high):
             raise BundleError(f"{where}: {name} {value!r} is not a whole number from {low} to {high}; export the bundle again")

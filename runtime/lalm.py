@@ -17,6 +17,7 @@ from runtime.audio import Audio, check_feature_config, check_samples, features_f
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check_prompt_text, generate, until_eos
 from runtime.limits import AudioLimits, audio_limits
+from runtime.manifest import is_whole_number
 from runtime.ort_backends import OrtDecoderBackend
 
 GENERATION_BATCH = 8  # clips generated together at most (their KV caches grow with the batch)
@@ -275,10 +276,10 @@ def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
     from runtime.manifest import read_json_object, read_tokenizer, sha256_of, verify_graph_files
     from runtime.sessions import open_bundle_graph
 
+    check_lalm_facts(manifest.extra, folder)  # before the sessions: a hand-edited manifest fails in a moment
     encoder, decoder = (
         open_bundle_graph(verify_graph_files(folder, manifest.graphs[name]), options, manifest.graphs[name], folder) for name in ("audio_encoder", "decoder")
     )
-    check_lalm_facts(manifest.extra, folder)
     embedding = manifest.extra["embedding"]
     table_path = folder / embedding["file"]
     if not table_path.is_file() or sha256_of(table_path) != embedding["sha256"]:
@@ -311,7 +312,7 @@ def check_lalm_facts(extra: dict[str, Any], folder: Path) -> None:
     whole = {"audio_token_id": (0, None), "context_length": (1, MAX_CONTEXT), "downsample": (1, 1 << 10)}
     for name, (low, high) in whole.items():
         value = extra.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        if not is_whole_number(value, low, high):
             span = f"from {low} to {high}" if high is not None else f"of at least {low}"
             raise BundleError(f"{where}.{name} is {value!r}, not a whole number {span}; export the bundle again")
     for name in ("prompt", "audio_token"):

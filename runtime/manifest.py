@@ -196,3 +196,8 @@ def read_tokenizer(folder: Path) -> Any:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
         raise BundleError(f"{path} is not a tokenizer file tokenizers can read ({str(err)[:120]}); export the bundle again") from err
+
+
+def is_whole_number(value: object, low: int, high: int | None = None) -> bool:
+    """A bundle field that must be an integer from `low` to `high` (JSON's true and false are not numbers)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from lalm_export.export.options import DEFAULT_OPSET, ExportOptions, LalmExportO
 from lalm_export.export.pipeline import STAGES, GraphPart, RunSettings, run_export
 from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
 from lalm_export.graphs.traced import export_decoder as export_traced_decoder
+from lalm_export.graphs.traced import export_module
 from lalm_export.io import sha256_tree
 from lalm_export.models.adapters import load_full_weights
 from lalm_export.models.families import get_family
@@ -104,23 +104,13 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
 def export_audio_encoder(graph: AudioEncoderGraph, feature_config: dict[str, Any], target: Path) -> None:
     from runtime.audio import features_for
 
-    # the tracing clip; the gate checks other lengths
-    clip = speech_like(GATE_CLIPS_S[0])
+    clip = speech_like(GATE_CLIPS_S[0])  # the tracing clip; the gate checks other lengths
     features = torch.from_numpy(features_for(graph.spec.input_kind, clip, feature_config)[None].astype(np.float32))
     lengths = torch.tensor([len(clip)], dtype=torch.int64)
     axes = {graph.spec.input_name: {0: "batch"} if not graph.spec.dynamic_length else {0: "batch", 1: "samples"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on Python branches; the gate checks other lengths
-        torch.onnx.export(
-            graph,
-            (features, lengths),
-            str(target),
-            input_names=[graph.spec.input_name, "audio_lengths"],
-            output_names=["audio_features", "audio_feature_lengths"],
-            dynamic_axes={**axes, "audio_lengths": {0: "batch"}, "audio_features": {0: "batch", 1: "frames"}, "audio_feature_lengths": {0: "batch"}},
-            opset_version=DEFAULT_OPSET,
-            dynamo=False,
-        )
+    axes |= {"audio_lengths": {0: "batch"}, "audio_features": {0: "batch", 1: "frames"}, "audio_feature_lengths": {0: "batch"}}
+    inputs, outputs = [graph.spec.input_name, "audio_lengths"], ["audio_features", "audio_feature_lengths"]
+    export_module(graph, (features, lengths), target, inputs, outputs, axes, DEFAULT_OPSET)
 
 
 def export_decoder(merged: MergedLalm, graph_kind: str, folder: Path, trust_remote_code: bool) -> list[str]:

@@ -157,7 +157,8 @@ def check_output(output: Path, force: bool) -> None:
                 f"--output {output} holds files that are not a bundle: --force replaces only a bundle written by lalm-export or an "
                 "empty folder; choose another --output"
             )
-        foreign = sorted(str(p.relative_to(output)) for p in output.rglob("*") if not p.is_dir() and str(p.relative_to(output)) not in bundle_own_files(output))
+        own = bundle_own_files(output)
+        foreign = sorted(name for name in (p.relative_to(output).as_posix() for p in output.rglob("*") if not p.is_dir()) if name not in own)
         if foreign:
             more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
             raise OutputExistsError(

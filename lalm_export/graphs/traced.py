@@ -58,7 +58,7 @@ def export_encoder(model: nn.Module, spec: FamilySpec, all_hidden_states: bool, 
     outputs = [spec.output_name] + ([f"hidden_states.{i}" for i in range(int(model.config.num_hidden_layers) + 1)] if all_hidden_states else [])
     input_axes = {0: "batch_size", 1: "sequence_length"} if spec.dynamic_length else {0: "batch_size"}
     axes = {spec.input_name: input_axes, **{name: {0: "batch_size", 1: "sequence_length"} for name in outputs}}
-    _export(wrapper, (encoder_trace_input(model, spec),), target, [spec.input_name], outputs, axes, opset)
+    export_module(wrapper, (encoder_trace_input(model, spec),), target, [spec.input_name], outputs, axes, opset)
     return target
 
 
@@ -115,12 +115,15 @@ def export_decoder(model: nn.Module, target: Path, opset: int, embeds: bool = Fa
         **{name: {0: "batch_size", 2: "total_sequence_length"} for name in present_names},
     }
     wrapper = _DecoderWithPast(model, layers).eval()
-    _export(wrapper, (tokens, mask, positions, *past), target, [first, "attention_mask", "position_ids", *cache_names], ["logits", *present_names], axes, opset)
+    export_module(
+        wrapper, (tokens, mask, positions, *past), target, [first, "attention_mask", "position_ids", *cache_names], ["logits", *present_names], axes, opset
+    )
     return target
 
 
-def _export(module: nn.Module, args: tuple, target: Path, inputs: list[str], outputs: list[str], axes: dict[str, dict[int, str]], opset: int) -> None:
-    """torch.onnx's TorchScript export to `target`; a graph past protobuf's 2 GB limit gets its
+def export_module(module: nn.Module, args: tuple, target: Path, inputs: list[str], outputs: list[str], axes: dict[str, dict[int, str]], opset: int) -> None:
+    """torch.onnx's TorchScript export of `module` run on `args` to `target` (every graph this
+    project traces goes through here); a graph past protobuf's 2 GB limit gets its
     weights in one `<name>_data` file beside it (the tracer writes one file per tensor)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with _scratch_folder(target.parent) as scratch, torch.no_grad(), warnings.catch_warnings():

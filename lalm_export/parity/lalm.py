@@ -1,6 +1,7 @@
 """The parity gate of an LALM bundle: the exported audio encoder + projector against the
-eager modules on speech-like clips, then the greedy tokens of the whole pipeline (features →
-prompt with the audio in place → decoder) against the eager pipeline."""
+eager modules on speech-like clips, the exported decoder's logits on the same prompt, then the
+greedy tokens of the whole pipeline (features → prompt with the audio in place → decoder)
+against the eager pipeline."""
 
 from __future__ import annotations
 
@@ -53,8 +54,7 @@ def prefill_logits(merged: MergedLalm, runner: LalmRunner, embeds: torch.Tensor)
     """The last position's logits of the eager decoder and of the bundle's, on the same prompt
     embeddings: the decoder's own parity, apart from the audio features that feed it."""
     mask = np.ones((1, embeds.shape[1]), dtype=np.int64)
-    with torch.no_grad():
-        eager = EagerDecoderBackend(merged.decoder).prefill_embeds(embeds, mask)
+    eager = EagerDecoderBackend(merged.decoder).prefill_embeds(embeds, mask)
     return eager, runner.new_backend().prefill_embeds(embeds.numpy(), mask)
 
 

@@ -56,10 +56,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit_bytes:
-                    message = (
-                        f"the request body is over this server's limit of {self.limit_bytes / 2**20:g} MiB (--max-body-mb); refused after {received:,} bytes"
-                    )
-                    raise ApiError(413, message, code="request_too_large")
+                    raise _too_large(received, self.limit_bytes, declared=False)
             return message
 
         await self.app(scope, counted, send)
@@ -77,10 +74,12 @@ def build_app(engine: Engine) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         """404 and 405 as OpenAI error objects, not FastAPI's {"detail": ...}."""
-        codes = {404: ("not_found", f"no endpoint {request.url.path}; see GET /v1/models and the endpoints in docs/serving.md")}
-        code, message = codes.get(err.status_code, ("method_not_allowed" if err.status_code == 405 else None, str(err.detail)))
-        if err.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
+        if err.status_code == 404:
+            code, message = "not_found", f"no endpoint {request.url.path}; see GET /v1/models and the endpoints in docs/serving.md"
+        elif err.status_code == 405:
+            code, message = "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
+        else:
+            code, message = None, str(err.detail)
         return JSONResponse(ApiError(err.status_code, message, code=code).body(), status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -379,10 +378,13 @@ def _input_audio(spec: object, where: str, max_seconds: float) -> Audio:
     return as_api_error(lambda: decode_audio(data, f"input_audio.{audio_format}", max_seconds), where)
 
 
-def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(
-        413, f"the request body is {size / 2**20:.1f} MiB, over this server's limit of {limit / 2**20:g} MiB (--max-body-mb)", code="request_too_large"
-    )
+def _too_large(size: int, limit: int, declared: bool = True) -> ApiError:
+    """413 for a body past `limit`: its declared `size`, or (a chunked body) the bytes read when it passed the limit."""
+    if declared:
+        message = f"the request body is {size / 2**20:.1f} MiB, over this server's limit of {limit / 2**20:g} MiB (--max-body-mb)"
+    else:
+        message = f"the request body is over this server's limit of {limit / 2**20:g} MiB (--max-body-mb); refused after {size:,} bytes"
+    return ApiError(413, message, code="request_too_large")
 
 
 def _attachment(filename: str) -> str:
