@@ -55,21 +55,30 @@ def load_audio(path: str | Path) -> Audio:
     return _decode(str(path), str(path), path.name)
 
 
-def decode_audio(data: bytes, name: str, max_seconds: float | None = None) -> Audio:
+# libsndfile's container names (soundfile.info().format) for each format name a request may give.
+CONTAINERS = {"wav": ("WAV", "WAVEX", "RF64", "W64"), "flac": ("FLAC",), "ogg": ("OGG",), "mp3": ("MP3",)}
+
+
+def decode_audio(data: bytes, name: str, max_seconds: float | None = None, declared_format: str | None = None) -> Audio:
     """`load_audio` for the bytes of an audio file (an upload): wav, flac, ogg, and mp3 where
     libsndfile reads it. `max_seconds`: audio longer than that by its header is refused before it
-    is decoded or resampled (a small file whose header claims a low rate is hours long)."""
+    is decoded or resampled (a small file whose header claims a low rate is hours long).
+    `declared_format` (a key of CONTAINERS): data in another container is refused."""
     import io
 
     import soundfile
 
     if not data:
         raise AudioError(f"{name}: the audio file is empty (0 bytes)")
-    if max_seconds is not None:
+    if max_seconds is not None or declared_format is not None:
         try:
             info = soundfile.info(io.BytesIO(data))
         except UNREADABLE as err:
             raise unreadable(name, err) from err
+        if declared_format is not None and info.format not in CONTAINERS[declared_format]:
+            found = next((key for key, names in CONTAINERS.items() if info.format in names), info.format)
+            raise AudioError(f"{name}: the format says {declared_format}, but the data is {found}; give the format the data has")
+    if max_seconds is not None:
         seconds = info.frames / info.samplerate if info.samplerate > 0 else float("inf")
         if seconds > max_seconds:
             raise AudioError(

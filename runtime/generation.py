@@ -97,6 +97,12 @@ def until_eos(tokens: Sequence[int], options: GenerationOptions) -> list[int]:
     return kept
 
 
+# KV positions a generation reserves past its prompt before it starts; longer ones grow their
+# buffers by doubling. A budget of the rest of a long context (a server request that does not
+# say max_tokens) would otherwise hold that context's whole KV cache while most end at EOS early.
+RESERVED_AHEAD = 512
+
+
 def generate(
     backend: DecoderBackend,
     input_ids: np.ndarray,
@@ -111,7 +117,7 @@ def generate(
     streaming and timing."""
     options.validate()
     rng = np.random.default_rng(options.seed)
-    backend.reserve(input_ids.shape[1] + options.max_new_tokens)
+    backend.reserve(input_ids.shape[1] + min(options.max_new_tokens, RESERVED_AHEAD))
     logits = backend.prefill(input_ids, attention_mask)
     batch = input_ids.shape[0]
     finished = np.zeros(batch, dtype=bool)

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 EPILOG = """endpoints:
-  GET  /health                   200 once every bundle's sessions exist; 503 while shutting down
+  GET  /health                   200 once every bundle's sessions exist; 503 "draining" after SIGINT/SIGTERM while
+                                 requests in flight finish (and for --shutdown-delay); then the port closes
   GET  /v1/models                the bundles (id = folder name or --name), with role, precision, provider
   POST /v1/audio/transcriptions  audio LLM bundles: OpenAI's form (file, model, prompt, response_format, stream)
   POST /v1/chat/completions      decoder and audio LLM bundles: text and input_audio parts, stream, usage
@@ -62,8 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--decode-slots", type=int, default=4, help="generations that run side by side, one decode step each in turn (default: 4)")
     load.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is ended with 504 (default: 300)")
     load.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body in MiB; larger get 413 (default: 25, OpenAI's upload limit)")
-    load.add_argument("--max-new-tokens", type=int, default=128, help="tokens a request generates when it does not say (default: 128)")
+    load.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="the most tokens a request that does not say (no max_tokens) generates (default: the rest of the decoder's context after "
+        "the prompt, vLLM's rule; generation ends at EOS before that)",
+    )
     load.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM (default: 30)")
+    load.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=0.0,
+        help="seconds the server keeps listening after SIGTERM, answering /health and new requests with 503, so a load balancer "
+        "sees it draining before the port closes (default: 0: close once the requests in flight are done)",
+    )
     run = parser.add_argument_group("sessions")
     run.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
     run.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0: ONNX Runtime's default)")
@@ -78,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace):
+    from runtime.errors import RuntimeUserError
     from runtime.server.engine import ServeSettings
 
     settings = ServeSettings(
@@ -90,6 +104,9 @@ def settings_from(args: argparse.Namespace):
         max_new_tokens=args.max_new_tokens,
     )
     settings.validate()
+    for flag, value in (("--shutdown-timeout", args.shutdown_timeout), ("--shutdown-delay", args.shutdown_delay)):
+        if not 0 <= value < float("inf"):
+            raise RuntimeUserError(f"{flag} must be a number of seconds, 0 or more, not {value}")
     return settings
 
 
@@ -107,28 +124,30 @@ def serve_here(args: argparse.Namespace) -> None:
         card = model.card()
         print(f"runtime.serve: {card['id']}: {card['family']} {card['role']} ({card['precision']}), provider {card['provider']}", file=sys.stderr)
     config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=not args.quiet)
-    draining_server(config, engine, args.shutdown_timeout).run()
+    draining_server(config, engine, args.shutdown_timeout, args.shutdown_delay).run()
 
 
-def draining_server(config, engine, grace_s: float):
+def draining_server(config, engine, grace_s: float, delay_s: float = 0.0):
     """A uvicorn server that drains on SIGINT/SIGTERM (the class is made here: uvicorn is an optional dependency)."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """On SIGINT/SIGTERM, stop admitting (new requests get 503 with Retry-After), let the
-        requests in flight finish (up to the shutdown timeout), then stop. A second signal stops at once."""
+        """On SIGINT/SIGTERM, stop admitting (new requests and /health get 503 with Retry-After),
+        keep listening for at least `delay_s`, let the requests in flight finish (up to the
+        shutdown timeout), then stop. A second signal stops at once."""
 
         def handle_exit(self, sig: int, frame) -> None:
-            if engine.draining:
-                super().handle_exit(sig, frame)
+            if engine.draining:  # the second signal: stop now, in-flight requests or not (uvicorn would re-raise it at exit)
+                self.should_exit = self.force_exit = True
                 return
             engine.draining = True
-            print(f"runtime.serve: stopping; {engine.pending} request(s) in flight get up to {grace_s:g} s to finish", file=sys.stderr)
+            held = f", listening {delay_s:g} s more" if delay_s else ""
+            print(f"runtime.serve: stopping; {engine.pending} request(s) in flight get up to {grace_s:g} s to finish{held}", file=sys.stderr)
             threading.Thread(target=self._exit_when_idle, daemon=True).start()
 
         def _exit_when_idle(self) -> None:
-            deadline = time.monotonic() + grace_s
-            while engine.pending and time.monotonic() < deadline:
+            start = time.monotonic()
+            while time.monotonic() < start + delay_s or (engine.pending and time.monotonic() < start + max(grace_s, delay_s)):
                 time.sleep(0.05)
             self.should_exit = True
 

@@ -19,7 +19,8 @@ import math
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,13 +29,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.audio import Audio, decode_audio
+from runtime.audio import CONTAINERS, Audio, decode_audio
 from runtime.generation import GenerationOptions
 from runtime.server.engine import Engine, ServedModel
 from runtime.server.errors import ApiError, as_api_error, bad_request
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
-AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
+AUDIO_FORMATS = tuple(CONTAINERS)
+# Chat roles this server takes; "tool" and "function" messages answer tool calls, which it does not make.
+ROLES = ("system", "developer", "user", "assistant")
 
 
 class BodyLimit:
@@ -151,17 +154,17 @@ def build_app(engine: Engine) -> FastAPI:
         model = engine.model(form.get("model"), ("lalm",), "/v1/audio/transcriptions")
         response_format = _choice(form.get("response_format") or "json", TRANSCRIPTION_FORMATS, "response_format")
         stream = _flag(form.get("stream"), "stream")
-        options = _options(engine, {"temperature": form.get("temperature")})
+        options, asked = _options({"temperature": form.get("temperature")})
         prompt = _lalm_prompt(model, form.get("prompt"))
         audio = await _upload(form, limit_bytes, model.runner.limits.max_seconds)
         release = engine.admit()
         try:
-            work = await _lalm_work(engine, model, audio, prompt, options)
+            work, _ = await _lalm_work(engine, model, audio, prompt, options, asked)
         except BaseException:
             release()
             raise
-        result = await _answer(engine, model, work, release, stream, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done)
-        if isinstance(result, StreamingResponse):
+        result = await _answer(request, engine, model, work, release, stream, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done)
+        if isinstance(result, Response):
             return result
         if response_format == "text":
             return PlainTextResponse(result.text)
@@ -185,7 +188,7 @@ def build_app(engine: Engine) -> FastAPI:
         _refuse_unimplemented(body)
         model = engine.model(body.get("model"), ("decoder", "lalm"), "/v1/chat/completions")
         prompt, clip = _chat_prompt(model, body.get("messages"))
-        options = _options(engine, body, json_body=True)
+        options, asked = _options(body, json_body=True)
         stop = _stop(body.get("stop"))
         stream = _flag(body.get("stream"), "stream")
         stream_options = body.get("stream_options")
@@ -193,21 +196,22 @@ def build_app(engine: Engine) -> FastAPI:
             raise bad_request(f'stream_options must be an object such as {{"include_usage": true}}, not {stream_options!r}', "stream_options")
         include_usage = _flag((stream_options or {}).get("include_usage"), "stream_options.include_usage") if stream else False
         eos = model.runner.facts.get("eos_token_id") if model.kind == "lalm" else model.runner.eos_token_id
-        chat = ChatReply(model.name, options.max_new_tokens, include_usage, eos)
         release = engine.admit()
         try:
             if model.kind == "lalm":
-                work = await _lalm_work(engine, model, clip, prompt, options, stop)
+                work, options = await _lalm_work(engine, model, clip, prompt, options, asked, stop)
             else:
-                as_api_error(lambda: model.runner.check_prompts([prompt], options))
+                ids, _ = as_api_error(lambda: model.runner.check_prompts([prompt], options))
+                options = replace(options, max_new_tokens=engine.token_budget(model, ids.shape[1], asked))
 
                 def work(on_text: Callable | None) -> Callable:
                     return lambda backend, cancelled: model.runner.complete([prompt], options, stop, on_text, backend, cancelled)[0]
         except BaseException:
             release()
             raise
-        result = await _answer(engine, model, work, release, stream, chat.delta, chat.done, first=chat.role_chunk())
-        if isinstance(result, StreamingResponse):
+        chat = ChatReply(model.name, options.max_new_tokens, include_usage, eos)
+        result = await _answer(request, engine, model, work, release, stream, chat.delta, chat.done, first=chat.role_chunk())
+        if isinstance(result, Response):
             return result
         return JSONResponse(chat.completion(result))
 
@@ -279,20 +283,23 @@ def _number(value: object, param: str, default: float | None, kind: type = float
     return number
 
 
-def _options(engine: Engine, fields: dict[str, Any], json_body: bool = False) -> GenerationOptions:
+def _options(fields: dict[str, Any], json_body: bool = False) -> tuple[GenerationOptions, int | None]:
+    """The request's sampling options and the token budget it asked for (None: it did not say;
+    the options then hold 1 until the prompt's length sets the budget, `Engine.token_budget`)."""
     max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
     seed = _number(fields.get("seed"), "seed", None, int, json_body)
     if seed is not None and not 0 <= seed < 2**63:
         raise bad_request(f"seed must be a whole number from 0 to 2**63 - 1, not {seed}", "seed")
+    asked = _number(max_tokens, "max_tokens", None, int, json_body)
     options = GenerationOptions(
-        max_new_tokens=_number(max_tokens, "max_tokens", engine.settings.max_new_tokens, int, json_body),
+        max_new_tokens=1 if asked is None else asked,
         stop_at_eos=not _flag(fields.get("ignore_eos"), "ignore_eos"),  # vLLM's extension: generate past EOS
         temperature=_number(fields.get("temperature"), "temperature", 0.0, float, json_body),
         top_p=_number(fields.get("top_p"), "top_p", 1.0, float, json_body),
         seed=seed,
     )
     as_api_error(options.validate)
-    return options
+    return options, asked
 
 
 # OpenAI parameters this server does not implement: a 400 naming them, not a 200 that ignores them.
@@ -342,6 +349,9 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "content" not in message:
             raise bad_request(f"messages[{index}] must be an object with role and content", f"messages[{index}]")
+        role = message.get("role")
+        if role not in ROLES:
+            raise bad_request(f"messages[{index}].role must be one of {', '.join(ROLES)}, not {role!r}", f"messages[{index}].role")
         content = message["content"]
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
@@ -353,6 +363,8 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
             if kind == "text" and isinstance(part.get("text"), str):
                 pieces.append(part["text"])
             elif kind == "input_audio":
+                if role != "user":
+                    raise bad_request(f"{where}: audio goes in a user message, not a {role} message", where)
                 if token is None:
                     raise bad_request(f"{where}: {model.name} is a text bundle; audio needs an audio LLM bundle", where)
                 clips.append(_input_audio(part.get("input_audio"), where, model.runner.limits.max_seconds))
@@ -375,7 +387,7 @@ def _input_audio(spec: object, where: str, max_seconds: float) -> Audio:
         data = base64.b64decode(spec["data"], validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(f"{where}.input_audio.data is not valid base64", where) from None
-    return as_api_error(lambda: decode_audio(data, f"input_audio.{audio_format}", max_seconds), where)
+    return as_api_error(lambda: decode_audio(data, f"{where}.input_audio", max_seconds, audio_format), where)
 
 
 def _too_large(size: int, limit: int, declared: bool = True) -> ApiError:
@@ -458,25 +470,44 @@ class ChatReply:
 
 
 async def _lalm_work(
-    engine: Engine, model: ServedModel, audio: Audio, prompt: str | None, options: GenerationOptions, stop: list[str] | None = None
-) -> Callable[[Callable | None], Callable]:
-    """Encode the clip (batched) and check the prompt fits (a 400 before any event is sent);
-    then `work(on_text)` is the generation to run."""
+    engine: Engine,
+    model: ServedModel,
+    audio: Audio,
+    prompt: str | None,
+    options: GenerationOptions,
+    asked: int | None,
+    stop: list[str] | None = None,
+) -> tuple[Callable[[Callable | None], Callable], GenerationOptions]:
+    """Encode the clip (batched), set the token budget and check the prompt fits (a 400 before
+    any event is sent); then `work(on_text)` is the generation to run, with these options."""
     prompt, options = as_api_error(lambda: model.runner.resolve(prompt, options))
     start = time.perf_counter()
     features = await engine.encode(model, audio)
     encoder_s = time.perf_counter() - start
-    as_api_error(lambda: model.runner.prompt_embeds(features, prompt, options))
+    positions = as_api_error(lambda: model.runner.prompt_embeds(features, prompt, options)).shape[1]
+    options = replace(options, max_new_tokens=engine.token_budget(model, positions, asked))  # fits: the check above took 1 or `asked`
 
     def work(on_text: Callable | None) -> Callable:
         return lambda backend, cancelled: model.runner.transcribe_batch(
             [audio], [features], encoder_s, prompt, options, on_text, backend, cancelled, stop_strings=stop or ()
         )[0]
 
-    return work
+    return work, options
+
+
+# The status logged and counted for a request whose client went away before its answer (nginx's).
+CLIENT_GONE = 499
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away: the body has been read, so all that can still
+    arrive is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _answer(
+    request: Request,
     engine: Engine,
     model: ServedModel,
     work: Callable[[Callable | None], Callable],
@@ -487,12 +518,20 @@ async def _answer(
     first: dict[str, Any] | None = None,
 ) -> Any:
     """The generation's result, or with `stream` an SSE response; the admission is released
-    when the result is there or the stream ends."""
+    when the result is there or the stream ends. A client that goes away cancels the generation
+    (it ends at its next step) and is answered 499, which nobody reads but the metrics."""
     if stream:
-        return StreamingResponse(_stream(engine, model, work, delta_event, done_events, release, first), media_type="text/event-stream")
+        return StreamingResponse(_stream(request, engine, model, work, delta_event, done_events, release, first), media_type="text/event-stream")
+    generation = asyncio.ensure_future(engine.generate(model, work(None)))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        result = await engine.generate(model, work(None))
+        await asyncio.wait((generation, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not generation.done():
+            generation.cancel()  # Engine.generate then sets its cancel flag
+            return Response(status_code=CLIENT_GONE)
+        result = generation.result()
     finally:
+        gone.cancel()
         release()
     engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
     return result
@@ -503,6 +542,7 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 async def _stream(
+    request: Request,
     engine: Engine,
     model: ServedModel,
     work: Callable[[Callable[[str], None]], Callable],
@@ -516,14 +556,18 @@ async def _stream(
     that goes away cancels the generation."""
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
-    task: Awaitable | None = None
+    task: asyncio.Future | None = None
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
         task = asyncio.ensure_future(engine.generate(model, work(lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text))))
         task.add_done_callback(lambda _: deltas.put_nowait(None))
+        gone.add_done_callback(lambda _: task.cancel())  # not only when the next event fails to send: it may be minutes away
         if first is not None:
             yield _sse(first)
         while (text := await deltas.get()) is not None:
             yield _sse(delta_event(text))
+        if task.cancelled():
+            return
         try:
             result = task.result()
         except ApiError as err:
@@ -534,6 +578,7 @@ async def _stream(
                 yield _sse(event)
         yield _sse("[DONE]")
     finally:
+        gone.cancel()
         if task is not None and not task.done():
             task.cancel()
         release()

@@ -36,12 +36,12 @@ class ServeSettings:
     decode_slots: int = 4  # generations running side by side, taking decode steps in turn
     request_timeout_s: float = 300.0
     max_body_mb: float = 25.0
-    max_new_tokens: int = 128  # default for transcriptions and chats that do not say
+    max_new_tokens: int | None = None  # a cap for requests that do not say; None: the rest of the context
     retry_after_s: int = 1
 
     def validate(self) -> None:
         for name in ("max_batch_size", "max_queue", "decode_slots", "max_new_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RuntimeUserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         for name in ("max_batch_wait_ms", "request_timeout_s", "max_body_mb"):
             value = getattr(self, name)
@@ -157,6 +157,16 @@ class Engine:
             yield
         finally:
             release()
+
+    def token_budget(self, model: ServedModel, prompt_positions: int, asked: int | None) -> int:
+        """The tokens a generation may make: what the request asked for, else the rest of the
+        decoder's context after the prompt (vLLM's rule), capped by --max-new-tokens when the
+        server sets one. A prompt that fills the context gets 1, which its check then refuses."""
+        if asked is not None:
+            return asked
+        context = model.runner.context_length if model.kind == "decoder" else int(model.runner.facts["context_length"])
+        rest = max(1, context - prompt_positions)
+        return min(rest, self.settings.max_new_tokens) if self.settings.max_new_tokens else rest
 
     def model(self, name: object, kinds: tuple[str, ...], endpoint: str) -> ServedModel:
         if not isinstance(name, str) or not name:

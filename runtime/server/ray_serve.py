@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,12 @@ async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, 
     model = engine.model(model_name, ("lalm",), "transcribe")
     audio = decode_audio(audio_bytes, "audio")
     with engine.admission():
-        prompt, options = model.runner.resolve(prompt, GenerationOptions(max_new_tokens=max_new_tokens or engine.settings.max_new_tokens))
+        prompt, options = model.runner.resolve(prompt, GenerationOptions(max_new_tokens=max_new_tokens or 1))
         start = time.perf_counter()
         features = await engine.encode(model, audio)
         encoder_s = time.perf_counter() - start
+        positions = model.runner.prompt_embeds(features, prompt, options).shape[1]
+        options = replace(options, max_new_tokens=engine.token_budget(model, positions, max_new_tokens))
         result = await engine.generate(
             model, lambda backend, cancelled: model.runner.transcribe_batch([audio], [features], encoder_s, prompt, options, None, backend, cancelled)[0]
         )

@@ -189,6 +189,9 @@ JSON_BODIES = {
     "logit_bias": (CHAT + b', "logit_bias": {"5": 10}}', "logit_bias is not supported"),
     "presence_penalty": (CHAT + b', "presence_penalty": 0.5}', "presence_penalty is not supported"),
     "two choices": (CHAT + b', "n": 2}', "n must be 1"),
+    "a role that is not a chat role": (CHAT.replace(b'"role": "user"', b'"role": "robot"') + b"}", "messages[0].role must be one of"),
+    "a tool message": (CHAT.replace(b'"role": "user"', b'"role": "tool"') + b"}", "messages[0].role must be one of"),
+    "a message without a role": (CHAT.replace(b'"role": "user", ', b"") + b"}", "messages[0].role must be one of"),
 }
 
 
@@ -303,6 +306,30 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(serve_bundl
         assert "request(s) in flight get up to 30 s to finish" in process.stderr.read()
 
 
+def test_shutdown_delay_keeps_health_answering_draining_until_the_port_closes(serve_bundles):
+    """A load balancer probing /health after SIGTERM sees 503 "draining" (not a refused
+    connection) for --shutdown-delay; a second signal stops at once."""
+    with serve_process(serve_bundles["llm"], "-q", "--shutdown-delay", "600") as (url, process):
+        process.send_signal(signal.SIGTERM)
+        while (health := httpx.get(f"{url}/health")).status_code != 503:
+            time.sleep(0.01)
+        assert health.json()["status"] == "draining" and health.headers["retry-after"] == "1"
+        body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).json()["error"]["code"] == "server_shutting_down"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=SUBPROCESS_TIMEOUT_S) == 0
+        assert "listening 600 s more" in process.stderr.read()
+
+
+@pytest.mark.parametrize("flag", ["--shutdown-delay", "--shutdown-timeout"])
+def test_shutdown_seconds_must_be_a_number_of_seconds(flag, serve_bundles, capsys):
+    from runtime.serve import main as serve_main
+
+    result = run_main(serve_main, serve_bundles["llm"], flag, "nan", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, f"{flag} must be a number of seconds")
+
+
 @pytest.mark.parametrize("port, fragment", [("70000", "not a TCP port"), ("0", "not a TCP port"), ("http", "not a port number")])
 def test_a_port_outside_1_to_65535_is_a_bad_flag(port, fragment, serve_bundles, capsys):
     from runtime.serve import main as serve_main
@@ -339,3 +366,68 @@ def test_audio_too_long_by_its_header_is_refused_before_it_is_decoded(server, tm
     with open(path, "rb") as handle:
         answer = httpx.post(f"{server[0]}/v1/audio/features", data={"model": "wav2vec2"}, files={"file": ("one-hertz.wav", handle)})
     assert answer.status_code == 400 and "by its header (40000 frames at 1 Hz)" in answer.json()["error"]["message"], answer.text
+
+
+def _chat_with_audio(path, audio_format: str = "wav", role: str = "user") -> dict:
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(), "format": audio_format}}
+    return {"model": "lalm", "messages": [{"role": role, "content": [part]}], "max_tokens": 2}
+
+
+def test_input_audio_must_be_in_a_user_message_and_in_the_format_it_says(server, audio_files, tmp_path):
+    flac = tmp_path / "clip.flac"
+    sf.write(flac, sf.read(audio_files[0])[0], 16_000, format="FLAC")
+    cases = [
+        (_chat_with_audio(flac, "wav"), "the format says wav, but the data is flac"),
+        (_chat_with_audio(audio_files[0], "mp3"), "the format says mp3, but the data is wav"),
+        (_chat_with_audio(audio_files[0], role="assistant"), "audio goes in a user message, not a assistant message"),
+    ]
+    for body, fragment in cases:
+        answer = httpx.post(f"{server[0]}/v1/chat/completions", json=body)
+        assert answer.status_code == 400 and fragment in answer.json()["error"]["message"], answer.text
+    assert httpx.post(f"{server[0]}/v1/chat/completions", json=_chat_with_audio(flac, "flac")).status_code == 200
+
+
+def test_a_request_without_max_tokens_may_use_the_rest_of_the_context(serve_bundles, audio_files):
+    """vLLM's rule: no max_tokens is the decoder's context after the prompt, not a fixed number
+    that may exceed it; --max-new-tokens caps it when the server sets one."""
+    context = json.loads((serve_bundles["llm"] / "manifest.json").read_text())["extra"]["context_length"]
+    body = {"model": "llm", "messages": [{"role": "user", "content": "hi there"}], "ignore_eos": True}
+    with running_server({"llm": serve_bundles["llm"], "lalm": serve_bundles["lalm"]}, ServeSettings()) as (url, _):
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+        assert reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] == context
+        assert reply["choices"][0]["finish_reason"] == "length"
+        spoken = httpx.post(f"{url}/v1/chat/completions", json={**_chat_with_audio(audio_files[0]), "max_tokens": None, "ignore_eos": True}, timeout=120)
+        lalm_context = json.loads((serve_bundles["lalm"] / "manifest.json").read_text())["extra"]["context_length"]
+        assert spoken.json()["usage"]["total_tokens"] == lalm_context, spoken.text
+    with running_server({"llm": serve_bundles["llm"]}, ServeSettings(max_new_tokens=3)) as (url, _):
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole answer", "stream"])
+def test_a_client_that_goes_away_ends_its_generation_at_the_next_step(stream, serve_bundles, monkeypatch):
+    """The first decode step passes, the second waits for a gate; the client hangs up meanwhile.
+    It is no longer counted in flight, and once the gate opens its generation takes no third step."""
+    steps, stepped, gate = [], threading.Event(), threading.Event()
+
+    def gated_decode_step(self, token_ids):
+        steps.append(1)
+        stepped.set()
+        if len(steps) > 1:
+            gate.wait(60)
+        return self.backend.decode_step(token_ids)
+
+    monkeypatch.setattr(TakingTurns, "decode_step", gated_decode_step)
+    with running_server({"llm": serve_bundles["llm"]}, ServeSettings(decode_slots=1)) as (url, engine):
+        body = json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "ignore_eos": True, "stream": stream})
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            connection.sendall(head.encode() + body.encode())
+            assert stepped.wait(60)
+        while httpx.get(f"{url}/health").json()["in_flight"]:  # counted until the server hears the hang-up
+            time.sleep(0.01)
+        gate.set()
+        assert engine._slots.acquire(timeout=60)  # the generation thread has let go of the only slot
+        engine._slots.release()
+        assert len(steps) == 2
+        assert httpx.post(f"{url}/v1/chat/completions", json={**json.loads(body), "max_tokens": 2, "stream": False}).status_code == 200
