@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     from lalm_export.errors import LalmExportError
     from lalm_export.export.component import export_bundle
     from runtime.errors import RuntimeUserError
+    from runtime.manifest import denied
 
     try:
         with terminate_as_interrupt():
@@ -270,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                 manifest = export_bundle(options_from_args(args), quiet=args.quiet)
     except (LalmExportError, RuntimeUserError) as err:
         print(f"lalm-export: error: {err}", file=sys.stderr)
+        return 1
+    except PermissionError as err:  # any path this run reads or writes: the user's files, not a bug
+        print(f"lalm-export: error: {denied('path', err.filename)}; no bundle was written", file=sys.stderr)
         return 1
     except Terminated:
         print("lalm-export: terminated; no bundle was written", file=sys.stderr)

@@ -19,25 +19,29 @@ from safetensors.torch import load_file, save_file
 
 from lalm_export.errors import CorruptWeightsError, ModelLoadError, OutputExistsError, OutputPathError
 from runtime.errors import BundleError
-from runtime.manifest import read_json_object, sha256_of
+from runtime.manifest import denied, path_state, read_json_object, sha256_of
 
 
 def looks_like_local_path(name: str) -> bool:
-    """A hub id is `org/name`; anything else with a separator, or a dot or tilde prefix, is a path."""
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
+    """A hub id is `org/name`; anything else with a separator, or a dot or tilde prefix, is a
+    path, and so is a name that exists here (or would, but a folder on the way is not searchable)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or path_state(name) != "missing"
 
 
 def check_model_source(name: str) -> None:
-    """Fail early, with the fix, on a local path that is missing or holds no model."""
+    """Fail early, with the fix, on a local path that is missing, unreadable or holds no model."""
     if not looks_like_local_path(name):
         return
     path = Path(name).expanduser()
-    if not path.exists():
+    state = path_state(path)
+    if state == "denied":
+        raise ModelLoadError(denied("model path", name))
+    if state == "missing":
         raise ModelLoadError(f"model path {name} does not exist; pass a folder saved with save_pretrained()")
-    if not path.is_dir():
+    if state == "file":
         raise ModelLoadError(f"model path {name} is a file; pass the checkpoint folder (saved with save_pretrained()) that holds it")
     if not os.access(path, os.R_OK | os.X_OK):
-        raise ModelLoadError(f"model folder {name}: permission denied; make it readable (chmod) or copy it where you can read it")
+        raise ModelLoadError(denied("model path", name))
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{name} holds no model (no config.json); pass a folder saved with save_pretrained()")
 

@@ -4,6 +4,7 @@ feature extraction from the bundle's `preprocessor_config.json`."""
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,16 @@ def resample(samples: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.nd
 
 def load_audio(path: str | Path) -> Audio:
     """Decode wav/flac/ogg, downmix to mono, resample to 16 kHz (soxr, high quality)."""
+    from runtime.manifest import denied, path_state
+
     path = Path(path)
-    if path.is_dir():
+    state = path_state(path)
+    if state == "folder":
         raise AudioError(f"audio {path} is a folder; pass the audio files in it")
-    if not path.is_file():
+    if state == "missing":
         raise AudioError(f"audio file {path} does not exist")
+    if state == "denied" or not os.access(path, os.R_OK):
+        raise AudioError(denied("audio file", path))
     return _decode(str(path), str(path), path.name)
 
 

@@ -70,12 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
 def collect_inputs(paths: Sequence[Path]) -> list[str]:
     """Every audio file named by `paths` (files, folders, lists), as absolute paths, each once, in order."""
     from runtime.errors import RuntimeUserError
+    from runtime.manifest import denied, path_state
 
     found: dict[str, None] = {}
     for path in paths:
-        if path.is_dir():
+        state = path_state(path)
+        if state == "denied" or (state == "folder" and not os.access(path, os.R_OK | os.X_OK)):
+            raise RuntimeUserError(denied("--input", path))
+        if state == "folder":
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+        elif path.suffix.lower() in LIST_SUFFIXES and state == "file":
             try:
                 lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
             except UnicodeDecodeError:
@@ -83,7 +87,7 @@ def collect_inputs(paths: Sequence[Path]) -> list[str]:
             except OSError as err:
                 raise RuntimeUserError(f"--input {path} cannot be read ({err.strerror}); make it readable") from None
             files = [(path.parent / line) for line in lines if line and not line.startswith("#")]
-        elif path.exists():
+        elif state == "file":
             files = [path]
         else:
             raise RuntimeUserError(f"--input {path} does not exist")
@@ -326,20 +330,39 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeUserError as err:
         print(f"runtime.batch: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # the disk, not the input: full, read-only, gone
+        print(f"runtime.batch: error: {err.filename or args.output}: {err.strerror or err}; the records written so far are kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"runtime.batch: interrupted; run the same command again to go on from {args.output}", file=sys.stderr)
         return 130
 
 
+def make_features_dir(folder: Path) -> None:
+    """An encoder bundle's .npy folder, made and known writable before any file is run (not a
+    failed record per file)."""
+    from runtime.errors import RuntimeUserError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RuntimeUserError(f"--features-dir {folder}: cannot make it ({err.strerror}); pass a folder you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RuntimeUserError(f"--features-dir {folder}: no permission to write in it; pass a folder you can write to")
+
+
 def run_batch(args: argparse.Namespace, files: list[str]) -> int:
     """Resume from the output, run what is left, append its records; the exit status."""
     from runtime.errors import RuntimeUserError
+    from runtime.manifest import path_state, read_manifest
 
     finished = done_files(args.output)
     todo = [f for f in files if f not in finished]
     features_dir = args.features_dir or args.output.with_name(args.output.name.removesuffix(".jsonl") + ".features")
-    if features_dir.exists() and not features_dir.is_dir():
+    if path_state(features_dir) == "file":
         raise RuntimeUserError(f"--features-dir {features_dir} is a file; pass a folder for the .npy files (made if missing)")
+    if read_manifest(args.bundle).role == "encoder":
+        make_features_dir(features_dir)
     settings = BatchSettings(prompt=args.prompt, max_new_tokens=args.max_new_tokens, features_dir=str(features_dir.resolve()))
     if not args.quiet:
         print(f"runtime.batch: {len(files)} file(s), {len(files) - len(todo)} already in {args.output}, {len(todo)} to do", file=sys.stderr)

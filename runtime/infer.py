@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from runtime.interruptible import exit_process, run_interruptibly
+
 EPILOG = """examples:
   # hidden states of two recordings (any rate, mono or stereo) into one .npz
   python -m runtime.infer bundles/wav2vec2 --audio a.wav b.flac --output feats.npz
@@ -20,7 +22,7 @@ EPILOG = """examples:
   # an audio LLM bundle (lalm-export --lalm): each file's audio in the prompt, text out
   python -m runtime.infer bundles/lalm --audio a.wav b.wav --json   # the bundle's own prompt, named on stderr
 
-exit status: 0 done; 1 user error (one line on stderr); 2 bad flags."""
+exit status: 0 done; 1 user error (one line on stderr); 2 bad flags; 130 interrupted (Ctrl-C stops even a long model call at once)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +109,7 @@ def run_encoder(runner, args: argparse.Namespace) -> None:
     names = [p.name for p in args.audio]
     if len(set(names)) != len(names):
         raise RuntimeUserError("two --audio files share a file name; the .npz stores each under its name, so rename one")
-    results = runner.encode_files(args.audio)
+    results = run_interruptibly(lambda: runner.encode_files(args.audio))
     arrays = {}
     for result in results:
         arrays[result.name] = result.hidden_states
@@ -139,7 +141,7 @@ def run_decoder(generator, args: argparse.Namespace) -> None:
     )
     stream = not args.json and len(args.prompt) == 1
     on_text = (lambda text: print(text, end="", flush=True)) if stream else None
-    completions = generator.complete(args.prompt, options, stop_strings=args.stop, on_text=on_text)
+    completions = run_interruptibly(lambda: generator.complete(args.prompt, options, stop_strings=args.stop, on_text=on_text))
     for completion in completions:
         if args.json:
             print(
@@ -188,7 +190,7 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
     # One file streams its text bare as it comes; several print one line each, "name: text"
     streaming = not args.json and len(args.audio) == 1
     on_text = (lambda text: print(text, end="", flush=True)) if streaming else None
-    results = runner.transcribe(args.audio, prompt, options, on_text=on_text)
+    results = run_interruptibly(lambda: runner.transcribe(args.audio, prompt, options, on_text=on_text))
     for index, result in enumerate(results):
         if args.json:
             record = {
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.sessions import SessionOptions
 
     try:
-        model = load(args.bundle, SessionOptions(provider=args.provider, threads=args.threads, save_optimized=args.save_optimized))
+        model = run_interruptibly(lambda: load(args.bundle, SessionOptions(provider=args.provider, threads=args.threads, save_optimized=args.save_optimized)))
         trained = f", prompt {model.facts['prompt']!r} (the one it was trained with)" if isinstance(model, LalmRunner) else ""
         say(f"{args.bundle}: {model.manifest.family} {model.manifest.role} ({model.manifest.precision}){trained}, provider {model.provider}", args.quiet)
         if isinstance(model, EncoderRunner):
@@ -228,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeUserError as err:
         print(f"runtime.infer: error: {err}", file=sys.stderr)
         return 1
+    except PermissionError as err:
+        from runtime.manifest import denied
+
+        print(f"runtime.infer: error: {denied('path', err.filename)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("runtime.infer: interrupted", file=sys.stderr)
         return 130
@@ -235,4 +242,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

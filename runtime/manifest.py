@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from runtime.errors import BundleError
 
@@ -141,12 +143,34 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+PathState = Literal["file", "folder", "missing", "denied"]
+
+
+def path_state(path: str | Path) -> PathState:
+    """What is at `path`: a file, a folder, nothing, or "denied" when a folder on the way may not
+    be searched by this user (which `Path.exists()` raises on, and `os.path.exists()` calls missing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except PermissionError:
+        return "denied"
+    except (OSError, ValueError):
+        return "missing"
+    return "folder" if stat.S_ISDIR(mode) else "file"
+
+
+def denied(what: str, path: str | Path) -> str:
+    return f"{what} {path}: permission denied (it or a folder above it is not readable by this user); make it readable, or copy it where you can read it"
+
+
 def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
     """A JSON object from `path`; a missing file, bad JSON or another JSON type is a `BundleError`."""
     path = Path(path)
-    if path.is_dir():
+    state = path_state(path)
+    if state == "denied":
+        raise BundleError(denied(what, path))
+    if state == "folder":
         raise BundleError(f"{what} {path} is a folder, not a file")
-    if not path.is_file():
+    if state == "missing":
         raise BundleError(f"{what} {path} does not exist")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -160,12 +184,15 @@ def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
 def read_manifest(folder: str | Path) -> Manifest:
     """The manifest of a bundle folder, with a clear error when it is not one."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
+    state = path_state(folder)
+    if state == "file":
         raise BundleError(f"bundle {folder} is a file; pass the bundle folder written by lalm-export")
-    if not folder.is_dir():
+    if state == "missing":
         raise BundleError(f"bundle {folder} does not exist; pass a folder written by lalm-export")
     path = folder / MANIFEST_NAME
-    if not path.is_file():
+    if "denied" in (state, path_state(path)):
+        raise BundleError(denied("bundle", folder))
+    if path_state(path) != "file":
         raise BundleError(f"{folder} is not a bundle (no {MANIFEST_NAME}); pass a folder written by lalm-export")
     return Manifest.from_dict(read_json_object(path, "manifest"))
 

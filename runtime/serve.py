@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeUserError as err:
         print(f"runtime.serve: error: {err}", file=sys.stderr)
         return 1
+    except PermissionError as err:
+        from runtime.manifest import denied
+
+        print(f"runtime.serve: error: {denied('path', err.filename)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
     return 0

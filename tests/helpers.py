@@ -84,3 +84,21 @@ def run_encoder(bundle: Path, x: torch.Tensor) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(bundle / manifest.graphs["model"].path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {session.get_inputs()[0].name: x.numpy()})))
+
+
+def deny(monkeypatch: pytest.MonkeyPatch, *roots: Path) -> None:
+    """Paths at or under `roots` answer as for a user who may not search a folder above them
+    (stat raises EACCES, access says no). The suite runs as root, whom no permission stops."""
+    real_stat, real_access = os.stat, os.access
+    roots = tuple(Path(r).absolute() for r in roots)
+
+    def blocked(path: object) -> bool:
+        return isinstance(path, (str, os.PathLike)) and any(Path(os.fspath(path)).absolute().is_relative_to(r) for r in roots)
+
+    def stat(path, *args, **kwargs):
+        if blocked(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: not blocked(path) and real_access(path, mode, *a, **k))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from lalm_export.parity.signals import speech_like
 from lalm_export.precision.specs import SPECS, check_precision
 from lalm_export.progress import Stages
 from runtime.limits import receptive_field
-from runtime.manifest import Manifest, Source, sha256_of
+from runtime.manifest import Manifest, Source, denied, path_state, sha256_of
 
 ENCODER_GRAPH, DECODER_GRAPH, TOKEN_TABLE = "audio_encoder.onnx", "decoder.onnx", "embed_tokens.npy"
 PARTS = ("encoder", "decoder")
@@ -226,9 +227,12 @@ def lalm_facts(merged: MergedLalm, opts: LalmExportOptions, folder: Path, graph_
 
 def validate_lalm_options(opts: LalmExportOptions) -> None:
     folder = Path(opts.lalm).expanduser()
-    if folder.exists() and not folder.is_dir():
+    state = path_state(folder)
+    if state == "denied" or (state == "folder" and not os.access(folder, os.R_OK | os.X_OK)):
+        raise OptionsError(denied("--lalm", folder))
+    if state == "file":
         raise OptionsError(f"--lalm {folder} is a file; pass the folder written by LALM.save_pretrained()")
-    if not folder.is_dir():
+    if state == "missing":
         raise OptionsError(f"--lalm {folder} does not exist; pass the folder written by LALM.save_pretrained()")
     check_precision(opts.encoder_precision, "encoder", opts.device)
     check_precision(opts.decoder_precision, "decoder", opts.device)

@@ -4,6 +4,7 @@ follow, checked before any work in `validate_options`."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lalm_export.parity.bounds import FP32_RELATIVE
 from lalm_export.precision.int4 import Int4Options
 from lalm_export.precision.specs import check_precision
 from runtime.cpu import INT8_KERNELS
+from runtime.manifest import path_state
 
 DEFAULT_OPSET = 18
 TARGET_CPUS = ("auto", *INT8_KERNELS)
@@ -144,12 +146,15 @@ def check_output(output: Path, force: bool) -> None:
     """A bundle's --output: a folder path, not under a file; an existing folder only with
     --force and only when it is a bundle (or empty)."""
     output = output.expanduser()
-    if output.exists() and not output.is_dir():
+    state = path_state(output)
+    if state == "denied" or (state == "folder" and not os.access(output, os.R_OK | os.X_OK)):
+        raise OutputPathError(f"--output {output}: permission denied (it or a folder above it cannot be read by this user); pass a path you can write to")
+    if state == "file":
         raise OutputExistsError(f"--output {output} is a file; pass a folder path")
-    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    blocking = next((p for p in output.parents if path_state(p) == "file"), None)
     if blocking is not None:
         raise OutputPathError(f"--output {output}: {blocking} is a file, not a folder; pass a path in a folder")
-    if output.is_dir() and any(output.iterdir()):
+    if state == "folder" and any(output.iterdir()):
         if not force:
             raise OutputExistsError(f"--output {output} exists and is not empty; pass --force to replace it (only once the new bundle is complete)")
         if not is_bundle(output):

@@ -276,3 +276,33 @@ def test_encoder_io_binding_path_matches_the_plain_run(bundles):
     assert all(value.device_name() == "cpu" for value in outputs)
     runner.binding_device = None
     np.testing.assert_array_equal(outputs[0].numpy(), runner.run_batch(batch)["last_hidden_state"])
+
+
+def test_ctrl_c_during_a_long_model_call_exits_at_once_with_nothing_written(bundles, tmp_path, monkeypatch, capsys):
+    """A model call that never returns by itself (as a long ONNX Runtime call holds the thread
+    that made it): SIGINT still ends runtime.infer, with 130 and no --output."""
+    import os
+    import signal
+    import threading
+
+    from runtime.api import EncoderRunner
+
+    started, release = threading.Event(), threading.Event()
+
+    def stuck(self, paths):
+        started.set()
+        release.wait()
+        return []
+
+    monkeypatch.setattr(EncoderRunner, "encode_files", stuck)
+    audio = tmp_path / "a.wav"
+    sf.write(audio, speech_like(1.0), 16_000)
+    interrupter = threading.Thread(target=lambda: started.wait() and os.kill(os.getpid(), signal.SIGINT))
+    interrupter.start()
+    try:
+        outcome = run_main(infer_main, bundles / "wav2vec2", "--audio", audio, "--output", tmp_path / "f.npz", capsys=capsys)
+    finally:
+        release.set()
+        interrupter.join()
+    assert outcome.returncode == 130 and "runtime.infer: interrupted" in outcome.stderr
+    assert not (tmp_path / "f.npz").exists()
