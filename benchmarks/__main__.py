@@ -156,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cost.add_argument("--family", choices=ENCODER_FAMILIES, default="wav2vec2")
     cost.add_argument("--out", type=Path, help="also write the JSON figures to this file")
+
+    memory = commands.add_parser(
+        "clip-memory",
+        help="memory one clip takes in a base-sized encoder, by length, against runtime.limits' bound",
+        description="Export a base-sized encoder with random weights and run one clip of each length in a child process: peak "
+        "memory above the loaded session, memory kept after the clip, and runtime.limits.clip_memory_bytes for it.",
+    )
+    memory.add_argument("--family", choices=ENCODER_FAMILIES, default="wav2vec2")
+    memory.add_argument("--seconds", type=float, nargs="+", default=[10, 20, 40, 60, 100], help="clip lengths (default: 10 20 40 60 100)")
+    memory.add_argument("--out", type=Path, help="also write the JSON figures to this file")
     return parser
 
 
@@ -307,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             results = read_results(args.results)
             write_report(results, args.results.parent)
             print(f"report.md and plots written to {args.results.parent}", file=sys.stderr)
+            return 0
+        if args.command == "clip-memory":
+            from benchmarks.clip_memory import run as run_clip_memory
+
+            run_clip_memory(args.family, args.seconds, args.out)
             return 0
         from benchmarks.export_cost import run
 

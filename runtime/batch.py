@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="files per batch (the encoder batches equal-shape clips) (default: 8)")
     parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0: ONNX Runtime's default)")
+    parser.add_argument(
+        "--max-clip-memory-gb",
+        type=float,
+        help="memory one audio clip may take in the encoder, in GB; a longer file gets an error record with the length that fits "
+        "(default: a quarter of this machine's memory, at most 8)",
+    )
     ray = parser.add_argument_group("Ray Data")
     ray.add_argument("--ray", action="store_true", help="run on Ray Data: map_batches over actors, one session each")
     ray.add_argument("--actors", type=int, default=1, help="actors (sessions) to run at once (default: 1)")
@@ -238,11 +244,11 @@ def _run(model: Any, items: list[tuple[str, Any]], settings: BatchSettings) -> l
 class BundleWorker:
     """A Ray Data actor: one session over the bundle, a batch of file paths in, JSON records out."""
 
-    def __init__(self, bundle: str, settings: dict[str, Any], provider: str, threads: int) -> None:
+    def __init__(self, bundle: str, settings: dict[str, Any], session: dict[str, Any]) -> None:
         from runtime.api import load
         from runtime.sessions import SessionOptions
 
-        self.model = load(bundle, SessionOptions(provider=provider, threads=threads))
+        self.model = load(bundle, SessionOptions(**session))
         self.settings = BatchSettings(**settings)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
@@ -250,11 +256,16 @@ class BundleWorker:
         return {"record": [json.dumps(r) for r in records]}
 
 
-def run_local(args: argparse.Namespace, todo: list[str], settings: BatchSettings) -> Iterator[list[dict[str, Any]]]:
-    from runtime.api import load
+def session_options(args: argparse.Namespace) -> Any:
     from runtime.sessions import SessionOptions
 
-    model = load(args.bundle, SessionOptions(provider=args.provider, threads=args.threads))
+    return SessionOptions(provider=args.provider, threads=args.threads, max_clip_memory_gb=args.max_clip_memory_gb)
+
+
+def run_local(args: argparse.Namespace, todo: list[str], settings: BatchSettings) -> Iterator[list[dict[str, Any]]]:
+    from runtime.api import load
+
+    model = load(args.bundle, session_options(args))
     check_bundle_kind(model)
     for start in range(0, len(todo), args.batch_size):
         yield records_for(model, todo[start : start + args.batch_size], settings)
@@ -272,7 +283,7 @@ def run_ray(args: argparse.Namespace, todo: list[str], settings: BatchSettings) 
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts files
     dataset = ray.data.from_items([{"file": f} for f in todo]).map_batches(
         BundleWorker,
-        fn_constructor_kwargs={"bundle": str(args.bundle.resolve()), "settings": asdict(settings), "provider": args.provider, "threads": args.threads},
+        fn_constructor_kwargs={"bundle": str(args.bundle.resolve()), "settings": asdict(settings), "session": asdict(session_options(args))},
         batch_size=args.batch_size,
         concurrency=args.actors,
         num_cpus=1,

@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
     run.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
     run.add_argument(
+        "--max-clip-memory-gb",
+        type=float,
+        help="memory one audio clip may take in the encoder, in GB; longer clips are refused with the length that fits "
+        "(default: a quarter of this machine's memory, at most 8; docs/reliability.md has the figures)",
+    )
+    run.add_argument(
         "--save-optimized",
         action="store_true",
         help="write the optimized graph beside the bundle's graph (model.optimized.onnx) so later starts can skip optimization",
@@ -218,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.sessions import SessionOptions
 
     try:
-        model = run_interruptibly(lambda: load(args.bundle, SessionOptions(provider=args.provider, threads=args.threads, save_optimized=args.save_optimized)))
+        model = run_interruptibly(
+            lambda: load(
+                args.bundle,
+                SessionOptions(provider=args.provider, threads=args.threads, save_optimized=args.save_optimized, max_clip_memory_gb=args.max_clip_memory_gb),
+            )
+        )
         trained = f", prompt {model.facts['prompt']!r} (the one it was trained with)" if isinstance(model, LalmRunner) else ""
         say(f"{args.bundle}: {model.manifest.family} {model.manifest.role} ({model.manifest.precision}){trained}, provider {model.provider}", args.quiet)
         if isinstance(model, EncoderRunner):

@@ -19,6 +19,7 @@ from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check
 from runtime.limits import AudioLimits, audio_limits
 from runtime.manifest import is_whole_number
 from runtime.ort_backends import OrtDecoderBackend
+from runtime.sessions import returning_memory
 
 GENERATION_BATCH = 8  # clips generated together at most (their KV caches grow with the batch)
 
@@ -64,6 +65,7 @@ class LalmRunner:
         self.folder, self.encoder, self.decoder, self.table = folder, encoder, decoder, table
         self.tokenizer, self.feature_config, self.input_kind, self.facts = tokenizer, feature_config, input_kind, facts
         self.encoder_inputs = [i.name for i in encoder.get_inputs()]
+        self.encoder_run_options = returning_memory()
         self.provider = active_provider(decoder)
         self.backend = self.new_backend()
         self.limits: AudioLimits | None = None  # a bundle's clip lengths (load_lalm sets them from its manifest)
@@ -100,7 +102,7 @@ class LalmRunner:
                 self.encoder_inputs[0]: np.stack([inputs[i] for i in indices]),
                 "audio_lengths": np.array([len(clips[i]) for i in indices], dtype=np.int64),
             }
-            projected, lengths = self.encoder.run(["audio_features", "audio_feature_lengths"], feeds)
+            projected, lengths = self.encoder.run(["audio_features", "audio_feature_lengths"], feeds, self.encoder_run_options)
             for row, index in enumerate(indices):
                 results[index] = projected[row, : int(lengths[row])]
         return [results[i] for i in range(len(clips))]
@@ -291,7 +293,7 @@ def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
     check_feature_config(feature_config, manifest.input_kind, str(folder / "preprocessor_config.json"))
     runner = LalmRunner(folder, encoder, decoder, table, read_tokenizer(folder), feature_config, manifest.input_kind, dict(manifest.extra))
     runner.manifest = manifest
-    runner.limits = audio_limits(manifest, folder)
+    runner.limits = audio_limits(manifest, folder, options.max_clip_memory_gb)
     return runner
 
 

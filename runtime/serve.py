@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("sessions")
     run.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
     run.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0: ONNX Runtime's default)")
+    run.add_argument(
+        "--max-clip-memory-gb",
+        type=float,
+        help="memory one audio clip may take in the encoder, in GB; longer clips are refused with the length that fits "
+        "(default: a quarter of this machine's memory, at most 8; docs/reliability.md has the figures)",
+    )
     ray = parser.add_argument_group("Ray Serve")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (batching by @serve.batch) instead of in this process")
     ray.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default: 1)")
@@ -118,7 +124,7 @@ def serve_here(args: argparse.Namespace) -> None:
     from runtime.sessions import SessionOptions
 
     settings = settings_from(args)
-    models = load_models(args.bundles, args.name, SessionOptions(provider=args.provider, threads=args.threads))
+    models = load_models(args.bundles, args.name, SessionOptions(provider=args.provider, threads=args.threads, max_clip_memory_gb=args.max_clip_memory_gb))
     engine = Engine(models, settings)
     for model in models.values():
         card = model.card()

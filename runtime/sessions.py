@@ -28,6 +28,7 @@ class SessionOptions:
     threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
     optimization: str = "all"
     save_optimized: bool = False  # write `<graph>.optimized.onnx` beside the graph for faster later starts
+    max_clip_memory_gb: float | None = None  # memory one audio clip may take in an encoder (None: runtime.limits' default)
 
     def validate(self) -> None:
         if self.provider not in ("auto", "cuda", "cpu"):
@@ -37,6 +38,8 @@ class SessionOptions:
         cores = os.cpu_count() or 1
         if self.threads > cores:
             raise ProviderError(f"threads {self.threads}: this machine has {cores} cores; pass at most {cores} (0: ONNX Runtime's default)")
+        if self.max_clip_memory_gb is not None and not 0 < self.max_clip_memory_gb < float("inf"):
+            raise ProviderError(f"--max-clip-memory-gb must be a positive number of GB, not {self.max_clip_memory_gb}")
         if self.optimization not in _OPT_LEVELS:
             raise ProviderError(f"optimization must be one of {', '.join(_OPT_LEVELS)}, not {self.optimization!r}")
 
@@ -130,6 +133,16 @@ def create_session(graph: str | Path, options: SessionOptions | None = None) -> 
         # fp16 parity check "on cuda" pass on the CPU. Asked for cuda, a failure is an error.
         session.disable_fallback()
     return session
+
+
+def returning_memory() -> ort.RunOptions:
+    """Run options that give the CPU memory arena back after the run. An encoder's memory grows
+    with the square of a clip's frames (a 100 s clip through a wav2vec2-base graph peaks 5 GB
+    above the session) and ONNX Runtime's arena otherwise keeps its peak for the life of the
+    process. Measured no slower on a 1 s clip (47.5 ms either way, wav2vec2-base, 2 cores)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def provider_label(ort_provider: str) -> str:

@@ -44,7 +44,7 @@ from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
 from lalm_export.parity.signals import speech_like
 from lalm_export.precision.specs import SPECS, check_precision
 from lalm_export.progress import Stages
-from runtime.limits import receptive_field
+from runtime.limits import frame_samples, receptive_field
 from runtime.manifest import Manifest, Source, denied, path_state, sha256_of
 
 ENCODER_GRAPH, DECODER_GRAPH, TOKEN_TABLE = "audio_encoder.onnx", "decoder.onnx", "embed_tokens.npy"
@@ -206,6 +206,9 @@ def lalm_facts(merged: MergedLalm, opts: LalmExportOptions, folder: Path, graph_
             "hidden_size": int(encoder_config.hidden_size),
             "sampling_rate": 16_000,
             "receptive_field_samples": receptive_field(encoder_config.to_dict()),
+            # what runtime.limits bounds a clip's memory by
+            "num_attention_heads": int(encoder_config.num_attention_heads),
+            **({"frame_samples": frame_samples(encoder_config.to_dict())} if spec.input_kind == "raw_audio" else {}),
         },
         # the checkpoint's own window (a Whisper-style encoder may have a shorter one than 30 s)
         "chunk_seconds": merged.feature_config.get("chunk_length") if spec.input_kind == "log_mel" else None,

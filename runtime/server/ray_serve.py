@@ -117,7 +117,7 @@ def serve_on_ray(args: Any, settings: ServeSettings) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        session = SessionOptions(provider=args.provider, threads=args.threads)
+        session = SessionOptions(provider=args.provider, threads=args.threads, max_clip_memory_gb=args.max_clip_memory_gb)
         app = deployment(args.bundles, args.name, settings, session, args.replicas, args.replica_cpus, args.replica_gpus)
         serve.run(app, name="lalm-export", route_prefix="/")
         print(f"runtime.serve: on Ray Serve at http://{args.host}:{args.port} ({args.replicas} replica(s)); Ctrl-C stops", file=sys.stderr, flush=True)

@@ -85,7 +85,12 @@ CASES = {
     "output under a file": ("hubert", None, ["--audio", "WAV", "--output", "FILE_OUT"], "is a file, not a folder"),
     "audio path is a folder": ("hubert", None, ["--audio", "TMP", "--output", "OUT"], "is a folder"),
     "clip shorter than the receptive field": ("hubert", None, ["--audio", "TINY_WAV", "--output", "OUT"], "receptive field of 105 samples"),
-    "clip longer than the maximum": ("hubert", None, ["--audio", "LONG_WAV", "--output", "OUT"], "split it into clips of at most 120 s"),
+    "clip longer than the maximum": (
+        "hubert",
+        None,
+        ["--audio", "LONG_WAV", "--output", "OUT", "--max-clip-memory-gb", "1000"],
+        "split it into clips of at most 120 s",
+    ),
     "temperature NaN": ("llm", None, ["--prompt", "hi", "--temperature", "nan"], "temperature"),
     "empty stop string": ("llm", None, ["--prompt", "hi", "--stop", ""], "--stop ''"),
     "prompt that is not UTF-8": ("llm", None, ["--prompt", "caf\udce9"], "not valid UTF-8"),

@@ -405,8 +405,9 @@ def test_a_request_without_max_tokens_may_use_the_rest_of_the_context(serve_bund
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole answer", "stream"])
 def test_a_client_that_goes_away_ends_its_generation_at_the_next_step(stream, serve_bundles, monkeypatch):
-    """The first decode step passes, the second waits for a gate; the client hangs up meanwhile.
-    It is no longer counted in flight, and once the gate opens its generation takes no third step."""
+    """The first decode step passes, any second one waits for a gate; the client hangs up
+    meanwhile. It is no longer counted in flight, and once the gate opens its generation takes
+    no further step."""
     steps, stepped, gate = [], threading.Event(), threading.Event()
 
     def gated_decode_step(self, token_ids):
@@ -429,5 +430,5 @@ def test_a_client_that_goes_away_ends_its_generation_at_the_next_step(stream, se
         gate.set()
         assert engine._slots.acquire(timeout=60)  # the generation thread has let go of the only slot
         engine._slots.release()
-        assert len(steps) == 2
+        assert len(steps) <= 2  # the step under way when it hung up (if the hang-up was heard after it began), none after; 100 without the cancel
         assert httpx.post(f"{url}/v1/chat/completions", json={**json.loads(body), "max_tokens": 2, "stream": False}).status_code == 200
