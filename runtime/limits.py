@@ -17,13 +17,14 @@ from runtime.manifest import Manifest, read_json_object
 MAX_RAW_AUDIO_SECONDS = 120.0
 
 # Attention memory grows with the square of the frames. Measured peak memory above the loaded
-# session, one clip through a wav2vec2-base graph (12 heads, hidden 768, fp32, ONNX Runtime
-# 1.24 on the CPU; `python -m benchmarks clip-memory`, benchmarks/results/clip-memory.json):
-# 10 s 0.13 GB, 20 s 0.26, 40 s 0.52, 60 s 0.96, 100 s 5.18 GB. `clip_memory_bytes` is above
-# each: four score-sized buffers per attention (scores, softmax, their copies as the arena
-# rounds them) and activations of 400 bytes per frame and hidden unit.
+# session, one clip through a wav2vec2-base graph (12 heads, hidden 768, fp32, ONNX Runtime on
+# the CPU; `python -m benchmarks clip-memory`, benchmarks/results/clip-memory.json): 10 s
+# 0.13 GB, 20 s 0.26, 40 s 0.53, 60 s 0.96, 100 s 5.18 GB. `clip_memory_bytes` is above each,
+# with room for other ONNX Runtime versions: four score-sized buffers per attention (scores,
+# softmax, their copies as the arena rounds them) and activations of 600 bytes per frame and
+# hidden unit (tests/runtime/test_limits.py holds it above the figures).
 SCORE_BUFFERS = 4
-ACTIVATION_BYTES = 400
+ACTIVATION_BYTES = 600
 
 
 def clip_memory_bytes(frames: int, heads: int, hidden: int) -> int:

@@ -137,9 +137,10 @@ def create_session(graph: str | Path, options: SessionOptions | None = None) -> 
 
 def returning_memory() -> ort.RunOptions:
     """Run options that give the CPU memory arena back after the run. An encoder's memory grows
-    with the square of a clip's frames (a 100 s clip through a wav2vec2-base graph peaks 5 GB
+    with the square of a clip's frames (a 100 s clip through a wav2vec2-base graph peaks 5.2 GB
     above the session) and ONNX Runtime's arena otherwise keeps its peak for the life of the
-    process. Measured no slower on a 1 s clip (47.5 ms either way, wav2vec2-base, 2 cores)."""
+    process (benchmarks/results/clip-memory.json: 0.7 GB kept instead of 5.2). No slower on a
+    1 s clip: 47.5 ms either way (wav2vec2-base, 2 cores of an AMD EPYC, median of 20 runs)."""
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options
