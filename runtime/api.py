@@ -20,7 +20,7 @@ from runtime.lalm import LalmRunner, cut_at_stop, load_lalm
 from runtime.limits import audio_limits
 from runtime.manifest import Manifest, read_json_object, read_manifest, read_tokenizer, sha256_of, verify_graph_files
 from runtime.ort_backends import decoder_backend
-from runtime.sessions import SessionOptions, active_provider, open_bundle_graph, provider_label, resolve_providers, returning_memory
+from runtime.sessions import SessionOptions, active_provider, open_bundle_graph, provider_label, resolve_providers, run_options_for
 
 
 class _BundleModel:
@@ -83,7 +83,6 @@ class EncoderRunner(_BundleModel):
         check_feature_config(self.feature_config, self.manifest.input_kind, str(self.folder / "preprocessor_config.json"))
         self.input_name = self.session.get_inputs()[0].name
         self.limits = audio_limits(self.manifest, self.folder, options.max_clip_memory_gb)
-        self.run_options = returning_memory()
         # On CUDA inputs and outputs go through IO binding (device buffers, no staging copies).
         self.binding_device = "cuda" if self.provider == "cuda" else None
 
@@ -98,13 +97,14 @@ class EncoderRunner(_BundleModel):
         binding.bind_ortvalue_input(self.input_name, features)
         for name in self.output_names:
             binding.bind_output(name, self.binding_device or "cpu")
-        self.session.run_with_iobinding(binding, self.run_options)
+        self.session.run_with_iobinding(binding, run_options_for(self.manifest.input_kind, int(np.prod(features.shape()))))
         return binding.get_outputs()
 
     def run_batch(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """One batch of model inputs; every output as a host array."""
         if self.binding_device is None:
-            return dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: features}, self.run_options)))
+            options = run_options_for(self.manifest.input_kind, features.size)
+            return dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: features}, options)))
         device_input = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(features), self.binding_device, 0)
         return {name: value.numpy() for name, value in zip(self.output_names, self.run_on_device(device_input))}
 

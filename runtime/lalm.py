@@ -19,7 +19,7 @@ from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check
 from runtime.limits import AudioLimits, audio_limits
 from runtime.manifest import is_whole_number
 from runtime.ort_backends import OrtDecoderBackend
-from runtime.sessions import returning_memory
+from runtime.sessions import run_options_for
 
 GENERATION_BATCH = 8  # clips generated together at most (their KV caches grow with the batch)
 
@@ -65,7 +65,6 @@ class LalmRunner:
         self.folder, self.encoder, self.decoder, self.table = folder, encoder, decoder, table
         self.tokenizer, self.feature_config, self.input_kind, self.facts = tokenizer, feature_config, input_kind, facts
         self.encoder_inputs = [i.name for i in encoder.get_inputs()]
-        self.encoder_run_options = returning_memory()
         self.provider = active_provider(decoder)
         self.backend = self.new_backend()
         self.limits: AudioLimits | None = None  # a bundle's clip lengths (load_lalm sets them from its manifest)
@@ -102,7 +101,8 @@ class LalmRunner:
                 self.encoder_inputs[0]: np.stack([inputs[i] for i in indices]),
                 "audio_lengths": np.array([len(clips[i]) for i in indices], dtype=np.int64),
             }
-            projected, lengths = self.encoder.run(["audio_features", "audio_feature_lengths"], feeds, self.encoder_run_options)
+            options = run_options_for(self.input_kind, sum(len(clips[i]) for i in indices))
+            projected, lengths = self.encoder.run(["audio_features", "audio_feature_lengths"], feeds, options)
             for row, index in enumerate(indices):
                 results[index] = projected[row, : int(lengths[row])]
         return [results[i] for i in range(len(clips))]
@@ -314,6 +314,8 @@ def check_lalm_facts(extra: dict[str, Any], folder: Path) -> None:
     whole = {"audio_token_id": (0, None), "context_length": (1, MAX_CONTEXT), "downsample": (1, 1 << 10)}
     for name, (low, high) in whole.items():
         value = extra.get(name)
+        if name == "downsample" and name not in extra:  # a projector of the user's own (no fixed downsampling)
+            continue
         if not is_whole_number(value, low, high):
             span = f"from {low} to {high}" if high is not None else f"of at least {low}"
             raise BundleError(f"{where}.{name} is {value!r}, not a whole number {span}; export the bundle again")

@@ -135,12 +135,20 @@ def create_session(graph: str | Path, options: SessionOptions | None = None) -> 
     return session
 
 
-def returning_memory() -> ort.RunOptions:
-    """Run options that give the CPU memory arena back after the run. An encoder's memory grows
-    with the square of a clip's frames (a 100 s clip through a wav2vec2-base graph peaks 5.2 GB
-    above the session) and ONNX Runtime's arena otherwise keeps its peak for the life of the
-    process (benchmarks/results/clip-memory.json: 0.7 GB kept instead of 5.2). No slower on a
-    1 s clip: 47.5 ms either way (wav2vec2-base, 2 cores of an AMD EPYC, median of 20 runs)."""
+# A run on more audio than this (raw-audio encoders) gives ONNX Runtime's CPU arena back after
+# it. An encoder's memory grows with the square of a clip's frames (a 100 s clip through a
+# wav2vec2-base graph peaks 5.2 GB above the session) and the arena otherwise keeps its peak for
+# the life of the process (benchmarks/results/clip-memory.json: 0.7 GB kept instead of 5.2).
+# Shorter runs keep the arena: reallocating it after every run cost a tiny Whisper audio LLM a
+# third of its end-to-end speed (1.76x eager fp32 -> 1.15x, `make bench-ci`'s lalm rows). A
+# log-mel window is fixed, so its arena never grows past one window's.
+SHRINK_ABOVE_SAMPLES = 30 * 16_000
+
+
+def run_options_for(input_kind: str, samples: int) -> ort.RunOptions | None:
+    """Run options for an encoder run on `samples` samples of audio (all clips together)."""
+    if input_kind != "raw_audio" or samples <= SHRINK_ABOVE_SAMPLES:
+        return None
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options

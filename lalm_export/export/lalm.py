@@ -38,7 +38,7 @@ from lalm_export.graphs.traced import export_module
 from lalm_export.io import sha256_tree
 from lalm_export.models.adapters import load_full_weights
 from lalm_export.models.families import get_family
-from lalm_export.models.lalm import AudioProjector, ProjectorConfig, encoder_feature_config_for, load_projector_weights, read_lalm_config, resize_for_tokenizer
+from lalm_export.models.lalm import build_projector, encoder_feature_config_for, load_projector_weights, read_lalm_config, resize_for_tokenizer
 from lalm_export.models.lalm_graph import AudioEncoderGraph, MergedLalm
 from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
 from lalm_export.parity.signals import speech_like
@@ -91,9 +91,8 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
             )
             parts["decoder"] = dataclasses.replace(parts["decoder"], source=source)
         encoder = parts["encoder"].model
-        projector = AudioProjector(
-            int(encoder.config.hidden_size), int(encoder.config.num_hidden_layers), int(decoder.config.hidden_size), ProjectorConfig(**config["projector"])
-        )
+        sizes = int(encoder.config.hidden_size), int(encoder.config.num_hidden_layers), int(decoder.config.hidden_size)
+        projector = build_projector(config["projector"], *sizes, opts.trust_remote_code)
         load_projector_weights(projector, folder)
     spec = get_family(config["encoder"]["family"])
     graph = AudioEncoderGraph(encoder, projector.eval(), spec).eval()
@@ -221,7 +220,7 @@ def lalm_facts(merged: MergedLalm, opts: LalmExportOptions, folder: Path, graph_
         "audio_token": config["audio_token"],
         "audio_token_id": int(config["audio_token_id"]),
         "prompt": config["prompt"],
-        "downsample": int(config["projector"]["downsample"]),
+        **({"downsample": int(config["projector"]["downsample"])} if "downsample" in config["projector"] else {}),
         **decoder_facts(decoder, merged.tokenizer),
         "decoder_graph": f"{graph_kind} (inputs_embeds)",
         "precision": {"audio_encoder": opts.encoder_precision, "decoder": opts.decoder_precision},

@@ -10,6 +10,7 @@ from lalm_export.models.audio_encoder import (
     encoder_class,
 )
 from lalm_export.models.families import ENCODER_FAMILIES
+from lalm_export.models.lalm import LALM, ProjectorConfig
 from lalm_export.models.llm import LLMDecoder
 
 ENCODER_CLASSES = {family: encoder_class(family) for family in ENCODER_FAMILIES}
@@ -19,7 +20,9 @@ __all__ = [
     "Data2VecAudioEncoder",
     "ENCODER_CLASSES",
     "HubertAudioEncoder",
+    "LALM",
     "LLMDecoder",
+    "ProjectorConfig",
     "Wav2Vec2AudioEncoder",
     "WavLMAudioEncoder",
     "WhisperAudioEncoder",

@@ -24,6 +24,7 @@ from lalm_export.models.adapters import TrainingMode, first_mismatch, set_traina
 from lalm_export.models.audio_encoder import BaseAudioEncoder, encoder_class
 from lalm_export.models.llm import LLMDecoder
 from lalm_export.models.loading import model_device
+from lalm_export.models.user_projector import UserProjector, build_user_projector, check_projector, projector_record
 
 DEFAULT_AUDIO_TOKEN = "<|audio|>"
 LALM_CONFIG = "lalm_config.json"
@@ -123,13 +124,15 @@ def encoder_frames(config: Any, samples: Any, frame_samples: int | None) -> Any:
 
 class LALM(nn.Module):
     """`encoder` (any audio-encoder wrapper, any mode) → projector (always trainable) →
-    `decoder` (an `LLMDecoder`, any mode), with `audio_token` in prompts standing for the audio."""
+    `decoder` (an `LLMDecoder`, any mode), with `audio_token` in prompts standing for the audio.
+    The projector is this package's MLP (`ProjectorConfig`) or any module of the user's
+    (`lalm_export.models.user_projector` says what it must do to be saved and exported)."""
 
     def __init__(
         self,
         encoder: BaseAudioEncoder,
         decoder: LLMDecoder,
-        projector: ProjectorConfig | AudioProjector = ProjectorConfig(),
+        projector: ProjectorConfig | nn.Module = ProjectorConfig(),
         audio_token: str = DEFAULT_AUDIO_TOKEN,
         prompt: str = f"{DEFAULT_AUDIO_TOKEN}Transcribe the audio:",
     ) -> None:
@@ -142,6 +145,10 @@ class LALM(nn.Module):
         encoder_config = encoder.encoder.config
         if isinstance(projector, ProjectorConfig):
             projector = AudioProjector(encoder.get_hidden_size(), int(encoder_config.num_hidden_layers), decoder.get_hidden_size(), projector)
+        elif not isinstance(projector, AudioProjector | UserProjector):
+            projector = UserProjector(projector)
+        if isinstance(projector, UserProjector):
+            check_projector(projector, encoder.get_hidden_size(), decoder.get_hidden_size())
         self.projector = projector
         self.feature_config = encoder_feature_config_for(encoder.model_name, encoder.spec, encoder.encoder.config)
 
@@ -316,7 +323,7 @@ class LALM(nn.Module):
             "version": 1,
             "encoder": {"family": self.encoder.family, "base_model": encoder_base, "mode": dataclasses.asdict(self.encoder.mode)},
             "decoder": {"family": self.decoder.family, "base_model": decoder_base, "mode": dataclasses.asdict(self.decoder.mode)},
-            "projector": dataclasses.asdict(self.projector.config),
+            "projector": projector_record(self.projector) if isinstance(self.projector, UserProjector) else dataclasses.asdict(self.projector.config),
             "audio_token": self.audio_token,
             "audio_token_id": self.audio_token_id,
             "prompt": self.prompt,
@@ -330,14 +337,18 @@ class LALM(nn.Module):
             component.save_model_weights(folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> LALM:
-        """The LALM saved in `folder`, each component in its saved mode: train on for continuous learning."""
+    def from_pretrained(cls, folder: str | Path, trust_remote_code: bool = False) -> LALM:
+        """The LALM saved in `folder`, each component in its saved mode: train on for continuous
+        learning. A projector of the user's own class is imported only with `trust_remote_code`."""
         folder = Path(folder).expanduser()
         config = read_lalm_config(folder)
         encoder_mode, decoder_mode = (TrainingMode(**config[part]["mode"]) for part in ("encoder", "decoder"))
         encoder = encoder_class(config["encoder"]["family"])(config["encoder"]["base_model"], **_mode_kwargs(encoder_mode))
         decoder = LLMDecoder(config["decoder"]["base_model"], **_mode_kwargs(decoder_mode))
-        model = cls(encoder, decoder, ProjectorConfig(**config["projector"]), config["audio_token"], config["prompt"])
+        projector = build_projector(
+            config["projector"], encoder.get_hidden_size(), int(encoder.encoder.config.num_hidden_layers), decoder.get_hidden_size(), trust_remote_code
+        )
+        model = cls(encoder, decoder, projector, config["audio_token"], config["prompt"])
         if model.audio_token_id != config["audio_token_id"]:
             raise AdapterMismatchError(f"{folder}: the decoder's tokenizer gives {config['audio_token']!r} another id than when it was saved")
         for component, part in ((encoder, "encoder"), (decoder, "decoder")):
@@ -367,15 +378,29 @@ def read_lalm_config(folder: Path) -> dict[str, Any]:
         section["base_model"] = resolve_base_model(folder, section["base_model"])
     fields = {f.name for f in dataclasses.fields(ProjectorConfig)}
     projector = config.get("projector")
-    if not isinstance(projector, dict) or not set(projector) <= fields:
-        raise OptionsError(f"{folder / LALM_CONFIG}: 'projector' must hold {', '.join(sorted(fields))}; save the model again with LALM.save_pretrained()")
+    user_code = isinstance(projector, dict) and isinstance(projector.get("class"), str) and isinstance(projector.get("init"), dict)
+    if not isinstance(projector, dict) or not (user_code or set(projector) <= fields):
+        raise OptionsError(
+            f"{folder / LALM_CONFIG}: 'projector' must hold {', '.join(sorted(fields))} (or a user projector's class and init); "
+            "save the model again with LALM.save_pretrained()"
+        )
     for needed in (PROJECTOR_WEIGHTS, "tokenizer"):
         if not (folder / needed).exists():
             raise OptionsError(f"{folder} has no {needed}, which an LALM folder holds; save the model again with LALM.save_pretrained()")
     return config
 
 
-def load_projector_weights(projector: AudioProjector, folder: Path) -> None:
+def build_projector(record: dict[str, Any], encoder_hidden: int, encoder_layers: int, decoder_hidden: int, trust_remote_code: bool) -> nn.Module:
+    """The projector `lalm_config.json` describes, with fresh weights: this package's MLP, or a
+    user's module (imported only with `trust_remote_code`, and tried on short inputs)."""
+    if "class" in record:
+        projector = build_user_projector(record, trust_remote_code)
+        check_projector(projector, encoder_hidden, decoder_hidden)
+        return projector
+    return AudioProjector(encoder_hidden, encoder_layers, decoder_hidden, ProjectorConfig(**record))
+
+
+def load_projector_weights(projector: nn.Module, folder: Path) -> None:
     """The saved projector's weights, refused in one line when they are not this projector's
     (saved for other encoder or decoder sizes, or edited)."""
     tensors = read_safetensors(folder / PROJECTOR_WEIGHTS)

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from lalm_export.models.families import FamilySpec
-from lalm_export.models.lalm import AudioProjector, encoder_frames
+from lalm_export.models.lalm import encoder_frames
 
 
 class AudioEncoderGraph(nn.Module):
     """Encoder + projector as one module: the family's input and the clips' lengths in
     samples → projected frames and how many of them are each clip's own."""
 
-    def __init__(self, encoder: nn.Module, projector: AudioProjector, spec: FamilySpec) -> None:
+    def __init__(self, encoder: nn.Module, projector: nn.Module, spec: FamilySpec) -> None:
         super().__init__()
         self.encoder, self.projector, self.spec = encoder, projector, spec
 

@@ -61,9 +61,12 @@ def test_an_audio_llm_bundle_records_what_bounds_its_clips(serve_bundles):
     assert limits.max_seconds < MAX_RAW_AUDIO_SECONDS
 
 
-def test_encoder_runs_give_their_memory_back():
+def test_long_encoder_runs_give_their_memory_back_and_short_ones_keep_the_arena():
     """ONNX Runtime's arena keeps a run's peak for the life of the process unless told to shrink
-    (the figures: benchmarks/results/clip-memory.json, kept_after_gb)."""
-    from runtime.sessions import returning_memory
+    (the figures: benchmarks/results/clip-memory.json, kept_after_gb); shrinking after every short
+    run would reallocate it each time."""
+    from runtime.sessions import SHRINK_ABOVE_SAMPLES, run_options_for
 
-    assert returning_memory().get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert run_options_for("raw_audio", SHRINK_ABOVE_SAMPLES + 1).get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert run_options_for("raw_audio", SHRINK_ABOVE_SAMPLES) is None
+    assert run_options_for("log_mel", 10 * SHRINK_ABOVE_SAMPLES) is None  # a fixed window: the arena never grows
