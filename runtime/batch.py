@@ -153,20 +153,29 @@ def output_lock(output: Path) -> Iterator[None]:
     from runtime.errors import RuntimeUserError
 
     lock = output.with_name(f".{output.name}.lock")
+    made = [folder for folder in output.parents if not folder.exists()]  # innermost first
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a+", encoding="utf-8")
     except OSError as err:
         raise RuntimeUserError(f"--output {output}: cannot write in {output.parent} ({err.strerror}); pass a path in a folder you can write to") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeUserError(f"another runtime.batch is writing {output}; wait for it to end, or pass another --output") from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+    try:
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeUserError(f"another runtime.batch is writing {output}; wait for it to end, or pass another --output") from None
+            try:
+                yield
+            finally:
+                lock.unlink(missing_ok=True)
+    finally:
+        if not output.exists():  # a run that wrote nothing leaves no folder made for it
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 # --- the work -------------------------------------------------------------------------------

@@ -78,9 +78,9 @@ def test_bad_batch_inputs_are_one_line_errors(bundle, args, fragment, serve_bund
     (tmp_path / "a-file").write_text("mine")
     names = {"AUDIO": str(audio_files[0]), "EMPTY": str(tmp_path / "empty"), "LATIN1_LIST": str(tmp_path / "list.txt"), "A_FILE": str(tmp_path / "a-file")}
     args = [names.get(a, a) for a in args]
-    result = run_main(batch_main, serve_bundles[bundle], *args, "--output", tmp_path / "o.jsonl", capsys=capsys)
+    result = run_main(batch_main, serve_bundles[bundle], *args, "--output", tmp_path / "new" / "folders" / "o.jsonl", capsys=capsys)
     assert_user_error(result, fragment)
-    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / ".o.jsonl.lock").exists()  # a refused run writes nothing
+    assert not (tmp_path / "new").exists()  # a refused run writes nothing, not even the folders of its output
 
 
 def write_wav(path):
