@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lalm",
         type=Path,
         metavar="DIR",
-        help="export an audio LLM saved by LALM.save_pretrained() as one bundle: audio encoder + projector, token table, "
-        "decoder on embeddings (its adapters merged; --precision, --encoder-precision, --decoder-precision, --decoder-graph and --device apply)",
+        help="export an audio LLM saved by LALM.save_pretrained(), or a Hugging Face checkpoint of Qwen2-Audio, as one bundle: audio "
+        "encoder + projector, token table, decoder on embeddings (its adapters merged; --precision, --encoder-precision, --decoder-precision, "
+        "--decoder-graph and --device apply; docs/pretrained-lalms.md)",
     )
     parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write (refused if it exists and is not empty, unless --force)")
     parser.add_argument("--model", help="local checkpoint folder or hub id (default: the family's usual public checkpoint)")

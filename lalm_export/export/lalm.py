@@ -35,11 +35,12 @@ from lalm_export.export.pipeline import STAGES, GraphPart, RunSettings, run_expo
 from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
 from lalm_export.graphs.traced import export_decoder as export_traced_decoder
 from lalm_export.graphs.traced import export_module
-from lalm_export.io import sha256_tree
+from lalm_export.io import load_hf_model, sha256_tree
 from lalm_export.models.adapters import load_full_weights
 from lalm_export.models.families import get_family
 from lalm_export.models.lalm import build_projector, encoder_feature_config_for, load_projector_weights, read_lalm_config, resize_for_tokenizer
 from lalm_export.models.lalm_graph import AudioEncoderGraph, MergedLalm
+from lalm_export.models.pretrained import PretrainedLalm, pretrained_row
 from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
 from lalm_export.parity.signals import speech_like
 from lalm_export.precision.specs import SPECS, check_precision
@@ -72,6 +73,9 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
     from transformers import AutoTokenizer
 
     folder = Path(opts.lalm).expanduser()
+    row = pretrained_row(folder)
+    if row is not None:
+        return load_pretrained_lalm(folder, row, stages, opts.trust_remote_code)
     config = read_lalm_config(folder)  # once: every part below takes it from here
     options = {part: component_options(folder, part, config, opts.trust_remote_code) for part in PARTS}
     # A fine-tuned decoder's weights hold the audio token's rows: load them once the base has them.
@@ -99,6 +103,41 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
     feature_config = encoder_feature_config_for(config["encoder"]["base_model"], spec, encoder.config)
     components = {part: {**dataclasses.asdict(merged.source), **merged.notes} for part, merged in parts.items()}
     return MergedLalm(graph, decoder.eval(), tokenizer, config, feature_config, components)
+
+
+def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, trust_remote_code: bool) -> MergedLalm:
+    """The load and merge stages for a Hugging Face checkpoint of a supported audio LLM: its
+    audio tower and projector taken apart from its language model by the architecture's row;
+    the placeholder, its id and the prompt from the checkpoint's config and tokenizer."""
+    import transformers
+    from transformers import AutoProcessor
+
+    with stages.stage("load", f"{row.model_class} from {folder}"):
+        model = load_hf_model(getattr(transformers, row.model_class), str(folder), trust_remote_code=trust_remote_code, dtype=torch.float32)
+        processor = load_hf_model(AutoProcessor, str(folder), trust_remote_code=trust_remote_code)
+        feature_config = processor.feature_extractor.to_dict()
+    with stages.stage("merge", "no adapter: the checkpoint as it is"):
+        graph, decoder = row.split(model.eval(), row.spec, feature_config)
+    token, token_id = row.audio_token(model.config, processor)
+    config = {"audio_token": token, "audio_token_id": token_id, "prompt": default_prompt(processor, token), "projector": {}}
+    tokenizer = processor.tokenizer
+    components = {"checkpoint": {"model": str(folder.resolve()), "model_type": row.model_type, "merge": "none"}}
+    return MergedLalm(graph, decoder, tokenizer, config, feature_config, components)
+
+
+def default_prompt(processor: Any, audio_token: str) -> str:
+    """The bundle's prompt for a checkpoint: its chat template's rendering of one user turn
+    holding the audio and an instruction to transcribe it, ready for the answer; the
+    placeholder and an instruction where it has no template."""
+    if getattr(processor, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip"}, {"type": "text", "text": TRANSCRIBE}]}]
+        prompt = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        if prompt.count(audio_token) == 1:
+            return prompt
+    return f"{audio_token}{TRANSCRIBE}"
+
+
+TRANSCRIBE = "Transcribe the audio."
 
 
 def export_audio_encoder(graph: AudioEncoderGraph, feature_config: dict[str, Any], target: Path) -> None:

@@ -1,0 +1,124 @@
+"""Audio LLMs people already have (issue 25): a Hugging Face checkpoint of a supported
+architecture, exported with `lalm-export --lalm`, gives the tokens the checkpoint's own
+`generate(**processor(text=..., audio=...))` gives, through runtime.infer and runtime.serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from lalm_export.cli import main as export_main
+from lalm_export.demo.tiny import build_tiny_tokenizer
+from runtime.api import load
+from runtime.audio import load_audio
+from runtime.generation import GenerationOptions
+from runtime.server.engine import ServeSettings
+from tests.helpers import assert_user_error, run_main
+from tests.runtime.serving import running_server
+
+TOKENS = 16
+
+
+def save_tiny_qwen2_audio(folder: Path, seed: int) -> Path:
+    """A tiny random Qwen2-Audio checkpoint and its processor (tokenizer built offline, the
+    audio tokens added as the published checkpoints have them)."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        Qwen2Config,
+        WhisperFeatureExtractor,
+    )
+
+    build_tiny_tokenizer(folder / "tokenizer-source")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer-source")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]})
+    audio = Qwen2AudioEncoderConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128)
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, tie_word_embeddings=False,
+    )  # fmt: skip
+    config = Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    torch.manual_seed(seed)
+    Qwen2AudioForConditionalGeneration(config).save_pretrained(folder / "checkpoint")
+    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer).save_pretrained(folder / "checkpoint")
+    return folder / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def qwen2_audio(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, bundle exported from it)."""
+    root = tmp_path_factory.mktemp("qwen2-audio")
+    checkpoint = save_tiny_qwen2_audio(root, seed=0)
+    assert export_main(["--lalm", str(checkpoint), "--output", str(root / "bundle"), "-q"]) == 0
+    return checkpoint, root / "bundle"
+
+
+def eager_tokens(checkpoint: Path, prompt: str, samples) -> list[int]:
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint).eval()
+    inputs = processor(text=prompt, audio=samples, sampling_rate=16_000, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_qwen2_audio_bundle_gives_the_checkpoints_own_generate_tokens(qwen2_audio, audio_files):
+    checkpoint, bundle = qwen2_audio
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    extra = manifest["extra"]
+    assert manifest["parity"]["passed"] and extra["encoder"]["family"] == "qwen2_audio"
+    processor_config = json.loads((checkpoint / "processor_config.json").read_text())
+    assert extra["audio_token"] == processor_config["audio_token"]  # from the checkpoint, not written here
+    assert extra["audio_token_id"] == json.loads((checkpoint / "config.json").read_text())["audio_token_index"]
+    assert extra["prompt"].count(extra["audio_token"]) == 1 and "<|im_start|>assistant" in extra["prompt"]  # its chat template
+    runner = load(bundle)
+    for path in (audio_files[0], audio_files[2]):  # 1.0 s and 1.5 s
+        samples = load_audio(path).samples
+        ours = runner.transcribe([path], options=GenerationOptions(max_new_tokens=TOKENS, stop_at_eos=False))[0].tokens
+        assert ours == eager_tokens(checkpoint, extra["prompt"], samples), path.name
+
+
+def test_the_gate_refuses_a_qwen2_audio_bundle_whose_audio_tower_was_swapped(qwen2_audio, tmp_path, capsys, monkeypatch):
+    """The graph exported is another checkpoint's tower: the gate, comparing with this one's, refuses it."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    import lalm_export.export.lalm as export_lalm
+
+    other = Qwen2AudioForConditionalGeneration.from_pretrained(save_tiny_qwen2_audio(tmp_path / "other", seed=1)).eval()
+    export_audio_encoder = export_lalm.export_audio_encoder
+
+    def swapped(graph, feature_config, target):
+        graph = type(graph)(other.model.audio_tower, other.model.multi_modal_projector, graph.spec, graph.hop_length).eval()
+        export_audio_encoder(graph, feature_config, target)
+
+    monkeypatch.setattr(export_lalm, "export_audio_encoder", swapped)
+    result = run_main(export_main, "--lalm", qwen2_audio[0], "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, "audio_features")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_runtime_serve_answers_a_qwen2_audio_bundle_as_runtime_does(qwen2_audio, audio_files):
+    _, bundle = qwen2_audio
+    expected = load(bundle).transcribe([audio_files[0]], options=GenerationOptions(max_new_tokens=TOKENS))[0].text
+    with running_server({"qwen2-audio": bundle}, ServeSettings(max_new_tokens=TOKENS)) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with open(audio_files[0], "rb") as handle:
+            assert client.audio.transcriptions.create(model="qwen2-audio", file=handle).text == expected
+
+
+def test_a_checkpoint_of_an_architecture_without_a_row_is_one_line(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "bert"}')
+    result = run_main(export_main, "--lalm", tmp_path / "ckpt", "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, "is a 'bert' checkpoint; --lalm takes an LALM saved by LALM.save_pretrained() or a checkpoint of qwen2_audio")
