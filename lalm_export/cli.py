@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write (refused if it exists and is not empty, unless --force)")
     parser.add_argument("--model", help="local checkpoint folder or hub id (default: the family's usual public checkpoint)")
     parser.add_argument(
-        "--adapter", type=Path, help="LoRA adapter folder: from save_lora_weights() or plain peft (adapter_config.json + adapter_model.safetensors)"
+        "--adapter",
+        type=Path,
+        help="LoRA adapter folder: from save_lora_weights() or plain peft (adapter_config.json + adapter_model.safetensors); with --lalm, "
+        "a peft LoRA trained on the whole Hugging Face checkpoint (language model and/or audio tower)",
     )
     parser.add_argument("--qlora", action="store_true", help="the (plain peft) adapter was trained on a 4-bit base: merge into that base, dequantized")
     parser.add_argument("--bnb-quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit type of that base, with --qlora (default: nf4)")
@@ -180,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The flags an LALM export takes; the rest describe a single component (an LALM folder records its own).
 LALM_FLAGS = (
-    *("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json"),
+    *("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json", "adapter"),
     *("precision", "encoder_precision", "decoder_precision", "decoder_graph", "device", "target_cpu", "min_cosine"),
 )
 
@@ -199,7 +202,7 @@ def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
     if changed:
         flag = next(a.option_strings[0] for a in parser._actions if a.dest == changed[0])
         parser.error(f"{flag} describes a single --encoder or --decoder export; an LALM folder records its components, adapters and settings")
-    names = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "decoder_graph", "device", "target_cpu", "min_cosine")
+    names = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "decoder_graph", "device", "target_cpu", "min_cosine", "adapter")
     return LalmExportOptions(
         **{name: getattr(args, name) for name in names},
         encoder_precision=component_precision(args, "encoder"),

@@ -40,6 +40,7 @@ from lalm_export.models.adapters import load_full_weights
 from lalm_export.models.families import get_family
 from lalm_export.models.lalm import build_projector, encoder_feature_config_for, load_projector_weights, read_lalm_config, resize_for_tokenizer
 from lalm_export.models.lalm_graph import AudioEncoderGraph, MergedLalm
+from lalm_export.models.merge import merge_adapter_into, read_lora_pairs
 from lalm_export.models.pretrained import PretrainedLalm, pretrained_row
 from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
 from lalm_export.parity.signals import speech_like
@@ -75,7 +76,11 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
     folder = Path(opts.lalm).expanduser()
     row = pretrained_row(folder)
     if row is not None:
-        return load_pretrained_lalm(folder, row, stages, opts.trust_remote_code)
+        return load_pretrained_lalm(folder, row, stages, opts)
+    if opts.adapter is not None:
+        raise OptionsError(
+            f"{folder} is an LALM folder, which records each part's adapter itself; --adapter with --lalm is for a Hugging Face checkpoint's whole-model LoRA"
+        )
     config = read_lalm_config(folder)  # once: every part below takes it from here
     options = {part: component_options(folder, part, config, opts.trust_remote_code) for part in PARTS}
     # A fine-tuned decoder's weights hold the audio token's rows: load them once the base has them.
@@ -105,24 +110,29 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
     return MergedLalm(graph, decoder.eval(), tokenizer, config, feature_config, components)
 
 
-def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, trust_remote_code: bool) -> MergedLalm:
-    """The load and merge stages for a Hugging Face checkpoint of a supported audio LLM: its
-    audio tower and projector taken apart from its language model by the architecture's row;
-    the placeholder, its id and the prompt from the checkpoint's config and tokenizer."""
+def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts: LalmExportOptions) -> MergedLalm:
+    """The load and merge stages for a Hugging Face checkpoint of a supported audio LLM: a
+    whole-model LoRA merged (`--adapter`), then its audio tower and projector taken apart from
+    its language model by the architecture's row; the placeholder, its id and the prompt from
+    the checkpoint's config and processor."""
     import transformers
     from transformers import AutoProcessor
 
     with stages.stage("load", f"{row.model_class} from {folder}"):
-        model = load_hf_model(getattr(transformers, row.model_class), str(folder), trust_remote_code=trust_remote_code, dtype=torch.float32)
-        processor = load_hf_model(AutoProcessor, str(folder), trust_remote_code=trust_remote_code)
+        model = load_hf_model(getattr(transformers, row.model_class), str(folder), trust_remote_code=opts.trust_remote_code, dtype=torch.float32)
+        processor = load_hf_model(AutoProcessor, str(folder), trust_remote_code=opts.trust_remote_code)
         feature_config = processor.feature_extractor.to_dict()
-    with stages.stage("merge", "no adapter: the checkpoint as it is"):
+    record: dict[str, Any] = {"model": str(folder.resolve()), "model_type": row.model_type, "merge": "none"}
+    with stages.stage("merge", f"LoRA from {opts.adapter}" if opts.adapter else "no adapter: the checkpoint as it is"):
+        if opts.adapter is not None:
+            pairs = read_lora_pairs(opts.adapter, model)
+            merge_adapter_into(model, pairs)
+            stages.say(f"      merged LoRA into {len(pairs)} Linear layers")
+            record.update(adapter=str(Path(opts.adapter).resolve()), adapter_sha256=sha256_tree(opts.adapter), merge="lora")
         graph, decoder = row.split(model.eval(), row.spec, feature_config)
     token, token_id = row.audio_token(model.config, processor)
     config = {"audio_token": token, "audio_token_id": token_id, "prompt": default_prompt(processor, token), "projector": {}}
-    tokenizer = processor.tokenizer
-    components = {"checkpoint": {"model": str(folder.resolve()), "model_type": row.model_type, "merge": "none"}}
-    return MergedLalm(graph, decoder, tokenizer, config, feature_config, components)
+    return MergedLalm(graph, decoder, processor.tokenizer, config, feature_config, {"checkpoint": record})
 
 
 def default_prompt(processor: Any, audio_token: str) -> str:

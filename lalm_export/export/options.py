@@ -74,6 +74,7 @@ class LalmExportOptions:
     device: str = "cpu"  # where the parity gate runs ONNX Runtime (the eager reference: fp32 on the CPU)
     target_cpu: str = "auto"  # as for ExportOptions
     min_cosine: float | None = None  # replaces the reduced-precision cosine bounds of the audio features
+    adapter: Path | None = None  # a peft LoRA on a whole Hugging Face audio-LLM checkpoint (an LALM folder records its own)
 
 
 def supported_decoder_archs() -> list[str]:

@@ -17,7 +17,7 @@ from runtime.api import load
 from runtime.audio import load_audio
 from runtime.generation import GenerationOptions
 from runtime.server.engine import ServeSettings
-from tests.helpers import assert_user_error, run_main
+from tests.helpers import assert_user_error, randomize_lora, run_main
 from tests.runtime.serving import running_server
 
 TOKENS = 16
@@ -85,6 +85,45 @@ def test_qwen2_audio_bundle_gives_the_checkpoints_own_generate_tokens(qwen2_audi
         samples = load_audio(path).samples
         ours = runner.transcribe([path], options=GenerationOptions(max_new_tokens=TOKENS, stop_at_eos=False))[0].tokens
         assert ours == eager_tokens(checkpoint, extra["prompt"], samples), path.name
+
+
+def save_whole_model_lora(checkpoint: Path, folder: Path) -> tuple[Path, Path]:
+    """A peft LoRA on the whole checkpoint (attention of the audio tower and of the language
+    model), with non-zero weights; (adapter, the merged checkpoint peft makes of it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    model = get_peft_model(Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(model, seed=3, std=0.2)
+    model.save_pretrained(folder / "adapter")
+    model.merge_and_unload().save_pretrained(folder / "merged")
+    AutoProcessor.from_pretrained(checkpoint).save_pretrained(folder / "merged")
+    return folder / "adapter", folder / "merged"
+
+
+def test_a_whole_model_lora_is_merged_as_peft_merges_it(qwen2_audio, audio_files, tmp_path, capsys):
+    checkpoint, _ = qwen2_audio
+    adapter, merged = save_whole_model_lora(checkpoint, tmp_path)
+    result = run_main(export_main, "--lalm", checkpoint, "--adapter", adapter, "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert "merged LoRA into 8 Linear layers" in result.stderr  # q and v of 2 tower layers and 2 language-model layers
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["extra"]["components"]["checkpoint"]["merge"] == "lora"
+    samples = load_audio(audio_files[2]).samples
+    ours = load(tmp_path / "bundle").transcribe([audio_files[2]], options=GenerationOptions(max_new_tokens=TOKENS, stop_at_eos=False))[0].tokens
+    assert ours == eager_tokens(merged, manifest["extra"]["prompt"], samples)
+    assert ours != eager_tokens(checkpoint, manifest["extra"]["prompt"], samples)  # the adapter changes the answer
+
+
+def test_an_adapter_for_another_model_is_one_line(qwen2_audio, checkpoints, tmp_path, capsys):
+    from lalm_export.models import LLMDecoder
+
+    decoder = LLMDecoder(str(checkpoints["llm"]), use_lora=True, lora_dropout=0.0)
+    decoder.save_lora_weights(tmp_path / "llm-adapter")
+    result = run_main(export_main, "--lalm", qwen2_audio[0], "--adapter", tmp_path / "llm-adapter", "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, "which the model has no Linear layer for: it was trained for another model")
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_the_gate_refuses_a_qwen2_audio_bundle_whose_audio_tower_was_swapped(qwen2_audio, tmp_path, capsys, monkeypatch):
