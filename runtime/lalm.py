@@ -68,6 +68,7 @@ class LalmRunner:
         self.provider = active_provider(decoder)
         self.backend = self.new_backend()
         self.limits: AudioLimits | None = None  # a bundle's clip lengths (load_lalm sets them from its manifest)
+        self.chat_template: str | None = None  # a checkpoint's chat template, which chat requests are formatted with (load_lalm reads it)
 
     @classmethod
     def from_parts(cls, folder: Path, feature_config: dict[str, Any], input_kind: str, facts: dict[str, Any], provider: str = "cpu") -> LalmRunner:
@@ -294,7 +295,19 @@ def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
     runner = LalmRunner(folder, encoder, decoder, table, read_tokenizer(folder), feature_config, manifest.input_kind, dict(manifest.extra))
     runner.manifest = manifest
     runner.limits = audio_limits(manifest, folder, options.max_clip_memory_gb)
+    runner.chat_template = read_chat_template(folder, manifest.extra)
     return runner
+
+
+def read_chat_template(folder: Path, extra: dict[str, Any]) -> str | None:
+    """The chat template the manifest names (`extra.chat_template`, a file of the bundle), if any."""
+    name = extra.get("chat_template")
+    if name is None:
+        return None
+    path = folder / str(name)
+    if not isinstance(name, str) or "/" in name or not path.is_file():
+        raise BundleError(f"{folder / 'manifest.json'}: extra.chat_template names {name!r}, which is not a file of the bundle; export it again")
+    return path.read_text(encoding="utf-8")
 
 
 MAX_CONTEXT = 1 << 20  # positions: past any decoder lalm-export writes, short of an allocation that fails

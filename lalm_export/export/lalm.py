@@ -46,6 +46,7 @@ from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
 from lalm_export.parity.signals import speech_like
 from lalm_export.precision.specs import SPECS, check_precision
 from lalm_export.progress import Stages
+from runtime.chat import CHAT_TEMPLATE
 from runtime.limits import frame_samples, receptive_field
 from runtime.manifest import Manifest, Source, denied, path_state, sha256_of
 
@@ -132,7 +133,11 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
         graph, decoder = row.split(model.eval(), row.spec, feature_config)
     token, token_id = row.audio_token(model.config, processor)
     config = {"audio_token": token, "audio_token_id": token_id, "prompt": default_prompt(processor, token), "projector": {}}
-    return MergedLalm(graph, decoder, processor.tokenizer, config, feature_config, {"checkpoint": record})
+    tokenizer = processor.tokenizer
+    if getattr(processor, "chat_template", None):  # the bundle formats chat requests with it (runtime.chat)
+        tokenizer.chat_template = processor.chat_template
+        config["chat_template"] = CHAT_TEMPLATE
+    return MergedLalm(graph, decoder, tokenizer, config, feature_config, {"checkpoint": record})
 
 
 def default_prompt(processor: Any, audio_token: str) -> str:
@@ -269,6 +274,7 @@ def lalm_facts(merged: MergedLalm, opts: LalmExportOptions, folder: Path, graph_
         "audio_token": config["audio_token"],
         "audio_token_id": int(config["audio_token_id"]),
         "prompt": config["prompt"],
+        **({"chat_template": config["chat_template"]} if "chat_template" in config else {}),
         **({"downsample": int(config["projector"]["downsample"])} if "downsample" in config["projector"] else {}),
         **decoder_facts(decoder, merged.tokenizer),
         "decoder_graph": f"{graph_kind} (inputs_embeds)",

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.audio import CONTAINERS, Audio, decode_audio
+from runtime.chat import render_chat
 from runtime.generation import GenerationOptions
 from runtime.server.engine import Engine, ServedModel
 from runtime.server.errors import ApiError, as_api_error, bad_request
@@ -339,12 +340,13 @@ def _lalm_prompt(model: ServedModel, prompt: object) -> str | None:
 
 
 def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | None]:
-    """The messages' text parts joined in order (messages by newlines, parts of one message
-    directly): the bundles carry no chat template, so the prompt is what `runtime.infer
-    --prompt` would get. An LALM's one `input_audio` part becomes the audio placeholder."""
+    """The prompt of a chat: formatted by the bundle's chat template where it has one (an audio
+    LLM checkpoint's), the `input_audio` part as the template's audio part; else the messages'
+    text parts joined in order (messages by newlines, parts of one message directly), what
+    `runtime.infer --prompt` would get, the one `input_audio` part as the audio placeholder."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
-    texts, clips = [], []
+    texts, clips, turns = [], [], []
     token = model.runner.facts["audio_token"] if model.kind == "lalm" else None
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "content" not in message:
@@ -356,12 +358,13 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
             raise bad_request(f"messages[{index}].content must be text or a list of parts", f"messages[{index}].content")
-        pieces = []
+        pieces, turn = [], []
         for part_index, part in enumerate(parts):
             where = f"messages[{index}].content[{part_index}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 pieces.append(part["text"])
+                turn.append({"type": "text", "text": part["text"]})
             elif kind == "input_audio":
                 if role != "user":
                     raise bad_request(f"{where}: audio goes in a user message, not a {role} message", where)
@@ -369,12 +372,20 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
                     raise bad_request(f"{where}: {model.name} is a text bundle; audio needs an audio LLM bundle", where)
                 clips.append(_input_audio(part.get("input_audio"), where, model.runner.limits.max_seconds))
                 pieces.append(token)
+                turn.append({"type": "audio"})
             else:
                 raise bad_request(f"{where}: a part must be {{type: text, text}} or {{type: input_audio, input_audio: {{data, format}}}}", where)
         texts.append("".join(pieces))
+        turns.append({"role": role, "content": turn})
     if token is not None and len(clips) != 1:
         raise bad_request(f"an audio LLM request takes exactly one input_audio part, not {len(clips)}", "messages")
-    return "\n".join(texts), (clips[0] if clips else None)
+    template = getattr(model.runner, "chat_template", None)
+    if template is None:
+        return "\n".join(texts), (clips[0] if clips else None)
+    prompt = as_api_error(lambda: render_chat(template, turns, {}), "messages")
+    if prompt.count(token) != 1:
+        raise bad_request(f"the bundle's chat template wrote the audio placeholder {prompt.count(token)} times for one input_audio part", "messages")
+    return prompt, clips[0]
 
 
 def _input_audio(spec: object, where: str, max_seconds: float) -> Audio:

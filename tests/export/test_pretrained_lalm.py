@@ -155,6 +155,40 @@ def test_runtime_serve_answers_a_qwen2_audio_bundle_as_runtime_does(qwen2_audio,
             assert client.audio.transcriptions.create(model="qwen2-audio", file=handle).text == expected
 
 
+def test_a_chat_request_is_formatted_with_the_checkpoints_chat_template(qwen2_audio, audio_files):
+    """The server renders a chat as the checkpoint's processor renders it (system turn and all),
+    the input_audio part as the template's audio part."""
+    import base64
+
+    from transformers import AutoProcessor
+
+    checkpoint, bundle = qwen2_audio
+    assert (bundle / "chat_template.jinja").is_file()
+    instruction = [{"type": "text", "text": "Transcribe the audio."}]
+    eager_turns = [{"role": "system", "content": "You write down speech."}, {"role": "user", "content": [{"type": "audio", "audio_url": "a"}, *instruction]}]
+    prompt = AutoProcessor.from_pretrained(checkpoint).apply_chat_template(eager_turns, add_generation_prompt=True, tokenize=False)
+    expected = load(bundle).transcribe([audio_files[1]], prompt, GenerationOptions(max_new_tokens=TOKENS, stop_at_eos=False))[0].text
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(audio_files[1].read_bytes()).decode(), "format": "wav"}}
+    messages = [{"role": "system", "content": "You write down speech."}, {"role": "user", "content": [audio, *instruction]}]
+    with running_server({"qwen2-audio": bundle}, ServeSettings()) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="qwen2-audio", messages=messages, max_tokens=TOKENS, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == expected
+
+
+def test_a_chat_template_the_manifest_points_outside_the_bundle_is_refused(qwen2_audio, tmp_path):
+    import shutil
+
+    from runtime.errors import BundleError
+
+    bundle = shutil.copytree(qwen2_audio[1], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["extra"]["chat_template"] = "../outside.jinja"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="extra.chat_template names '../outside.jinja', which is not a file of the bundle"):
+        load(bundle)
+
+
 def test_a_checkpoint_of_an_architecture_without_a_row_is_one_line(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "bert"}')
