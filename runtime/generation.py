@@ -64,6 +64,8 @@ class GenerationOptions:
             raise RuntimeUserError(f"top_k must be 0 (off) or positive, not {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise RuntimeUserError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RuntimeUserError(f"seed must be a whole number from 0 to 2**63 - 1, not {self.seed}")
 
 
 def choose_tokens(logits: np.ndarray, options: GenerationOptions, rng: np.random.Generator) -> np.ndarray:

@@ -288,9 +288,7 @@ def _options(fields: dict[str, Any], json_body: bool = False) -> tuple[Generatio
     """The request's sampling options and the token budget it asked for (None: it did not say;
     the options then hold 1 until the prompt's length sets the budget, `Engine.token_budget`)."""
     max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
-    seed = _number(fields.get("seed"), "seed", None, int, json_body)
-    if seed is not None and not 0 <= seed < 2**63:
-        raise bad_request(f"seed must be a whole number from 0 to 2**63 - 1, not {seed}", "seed")
+    seed = _number(fields.get("seed"), "seed", None, int, json_body)  # its range: GenerationOptions.validate
     asked = _number(max_tokens, "max_tokens", None, int, json_body)
     options = GenerationOptions(
         max_new_tokens=1 if asked is None else asked,

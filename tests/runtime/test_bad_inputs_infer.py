@@ -163,3 +163,25 @@ def test_output_in_a_folder_without_write_permission(bundles, tmp_path, monkeypa
     result = run_main(main, bundles / "hubert", "--audio", wav, "--output", tmp_path / "out.npz", capsys=capsys)
     assert_user_error(result, "no permission to write")
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_negative_seed_is_one_line(bundles, capsys):
+    result = run_main(main, bundles / "llm", "--prompt", "hi", "--temperature", "1", "--seed", "-1", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, "seed must be a whole number from 0 to 2**63 - 1, not -1")
+
+
+def test_a_file_whose_header_says_hours_is_refused_before_it_is_decoded(bundles, tmp_path, capsys, monkeypatch):
+    """40 KB whose header says 1 Hz are 40,000 s: refused from the header (runtime.infer and
+    runtime.batch, as the server does), never decoded and resampled to 640 million samples."""
+    import runtime.audio
+    from runtime.batch import main as batch_main
+
+    path = tmp_path / "one-hertz.wav"
+    sf.write(path, np.zeros(40_000, dtype=np.int16), 1, subtype="PCM_16")
+    monkeypatch.setattr(runtime.audio, "_decode", lambda *a: pytest.fail("the file was decoded"))
+    result = run_main(main, bundles / "hubert", "--audio", path, "--output", tmp_path / "f.npz", capsys=capsys)
+    assert_user_error(result, "by its header (40000 frames at 1 Hz)")
+    batch = run_main(batch_main, bundles / "hubert", "--input", path, "--output", tmp_path / "o.jsonl", "-q", capsys=capsys)
+    assert batch.returncode == 1
+    assert "by its header (40000 frames at 1 Hz)" in (tmp_path / "o.jsonl").read_text()
