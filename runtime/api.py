@@ -109,7 +109,7 @@ class EncoderRunner(_BundleModel):
         return {name: value.numpy() for name, value in zip(self.output_names, self.run_on_device(device_input))}
 
     def encode_files(self, paths: Sequence[str | Path]) -> list[EncodedAudio]:
-        return self.encode([load_audio(p, self.limits.max_seconds) for p in paths])
+        return self.encode([load_audio(p, self.limits) for p in paths])
 
     def encode_arrays(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[EncodedAudio]:
         names = list(names or (f"array{i}" for i in range(len(arrays))))

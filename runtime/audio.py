@@ -46,9 +46,10 @@ def resample(samples: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.nd
     return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32)
 
 
-def load_audio(path: str | Path, max_seconds: float | None = None) -> Audio:
+def load_audio(path: str | Path, limits: Any = None) -> Audio:
     """Decode wav/flac/ogg, downmix to mono, resample to 16 kHz (soxr, high quality).
-    `max_seconds`: longer audio is refused by its header, before it is decoded."""
+    `limits` (a bundle's `runtime.limits.AudioLimits`): longer audio is refused by its header,
+    before it is decoded."""
     from runtime.manifest import denied, path_state
 
     path = Path(path)
@@ -59,8 +60,8 @@ def load_audio(path: str | Path, max_seconds: float | None = None) -> Audio:
         raise AudioError(f"audio file {path} does not exist")
     if state == "denied" or not os.access(path, os.R_OK):
         raise AudioError(denied("audio file", path))
-    if max_seconds is not None:
-        check_header(str(path), str(path), max_seconds)
+    if limits is not None:
+        check_header(str(path), path.name, limits)
     return _decode(str(path), str(path), path.name)
 
 
@@ -68,22 +69,22 @@ def load_audio(path: str | Path, max_seconds: float | None = None) -> Audio:
 CONTAINERS = {"wav": ("WAV", "WAVEX", "RF64", "W64"), "flac": ("FLAC",), "ogg": ("OGG",), "mp3": ("MP3",)}
 
 
-def decode_audio(data: bytes, name: str, max_seconds: float | None = None, declared_format: str | None = None) -> Audio:
+def decode_audio(data: bytes, name: str, limits: Any = None, declared_format: str | None = None) -> Audio:
     """`load_audio` for the bytes of an audio file (an upload): wav, flac, ogg, and mp3 where
-    libsndfile reads it. `max_seconds`: audio longer than that by its header is refused before it
-    is decoded or resampled (a small file whose header claims a low rate is hours long).
-    `declared_format` (a key of CONTAINERS): data in another container is refused."""
+    libsndfile reads it. `limits`: audio longer than the bundle takes by its header is refused
+    before it is decoded or resampled (a small file whose header claims a low rate is hours
+    long). `declared_format` (a key of CONTAINERS): data in another container is refused."""
     import io
 
     if not data:
         raise AudioError(f"{name}: the audio file is empty (0 bytes)")
-    if max_seconds is not None or declared_format is not None:
-        check_header(io.BytesIO(data), name, max_seconds, declared_format)
+    if limits is not None or declared_format is not None:
+        check_header(io.BytesIO(data), name, limits, declared_format)
     return _decode(io.BytesIO(data), name, name)
 
 
-def check_header(source: object, name: str, max_seconds: float | None, declared_format: str | None = None) -> None:
-    """Refuse audio longer than `max_seconds` by its header, before a byte of it is decoded (a
+def check_header(source: object, name: str, limits: Any, declared_format: str | None = None) -> None:
+    """Refuse audio longer than `limits` take by its header, before a byte of it is decoded (a
     small file whose header claims a low rate is hours of samples once resampled), and data in
     another container than `declared_format` says."""
     import soundfile
@@ -95,12 +96,9 @@ def check_header(source: object, name: str, max_seconds: float | None, declared_
     if declared_format is not None and info.format not in CONTAINERS[declared_format]:
         found = next((key for key, names in CONTAINERS.items() if info.format in names), info.format)
         raise AudioError(f"{name}: the format says {declared_format}, but the data is {found}; give the format the data has")
-    seconds = info.frames / info.samplerate if info.samplerate > 0 else float("inf")
-    if max_seconds is not None and seconds > max_seconds:
-        raise AudioError(
-            f"{name}: {seconds:.1f} s of audio by its header ({info.frames} frames at {info.samplerate} Hz), more than this bundle "
-            f"encodes at once ({max_seconds:g} s); split it into clips of at most {max_seconds:g} s"
-        )
+    if limits is not None:
+        seconds = info.frames / info.samplerate if info.samplerate > 0 else float("inf")
+        limits.check_duration(name, seconds, f" by its header ({info.frames} frames at {info.samplerate} Hz)")
 
 
 # What libsndfile (through soundfile) raises for a file it cannot read.

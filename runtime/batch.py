@@ -196,7 +196,7 @@ def records_for(model: Any, files: Sequence[str], settings: BatchSettings) -> li
     clips, records = {}, {}
     for file in files:
         try:
-            clips[file] = load_audio(file, model.limits.max_seconds if model.limits else None)
+            clips[file] = load_audio(file, model.limits)
         except RuntimeUserError as err:
             records[file] = {"file": file, "error": str(err)}
     if clips:

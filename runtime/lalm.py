@@ -163,7 +163,7 @@ class LalmRunner:
         if len(clips) == 0:
             raise RuntimeUserError("no audio given; pass at least one file or array")
         prompt, options = self.resolve(prompt, options)
-        audios = [clip_audio(clip, index, self.limits.max_seconds if self.limits else None) for index, clip in enumerate(clips)]
+        audios = [clip_audio(clip, index, self.limits) for index, clip in enumerate(clips)]
         for audio in audios:
             self.check_length(audio)
         start = time.perf_counter()
@@ -266,13 +266,13 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def clip_audio(clip: str | Path | np.ndarray | Audio, index: int, max_seconds: float | None = None) -> Audio:
-    """A clip given as a file (refused by its header past `max_seconds`), a 16 kHz array or an `Audio`."""
+def clip_audio(clip: str | Path | np.ndarray | Audio, index: int, limits: AudioLimits | None = None) -> Audio:
+    """A clip given as a file (refused by its header past `limits`), a 16 kHz array or an `Audio`."""
     if isinstance(clip, Audio):
         return clip
     if isinstance(clip, np.ndarray):
         return Audio(f"array{index}", check_samples(clip, f"array{index}"), 16_000)
-    return load_audio(clip, max_seconds)
+    return load_audio(clip, limits)
 
 
 def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:

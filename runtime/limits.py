@@ -62,10 +62,14 @@ class AudioLimits:
                 f"{clip.name}: {len(clip.samples)} samples ({clip.seconds * 1e3:.2f} ms) is shorter than the encoder's receptive field "
                 f"of {self.min_samples} samples ({self.min_samples / 16:.1f} ms at 16 kHz); pass a longer clip"
             )
-        if clip.seconds > self.max_seconds:
+        self.check_duration(clip.name, clip.seconds)
+
+    def check_duration(self, name: str, seconds: float, source: str = "") -> None:
+        """Refuse `seconds` of audio past `max_seconds`; `source` says how they are known (a header)."""
+        if seconds > self.max_seconds:
             why = f", within {self.memory_gb:g} GB of memory for one clip (--max-clip-memory-gb)" if self.memory_gb else ""
             raise AudioError(
-                f"{clip.name}: {clip.seconds:.1f} s of audio, more than this bundle encodes at once ({self.max_seconds:g} s{why}); "
+                f"{name}: {seconds:.1f} s of audio{source}, more than this bundle encodes at once ({self.max_seconds:g} s{why}); "
                 f"split it into clips of at most {self.max_seconds:g} s"
             )
 

@@ -128,7 +128,7 @@ def build_app(engine: Engine) -> FastAPI:
         form = await _form(request)
         model = engine.model(form.get("model"), ("encoder",), "/v1/audio/features")
         response_format = _choice(form.get("response_format") or "npy", ("npy", "json"), "response_format")
-        audio = await _upload(form, limit_bytes, model.runner.limits.max_seconds)
+        audio = await _upload(form, limit_bytes, model.runner.limits)
         with engine.admission():
             encoded = await engine.encode(model, audio)
         array = np.ascontiguousarray(encoded.hidden_states, dtype=np.float32)
@@ -157,7 +157,7 @@ def build_app(engine: Engine) -> FastAPI:
         stream = _flag(form.get("stream"), "stream")
         options, asked = _options({"temperature": form.get("temperature")})
         prompt = _lalm_prompt(model, form.get("prompt"))
-        audio = await _upload(form, limit_bytes, model.runner.limits.max_seconds)
+        audio = await _upload(form, limit_bytes, model.runner.limits)
         release = engine.admit()
         try:
             work, _ = await _lalm_work(engine, model, audio, prompt, options, asked)
@@ -233,14 +233,14 @@ async def _form(request: Request) -> Any:
         raise bad_request(f"the multipart body could not be read: {err}") from None
 
 
-async def _upload(form: Any, limit_bytes: int, max_seconds: float) -> Audio:
+async def _upload(form: Any, limit_bytes: int, limits: Any) -> Audio:
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise bad_request("no audio: send the audio file in the `file` field", "file")
     data = await upload.read()
     if len(data) > limit_bytes:
         raise _too_large(len(data), limit_bytes)
-    return as_api_error(lambda: decode_audio(data, upload.filename or "upload", max_seconds), "file")
+    return as_api_error(lambda: decode_audio(data, upload.filename or "upload", limits), "file")
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -368,7 +368,7 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
                     raise bad_request(f"{where}: audio goes in a user message, not a {role} message", where)
                 if token is None:
                     raise bad_request(f"{where}: {model.name} is a text bundle; audio needs an audio LLM bundle", where)
-                clips.append(_input_audio(part.get("input_audio"), where, model.runner.limits.max_seconds))
+                clips.append(_input_audio(part.get("input_audio"), where, model.runner.limits))
                 pieces.append(token)
                 turn.append({"type": "audio"})
             else:
@@ -386,7 +386,7 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
     return prompt, clips[0]
 
 
-def _input_audio(spec: object, where: str, max_seconds: float) -> Audio:
+def _input_audio(spec: object, where: str, limits: Any) -> Audio:
     if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
         raise bad_request(f"{where}.input_audio must be {{data: base64, format}}", where)
     audio_format = spec.get("format", "wav")
@@ -396,7 +396,7 @@ def _input_audio(spec: object, where: str, max_seconds: float) -> Audio:
         data = base64.b64decode(spec["data"], validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(f"{where}.input_audio.data is not valid base64", where) from None
-    return as_api_error(lambda: decode_audio(data, f"{where}.input_audio", max_seconds, audio_format), where)
+    return as_api_error(lambda: decode_audio(data, f"{where}.input_audio", limits, audio_format), where)
 
 
 def _too_large(size: int, limit: int, declared: bool = True) -> ApiError:

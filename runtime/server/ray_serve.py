@@ -80,7 +80,7 @@ async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, 
     from runtime.generation import GenerationOptions
 
     model = engine.model(model_name, ("lalm",), "transcribe")
-    audio = decode_audio(audio_bytes, "audio")
+    audio = decode_audio(audio_bytes, "audio", model.runner.limits)
     with engine.admission():
         prompt, options = model.runner.resolve(prompt, GenerationOptions(max_new_tokens=max_new_tokens or 1))
         start = time.perf_counter()

@@ -541,4 +541,4 @@ def test_audio_past_a_short_whisper_window_is_refused_not_cut(tmp_path, capsys):
     assert manifest.extra["chunk_seconds"] == 2
     sf.write(tmp_path / "long.wav", speech_like(3.0), 16_000)
     result = run_main(infer_main, tmp_path / "bundle", "--audio", tmp_path / "long.wav", capsys=capsys)
-    assert_user_error(result, "long.wav: 3.0 s of audio, more than this bundle encodes at once (2 s)")
+    assert_user_error(result, "long.wav: 3.0 s of audio by its header (48000 frames at 16000 Hz), more than this bundle encodes at once (2 s)")
