@@ -232,10 +232,7 @@ def _run(model: Any, items: list[tuple[str, Any]], settings: BatchSettings) -> l
             os.replace(tmp, path)
             out.append({"features": str(path), "shape": list(encoded.hidden_states.shape), "audio_s": round(encoded.seconds, 3)})
         return out
-    prompt = settings.prompt
-    token = model.facts["audio_token"]
-    if prompt is not None and token not in prompt:
-        prompt = token + prompt  # the audio first, as runtime.infer --prompt does
+    prompt = model.instruction_prompt(settings.prompt)
     results = model.transcribe([clip for _, clip in items], prompt, GenerationOptions(max_new_tokens=settings.max_new_tokens))
     return [
         {

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="TEXT",
         help="a prompt; repeat for a batch (left-padded). Audio LLM bundles: one prompt for every --audio file, the audio placed "
-        "first unless the prompt holds the placeholder (default: the bundle's prompt, the one it was trained with: manifest extra.prompt, "
+        "first unless the prompt holds the placeholder, in a user turn of the checkpoint's chat template where the bundle has one (default: the bundle's prompt, the one it was trained with: manifest extra.prompt, "
         "shown on the first line)",
     )
     text.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
@@ -186,10 +186,7 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
         raise RuntimeUserError("an audio LLM bundle takes one --prompt, applied to every --audio file")
     if any(not stop for stop in args.stop):
         raise RuntimeUserError("--stop '' would stop every completion at once; pass the text to stop at")
-    prompt = args.prompt[0] if args.prompt else None
-    token = runner.facts["audio_token"]
-    if prompt is not None and token not in prompt:
-        prompt = token + prompt  # the audio first, then the instruction, as the default prompt does
+    prompt = runner.instruction_prompt(args.prompt[0] if args.prompt else None)
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens, stop_at_eos=not args.ignore_eos, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.audio import Audio, check_feature_config, check_samples, features_for, load_audio
+from runtime.chat import render_chat
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check_prompt_text, generate, until_eos
 from runtime.limits import AudioLimits, audio_limits
@@ -181,6 +182,20 @@ class LalmRunner:
         (a log-mel front end would cut it off silently)."""
         if self.limits is not None:
             self.limits.check(audio)
+
+    def instruction_prompt(self, text: str | None) -> str | None:
+        """A user's prompt text as the bundle runs it (`runtime.infer --prompt`, runtime.batch,
+        a transcription's `prompt`): None keeps the bundle's prompt; text holding the placeholder
+        is the whole prompt; other text is the instruction after the audio, in a user turn of the
+        checkpoint's chat template where the bundle has one."""
+        if text is None:
+            return None
+        token = self.facts["audio_token"]
+        if token in text:
+            return text
+        if self.chat_template is not None:
+            return render_chat(self.chat_template, [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": text}]}], {})
+        return token + text
 
     def resolve(self, prompt: str | None, options: GenerationOptions | None) -> tuple[str, GenerationOptions]:
         """The prompt (the bundle's default when None; it must hold the placeholder) and options with the bundle's EOS."""

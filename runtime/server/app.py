@@ -327,14 +327,13 @@ def _stop(value: object) -> list[str]:
 
 
 def _lalm_prompt(model: ServedModel, prompt: object) -> str | None:
-    """The instruction text: the bundle's prompt when none is given; the audio placed first
-    when the text does not hold the placeholder (as `runtime.infer --prompt` does)."""
+    """The transcription's prompt: the bundle's when none is given, else the text as
+    `runtime.infer --prompt` takes it (`LalmRunner.instruction_prompt`)."""
     if prompt is None or prompt == "":
         return None
     if not isinstance(prompt, str):
         raise bad_request("prompt must be text", "prompt")
-    token = model.runner.facts["audio_token"]
-    return prompt if token in prompt else token + prompt
+    return as_api_error(lambda: model.runner.instruction_prompt(prompt), "prompt")
 
 
 def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | None]:

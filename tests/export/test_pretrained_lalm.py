@@ -176,6 +176,34 @@ def test_a_chat_request_is_formatted_with_the_checkpoints_chat_template(qwen2_au
     assert reply.choices[0].message.content == expected
 
 
+def test_an_instruction_goes_into_the_chat_template_through_every_door(qwen2_audio, audio_files, tmp_path, capsys):
+    """`runtime.infer --prompt`, `runtime.batch --prompt` and a transcription's `prompt` put the
+    text in a user turn after the audio, as the checkpoint's processor renders it."""
+    from transformers import AutoProcessor
+
+    from runtime.batch import main as batch_main
+    from runtime.infer import main as infer_main
+
+    checkpoint, bundle = qwen2_audio
+    text = "Say what you hear."
+    turn = [{"role": "user", "content": [{"type": "audio", "audio_url": "a"}, {"type": "text", "text": text}]}]
+    prompt = AutoProcessor.from_pretrained(checkpoint).apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    expected = eager_tokens(checkpoint, prompt, load_audio(audio_files[0]).samples)
+    common = ["--prompt", text, "--max-new-tokens", TOKENS, "--ignore-eos"]
+    infer = run_main(infer_main, bundle, "--audio", audio_files[0], *common, "--json", "-q", capsys=capsys)
+    assert json.loads(infer.stdout)["tokens"] == expected, infer.stderr
+    batch = run_main(
+        batch_main, bundle, "--input", audio_files[0], "--output", tmp_path / "o.jsonl", "--prompt", text, "--max-new-tokens", TOKENS, "-q", capsys=capsys
+    )
+    assert batch.returncode == 0, batch.stderr
+    text_out = load(bundle).transcribe([audio_files[0]], prompt, GenerationOptions(max_new_tokens=TOKENS))[0].text
+    assert json.loads((tmp_path / "o.jsonl").read_text())["text"] == text_out
+    with running_server({"qwen2-audio": bundle}, ServeSettings(max_new_tokens=TOKENS)) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with open(audio_files[0], "rb") as handle:
+            assert client.audio.transcriptions.create(model="qwen2-audio", file=handle, prompt=text).text == text_out
+
+
 def test_a_chat_template_the_manifest_points_outside_the_bundle_is_refused(qwen2_audio, tmp_path):
     import shutil
 
