@@ -40,6 +40,7 @@ from lalm_export.models.adapters import load_full_weights
 from lalm_export.models.families import get_family
 from lalm_export.models.lalm import build_projector, encoder_feature_config_for, load_projector_weights, read_lalm_config, resize_for_tokenizer
 from lalm_export.models.lalm_graph import AudioEncoderGraph, MergedLalm
+from lalm_export.models.loading import refuse_missing_weights
 from lalm_export.models.merge import merge_adapter_into, read_lora_pairs
 from lalm_export.models.pretrained import PretrainedLalm, pretrained_row
 from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
@@ -119,8 +120,15 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
     import transformers
     from transformers import AutoProcessor
 
+    if not any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        raise OptionsError(
+            f"{folder} holds no processor (processor_config.json or preprocessor_config.json), which gives the audio front end and the "
+            "prompt format: save the checkpoint's processor beside it (processor.save_pretrained)"
+        )
     with stages.stage("load", f"{row.model_class} from {folder}"):
-        model = load_hf_model(getattr(transformers, row.model_class), str(folder), trust_remote_code=opts.trust_remote_code, dtype=torch.float32)
+        kwargs = {"trust_remote_code": opts.trust_remote_code, "dtype": torch.float32, "output_loading_info": True}
+        model, info = load_hf_model(getattr(transformers, row.model_class), str(folder), **kwargs)
+        refuse_missing_weights(info, str(folder), row.model_type)
         processor = load_hf_model(AutoProcessor, str(folder), trust_remote_code=opts.trust_remote_code)
         feature_config = processor.feature_extractor.to_dict()
     record: dict[str, Any] = {"model": str(folder.resolve()), "model_type": row.model_type, "merge": "none"}

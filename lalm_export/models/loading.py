@@ -36,18 +36,21 @@ def load_family_model(
     model, info = load_hf_model(spec.model_cls(), model_name, **kwargs)
     if spec.submodule:
         model = getattr(model, spec.submodule)
-        prefix = f"{spec.submodule}."
-        missing = [k.removeprefix(prefix) for k in info.get("missing_keys", []) if k.startswith(prefix)]
-    else:
-        missing = list(info.get("missing_keys", []))
+    refuse_missing_weights(info, model_name, spec.name, f"{spec.submodule}." if spec.submodule else "")
+    return model
+
+
+def refuse_missing_weights(info: dict, model_name: str, what: str, prefix: str = "") -> None:
+    """Refuse a checkpoint that lacks weights of the model (under `prefix`, the part kept) or
+    holds them in other shapes: transformers' loading info, where it would fill them at random."""
+    missing = [k.removeprefix(prefix) for k in info.get("missing_keys", []) if k.startswith(prefix)]
     mismatched = [str(entry[0]) for entry in info.get("mismatched_keys", [])]
     if missing or mismatched:
         names = sorted(missing + mismatched)
         raise ModelLoadError(
-            f"{model_name} lacks {len(names)} weight(s) the {spec.name} model needs (e.g. {', '.join(names[:3])}), which would be "
+            f"{model_name} lacks {len(names)} weight(s) the {what} model needs (e.g. {', '.join(names[:3])}), which would be "
             "random: pass a complete checkpoint saved with save_pretrained()"
         )
-    return model
 
 
 def check_model_type(spec: FamilySpec, model_name: str, trust_remote_code: bool = False) -> None:

@@ -217,6 +217,37 @@ def test_a_chat_template_the_manifest_points_outside_the_bundle_is_refused(qwen2
         load(bundle)
 
 
+def without_layer_one(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layers.1." not in k}, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def without_processor(folder: Path) -> None:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (without_layer_one, "lacks 27 weight(s) the qwen2_audio model needs (e.g. model.audio_tower.layers.1."),
+        (without_processor, "holds no processor (processor_config.json or preprocessor_config.json)"),
+    ],
+    ids=["weights missing", "no processor"],
+)
+def test_an_incomplete_checkpoint_is_one_line_not_random_weights(damage, fragment, qwen2_audio, tmp_path, capsys):
+    import shutil
+
+    checkpoint = shutil.copytree(qwen2_audio[0], tmp_path / "checkpoint")
+    damage(checkpoint)
+    result = run_main(export_main, "--lalm", checkpoint, "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_a_checkpoint_of_an_architecture_without_a_row_is_one_line(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "bert"}')
