@@ -134,6 +134,7 @@ def atomic_folder(target: str | Path, replace: bool, keep_others: bool = False) 
     try:
         yield tmp
         (tmp / PARTIAL_MARK).unlink()
+        give_umask(tmp)
         _move_into_place(tmp, target, replace, keep_others)
         done = True
     finally:
@@ -141,6 +142,16 @@ def atomic_folder(target: str | Path, replace: bool, keep_others: bool = False) 
             shutil.rmtree(tmp, ignore_errors=True)
         if not done:
             remove_made(made)
+
+
+def give_umask(folder: Path) -> None:
+    """Every file and folder under `folder` as the user's umask makes them: some writers create
+    theirs 0600 (ONNX's external weights file, transformers' safetensors shards), which would
+    make a bundle on a path every node reads its owner's alone."""
+    mask = current_umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def current_umask() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from lalm_export.graphs.files import LARGE_GRAPH_BYTES, is_large, load_graph, save_graph
+from lalm_export.graphs.files import is_large, is_large_model, load_graph, save_graph
 from runtime.cpu import int8_kernels, saturates
 
 # Kept in float32 in fp16 graphs: the RMS / layer-norm reductions (x^2 overflows float16).
@@ -81,5 +81,5 @@ def convert_fp16(source: Path, target: Path, role: str) -> None:
 
     model = load_graph(source)
     keep = True if role == "encoder" else ["logits"]
-    converted = convert_float_to_float16(model, keep_io_types=keep, op_block_list=FP16_FLOAT32_OPS, disable_shape_infer=model.ByteSize() > LARGE_GRAPH_BYTES)
+    converted = convert_float_to_float16(model, keep_io_types=keep, op_block_list=FP16_FLOAT32_OPS, disable_shape_infer=is_large_model(model))
     save_graph(converted, target)
