@@ -126,7 +126,6 @@ def atomic_folder(target: str | Path, replace: bool, keep_others: bool = False) 
     done = False
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the bundle its owner's alone
         (tmp / PARTIAL_MARK).touch()
     except PermissionError:
         remove_made(made)
@@ -145,11 +144,11 @@ def atomic_folder(target: str | Path, replace: bool, keep_others: bool = False) 
 
 
 def give_umask(folder: Path) -> None:
-    """Every file and folder under `folder` as the user's umask makes them: some writers create
-    theirs 0600 (ONNX's external weights file, transformers' safetensors shards), which would
-    make a bundle on a path every node reads its owner's alone."""
+    """`folder` and everything under it as the user's umask makes them: mkdtemp makes the folder
+    0700 and some writers make their files 0600 (ONNX's external weights file, transformers'
+    safetensors shards), which would make a bundle on a path every node reads its owner's alone."""
     mask = current_umask()
-    for path in folder.rglob("*"):
+    for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 

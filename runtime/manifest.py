@@ -190,9 +190,10 @@ def read_manifest(folder: str | Path) -> Manifest:
     if state == "missing":
         raise BundleError(f"bundle {folder} does not exist; pass a folder written by lalm-export")
     path = folder / MANIFEST_NAME
-    if "denied" in (state, path_state(path)):
+    manifest_state = path_state(path)
+    if "denied" in (state, manifest_state):
         raise BundleError(denied("bundle", folder))
-    if path_state(path) != "file":
+    if manifest_state != "file":
         raise BundleError(f"{folder} is not a bundle (no {MANIFEST_NAME}); pass a folder written by lalm-export")
     return Manifest.from_dict(read_json_object(path, "manifest"))
 

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_bundles(bundles: list[Path]) -> None:
-    """Each bundle's manifest, read before a server or Ray starts: a wrong path is one line."""
+    """Each bundle's manifest, read before a server or Ray starts: a wrong path is one line, not
+    a replica's traceback in Ray's logs."""
     from runtime.manifest import read_manifest
 
     for bundle in bundles:

@@ -145,9 +145,8 @@ class LALM(nn.Module):
         encoder_config = encoder.encoder.config
         if isinstance(projector, ProjectorConfig):
             projector = AudioProjector(encoder.get_hidden_size(), int(encoder_config.num_hidden_layers), decoder.get_hidden_size(), projector)
-        elif not isinstance(projector, AudioProjector | UserProjector):
+        elif not isinstance(projector, AudioProjector | UserProjector):  # a user's module (`build_projector` checks rebuilt ones)
             projector = UserProjector(projector)
-        if isinstance(projector, UserProjector):
             check_projector(projector, encoder.get_hidden_size(), decoder.get_hidden_size())
         self.projector = projector
         self.feature_config = encoder_feature_config_for(encoder.model_name, encoder.spec, encoder.encoder.config)

@@ -20,7 +20,6 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -203,7 +202,7 @@ def build_app(engine: Engine) -> FastAPI:
                 work, options = await _lalm_work(engine, model, clip, prompt, options, asked, stop)
             else:
                 ids, _ = as_api_error(lambda: model.runner.check_prompts([prompt], options))
-                options = replace(options, max_new_tokens=engine.token_budget(model, ids.shape[1], asked))
+                options = engine.budgeted(model, options, ids.shape[1], asked)
 
                 def work(on_text: Callable | None) -> Callable:
                     return lambda backend, cancelled: model.runner.complete([prompt], options, stop, on_text, backend, cancelled)[0]
@@ -286,7 +285,7 @@ def _number(value: object, param: str, default: float | None, kind: type = float
 
 def _options(fields: dict[str, Any], json_body: bool = False) -> tuple[GenerationOptions, int | None]:
     """The request's sampling options and the token budget it asked for (None: it did not say;
-    the options then hold 1 until the prompt's length sets the budget, `Engine.token_budget`)."""
+    the options then hold 1 until the prompt's length sets the budget, `Engine.budgeted`)."""
     max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
     seed = _number(fields.get("seed"), "seed", None, int, json_body)  # its range: GenerationOptions.validate
     asked = _number(max_tokens, "max_tokens", None, int, json_body)
@@ -343,7 +342,7 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
     `runtime.infer --prompt` would get, the one `input_audio` part as the audio placeholder."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
-    texts, clips, turns = [], [], []
+    clips, turns = [], []
     token = model.runner.facts["audio_token"] if model.kind == "lalm" else None
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "content" not in message:
@@ -355,12 +354,11 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
             raise bad_request(f"messages[{index}].content must be text or a list of parts", f"messages[{index}].content")
-        pieces, turn = [], []
+        turn = []
         for part_index, part in enumerate(parts):
             where = f"messages[{index}].content[{part_index}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                pieces.append(part["text"])
                 turn.append({"type": "text", "text": part["text"]})
             elif kind == "input_audio":
                 if role != "user":
@@ -368,17 +366,16 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
                 if token is None:
                     raise bad_request(f"{where}: {model.name} is a text bundle; audio needs an audio LLM bundle", where)
                 clips.append(_input_audio(part.get("input_audio"), where, model.runner.limits))
-                pieces.append(token)
                 turn.append({"type": "audio"})
             else:
                 raise bad_request(f"{where}: a part must be {{type: text, text}} or {{type: input_audio, input_audio: {{data, format}}}}", where)
-        texts.append("".join(pieces))
         turns.append({"role": role, "content": turn})
     if token is not None and len(clips) != 1:
         raise bad_request(f"an audio LLM request takes exactly one input_audio part, not {len(clips)}", "messages")
     template = getattr(model.runner, "chat_template", None)
     if template is None:
-        return "\n".join(texts), (clips[0] if clips else None)
+        joined = "\n".join("".join(part["text"] if part["type"] == "text" else token for part in turn["content"]) for turn in turns)
+        return joined, (clips[0] if clips else None)
     prompt = as_api_error(lambda: render_chat(template, turns, {}), "messages")
     if prompt.count(token) != 1:
         raise bad_request(f"the bundle's chat template wrote the audio placeholder {prompt.count(token)} times for one input_audio part", "messages")
@@ -493,7 +490,7 @@ async def _lalm_work(
     features = await engine.encode(model, audio)
     encoder_s = time.perf_counter() - start
     positions = as_api_error(lambda: model.runner.prompt_embeds(features, prompt, options)).shape[1]
-    options = replace(options, max_new_tokens=engine.token_budget(model, positions, asked))  # fits: the check above took 1 or `asked`
+    options = engine.budgeted(model, options, positions, asked)  # fits: the check above took 1 or `asked`
 
     def work(on_text: Callable | None) -> Callable:
         return lambda backend, cancelled: model.runner.transcribe_batch(

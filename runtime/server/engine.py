@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 from runtime.api import EncodedAudio, EncoderRunner, TextGenerator, load
 from runtime.audio import Audio
 from runtime.errors import RuntimeUserError
+from runtime.generation import GenerationOptions
 from runtime.lalm import LalmRunner
 from runtime.server.batching import DynamicBatcher
 from runtime.server.errors import ApiError, as_api_error, from_user_error, unavailable
@@ -158,15 +159,15 @@ class Engine:
         finally:
             release()
 
-    def token_budget(self, model: ServedModel, prompt_positions: int, asked: int | None) -> int:
-        """The tokens a generation may make: what the request asked for, else the rest of the
-        decoder's context after the prompt (vLLM's rule), capped by --max-new-tokens when the
-        server sets one. A prompt that fills the context gets 1, which its check then refuses."""
+    def budgeted(self, model: ServedModel, options: GenerationOptions, prompt_positions: int, asked: int | None) -> GenerationOptions:
+        """`options` with the tokens a generation may make: what the request asked for, else the
+        rest of the decoder's context after the prompt (vLLM's rule), capped by --max-new-tokens
+        when the server sets one. A prompt that fills the context gets 1, which its check refuses."""
         if asked is not None:
-            return asked
+            return replace(options, max_new_tokens=asked)
         context = model.runner.context_length if model.kind == "decoder" else int(model.runner.facts["context_length"])
         rest = max(1, context - prompt_positions)
-        return min(rest, self.settings.max_new_tokens) if self.settings.max_new_tokens else rest
+        return replace(options, max_new_tokens=min(rest, self.settings.max_new_tokens) if self.settings.max_new_tokens else rest)
 
     def model(self, name: object, kinds: tuple[str, ...], endpoint: str) -> ServedModel:
         if not isinstance(name, str) or not name:

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +86,7 @@ async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, 
         features = await engine.encode(model, audio)
         encoder_s = time.perf_counter() - start
         positions = model.runner.prompt_embeds(features, prompt, options).shape[1]
-        options = replace(options, max_new_tokens=engine.token_budget(model, positions, max_new_tokens))
+        options = engine.budgeted(model, options, positions, max_new_tokens)
         result = await engine.generate(
             model, lambda backend, cancelled: model.runner.transcribe_batch([audio], [features], encoder_s, prompt, options, None, backend, cancelled)[0]
         )
@@ -106,10 +105,6 @@ def serve_on_ray(args: Any, settings: ServeSettings) -> None:
 
     if args.replicas < 1:
         raise RuntimeUserError(f"--replicas must be at least 1, not {args.replicas}")
-    for bundle in args.bundles:  # a bad bundle is one line here, not a replica's traceback in Ray's logs
-        from runtime.manifest import read_manifest
-
-        read_manifest(bundle)
     # "local": a new instance, never one a previous run is still tearing down
     ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=not args.quiet)
     # After ray.init, which installs its own SIGTERM handler (exit 15): a signal during start-up
