@@ -140,7 +140,8 @@ def create_session(graph: str | Path, options: SessionOptions | None = None) -> 
 # wav2vec2-base graph peaks 5.2 GB above the session) and the arena otherwise keeps its peak for
 # the life of the process (benchmarks/results/clip-memory.json: 0.7 GB kept instead of 5.2).
 # Shorter runs keep the arena: reallocating it after every run cost a tiny Whisper audio LLM a
-# third of its end-to-end speed (1.76x eager fp32 -> 1.15x, `make bench-ci`'s lalm rows). A
+# third of its end-to-end speed (1.76x eager fp32 -> 1.15x, `make bench-ci`'s lalm rows, 2 cores of
+# an AMD EPYC with AVX-512 VNNI/BF16). A
 # log-mel window is fixed, so its arena never grows past one window's.
 SHRINK_ABOVE_SAMPLES = 30 * 16_000
 
