@@ -42,7 +42,7 @@ from lalm_export.models.lalm import build_projector, encoder_feature_config_for,
 from lalm_export.models.lalm_graph import AudioEncoderGraph, MergedLalm
 from lalm_export.models.loading import refuse_missing_weights
 from lalm_export.models.merge import merge_adapter_into, read_lora_pairs
-from lalm_export.models.pretrained import PretrainedLalm, pretrained_row
+from lalm_export.models.pretrained import PretrainedLalm, check_needs, pretrained_row
 from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
 from lalm_export.parity.signals import speech_like
 from lalm_export.precision.specs import SPECS, check_precision
@@ -125,6 +125,7 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
             f"{folder} holds no processor (processor_config.json or preprocessor_config.json), which gives the audio front end and the "
             "prompt format: save the checkpoint's processor beside it (processor.save_pretrained)"
         )
+    check_needs(row, folder)
     with stages.stage("load", f"{row.model_class} from {folder}"):
         kwargs = {"trust_remote_code": opts.trust_remote_code, "dtype": torch.float32, "output_loading_info": True}
         model, info = load_hf_model(getattr(transformers, row.model_class), str(folder), **kwargs)
@@ -140,27 +141,12 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
             record.update(adapter=str(Path(opts.adapter).resolve()), adapter_sha256=sha256_tree(opts.adapter), merge="lora")
         graph, decoder = row.split(model.eval(), row.spec, feature_config)
     token, token_id = row.audio_token(model.config, processor)
-    config = {"audio_token": token, "audio_token_id": token_id, "prompt": default_prompt(processor, token), "projector": {}}
-    tokenizer = processor.tokenizer
-    if getattr(processor, "chat_template", None):  # the bundle formats chat requests with it (runtime.chat)
-        tokenizer.chat_template = processor.chat_template
+    text = row.text(processor, token)
+    config = {"audio_token": token, "audio_token_id": token_id, "prompt": text.prompt, "projector": {}}
+    if text.chat_template is not None:  # the bundle formats chat requests with it (runtime.chat)
+        text.tokenizer.chat_template = text.chat_template
         config["chat_template"] = CHAT_TEMPLATE
-    return MergedLalm(graph, decoder, tokenizer, config, feature_config, {"checkpoint": record})
-
-
-def default_prompt(processor: Any, audio_token: str) -> str:
-    """The bundle's prompt for a checkpoint: its chat template's rendering of one user turn
-    holding the audio and an instruction to transcribe it, ready for the answer; the
-    placeholder and an instruction where it has no template."""
-    if getattr(processor, "chat_template", None):
-        turn = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip"}, {"type": "text", "text": TRANSCRIBE}]}]
-        prompt = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
-        if prompt.count(audio_token) == 1:
-            return prompt
-    return f"{audio_token}{TRANSCRIBE}"
-
-
-TRANSCRIBE = "Transcribe the audio."
+    return MergedLalm(graph, decoder, text.tokenizer, config, feature_config, {"checkpoint": record})
 
 
 def export_audio_encoder(graph: AudioEncoderGraph, feature_config: dict[str, Any], target: Path) -> None:

@@ -3,11 +3,17 @@ how to take its audio tower and projector apart from its language model, so that
 of one is the same three-graph bundle as an export of this package's `LALM` (audio encoder +
 projector, token table, decoder on `inputs_embeds`).
 
-Supported: Qwen2-Audio (`model_type` "qwen2_audio"). Its audio tower is a Whisper-style encoder
-on a 128-bin log-mel window of 30 s that masks the window's padding, average-pooled by 2; a
-clip of n samples takes ceil(n / 160) mel frames, then (m - 1) // 2 + 1 after the strided
-convolution and (c - 2) // 2 + 1 positions after the pooling, as the checkpoint's processor
-expands its one `<|AUDIO|>` token."""
+Supported:
+- Qwen2-Audio (`model_type` "qwen2_audio"). Its audio tower is a Whisper-style encoder on a
+  128-bin log-mel window of 30 s that masks the window's padding, average-pooled by 2; a clip
+  of n samples takes ceil(n / 160) mel frames, then (m - 1) // 2 + 1 after the strided
+  convolution and (c - 2) // 2 + 1 positions after the pooling, as the checkpoint's processor
+  expands its one `<|AUDIO|>` token. Prompts come from its chat template.
+- Voxtral (`model_type` "voxtral"). Its audio tower is a Whisper encoder on the whole 30 s
+  window (padding included, unmasked); the projector takes 4 frames at a time, so every clip
+  of up to 30 s takes 375 `[AUDIO]` positions. Its tokenizer is Mistral's Tekken
+  (`tekken.json`, read with mistral-common); the bundle carries it converted to
+  `tokenizer.json`, and its prompt is mistral-common's transcription request."""
 
 from __future__ import annotations
 
@@ -51,6 +57,32 @@ class Qwen2AudioTowerGraph(nn.Module):
         return self.projector(hidden), pooled
 
 
+class VoxtralTowerGraph(nn.Module):
+    """Voxtral's audio tower and projector as the LALM bundle's audio graph: log-mel windows
+    `(batch, 128, 3000)` → the projector's positions, 4 tower frames each, all of them the
+    clip's own (the checkpoint feeds the whole window, padding included, as its processor pads
+    every clip to 30 s)."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, spec: FamilySpec) -> None:
+        super().__init__()
+        self.encoder, self.projector, self.spec = tower, projector, spec
+
+    def forward(self, input_features: torch.Tensor, audio_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(input_features).last_hidden_state
+        grouped = hidden.reshape(hidden.shape[0], -1, int(self.encoder.config.intermediate_size))  # as the checkpoint's get_audio_features
+        projected = self.projector(grouped)
+        return projected, torch.full_like(audio_lengths, projected.shape[1])
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """What a bundle of a checkpoint reads and writes text with."""
+
+    tokenizer: Any  # a tokenizers-backed tokenizer: the bundle carries it as tokenizer.json
+    prompt: str  # the default prompt, the audio placeholder once where the audio goes
+    chat_template: str | None  # the template chat requests are rendered with, None for none
+
+
 @dataclass(frozen=True)
 class PretrainedLalm:
     """A checkpoint architecture's registry row."""
@@ -60,28 +92,120 @@ class PretrainedLalm:
     spec: FamilySpec  # the audio input as the export and the runtime see it
     split: Callable[[nn.Module, FamilySpec, dict[str, Any]], tuple[nn.Module, nn.Module]]  # (audio graph, causal LM)
     audio_token: Callable[[Any, Any], tuple[str, int]]  # the placeholder the processor expands and its id, from config and processor
+    text: Callable[[Any, str], TextFormat]  # the bundle's tokenizer, prompt and chat template, from processor and placeholder
+    needs: tuple[str, str] | None = None  # (module, pip extra) its processor imports beyond transformers
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The checkpoint's language model and output head as one causal LM of its text config."""
+    from transformers import AutoModelForCausalLM
+
+    decoder = AutoModelForCausalLM.from_config(model.config.text_config)
+    decoder.model.load_state_dict(model.model.language_model.state_dict())
+    decoder.lm_head.load_state_dict(model.lm_head.state_dict())
+    return decoder.eval()
 
 
 def _qwen2_audio_split(model: nn.Module, spec: FamilySpec, feature_config: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
-    from transformers import Qwen2ForCausalLM
-
     inner = model.model
-    decoder = Qwen2ForCausalLM(model.config.text_config)
-    decoder.model.load_state_dict(inner.language_model.state_dict())
-    decoder.lm_head.load_state_dict(model.lm_head.state_dict())
     graph = Qwen2AudioTowerGraph(inner.audio_tower, inner.multi_modal_projector, spec, int(feature_config.get("hop_length", 160)))
-    return graph.eval(), decoder.eval()
+    return graph.eval(), causal_lm_of(model)
+
+
+def _voxtral_split(model: nn.Module, spec: FamilySpec, feature_config: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    return VoxtralTowerGraph(model.model.audio_tower, model.model.multi_modal_projector, spec).eval(), causal_lm_of(model)
+
+
+TRANSCRIBE = "Transcribe the audio."
+
+
+def chat_template_text(processor: Any, audio_token: str) -> TextFormat:
+    """A checkpoint whose tokenizer is Hugging Face's: its prompt is its chat template's
+    rendering of one user turn holding the audio and an instruction to transcribe it, ready
+    for the answer (the placeholder and the instruction where it has no template)."""
+    template = getattr(processor, "chat_template", None)
+    prompt = f"{audio_token}{TRANSCRIBE}"
+    if template:
+        turn = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip"}, {"type": "text", "text": TRANSCRIBE}]}]
+        rendered = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        prompt = rendered if rendered.count(audio_token) == 1 else prompt
+    return TextFormat(processor.tokenizer, prompt, template or None)
+
+
+# Mistral's instruct format as mistral-common encodes a chat (v7 tokenizers): an audio part is
+# `[BEGIN_AUDIO]` and its `[AUDIO]` positions, which the runtime puts in place of the one here.
+MISTRAL_CHAT_TEMPLATE = """{{- '<s>' -}}
+{%- for message in messages -%}
+{%- if message['role'] == 'system' -%}
+[SYSTEM_PROMPT]{{ message['content'] if message['content'] is string else message['content'] | map(attribute='text') | join('') }}[/SYSTEM_PROMPT]
+{%- elif message['role'] == 'user' -%}
+[INST]{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}{%- for part in message['content'] -%}
+{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- else -%}[BEGIN_AUDIO][AUDIO]{%- endif -%}
+{%- endfor -%}{%- endif -%}[/INST]
+{%- elif message['role'] == 'assistant' -%}
+{{ message['content'] if message['content'] is string else message['content'] | map(attribute='text') | join('') }}</s>
+{%- endif -%}
+{%- endfor -%}"""
+
+
+def mistral_text(processor: Any, audio_token: str) -> TextFormat:
+    """A checkpoint whose tokenizer is Mistral's Tekken: the bundle's tokenizer is it converted
+    to Hugging Face's format; its prompt is mistral-common's transcription request for a clip
+    (language detected by the model), the run of placeholders kept once. The prompt must encode
+    back to the same ids through the converted tokenizer, or the export stops."""
+    import numpy as np
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    tokenizer = convert_tekken_tokenizer(str(processor.tokenizer._tokenizer_path), chat_template=MISTRAL_CHAT_TEMPLATE)
+    silence = np.zeros(16_000, dtype=np.float32)
+    request = processor.apply_transcription_request(audio=[silence], sampling_rate=16_000, format=["wav"], model_id="lalm-export", return_tensors="pt")
+    audio_id = tokenizer.convert_tokens_to_ids(audio_token)
+    ids = [int(t) for t in request["input_ids"][0]]
+    kept = [t for i, t in enumerate(ids) if not (t == audio_id and i and ids[i - 1] == audio_id)]
+    prompt = tokenizer.decode(kept, skip_special_tokens=False)
+    if tokenizer.encode(prompt, add_special_tokens=False) != kept:
+        raise OptionsError(
+            f"the checkpoint's Tekken tokenizer, converted to tokenizer.json, does not encode its transcription prompt {prompt!r} back to the same ids"
+        )
+    return TextFormat(tokenizer, prompt, MISTRAL_CHAT_TEMPLATE)
+
+
+def _config_audio_token(config: Any, processor: Any) -> tuple[str, int]:
+    return checked_audio_token(processor.audio_token, int(config.audio_token_id), processor.tokenizer)
+
+
+def _whisper_like(name: str) -> FamilySpec:
+    return dataclasses.replace(get_family("whisper"), name=name, model_types=(name,))
 
 
 PRETRAINED = {
     "qwen2_audio": PretrainedLalm(
         model_type="qwen2_audio",
         model_class="Qwen2AudioForConditionalGeneration",
-        spec=dataclasses.replace(get_family("whisper"), name="qwen2_audio", model_types=("qwen2_audio",)),
+        spec=_whisper_like("qwen2_audio"),
         split=_qwen2_audio_split,
-        audio_token=lambda config, processor: checked_audio_token(processor.audio_token, int(config.audio_token_id), processor.tokenizer),
+        audio_token=_config_audio_token,
+        text=chat_template_text,
+    ),
+    "voxtral": PretrainedLalm(
+        model_type="voxtral",
+        model_class="VoxtralForConditionalGeneration",
+        spec=_whisper_like("voxtral"),
+        split=_voxtral_split,
+        audio_token=_config_audio_token,
+        text=mistral_text,
+        needs=("mistral_common", "mistral"),
     ),
 }
+
+
+def check_needs(row: PretrainedLalm, folder: Path) -> None:
+    """Refuse in one line a checkpoint whose processor needs a package that is not installed."""
+    import importlib.util
+
+    if row.needs is not None and importlib.util.find_spec(row.needs[0]) is None:
+        module, extra = row.needs
+        raise OptionsError(f"{folder} is a {row.model_type!r} checkpoint, whose processor needs {module}: pip install 'lalm-export[{extra}]'")
 
 
 def checked_audio_token(token: str, token_id: int, tokenizer: Any) -> tuple[str, int]:
