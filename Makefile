@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-spoken test test-slow test-avx2 lint bench-ci bench-baseline bench-base constraints clean
+.PHONY: torchaudio demo demo-spoken test test-slow test-avx2 lint bench-ci bench-baseline bench-base constraints clean
 
 # The CI benchmark gate: tiny models, speedups over eager fp32 and parity compared with the
 # committed baseline of this CPU's instruction set (benchmarks/baselines/tiny-ISA.json; with
@@ -21,7 +21,19 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[cpu,serve,ray,dev]"
+	$(MAKE) --no-print-directory torchaudio
 	touch $(STAMP)
+
+# torchaudio, for Granite Speech's processor (the tests' eager reference). The package index has
+# no torchaudio built for torch 2.13: its newest, 2.11.1, is a CUDA build whose C++ extension
+# cannot load here. Its Python transforms (the MelSpectrogram Granite uses) run on torch 2.13
+# without it, and torchaudio skips the extension when its library files are absent.
+TORCHAUDIO_LIB = $$($(PY) -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("torchaudio").origin).parent / "lib")')
+torchaudio:
+	$(PY) -m pip install --quiet --no-deps torchaudio==2.11.1
+	rm -f $(TORCHAUDIO_LIB)/*.so
+	$(PY) -c 'import torch, torchaudio; torchaudio.transforms.MelSpectrogram(n_fft=512, n_mels=80)(torch.zeros(400))'
+
 
 demo: $(STAMP)
 	$(PY) -m lalm_export.demo

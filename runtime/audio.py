@@ -192,18 +192,60 @@ def log_mel(samples: np.ndarray, config: dict[str, Any]) -> np.ndarray:
     return ((spec + 4.0) / 4.0).astype(np.float32)
 
 
+# --- Granite Speech's stacked log-mel ---------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def htk_mel_filters(n_fft: int, n_mels: int, rate: int) -> np.ndarray:
+    """HTK-scale triangular filters `(1 + n_fft // 2, n_mels)` from 0 Hz to Nyquist, unnormalised,
+    as torchaudio's MelSpectrogram builds them by default (read-only)."""
+    fft_freqs = np.linspace(0, rate // 2, 1 + n_fft // 2)
+    top = 2595.0 * np.log10(1.0 + (rate / 2) / 700.0)
+    filter_freqs = 700.0 * (10.0 ** (np.linspace(0.0, top, n_mels + 2) / 2595.0) - 1.0)
+    slopes = filter_freqs[None, :] - fft_freqs[:, None]
+    diff = np.diff(filter_freqs)
+    filters = np.maximum(0.0, np.minimum(-slopes[:, :-2] / diff[:-1], slopes[:, 2:] / diff[1:]))
+    filters.setflags(write=False)
+    return filters
+
+
+def stacked_log_mel(samples: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    """GraniteSpeechFeatureExtractor: torchaudio's MelSpectrogram (centred, reflect-padded,
+    a Hann window of `win_length` in an FFT of `n_fft`), log10, clamped to 8 below the clip's
+    maximum, scaled; an odd last frame dropped and each two frames stacked: `(frames // 2, 2 * n_mels)`."""
+    mel = config.get("melspec_kwargs", {})
+    n_fft, hop = int(mel.get("n_fft", 512)), int(mel.get("hop_length", 160))
+    win, n_mels, rate = int(mel.get("win_length", 400)), int(mel.get("n_mels", 80)), int(mel.get("sample_rate", TARGET_RATE))
+    if len(samples) <= n_fft // 2:
+        raise AudioError(f"{len(samples)} samples is too short for this bundle's front end (an FFT of {n_fft}); pass a longer clip")
+    padded = np.pad(samples.astype(np.float64), n_fft // 2, mode="reflect")
+    window = np.zeros(n_fft)
+    left = (n_fft - win) // 2
+    window[left : left + win] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)  # periodic Hann, centred in the FFT
+    frames = 1 + len(samples) // hop
+    index = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
+    power = np.abs(np.fft.rfft(padded[index] * window, n=n_fft, axis=1)) ** 2
+    logmel = np.log10(np.maximum(power @ htk_mel_filters(n_fft, n_mels, rate), 1e-10))
+    logmel = np.maximum(logmel, logmel.max() - 8.0) / 4.0 + 1.0
+    logmel = logmel[: frames - frames % 2]
+    return logmel.reshape(-1, 2 * n_mels).astype(np.float32)
+
+
 def features_for(input_kind: str, samples: np.ndarray, config: dict[str, Any]) -> np.ndarray:
-    """One utterance's model input: log-mel `(n_mels, frames)` or normalised samples."""
+    """One utterance's model input: log-mel `(n_mels, frames)`, stacked log-mel `(frames, 2 * n_mels)` or normalised samples."""
     if input_kind == "log_mel":
         return log_mel(samples, config)
     if input_kind == "raw_audio":
         return normalize_waveform(samples, config)
+    if input_kind == "stacked_log_mel":
+        return stacked_log_mel(samples, config)
     raise AudioError(f"the bundle's input kind {input_kind!r} takes no audio")
 
 
 # Fields of a bundle's preprocessor_config.json the features are computed from, with the
 # range a hand edit cannot leave (a hop of 0 divides by zero; a huge window allocates it).
 _LOG_MEL_FIELDS = {"n_fft": (16, 1 << 14), "hop_length": (1, 1 << 14), "feature_size": (1, 1024), "n_samples": (1, TARGET_RATE * 3600)}
+_STACKED_FIELDS = {"n_fft": (16, 1 << 14), "win_length": (1, 1 << 14), "hop_length": (1, 1 << 14), "n_mels": (1, 1024)}
 
 
 def check_feature_config(config: dict[str, Any], input_kind: str, where: str) -> None:
@@ -214,9 +256,15 @@ def check_feature_config(config: dict[str, Any], input_kind: str, where: str) ->
     rate = config.get("sampling_rate", TARGET_RATE)
     if rate != TARGET_RATE:
         raise BundleError(f"{where}: sampling_rate {rate!r}, where lalm-export writes {TARGET_RATE}; export the bundle again")
-    if input_kind != "log_mel":
+    if input_kind == "log_mel":
+        fields, values, prefix = _LOG_MEL_FIELDS, config, ""
+    elif input_kind == "stacked_log_mel":
+        fields, values, prefix = _STACKED_FIELDS, config.get("melspec_kwargs", {}), "melspec_kwargs."
+        if not isinstance(values, dict):
+            raise BundleError(f"{where}: melspec_kwargs must be an object; export the bundle again")
+    else:
         return
-    for name, (low, high) in _LOG_MEL_FIELDS.items():
-        value = config.get(name)
+    for name, (low, high) in fields.items():
+        value = values.get(name)
         if value is not None and not is_whole_number(value, low, high):
-            raise BundleError(f"{where}: {name} {value!r} is not a whole number from {low} to {high}; export the bundle again")
+            raise BundleError(f"{where}: {prefix}{name} {value!r} is not a whole number from {low} to {high}; export the bundle again")

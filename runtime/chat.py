@@ -4,12 +4,34 @@ a sandbox, blocks trimmed, the messages in the template's own part format."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from runtime.errors import RuntimeUserError
 
 CHAT_TEMPLATE = "chat_template.jinja"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A bundle's chat template and the form of message content it reads: parts (`{type:
+    text, text}`, `{type: audio}`), or one string with the audio as its placeholder in it (the
+    manifest's `extra.chat_content` is "text"; Granite's templates read content so)."""
+
+    source: str
+    audio_token: str
+    text_content: bool = False
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        if self.text_content:
+            messages = [{**message, "content": self.joined(message["content"])} for message in messages]
+        return render_chat(self.source, messages, {})
+
+    def joined(self, content: str | list[dict[str, Any]]) -> str:
+        if isinstance(content, str):
+            return content
+        return "".join(part["text"] if part["type"] == "text" else self.audio_token for part in content)
 
 
 @lru_cache(maxsize=8)

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.audio import Audio, check_feature_config, check_samples, features_for, load_audio
-from runtime.chat import render_chat
+from runtime.chat import ChatTemplate
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check_prompt_text, generate, until_eos
 from runtime.limits import AudioLimits, audio_limits
@@ -69,7 +69,7 @@ class LalmRunner:
         self.provider = active_provider(decoder)
         self.backend = self.new_backend()
         self.limits: AudioLimits | None = None  # a bundle's clip lengths (load_lalm sets them from its manifest)
-        self.chat_template: str | None = None  # a checkpoint's chat template, which chat requests are formatted with (load_lalm reads it)
+        self.chat_template: ChatTemplate | None = None  # a checkpoint's chat template, which chat requests are formatted with (load_lalm reads it)
 
     @classmethod
     def from_parts(cls, folder: Path, feature_config: dict[str, Any], input_kind: str, facts: dict[str, Any], provider: str = "cpu") -> LalmRunner:
@@ -194,7 +194,7 @@ class LalmRunner:
         if token in text:
             return text
         if self.chat_template is not None:
-            return render_chat(self.chat_template, [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": text}]}], {})
+            return self.chat_template.render([{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": text}]}])
         return token + text
 
     def resolve(self, prompt: str | None, options: GenerationOptions | None) -> tuple[str, GenerationOptions]:
@@ -315,15 +315,19 @@ def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
     return runner
 
 
-def read_chat_template(folder: Path, extra: dict[str, Any]) -> str | None:
-    """The chat template the manifest names (`extra.chat_template`, a file of the bundle), if any."""
+def read_chat_template(folder: Path, extra: dict[str, Any]) -> ChatTemplate | None:
+    """The chat template the manifest names (`extra.chat_template`, a file of the bundle), if any,
+    and the content form it reads (`extra.chat_content`)."""
     name = extra.get("chat_template")
     if name is None:
         return None
     path = folder / str(name)
     if not isinstance(name, str) or "/" in name or not path.is_file():
         raise BundleError(f"{folder / 'manifest.json'}: extra.chat_template names {name!r}, which is not a file of the bundle; export it again")
-    return path.read_text(encoding="utf-8")
+    content = extra.get("chat_content", "parts")
+    if content not in ("parts", "text"):
+        raise BundleError(f'{folder / "manifest.json"}: extra.chat_content is {content!r}, not "parts" or "text"; export it again')
+    return ChatTemplate(path.read_text(encoding="utf-8"), str(extra["audio_token"]), text_content=content == "text")
 
 
 MAX_CONTEXT = 1 << 20  # positions: past any decoder lalm-export writes, short of an allocation that fails

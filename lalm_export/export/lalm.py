@@ -131,7 +131,7 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
         model, info = load_hf_model(getattr(transformers, row.model_class), str(folder), **kwargs)
         refuse_missing_weights(info, str(folder), row.model_type)
         processor = load_hf_model(AutoProcessor, str(folder), trust_remote_code=opts.trust_remote_code)
-        feature_config = processor.feature_extractor.to_dict()
+        feature_config = (getattr(processor, "feature_extractor", None) or processor.audio_processor).to_dict()  # Granite's is its audio_processor
     record: dict[str, Any] = {"model": str(folder.resolve()), "model_type": row.model_type, "merge": "none"}
     with stages.stage("merge", f"LoRA from {opts.adapter}" if opts.adapter else "no adapter: the checkpoint as it is"):
         if opts.adapter is not None:
@@ -145,7 +145,7 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
     config = {"audio_token": token, "audio_token_id": token_id, "prompt": text.prompt, "projector": {}}
     if text.chat_template is not None:  # the bundle formats chat requests with it (runtime.chat)
         text.tokenizer.chat_template = text.chat_template
-        config["chat_template"] = CHAT_TEMPLATE
+        config.update(chat_template=CHAT_TEMPLATE, chat_content=text.chat_content)
     return MergedLalm(graph, decoder, text.tokenizer, config, feature_config, {"checkpoint": record})
 
 
@@ -245,18 +245,9 @@ def dump_feature_config(config: dict[str, Any], path: Path) -> None:
 def lalm_facts(merged: MergedLalm, opts: LalmExportOptions, folder: Path, graph_kind: str) -> dict[str, Any]:
     """What the runtime needs of an LALM bundle beyond its graphs (the manifest's `extra`)."""
     spec, config, decoder = merged.graph.spec, merged.config, merged.decoder
-    encoder_config = merged.graph.encoder.config
     return {
         "components": merged.components,
-        "encoder": {
-            "family": spec.name,
-            "hidden_size": int(encoder_config.hidden_size),
-            "sampling_rate": 16_000,
-            "receptive_field_samples": receptive_field(encoder_config.to_dict()),
-            # what runtime.limits bounds a clip's memory by
-            "num_attention_heads": int(encoder_config.num_attention_heads),
-            **({"frame_samples": frame_samples(encoder_config.to_dict())} if spec.input_kind == "raw_audio" else {}),
-        },
+        "encoder": {"family": spec.name, "sampling_rate": 16_000, **encoder_facts(merged.graph.encoder.config, spec.input_kind, merged.feature_config)},
         # the checkpoint's own window (a Whisper-style encoder may have a shorter one than 30 s)
         "chunk_seconds": merged.feature_config.get("chunk_length") if spec.input_kind == "log_mel" else None,
         "embedding": {
@@ -268,12 +259,29 @@ def lalm_facts(merged: MergedLalm, opts: LalmExportOptions, folder: Path, graph_
         "audio_token": config["audio_token"],
         "audio_token_id": int(config["audio_token_id"]),
         "prompt": config["prompt"],
-        **({"chat_template": config["chat_template"]} if "chat_template" in config else {}),
+        **({"chat_template": config["chat_template"], "chat_content": config["chat_content"]} if "chat_template" in config else {}),
         **({"downsample": int(config["projector"]["downsample"])} if "downsample" in config["projector"] else {}),
         **decoder_facts(decoder, merged.tokenizer),
         "decoder_graph": f"{graph_kind} (inputs_embeds)",
         "precision": {"audio_encoder": opts.encoder_precision, "decoder": opts.decoder_precision},
     }
+
+
+def encoder_facts(config: Any, input_kind: str, feature_config: dict[str, Any]) -> dict[str, int]:
+    """The audio encoder's sizes that runtime.limits bounds a clip by: its shortest input, and
+    for encoders of any length its heads, width and input samples per frame (a conformer's
+    config names them `num_heads` and `hidden_dim`)."""
+    facts = {
+        "hidden_size": int(getattr(config, "hidden_size", None) or config.hidden_dim),
+        "num_attention_heads": int(getattr(config, "num_attention_heads", None) or config.num_heads),
+        "receptive_field_samples": receptive_field(config.to_dict()),
+    }
+    if input_kind == "raw_audio":
+        facts["frame_samples"] = frame_samples(config.to_dict())
+    if input_kind == "stacked_log_mel":  # two mel frames per encoder frame; the centred FFT needs more than half a window
+        mel = feature_config.get("melspec_kwargs", {})
+        facts |= {"frame_samples": 2 * int(mel.get("hop_length", 160)), "receptive_field_samples": int(mel.get("n_fft", 512)) // 2 + 1}
+    return facts
 
 
 def validate_lalm_options(opts: LalmExportOptions) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from lalm_export.errors import UnknownFamilyError
 
 Role = Literal["encoder", "decoder"]
-InputKind = Literal["log_mel", "raw_audio", "token_ids"]
+InputKind = Literal["log_mel", "raw_audio", "stacked_log_mel", "token_ids"]
 
 
 @dataclass(frozen=True)

@@ -23,55 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lalm_export.errors import OptionsError
 from lalm_export.models.families import FamilySpec, get_family
-
-
-class Qwen2AudioTowerGraph(nn.Module):
-    """Qwen2-Audio's audio tower and projector as the LALM bundle's audio graph: log-mel windows
-    `(batch, 128, 3000)` and each clip's length in samples → projected positions and how many
-    are each clip's own. The window's padding is masked in the tower's attention, as the
-    checkpoint's own forward does from its processor's feature mask."""
-
-    def __init__(self, tower: nn.Module, projector: nn.Module, spec: FamilySpec, hop_length: int) -> None:
-        super().__init__()
-        self.encoder, self.projector, self.spec, self.hop_length = tower, projector, spec, hop_length
-
-    def lengths(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions after the convolutions, positions after the pooling) of clips of `samples`."""
-        window = int(self.encoder.config.max_source_positions) * 2  # mel frames: the tower's input length
-        mel = torch.clamp((samples + self.hop_length - 1) // self.hop_length, max=window)
-        convolved = (mel - 1) // 2 + 1
-        return convolved, (convolved - 2) // 2 + 1
-
-    def forward(self, input_features: torch.Tensor, audio_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        convolved, pooled = self.lengths(audio_lengths)
-        positions = torch.arange(int(self.encoder.config.max_source_positions), device=input_features.device)
-        keep = positions[None, :] < convolved[:, None]
-        mask = torch.zeros(keep.shape, dtype=input_features.dtype, device=input_features.device)
-        mask = mask.masked_fill(~keep, torch.finfo(input_features.dtype).min)[:, None, None, :]
-        hidden = self.encoder(input_features, attention_mask=mask).last_hidden_state
-        return self.projector(hidden), pooled
-
-
-class VoxtralTowerGraph(nn.Module):
-    """Voxtral's audio tower and projector as the LALM bundle's audio graph: log-mel windows
-    `(batch, 128, 3000)` → the projector's positions, 4 tower frames each, all of them the
-    clip's own (the checkpoint feeds the whole window, padding included, as its processor pads
-    every clip to 30 s)."""
-
-    def __init__(self, tower: nn.Module, projector: nn.Module, spec: FamilySpec) -> None:
-        super().__init__()
-        self.encoder, self.projector, self.spec = tower, projector, spec
-
-    def forward(self, input_features: torch.Tensor, audio_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.encoder(input_features).last_hidden_state
-        grouped = hidden.reshape(hidden.shape[0], -1, int(self.encoder.config.intermediate_size))  # as the checkpoint's get_audio_features
-        projected = self.projector(grouped)
-        return projected, torch.full_like(audio_lengths, projected.shape[1])
+from lalm_export.models.tower_graphs import GraniteSpeechTowerGraph, PlaceholderAsToken, Qwen2AudioTowerGraph, VoxtralTowerGraph
 
 
 @dataclass(frozen=True)
@@ -81,6 +37,7 @@ class TextFormat:
     tokenizer: Any  # a tokenizers-backed tokenizer: the bundle carries it as tokenizer.json
     prompt: str  # the default prompt, the audio placeholder once where the audio goes
     chat_template: str | None  # the template chat requests are rendered with, None for none
+    chat_content: str = "parts"  # the content form the template reads (runtime.chat.ChatTemplate)
 
 
 @dataclass(frozen=True)
@@ -93,7 +50,7 @@ class PretrainedLalm:
     split: Callable[[nn.Module, FamilySpec, dict[str, Any]], tuple[nn.Module, nn.Module]]  # (audio graph, causal LM)
     audio_token: Callable[[Any, Any], tuple[str, int]]  # the placeholder the processor expands and its id, from config and processor
     text: Callable[[Any, str], TextFormat]  # the bundle's tokenizer, prompt and chat template, from processor and placeholder
-    needs: tuple[str, str] | None = None  # (module, pip extra) its processor imports beyond transformers
+    needs: tuple[str, str] | None = None  # (module, how to install it): what its processor imports beyond transformers
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -122,14 +79,25 @@ TRANSCRIBE = "Transcribe the audio."
 def chat_template_text(processor: Any, audio_token: str) -> TextFormat:
     """A checkpoint whose tokenizer is Hugging Face's: its prompt is its chat template's
     rendering of one user turn holding the audio and an instruction to transcribe it, ready
-    for the answer (the placeholder and the instruction where it has no template)."""
+    for the answer; the content as parts (`{type: audio}`, `{type: text}`) where the template
+    reads parts, else as one string with the placeholder in it; the placeholder and the
+    instruction where it has neither or no template."""
     template = getattr(processor, "chat_template", None)
-    prompt = f"{audio_token}{TRANSCRIBE}"
     if template:
-        turn = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip"}, {"type": "text", "text": TRANSCRIBE}]}]
-        rendered = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
-        prompt = rendered if rendered.count(audio_token) == 1 else prompt
-    return TextFormat(processor.tokenizer, prompt, template or None)
+        parts = [{"type": "audio", "audio_url": "clip"}, {"type": "text", "text": TRANSCRIBE}]
+        for content, form in ((parts, "parts"), (f"{audio_token}{TRANSCRIBE}", "text")):
+            prompt = rendered([{"role": "user", "content": content}], processor)
+            if prompt is not None and prompt.count(audio_token) == 1:
+                return TextFormat(processor.tokenizer, prompt, template, form)
+    return TextFormat(processor.tokenizer, f"{audio_token}{TRANSCRIBE}", None)
+
+
+def rendered(turns: list[dict[str, Any]], processor: Any) -> str | None:
+    """The processor's chat template on `turns`, ready for the answer; None where it cannot read them."""
+    try:
+        return processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template reading another content form fails in Jinja, any error
+        return None
 
 
 # Mistral's instruct format as mistral-common encodes a chat (v7 tokenizers): an audio part is
@@ -174,6 +142,13 @@ def _config_audio_token(config: Any, processor: Any) -> tuple[str, int]:
     return checked_audio_token(processor.audio_token, int(config.audio_token_id), processor.tokenizer)
 
 
+def _granite_speech_split(model: nn.Module, spec: FamilySpec, feature_config: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    hop = int(feature_config.get("melspec_kwargs", {}).get("hop_length", 160))
+    decoder = causal_lm_of(model)
+    decoder.set_input_embeddings(PlaceholderAsToken(decoder.get_input_embeddings(), int(model.config.audio_token_id)))
+    return GraniteSpeechTowerGraph(model.model.encoder, model.model.projector, spec, hop).eval(), decoder
+
+
 def _whisper_like(name: str) -> FamilySpec:
     return dataclasses.replace(get_family("whisper"), name=name, model_types=(name,))
 
@@ -194,7 +169,16 @@ PRETRAINED = {
         split=_voxtral_split,
         audio_token=_config_audio_token,
         text=mistral_text,
-        needs=("mistral_common", "mistral"),
+        needs=("mistral_common", "pip install 'lalm-export[mistral]'"),
+    ),
+    "granite_speech": PretrainedLalm(
+        model_type="granite_speech",
+        model_class="GraniteSpeechForConditionalGeneration",
+        spec=dataclasses.replace(_whisper_like("granite_speech"), input_kind="stacked_log_mel", dynamic_length=True),
+        split=_granite_speech_split,
+        audio_token=_config_audio_token,
+        text=chat_template_text,
+        needs=("torchaudio", "pip install torchaudio (the build of your torch version)"),
     ),
 }
 
@@ -204,8 +188,8 @@ def check_needs(row: PretrainedLalm, folder: Path) -> None:
     import importlib.util
 
     if row.needs is not None and importlib.util.find_spec(row.needs[0]) is None:
-        module, extra = row.needs
-        raise OptionsError(f"{folder} is a {row.model_type!r} checkpoint, whose processor needs {module}: pip install 'lalm-export[{extra}]'")
+        module, install = row.needs
+        raise OptionsError(f"{folder} is a {row.model_type!r} checkpoint, whose processor needs {module}: {install}")
 
 
 def checked_audio_token(token: str, token_id: int, tokenizer: Any) -> tuple[str, int]:

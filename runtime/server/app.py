@@ -29,7 +29,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.audio import CONTAINERS, Audio, decode_audio
-from runtime.chat import render_chat
 from runtime.generation import GenerationOptions
 from runtime.server.engine import Engine, ServedModel
 from runtime.server.errors import ApiError, as_api_error, bad_request
@@ -376,7 +375,7 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
     if template is None:
         joined = "\n".join("".join(part["text"] if part["type"] == "text" else token for part in turn["content"]) for turn in turns)
         return joined, (clips[0] if clips else None)
-    prompt = as_api_error(lambda: render_chat(template, turns, {}), "messages")
+    prompt = as_api_error(lambda: template.render(turns), "messages")
     if prompt.count(token) != 1:
         raise bad_request(f"the bundle's chat template wrote the audio placeholder {prompt.count(token)} times for one input_audio part", "messages")
     return prompt, clips[0]

@@ -1,6 +1,8 @@
-"""Audio LLMs people already have (issue 25): a Hugging Face checkpoint of a supported
+"""Audio LLMs people already have (issue 25): a Hugging Face checkpoint of each supported
 architecture, exported with `lalm-export --lalm`, gives the tokens the checkpoint's own
-`generate(**processor(text=..., audio=...))` gives, through runtime.infer and runtime.serve."""
+`generate` on its processor's inputs gives, through runtime.infer and runtime.serve; then what
+is particular to Qwen2-Audio's chat template. Voxtral's and Granite Speech's own cases are in
+test_voxtral.py and test_granite_speech.py."""
 
 from __future__ import annotations
 
@@ -9,110 +11,118 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
 
 from lalm_export.cli import main as export_main
-from lalm_export.demo.tiny import build_tiny_tokenizer
 from runtime.api import load
 from runtime.audio import load_audio
 from runtime.generation import GenerationOptions
 from runtime.server.engine import ServeSettings
+from tests.export.tiny_checkpoints import ARCHITECTURES
 from tests.helpers import assert_user_error, randomize_lora, run_main
 from tests.runtime.serving import running_server
 
 TOKENS = 16
+ALL = pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 
 
-def save_tiny_qwen2_audio(folder: Path, seed: int) -> Path:
-    """A tiny random Qwen2-Audio checkpoint and its processor (tokenizer built offline, the
-    audio tokens added as the published checkpoints have them)."""
-    from transformers import (
-        AutoTokenizer,
-        Qwen2AudioConfig,
-        Qwen2AudioEncoderConfig,
-        Qwen2AudioForConditionalGeneration,
-        Qwen2AudioProcessor,
-        Qwen2Config,
-        WhisperFeatureExtractor,
-    )
+def runtime_tokens(bundle: Path, clip: Path) -> list[int]:
+    return load(bundle).transcribe([clip], options=GenerationOptions(max_new_tokens=TOKENS, stop_at_eos=False))[0].tokens
 
-    build_tiny_tokenizer(folder / "tokenizer-source")
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer-source")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]})
-    audio = Qwen2AudioEncoderConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128)
-    text = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, tie_word_embeddings=False,
-    )  # fmt: skip
-    config = Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
-    torch.manual_seed(seed)
-    Qwen2AudioForConditionalGeneration(config).save_pretrained(folder / "checkpoint")
-    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer).save_pretrained(folder / "checkpoint")
-    return folder / "checkpoint"
+
+@ALL
+def test_the_bundle_gives_the_checkpoints_own_generate_tokens(model_type, tiny_lalm, audio_files):
+    from transformers import AutoConfig
+
+    checkpoint, bundle = tiny_lalm(model_type)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    extra = manifest["extra"]
+    assert manifest["parity"]["passed"] and extra["encoder"]["family"] == model_type
+    assert extra["audio_token_id"] == AutoConfig.from_pretrained(checkpoint).audio_token_id  # from the checkpoint, never written here
+    for path in (audio_files[0], audio_files[2]):  # 1.0 s and 1.5 s
+        expected = ARCHITECTURES[model_type].eager_tokens(checkpoint, extra["prompt"], load_audio(path).samples, TOKENS)
+        assert runtime_tokens(bundle, path) == expected, path.name
+
+
+@ALL
+def test_a_whole_model_lora_is_merged_as_peft_merges_it(model_type, tiny_lalm, audio_files, tmp_path, capsys):
+    """A peft LoRA on the whole checkpoint (audio tower and language model), with non-zero weights:
+    the bundle's tokens are those of peft's `merge_and_unload()` of it."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    architecture = ARCHITECTURES[model_type]
+    checkpoint, bundle = tiny_lalm(model_type)
+    base = getattr(transformers, architecture.model_class).from_pretrained(checkpoint)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(architecture.lora_targets)))
+    randomize_lora(model, seed=3, std=0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    transformers.AutoProcessor.from_pretrained(checkpoint).save_pretrained(tmp_path / "merged")
+    result = run_main(export_main, "--lalm", checkpoint, "--adapter", tmp_path / "adapter", "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert f"merged LoRA into {architecture.lora_layers} Linear layers" in result.stderr
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["extra"]["components"]["checkpoint"]["merge"] == "lora"
+    samples, prompt = load_audio(audio_files[2]).samples, manifest["extra"]["prompt"]
+    tokens = runtime_tokens(tmp_path / "bundle", audio_files[2])
+    assert tokens == architecture.eager_tokens(tmp_path / "merged", prompt, samples, TOKENS)
+    assert tokens != architecture.eager_tokens(checkpoint, prompt, samples, TOKENS)  # the adapter changes the answer
+
+
+@ALL
+def test_the_gate_refuses_a_bundle_whose_audio_tower_was_swapped(model_type, tiny_lalm, tmp_path, capsys, monkeypatch):
+    """The graph exported is another checkpoint's tower and projector, taken apart by the same
+    registry row: the gate, comparing with this checkpoint's, refuses it."""
+    import transformers
+
+    import lalm_export.export.lalm as export_lalm
+    from lalm_export.models.pretrained import PRETRAINED
+
+    architecture, row = ARCHITECTURES[model_type], PRETRAINED[model_type]
+    other = getattr(transformers, architecture.model_class).from_pretrained(architecture.save(tmp_path / "other", 1)).eval()
+    export_audio_encoder = export_lalm.export_audio_encoder
+
+    def swapped(graph, feature_config, target):
+        export_audio_encoder(row.split(other, graph.spec, feature_config)[0], feature_config, target)
+
+    monkeypatch.setattr(export_lalm, "export_audio_encoder", swapped)
+    result = run_main(export_main, "--lalm", tiny_lalm(model_type)[0], "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, "audio_features")
+    assert not (tmp_path / "bundle").exists()
+
+
+@ALL
+def test_runtime_serve_transcribes_as_runtime_does(model_type, tiny_lalm, audio_files):
+    _, bundle = tiny_lalm(model_type)
+    expected = load(bundle).transcribe([audio_files[0]], options=GenerationOptions(max_new_tokens=TOKENS))[0].text
+    with running_server({model_type: bundle}, ServeSettings(max_new_tokens=TOKENS)) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with open(audio_files[0], "rb") as handle:
+            assert client.audio.transcriptions.create(model=model_type, file=handle).text == expected
+
+
+# --- Qwen2-Audio: its processor's placeholder and its chat template -------------------------------
 
 
 @pytest.fixture(scope="module")
-def qwen2_audio(tmp_path_factory) -> tuple[Path, Path]:
+def qwen2_audio(tiny_lalm) -> tuple[Path, Path]:
     """(checkpoint, bundle exported from it)."""
-    root = tmp_path_factory.mktemp("qwen2-audio")
-    checkpoint = save_tiny_qwen2_audio(root, seed=0)
-    assert export_main(["--lalm", str(checkpoint), "--output", str(root / "bundle"), "-q"]) == 0
-    return checkpoint, root / "bundle"
+    return tiny_lalm("qwen2_audio")
 
 
 def eager_tokens(checkpoint: Path, prompt: str, samples) -> list[int]:
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint).eval()
-    inputs = processor(text=prompt, audio=samples, sampling_rate=16_000, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1] :].tolist()
+    return ARCHITECTURES["qwen2_audio"].eager_tokens(checkpoint, prompt, samples, TOKENS)
 
 
-def test_qwen2_audio_bundle_gives_the_checkpoints_own_generate_tokens(qwen2_audio, audio_files):
+def test_qwen2_audio_takes_its_placeholder_and_prompt_from_the_checkpoint(qwen2_audio):
     checkpoint, bundle = qwen2_audio
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    extra = manifest["extra"]
-    assert manifest["parity"]["passed"] and extra["encoder"]["family"] == "qwen2_audio"
+    extra = json.loads((bundle / "manifest.json").read_text())["extra"]
     processor_config = json.loads((checkpoint / "processor_config.json").read_text())
     assert extra["audio_token"] == processor_config["audio_token"]  # from the checkpoint, not written here
     assert extra["audio_token_id"] == json.loads((checkpoint / "config.json").read_text())["audio_token_index"]
     assert extra["prompt"].count(extra["audio_token"]) == 1 and "<|im_start|>assistant" in extra["prompt"]  # its chat template
-    runner = load(bundle)
-    for path in (audio_files[0], audio_files[2]):  # 1.0 s and 1.5 s
-        samples = load_audio(path).samples
-        ours = runner.transcribe([path], options=GenerationOptions(max_new_tokens=TOKENS, stop_at_eos=False))[0].tokens
-        assert ours == eager_tokens(checkpoint, extra["prompt"], samples), path.name
-
-
-def save_whole_model_lora(checkpoint: Path, folder: Path) -> tuple[Path, Path]:
-    """A peft LoRA on the whole checkpoint (attention of the audio tower and of the language
-    model), with non-zero weights; (adapter, the merged checkpoint peft makes of it)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-    model = get_peft_model(Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    randomize_lora(model, seed=3, std=0.2)
-    model.save_pretrained(folder / "adapter")
-    model.merge_and_unload().save_pretrained(folder / "merged")
-    AutoProcessor.from_pretrained(checkpoint).save_pretrained(folder / "merged")
-    return folder / "adapter", folder / "merged"
-
-
-def test_a_whole_model_lora_is_merged_as_peft_merges_it(qwen2_audio, audio_files, tmp_path, capsys):
-    checkpoint, _ = qwen2_audio
-    adapter, merged = save_whole_model_lora(checkpoint, tmp_path)
-    result = run_main(export_main, "--lalm", checkpoint, "--adapter", adapter, "--output", tmp_path / "bundle", capsys=capsys)
-    assert result.returncode == 0, result.stderr
-    assert "merged LoRA into 8 Linear layers" in result.stderr  # q and v of 2 tower layers and 2 language-model layers
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert manifest["extra"]["components"]["checkpoint"]["merge"] == "lora"
-    samples = load_audio(audio_files[2]).samples
-    ours = load(tmp_path / "bundle").transcribe([audio_files[2]], options=GenerationOptions(max_new_tokens=TOKENS, stop_at_eos=False))[0].tokens
-    assert ours == eager_tokens(merged, manifest["extra"]["prompt"], samples)
-    assert ours != eager_tokens(checkpoint, manifest["extra"]["prompt"], samples)  # the adapter changes the answer
+    assert extra["chat_content"] == "parts"  # the template reads audio parts
 
 
 def test_an_adapter_for_another_model_is_one_line(qwen2_audio, checkpoints, tmp_path, capsys):
@@ -124,35 +134,6 @@ def test_an_adapter_for_another_model_is_one_line(qwen2_audio, checkpoints, tmp_
     assert result.returncode == 1
     assert_user_error(result, "which the model has no Linear layer for: it was trained for another model")
     assert not (tmp_path / "bundle").exists()
-
-
-def test_the_gate_refuses_a_qwen2_audio_bundle_whose_audio_tower_was_swapped(qwen2_audio, tmp_path, capsys, monkeypatch):
-    """The graph exported is another checkpoint's tower: the gate, comparing with this one's, refuses it."""
-    from transformers import Qwen2AudioForConditionalGeneration
-
-    import lalm_export.export.lalm as export_lalm
-
-    other = Qwen2AudioForConditionalGeneration.from_pretrained(save_tiny_qwen2_audio(tmp_path / "other", seed=1)).eval()
-    export_audio_encoder = export_lalm.export_audio_encoder
-
-    def swapped(graph, feature_config, target):
-        graph = type(graph)(other.model.audio_tower, other.model.multi_modal_projector, graph.spec, graph.hop_length).eval()
-        export_audio_encoder(graph, feature_config, target)
-
-    monkeypatch.setattr(export_lalm, "export_audio_encoder", swapped)
-    result = run_main(export_main, "--lalm", qwen2_audio[0], "--output", tmp_path / "bundle", capsys=capsys)
-    assert result.returncode == 1
-    assert_user_error(result, "audio_features")
-    assert not (tmp_path / "bundle").exists()
-
-
-def test_runtime_serve_answers_a_qwen2_audio_bundle_as_runtime_does(qwen2_audio, audio_files):
-    _, bundle = qwen2_audio
-    expected = load(bundle).transcribe([audio_files[0]], options=GenerationOptions(max_new_tokens=TOKENS))[0].text
-    with running_server({"qwen2-audio": bundle}, ServeSettings(max_new_tokens=TOKENS)) as (url, _):
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        with open(audio_files[0], "rb") as handle:
-            assert client.audio.transcriptions.create(model="qwen2-audio", file=handle).text == expected
 
 
 def test_a_chat_request_is_formatted_with_the_checkpoints_chat_template(qwen2_audio, audio_files):
@@ -253,4 +234,6 @@ def test_a_checkpoint_of_an_architecture_without_a_row_is_one_line(tmp_path, cap
     (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "bert"}')
     result = run_main(export_main, "--lalm", tmp_path / "ckpt", "--output", tmp_path / "bundle", capsys=capsys)
     assert result.returncode == 1
-    assert_user_error(result, "is a 'bert' checkpoint; --lalm takes an LALM saved by LALM.save_pretrained() or a checkpoint of qwen2_audio")
+    assert_user_error(
+        result, "is a 'bert' checkpoint; --lalm takes an LALM saved by LALM.save_pretrained() or a checkpoint of granite_speech, qwen2_audio, voxtral"
+    )

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 # Mistral's control tokens at the ranks its v7 Tekken files give them; VoxtralProcessor
@@ -61,3 +65,141 @@ def save_tiny_voxtral(folder: Path, seed: int) -> Path:
     VoxtralForConditionalGeneration(config).save_pretrained(folder / "checkpoint")
     VoxtralProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer).save_pretrained(folder / "checkpoint")
     return folder / "checkpoint"
+
+
+# Granite 3's chat template, cut to what a transcription uses: the content is text, the audio
+# written in it as `<|audio|>` (as Granite Speech's model card prompts it).
+GRANITE_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content'] + '<|end_of_text|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
+)
+
+
+def save_tiny_granite_speech(folder: Path, seed: int) -> Path:
+    """A tiny random Granite Speech checkpoint (conformer encoder with block attention of 20
+    frames, windowed Q-Former projector, Granite language model) and its processor."""
+    from transformers import (
+        AutoTokenizer,
+        Blip2QFormerConfig,
+        GraniteConfig,
+        GraniteSpeechConfig,
+        GraniteSpeechEncoderConfig,
+        GraniteSpeechFeatureExtractor,
+        GraniteSpeechForConditionalGeneration,
+        GraniteSpeechProcessor,
+    )
+
+    from lalm_export.demo.tiny import build_tiny_tokenizer
+
+    build_tiny_tokenizer(folder / "tokenizer-source")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer-source")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio|>", "<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"]})
+    tokenizer.pad_token = tokenizer.eos_token = "<|end_of_text|>"  # as Granite's tokenizer has them
+    tokenizer.chat_template = GRANITE_CHAT_TEMPLATE
+    encoder = GraniteSpeechEncoderConfig(
+        input_dim=160, num_layers=2, hidden_dim=32, num_heads=2, dim_head=16, output_dim=8, context_size=20, max_pos_emb=64, dropout=0.0
+    )
+    projector = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32)
+    text = GraniteConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        embedding_multiplier=2.0,
+        logits_scaling=0.5,
+    )  # fmt: skip (wide weights: answers that vary from token to token; Granite's multipliers away from 1, as the real ones are)
+    config = GraniteSpeechConfig(
+        encoder_config=encoder, projector_config=projector, text_config=text, audio_token_index=tokenizer.convert_tokens_to_ids("<|audio|>"),
+        has_lora_adapter=False, window_size=15, downsample_rate=5,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    GraniteSpeechForConditionalGeneration(config).save_pretrained(folder / "checkpoint")
+    GraniteSpeechProcessor(GraniteSpeechFeatureExtractor(), tokenizer).save_pretrained(folder / "checkpoint")
+    return folder / "checkpoint"
+
+
+def save_tiny_qwen2_audio(folder: Path, seed: int) -> Path:
+    """A tiny random Qwen2-Audio checkpoint and its processor (tokenizer built offline, the
+    audio tokens added as the published checkpoints have them)."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        Qwen2Config,
+        WhisperFeatureExtractor,
+    )
+
+    from lalm_export.demo.tiny import build_tiny_tokenizer
+
+    build_tiny_tokenizer(folder / "tokenizer-source")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer-source")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]})
+    audio = Qwen2AudioEncoderConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128)
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, tie_word_embeddings=False,
+    )  # fmt: skip
+    config = Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    torch.manual_seed(seed)
+    Qwen2AudioForConditionalGeneration(config).save_pretrained(folder / "checkpoint")
+    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer).save_pretrained(folder / "checkpoint")
+    return folder / "checkpoint"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A supported architecture as the tests build and run it."""
+
+    model_type: str
+    model_class: str
+    save: Callable[[Path, int], Path]  # (folder, seed) -> the checkpoint folder
+    # the processor's inputs for (prompt, 16 kHz samples), as the checkpoint's users call it
+    inputs: Callable[[Any, str, np.ndarray], dict[str, Any]]
+    lora_targets: tuple[str, ...]  # LoRA on these touches the audio tower and the language model
+    lora_layers: int  # the Linear layers they are in the tiny checkpoint
+
+    def eager_tokens(self, checkpoint: Path, prompt: str, samples: np.ndarray, tokens: int) -> list[int]:
+        """The checkpoint's own greedy tokens: its processor, then its `generate`."""
+        import transformers
+
+        processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+        model = getattr(transformers, self.model_class).from_pretrained(checkpoint).eval()
+        inputs = self.inputs(processor, prompt, samples)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _voxtral_inputs(processor: Any, prompt: str, samples: np.ndarray) -> dict[str, Any]:
+    """mistral-common's transcription request, which is the bundle's prompt (test_voxtral checks it)."""
+    return processor.apply_transcription_request(audio=[samples], sampling_rate=16_000, format=["wav"], model_id="tiny", return_tensors="pt")
+
+
+ARCHITECTURES = {
+    "qwen2_audio": Architecture(
+        "qwen2_audio",
+        "Qwen2AudioForConditionalGeneration",
+        save_tiny_qwen2_audio,
+        lambda processor, prompt, samples: processor(text=prompt, audio=samples, sampling_rate=16_000, return_tensors="pt"),
+        ("q_proj", "v_proj"),
+        8,  # q and v of 2 tower layers and 2 language-model layers
+    ),
+    "voxtral": Architecture("voxtral", "VoxtralForConditionalGeneration", save_tiny_voxtral, _voxtral_inputs, ("q_proj", "v_proj"), 8),
+    "granite_speech": Architecture(
+        "granite_speech",
+        "GraniteSpeechForConditionalGeneration",
+        save_tiny_granite_speech,
+        lambda processor, prompt, samples: processor(text=prompt, audio=samples, return_tensors="pt"),
+        ("to_q", "q_proj", "v_proj"),
+        6,  # the conformer's 2 query projections, q and v of 2 language-model layers
+    ),
+}
