@@ -43,6 +43,7 @@ EPILOG = """examples:
   lalm-export --lalm ./my-lalm --encoder-precision int8 --decoder-precision int4 --output ./bundles/lalm
   # its decoder as the op-by-op graph (what architectures outside the fused graph's list, and CUDA, get)
   lalm-export --lalm ./my-lalm --decoder-graph optimum --output ./bundles/lalm-optimum
+  lalm-export --lalm ./Qwen2-Audio-7B-Instruct --adapter ./qlora-adapter --qlora --output ./bundles/qwen2-audio
 
   # every layer's hidden states, printing the manifest as JSON
   lalm-export --encoder whisper --model ./whisper-small --all-hidden-states --output ./bundles/whisper --json
@@ -90,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA adapter folder: from save_lora_weights() or plain peft (adapter_config.json + adapter_model.safetensors); with --lalm, "
         "a peft LoRA trained on the whole Hugging Face checkpoint (language model and/or audio tower)",
     )
-    parser.add_argument("--qlora", action="store_true", help="the (plain peft) adapter was trained on a 4-bit base: merge into that base, dequantized")
+    parser.add_argument(
+        "--qlora",
+        action="store_true",
+        help="the (plain peft) adapter was trained on a 4-bit base (with --lalm: the whole checkpoint loaded in 4 bits): merge into that base, dequantized",
+    )
     parser.add_argument("--bnb-quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit type of that base, with --qlora (default: nf4)")
     parser.add_argument("--no-double-quant", dest="bnb_double_quant", action="store_false", help="that base did not use double quantization, with --qlora")
     parser.add_argument("--weights", type=Path, help="full weights folder from save_model_weights() (a fine-tuned encoder or decoder)")
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The flags an LALM export takes; the rest describe a single component (an LALM folder records its own).
 LALM_FLAGS = (
-    *("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json", "adapter"),
+    *("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json", "adapter", "qlora", "bnb_quant_type", "bnb_double_quant"),
     *("precision", "encoder_precision", "decoder_precision", "decoder_graph", "device", "target_cpu", "min_cosine"),
 )
 
@@ -203,6 +208,7 @@ def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
         flag = next(a.option_strings[0] for a in parser._actions if a.dest == changed[0])
         parser.error(f"{flag} describes a single --encoder or --decoder export; an LALM folder records its components, adapters and settings")
     names = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "decoder_graph", "device", "target_cpu", "min_cosine", "adapter")
+    names += ("qlora", "bnb_quant_type", "bnb_double_quant")
     return LalmExportOptions(
         **{name: getattr(args, name) for name in names},
         encoder_precision=component_precision(args, "encoder"),

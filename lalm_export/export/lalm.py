@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,12 @@ from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, c
 from lalm_export.graphs.traced import export_decoder as export_traced_decoder
 from lalm_export.graphs.traced import export_module
 from lalm_export.io import load_hf_model, sha256_tree
-from lalm_export.models.adapters import load_full_weights
+from lalm_export.models.adapters import ADAPTER_CONFIG, QuantizationSettings, load_full_weights
 from lalm_export.models.families import get_family
 from lalm_export.models.lalm import build_projector, encoder_feature_config_for, load_projector_weights, read_lalm_config, resize_for_tokenizer
 from lalm_export.models.lalm_graph import AudioEncoderGraph, MergedLalm
-from lalm_export.models.loading import refuse_missing_weights
-from lalm_export.models.merge import merge_adapter_into, read_lora_pairs
+from lalm_export.models.loading import refuse_missing_weights, require_bitsandbytes
+from lalm_export.models.merge import dequantize_4bit_linears, merge_adapter_into, read_lora_pairs
 from lalm_export.models.pretrained import PretrainedLalm, check_needs, pretrained_row
 from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
 from lalm_export.parity.signals import speech_like
@@ -79,9 +80,10 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
     row = pretrained_row(folder)
     if row is not None:
         return load_pretrained_lalm(folder, row, stages, opts)
-    if opts.adapter is not None:
+    if opts.adapter is not None or opts.qlora:
+        flag = "--qlora" if opts.qlora else "--adapter"
         raise OptionsError(
-            f"{folder} is an LALM folder, which records each part's adapter itself; --adapter with --lalm is for a Hugging Face checkpoint's whole-model LoRA"
+            f"{folder} is an LALM folder, which records each part's adapter (and 4-bit base) itself; {flag} with --lalm is for a Hugging Face checkpoint's whole-model LoRA"
         )
     config = read_lalm_config(folder)  # once: every part below takes it from here
     options = {part: component_options(folder, part, config, opts.trust_remote_code) for part in PARTS}
@@ -113,11 +115,11 @@ def load_merged_lalm(opts: LalmExportOptions, stages: Stages) -> MergedLalm:
 
 
 def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts: LalmExportOptions) -> MergedLalm:
-    """The load and merge stages for a Hugging Face checkpoint of a supported audio LLM: a
-    whole-model LoRA merged (`--adapter`), then its audio tower and projector taken apart from
-    its language model by the architecture's row; the placeholder, its id and the prompt from
-    the checkpoint's config and processor."""
-    import transformers
+    """The load and merge stages for a Hugging Face checkpoint of a supported audio LLM: the
+    LoRA adapter the checkpoint carries (as Granite Speech's do), then a whole-model LoRA
+    (`--adapter`) merged, then its audio tower and projector taken apart from its language
+    model by the architecture's row; the placeholder, its id and the prompt from the
+    checkpoint's config and processor."""
     from transformers import AutoProcessor
 
     if not any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
@@ -126,19 +128,32 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
             "prompt format: save the checkpoint's processor beside it (processor.save_pretrained)"
         )
     check_needs(row, folder)
-    with stages.stage("load", f"{row.model_class} from {folder}"):
-        kwargs = {"trust_remote_code": opts.trust_remote_code, "dtype": torch.float32, "output_loading_info": True}
-        model, info = load_hf_model(getattr(transformers, row.model_class), str(folder), **kwargs)
-        refuse_missing_weights(info, str(folder), row.model_type)
+    own_adapter = folder if (folder / ADAPTER_CONFIG).is_file() else None
+    quantization = opts.quantization
+    base = f" (4-bit {quantization.quant_type} base, as the adapter was trained)" if quantization else ""
+    with stages.stage("load", f"{row.model_class} from {folder}{base}"):
+        model = load_checkpoint(folder, row, opts.trust_remote_code, quantization)
         processor = load_hf_model(AutoProcessor, str(folder), trust_remote_code=opts.trust_remote_code)
         feature_config = (getattr(processor, "feature_extractor", None) or processor.audio_processor).to_dict()  # Granite's is its audio_processor
     record: dict[str, Any] = {"model": str(folder.resolve()), "model_type": row.model_type, "merge": "none"}
-    with stages.stage("merge", f"LoRA from {opts.adapter}" if opts.adapter else "no adapter: the checkpoint as it is"):
-        if opts.adapter is not None:
-            pairs = read_lora_pairs(opts.adapter, model)
+    # (manifest key, merge label, folder, what the progress line calls it), in merge order
+    adapters = [
+        (key, label, path, said)
+        for key, label, path, said in (("checkpoint_adapter", "checkpoint-lora", own_adapter, "the checkpoint's own"), ("adapter", "lora", opts.adapter, None))
+        if path is not None
+    ]
+    detail = " then ".join(f"LoRA from {said or path}" for _, _, path, said in adapters) or "no adapter: the checkpoint as it is"
+    with stages.stage("merge", detail):
+        if quantization is not None:
+            stages.say(f"      dequantized {dequantize_4bit_linears(model)} 4-bit Linear layers to fp32")
+            record["base"] = f"4-bit {quantization.quant_type}, dequantized"
+        for key, _, path, said in adapters:
+            pairs = read_lora_pairs(path, model)
             merge_adapter_into(model, pairs)
-            stages.say(f"      merged LoRA into {len(pairs)} Linear layers")
-            record.update(adapter=str(Path(opts.adapter).resolve()), adapter_sha256=sha256_tree(opts.adapter), merge="lora")
+            stages.say(f"      merged LoRA into {len(pairs)} Linear layers ({said or path})")
+            record.update({key: str(Path(path).resolve()), f"{key}_sha256": sha256_tree(path)})
+        labels = [("qlora-dequantized" if quantization and key == "adapter" else label) for key, label, _, _ in adapters]
+        record["merge"] = " + ".join(labels) or "none"
         graph, decoder = row.split(model.eval(), row.spec, feature_config)
     token, token_id = row.audio_token(model.config, processor)
     text = row.text(processor, token)
@@ -147,6 +162,29 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
         text.tokenizer.chat_template = text.chat_template
         config.update(chat_template=CHAT_TEMPLATE, chat_content=text.chat_content)
     return MergedLalm(graph, decoder, text.tokenizer, config, feature_config, {"checkpoint": record})
+
+
+def load_checkpoint(folder: Path, row: PretrainedLalm, trust_remote_code: bool, quantization: QuantizationSettings | None = None) -> torch.nn.Module:
+    """The checkpoint's model in fp32 (on the 4-bit base `quantization` describes), without the
+    LoRA adapter it may carry: transformers would wrap its layers in peft's, which the merge
+    reads from the adapter's files instead. The folder is loaded through a view of links that
+    leaves the adapter's files out."""
+    import transformers
+
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "output_loading_info": True}
+    if quantization is not None:
+        require_bitsandbytes()
+        kwargs |= {"quantization_config": quantization.bnb_config(), "dtype": getattr(torch, quantization.base_dtype)}
+    with tempfile.TemporaryDirectory(prefix="lalm-export-checkpoint-") as scratch:
+        source = folder
+        if (folder / ADAPTER_CONFIG).is_file():
+            source = Path(scratch)
+            for entry in folder.iterdir():
+                if not entry.name.startswith("adapter_"):
+                    (source / entry.name).symlink_to(entry.resolve())
+        model, info = load_hf_model(getattr(transformers, row.model_class), str(source), **kwargs)
+    refuse_missing_weights(info, str(folder), row.model_type)
+    return model
 
 
 def export_audio_encoder(graph: AudioEncoderGraph, feature_config: dict[str, Any], target: Path) -> None:
@@ -293,6 +331,8 @@ def validate_lalm_options(opts: LalmExportOptions) -> None:
         raise OptionsError(f"--lalm {folder} is a file; pass the folder written by LALM.save_pretrained()")
     if state == "missing":
         raise OptionsError(f"--lalm {folder} does not exist; pass the folder written by LALM.save_pretrained()")
+    if opts.qlora and opts.adapter is None:
+        raise OptionsError("--qlora describes the 4-bit base an adapter was trained on: pass --adapter too")
     check_precision(opts.encoder_precision, "encoder", opts.device)
     check_precision(opts.decoder_precision, "decoder", opts.device)
     check_target_cpu(opts.target_cpu, (opts.encoder_precision, opts.decoder_precision))

@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lalm_export.errors import OptionsError, OutputExistsError, OutputPathError
 from lalm_export.graphs.fused import GRAPH_CHOICES
@@ -16,6 +17,9 @@ from lalm_export.precision.int4 import Int4Options
 from lalm_export.precision.specs import check_precision
 from runtime.cpu import INT8_KERNELS
 from runtime.manifest import path_state
+
+if TYPE_CHECKING:
+    from lalm_export.models.adapters import QuantizationSettings
 
 DEFAULT_OPSET = 18
 TARGET_CPUS = ("auto", *INT8_KERNELS)
@@ -75,6 +79,16 @@ class LalmExportOptions:
     target_cpu: str = "auto"  # as for ExportOptions
     min_cosine: float | None = None  # replaces the reduced-precision cosine bounds of the audio features
     adapter: Path | None = None  # a peft LoRA on a whole Hugging Face audio-LLM checkpoint (an LALM folder records its own)
+    qlora: bool = False  # that adapter was trained on the checkpoint loaded in 4 bits: merge into it, dequantized
+    bnb_quant_type: str = "nf4"
+    bnb_double_quant: bool = True
+
+    @property
+    def quantization(self) -> QuantizationSettings | None:
+        """The 4-bit base a `--qlora` adapter was trained on."""
+        from lalm_export.models.adapters import QuantizationSettings
+
+        return QuantizationSettings(quant_type=self.bnb_quant_type, double_quant=self.bnb_double_quant) if self.qlora else None
 
 
 def supported_decoder_archs() -> list[str]:

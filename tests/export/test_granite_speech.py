@@ -126,3 +126,22 @@ def test_a_damaged_granite_bundle_is_one_line(case, granite, audio_files, tmp_pa
     result = run_main(infer_main, bundle, "--audio", audio_files[0], capsys=capsys)
     assert result.returncode == 1
     assert_user_error(result, fragment)
+
+
+def test_the_adapter_a_checkpoint_carries_is_merged(granite, audio_files, tmp_path, capsys):
+    """The published checkpoints carry a LoRA adapter that their model enables whenever audio is
+    given (every bundle request): the bundle merges it, and the tokens are the checkpoint's own
+    `generate`, which loads and enables it."""
+    from tests.export.tiny_checkpoints import with_own_adapter
+
+    checkpoint = with_own_adapter(granite[0], tmp_path / "checkpoint", ("q_proj", "v_proj"), seed=5)
+    result = run_main(export_main, "--lalm", checkpoint, "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert "merged LoRA into 4 Linear layers (the checkpoint's own)" in result.stderr
+    extra = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["extra"]
+    assert extra["components"]["checkpoint"]["merge"] == "checkpoint-lora"
+    samples = sf.read(audio_files[2], dtype="float32")[0]
+    ours = load(tmp_path / "bundle").transcribe([audio_files[2]], options=GenerationOptions(max_new_tokens=TOKENS, stop_at_eos=False))[0].tokens
+    eager = ARCHITECTURES["granite_speech"]
+    assert ours == eager.eager_tokens(checkpoint, extra["prompt"], samples, TOKENS)
+    assert ours != eager.eager_tokens(granite[0], extra["prompt"], samples, TOKENS)  # the adapter changes the answer

@@ -469,17 +469,14 @@ def test_a_damaged_lalm_bundle_is_one_line(case, whisper_lalm_bundle, tmp_path, 
 def test_lalm_flags_that_describe_a_component_are_refused(checkpoints, tmp_path, capsys):
     model = tiny_lalm(checkpoints, "hubert")
     model.save_pretrained(tmp_path / "lalm")
-    for argv, fragment in (
-        (["--qlora"], "--qlora describes a single"),
-        (["--all-hidden-states"], "--all-hidden-states describes a single"),
-    ):
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", "--all-hidden-states", capsys=capsys)
+    assert_user_error(result, "--all-hidden-states describes a single")
+    assert result.returncode == 2, "a flag that does not apply is a bad flag"
+    # --adapter and --qlora go with --lalm for a Hugging Face checkpoint's whole-model LoRA; an LALM folder records its own
+    for argv, flag in ((["--adapter", tmp_path], "--adapter"), (["--adapter", tmp_path, "--qlora"], "--qlora")):
         result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", *argv, capsys=capsys)
-        assert_user_error(result, fragment)
-        assert result.returncode == 2, "a flag that does not apply is a bad flag"
-    # --adapter goes with --lalm for a Hugging Face checkpoint's whole-model LoRA; an LALM folder records its own
-    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "b", "--adapter", tmp_path, capsys=capsys)
-    assert result.returncode == 1
-    assert_user_error(result, "is an LALM folder, which records each part's adapter itself")
+        assert result.returncode == 1
+        assert_user_error(result, f"is an LALM folder, which records each part's adapter (and 4-bit base) itself; {flag} with --lalm is for")
     assert_user_error(run_main(export_main, "--lalm", tmp_path / "nope", "--output", tmp_path / "b", capsys=capsys), "does not exist")
     assert not (tmp_path / "b").exists()
 

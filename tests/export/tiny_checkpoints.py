@@ -125,9 +125,10 @@ def save_tiny_granite_speech(folder: Path, seed: int) -> Path:
     return folder / "checkpoint"
 
 
-def save_tiny_qwen2_audio(folder: Path, seed: int) -> Path:
+def save_tiny_qwen2_audio(folder: Path, seed: int, audio_width: int = 32) -> Path:
     """A tiny random Qwen2-Audio checkpoint and its processor (tokenizer built offline, the
-    audio tokens added as the published checkpoints have them)."""
+    audio tokens added as the published checkpoints have them). bitsandbytes' CPU 4-bit kernel
+    runs Linear layers of at least 64 inputs: a 4-bit base takes `audio_width=64`."""
     from transformers import (
         AutoTokenizer,
         Qwen2AudioConfig,
@@ -143,7 +144,7 @@ def save_tiny_qwen2_audio(folder: Path, seed: int) -> Path:
     build_tiny_tokenizer(folder / "tokenizer-source")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer-source")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]})
-    audio = Qwen2AudioEncoderConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128)
+    audio = Qwen2AudioEncoderConfig(d_model=audio_width, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=2 * audio_width, num_mel_bins=128)
     text = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=1024, tie_word_embeddings=False,
@@ -203,3 +204,26 @@ ARCHITECTURES = {
         6,  # the conformer's 2 query projections, q and v of 2 language-model layers
     ),
 }
+
+
+def with_own_adapter(checkpoint: Path, folder: Path, targets: tuple[str, ...], seed: int) -> Path:
+    """A copy of `checkpoint` that carries a LoRA adapter of its own (non-zero weights), as the
+    published Granite Speech checkpoints do: `adapter_config.json` beside `config.json`, the base
+    weights unchanged, `has_lora_adapter` set."""
+    import shutil
+
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    model = getattr(transformers, config["architectures"][0]).from_pretrained(checkpoint)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    peft_model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "has_lora_adapter": True}, indent=2))
+    return folder
