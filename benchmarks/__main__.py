@@ -166,6 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--family", choices=ENCODER_FAMILIES, default="wav2vec2")
     memory.add_argument("--seconds", type=float, nargs="+", default=[10, 20, 40, 60, 100], help="clip lengths (default: 10 20 40 60 100)")
     memory.add_argument("--out", type=Path, help="also write the JSON figures to this file")
+    pretrained = commands.add_parser(
+        "pretrained-lalm",
+        help="a Qwen2-Audio checkpoint of real sizes (random weights): eager generate in fp32/bf16 against its bundles in fp32/int8",
+        description="Build a Qwen2-Audio checkpoint with Qwen2-Audio-7B's audio tower and Qwen2.5-0.5B's decoder (random weights), export it "
+        "with lalm-export --lalm in fp32 and int8 (time and peak memory of each), and time the checkpoint's own eager generate (fp32, and "
+        "bf16 where the CPU has bf16 instructions) against the bundles end to end, split into encoder, prefill and decode. Writes "
+        "results.json, report.md and split.png to --out. About 9 GB in --work; 30 minutes on 2 cores.",
+    )
+    pretrained.add_argument(
+        "--out", type=Path, required=True, help="folder for results.json, report.md and split.png (refused if it holds results, unless --force)"
+    )
+    pretrained.add_argument("--force", action="store_true", help="replace an existing --out folder's results")
+    pretrained.add_argument("--work", type=Path, help="keep the checkpoint and bundles here, and reuse the checkpoint next time (default: a temporary folder)")
+    pretrained.add_argument("--seconds", type=float, default=10.0, help="the clip's length (default: 10)")
+    pretrained.add_argument("--tokens", type=int, default=32, help="new tokens per run (default: 32)")
+    pretrained.add_argument("--repeats", type=int, default=3, help="timed rounds (default: 3)")
+    pretrained.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -297,6 +314,22 @@ def command_compare(args: argparse.Namespace) -> int:
     return 1 if any(f.fails for f in findings) else 0
 
 
+def command_pretrained_lalm(args: argparse.Namespace, argv: list[str]) -> int:
+    from benchmarks.pretrained_lalm import run
+
+    check_out(args.out, args.force)
+    if args.seconds <= 0 or args.seconds > 30 or args.tokens < 1 or args.repeats < 1:
+        raise UserError("--seconds must be in (0, 30] (the tower's window), --tokens and --repeats at least 1")
+    command = "python -m benchmarks " + " ".join(argv)
+    if args.work is not None:
+        run(args.work, args.out, args.seconds, args.tokens, args.repeats, args.seed, command)
+    else:
+        with tempfile.TemporaryDirectory(prefix="pretrained-lalm-") as work:
+            run(Path(work), args.out, args.seconds, args.tokens, args.repeats, args.seed, command)
+    print(f"results.json, report.md and split.png written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -318,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             write_report(results, args.results.parent)
             print(f"report.md and plots written to {args.results.parent}", file=sys.stderr)
             return 0
+        if args.command == "pretrained-lalm":
+            return command_pretrained_lalm(args, argv)
         if args.command == "clip-memory":
             from benchmarks.clip_memory import run as run_clip_memory
 

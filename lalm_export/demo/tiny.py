@@ -88,3 +88,33 @@ def tiny_input(family: str, batch: int = 2, seconds: float = 1.0, seed: int = 0)
     if spec.input_kind == "log_mel":
         return torch.randn(batch, int(tiny_config(family).num_mel_bins), 3000, generator=generator)
     return torch.randn(batch, int(16_000 * seconds), generator=generator) * 0.1
+
+
+def save_random_qwen2_audio(folder: str | Path, audio: dict[str, Any], text: dict[str, Any], seed: int = 0) -> Path:
+    """A random Qwen2-Audio checkpoint (`Qwen2AudioEncoderConfig(**audio)`, `Qwen2Config(**text)`)
+    and its processor in `folder`, as `lalm-export --lalm` takes one: a tokenizer built offline
+    with the audio tokens the published checkpoints add, a 128-bin Whisper feature extractor.
+    `text` without a vocab_size gets the tokenizer's."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        Qwen2Config,
+        WhisperFeatureExtractor,
+    )
+
+    folder = Path(folder)
+    build_tiny_tokenizer(folder / "tokenizer-source")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer-source")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]})
+    config = Qwen2AudioConfig(
+        audio_config=Qwen2AudioEncoderConfig(**audio),
+        text_config=Qwen2Config(**{"vocab_size": len(tokenizer), **text}),
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+    )
+    torch.manual_seed(seed)
+    Qwen2AudioForConditionalGeneration(config).save_pretrained(folder / "checkpoint")
+    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer).save_pretrained(folder / "checkpoint")
+    return folder / "checkpoint"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lalm_export.errors import OptionsError
@@ -54,12 +55,23 @@ class PretrainedLalm:
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The checkpoint's language model and output head as one causal LM of its text config."""
+    """The checkpoint's language model and output head as one causal LM of its text config,
+    its output head tied to its embedding exactly when the checkpoint's is: a text config may
+    say `tie_word_embeddings` where the whole model does not tie (Qwen2-Audio's does not), and
+    loading a separate head into a tied one would overwrite the embedding. Checked weight by
+    weight against the checkpoint."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
-    decoder = AutoModelForCausalLM.from_config(model.config.text_config)
+    head, embedding = model.lm_head.weight, model.get_input_embeddings().weight
+    config = copy.deepcopy(model.config.text_config)
+    config.tie_word_embeddings = head.data_ptr() == embedding.data_ptr()
+    decoder = AutoModelForCausalLM.from_config(config)
     decoder.model.load_state_dict(model.model.language_model.state_dict())
     decoder.lm_head.load_state_dict(model.lm_head.state_dict())
+    if not (torch.equal(decoder.lm_head.weight, head) and torch.equal(decoder.get_input_embeddings().weight, embedding)):
+        raise OptionsError("the checkpoint's language model could not be taken apart with its output head and embedding intact; report this checkpoint")
     return decoder.eval()
 
 

@@ -286,3 +286,24 @@ def test_a_checkpoint_of_an_architecture_without_a_row_is_one_line(tmp_path, cap
     assert_user_error(
         result, "is a 'bert' checkpoint; --lalm takes an LALM saved by LALM.save_pretrained() or a checkpoint of granite_speech, qwen2_audio, voxtral"
     )
+
+
+def test_a_text_config_that_says_tied_where_the_checkpoint_is_not_keeps_both_matrices(audio_files, tmp_path, capsys):
+    """Qwen2-Audio's text config may say tie_word_embeddings while the whole model keeps its
+    output head apart from its embedding: the bundle keeps both, as the checkpoint runs."""
+    from lalm_export.demo.tiny import save_random_qwen2_audio
+
+    audio = {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 128}
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    }
+    checkpoint = save_random_qwen2_audio(tmp_path, audio, text, seed=0)
+    assert run_main(export_main, "--lalm", checkpoint, "--output", tmp_path / "bundle", "-q", capsys=capsys).returncode == 0
+    prompt = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["extra"]["prompt"]
+    expected = ARCHITECTURES["qwen2_audio"].eager_tokens(checkpoint, prompt, load_audio(audio_files[0]).samples, TOKENS)
+    assert runtime_tokens(tmp_path / "bundle", audio_files[0]) == expected

@@ -126,34 +126,16 @@ def save_tiny_granite_speech(folder: Path, seed: int) -> Path:
 
 
 def save_tiny_qwen2_audio(folder: Path, seed: int, audio_width: int = 32) -> Path:
-    """A tiny random Qwen2-Audio checkpoint and its processor (tokenizer built offline, the
-    audio tokens added as the published checkpoints have them). bitsandbytes' CPU 4-bit kernel
+    """A tiny random Qwen2-Audio checkpoint and its processor. bitsandbytes' CPU 4-bit kernel
     runs Linear layers of at least 64 inputs: a 4-bit base takes `audio_width=64`."""
-    from transformers import (
-        AutoTokenizer,
-        Qwen2AudioConfig,
-        Qwen2AudioEncoderConfig,
-        Qwen2AudioForConditionalGeneration,
-        Qwen2AudioProcessor,
-        Qwen2Config,
-        WhisperFeatureExtractor,
-    )
+    from lalm_export.demo.tiny import save_random_qwen2_audio
 
-    from lalm_export.demo.tiny import build_tiny_tokenizer
-
-    build_tiny_tokenizer(folder / "tokenizer-source")
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer-source")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]})
-    audio = Qwen2AudioEncoderConfig(d_model=audio_width, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=2 * audio_width, num_mel_bins=128)
-    text = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, tie_word_embeddings=False,
-    )  # fmt: skip
-    config = Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
-    torch.manual_seed(seed)
-    Qwen2AudioForConditionalGeneration(config).save_pretrained(folder / "checkpoint")
-    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer).save_pretrained(folder / "checkpoint")
-    return folder / "checkpoint"
+    audio = {"d_model": audio_width, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 2 * audio_width, "num_mel_bins": 128}
+    text = {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 1024, "tie_word_embeddings": False,
+    }  # fmt: skip
+    return save_random_qwen2_audio(folder, audio, text, seed)
 
 
 @dataclass(frozen=True)
