@@ -108,6 +108,20 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
         runners[f"onnx-{variant}"] = onnx_run
     with peak_rss() as memory:
         results = interleaved(runners, preset.warmup, settings.decoder_repeats, on_run=bar.update)
+    case = f"1 clip, {preset.audio_seconds:g} s audio, {NEW_TOKENS} new tokens"
+    rows = lalm_rows(results, tuple(eager), case, memory["peak_rss_gib"], VARIANTS, LALM_FAMILY)
+    for row in rows:
+        row["throughput"] = {"audio_seconds_per_s": round(preset.audio_seconds / row["latency_s"]["median"], 2)}
+    return rows
+
+
+def lalm_rows(
+    results: dict[str, list[dict[str, Any]]], references: tuple[str, ...], case: str, memory_gib: float, variants: dict[str, tuple[str, str]], family: str
+) -> list[dict[str, Any]]:
+    """Audio-LLM rows of the report (`benchmarks.report.lalm_table`) from interleaved runs named
+    `eager-P` and `onnx-VARIANT` (`variants`: VARIANT -> its encoder and decoder precisions), each
+    run's tokens, total seconds and encoder/prefill/decode split; parity is the greedy agreement
+    with eager fp32's first run, which the fp32 bundle must match."""
     reference = results["eager-fp32"][0]["tokens"]
     rows = []
     for name, runs in results.items():
@@ -115,22 +129,21 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
         same = runs[0]["tokens"] == reference
         figures = {"greedy_agreement": float(same.mean()), "first_divergence": None if same.all() else int(np.argmin(same))}
         bounds = {"greedy_agreement": {"min": 1.0}} if name == "onnx-fp32" else {}
-        speedups = speedups_vs_eager("end to end", {ref: [r["total"] for r in results[f"eager-{ref}"]] for ref in eager}, [r["total"] for r in runs])
+        eager = {ref: [r["total"] for r in results[f"eager-{ref}"]] for ref in references}
         rows.append(
             {
-                "family": LALM_FAMILY,
+                "family": family,
                 "role": "lalm",
-                "case": f"1 clip, {preset.audio_seconds:g} s audio, {NEW_TOKENS} new tokens",
+                "case": case,
                 "batch": 1,
                 "variant": name,
                 "runtime": kind,
                 "precision": precision,
-                "parts": dict(zip(("encoder", "decoder"), VARIANTS[precision])) if kind == "onnx" else {"encoder": precision, "decoder": precision},
+                "parts": dict(zip(("encoder", "decoder"), variants[precision])) if kind == "onnx" else {"encoder": precision, "decoder": precision},
                 "latency_s": summary([r["total"] for r in runs]),
                 "split_s": {part: summary([r[part] for r in runs])["median"] for part in ("encoder_s", "prefill_s", "decode_s")},
-                "throughput": {"audio_seconds_per_s": round(preset.audio_seconds / summary([r["total"] for r in runs])["median"], 2)},
-                "speedups": speedups,
-                "peak_rss_gib": memory["peak_rss_gib"],
+                "speedups": speedups_vs_eager("end to end", eager, [r["total"] for r in runs]),
+                "peak_rss_gib": memory_gib,
                 "parity": {"figures": figures, "bounds": bounds, "passed": figures["greedy_agreement"] == 1.0 if bounds else None},
             }
         )

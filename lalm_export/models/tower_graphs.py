@@ -14,7 +14,12 @@ class Qwen2AudioTowerGraph(nn.Module):
     """Qwen2-Audio's audio tower and projector as the LALM bundle's audio graph: log-mel windows
     `(batch, 128, 3000)` and each clip's length in samples → projected positions and how many
     are each clip's own. The window's padding is masked in the tower's attention, as the
-    checkpoint's own forward does from its processor's feature mask."""
+    checkpoint's own forward does from its processor's feature mask.
+
+    Run eagerly it is the checkpoint's own code over the whole window. Traced for export, it
+    runs the same layers over the frames of the window up to the batch's longest clip (and the
+    two past it its convolutions read): the masked rest cannot change a clip's own positions,
+    and a 10 s clip costs a third of the 30 s window. The parity gate compares the two."""
 
     def __init__(self, tower: nn.Module, projector: nn.Module, spec: FamilySpec, hop_length: int) -> None:
         super().__init__()
@@ -29,12 +34,32 @@ class Qwen2AudioTowerGraph(nn.Module):
 
     def forward(self, input_features: torch.Tensor, audio_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         convolved, pooled = self.lengths(audio_lengths)
-        positions = torch.arange(int(self.encoder.config.max_source_positions), device=input_features.device)
-        keep = positions[None, :] < convolved[:, None]
-        mask = torch.zeros(keep.shape, dtype=input_features.dtype, device=input_features.device)
-        mask = mask.masked_fill(~keep, torch.finfo(input_features.dtype).min)[:, None, None, :]
-        hidden = self.encoder(input_features, attention_mask=mask).last_hidden_state
+        if torch.jit.is_tracing():
+            hidden = self.cropped_tower(input_features, convolved)
+        else:
+            mask = padding_mask(convolved, int(self.encoder.config.max_source_positions), input_features.dtype)
+            hidden = self.encoder(input_features, attention_mask=mask).last_hidden_state
         return self.projector(hidden), pooled
+
+    def cropped_tower(self, features: torch.Tensor, convolved: torch.Tensor) -> torch.Tensor:
+        """Qwen2AudioEncoder.forward over the window's first frames: those of the longest clip
+        and the two past it that its strided convolution reads (as in the whole window)."""
+        tower = self.encoder
+        frames = torch.clamp(2 * convolved.max() + 2, max=features.shape[-1])
+        hidden = nn.functional.gelu(tower.conv1(features[:, :, :frames]))
+        hidden = nn.functional.gelu(tower.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + tower.embed_positions.weight[: hidden.shape[1]]
+        mask = padding_mask(convolved, hidden.shape[1], hidden.dtype)
+        for layer in tower.layers:
+            hidden = layer(hidden, mask)
+        hidden = tower.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
+        return tower.layer_norm(hidden)
+
+
+def padding_mask(convolved: torch.Tensor, positions: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(batch, 1, 1, positions)`: 0 for each clip's own positions, the dtype's minimum for the rest."""
+    keep = torch.arange(positions, device=convolved.device)[None, :] < convolved[:, None]
+    return torch.zeros(keep.shape, dtype=dtype, device=convolved.device).masked_fill(~keep, torch.finfo(dtype).min)[:, None, None, :]
 
 
 class VoxtralTowerGraph(nn.Module):

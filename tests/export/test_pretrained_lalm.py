@@ -288,6 +288,32 @@ def test_a_checkpoint_of_an_architecture_without_a_row_is_one_line(tmp_path, cap
     )
 
 
+def test_qwen2_audio_runs_only_the_window_up_to_the_longest_clip_with_the_whole_windows_features(qwen2_audio):
+    """The exported tower crops the 30 s window after the batch's longest clip (the rest is
+    masked): each clip's features equal the checkpoint's tower over the whole window, for clips
+    batched with longer and shorter ones and for one that fills the window."""
+    import numpy as np
+    import torch
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from lalm_export.models.tower_graphs import Qwen2AudioTowerGraph
+    from lalm_export.parity.signals import speech_like
+    from runtime.audio import features_for
+
+    checkpoint, bundle = qwen2_audio
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint).eval()
+    eager = Qwen2AudioTowerGraph(model.model.audio_tower, model.model.multi_modal_projector, None, 160).eval()
+    runner = load(bundle)
+    clips = [speech_like(seconds, seed=index) for index, seconds in enumerate((3.0, 12.4, 30.0))]
+    ours = runner.audio_features_batch(clips)
+    for clip, features in zip(clips, ours):
+        window = torch.from_numpy(features_for("log_mel", clip, runner.feature_config)[None])
+        with torch.no_grad():
+            projected, positions = eager(window, torch.tensor([len(clip)]))
+        expected = projected[0, : int(positions[0])].numpy()
+        assert features.shape == expected.shape and np.abs(features - expected).max() < 1e-4 * np.abs(expected).max()
+
+
 def test_a_text_config_that_says_tied_where_the_checkpoint_is_not_keeps_both_matrices(audio_files, tmp_path, capsys):
     """Qwen2-Audio's text config may say tie_word_embeddings while the whole model keeps its
     output head apart from its embedding: the bundle keeps both, as the checkpoint runs."""
