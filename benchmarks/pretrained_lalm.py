@@ -196,7 +196,8 @@ def render_markdown(report: dict[str, Any], plot: str) -> str:
         "Qwen2.5-0.5B's sizes (hidden 896, 24 layers, vocabulary 151,936; Qwen2-Audio-7B's 7B decoder does not fit an fp32 export in 24 GiB).",
         f"- **Settings**: {report['rows'][0]['case']}; eager: transformers `generate(**processor(text=prompt, audio=clip))`; bundle: "
         f"`runtime.api` `transcribe`; {settings['warmup_rounds']} warm-up round, {settings['timed_rounds']} timed rounds, interleaved; "
-        f"torch threads {settings['torch_threads']}. The encoder's time includes the front end (log-mel); the tower runs the whole 30 s window.",
+        f"torch threads {settings['torch_threads']}. The encoder's time includes the front end (log-mel). The checkpoint's tower runs the "
+        "whole 30 s window, masked past the clip; the bundle's only up to the clip (the same features, checked by the gate).",
         "- Speedups are ratios of medians measured in this run (± the relative standard error of the per-round ratio).",
         "",
         "## End to end",
