@@ -333,3 +333,33 @@ def test_a_text_config_that_says_tied_where_the_checkpoint_is_not_keeps_both_mat
     prompt = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["extra"]["prompt"]
     expected = ARCHITECTURES["qwen2_audio"].eager_tokens(checkpoint, prompt, load_audio(audio_files[0]).samples, TOKENS)
     assert runtime_tokens(tmp_path / "bundle", audio_files[0]) == expected
+
+
+def test_an_audio_tower_past_protobufs_limit_is_exported_with_its_weights_beside_it(audio_files, tmp_path, capsys, monkeypatch):
+    """At a size CI can afford: torch.onnx writes a graph past 2 GB as a file per tensor, made
+    so here for a tiny tower, with the limit lowered to its size. The bundle carries the weights
+    in `audio_encoder.onnx_data` (in the manifest, checked on load) and gives the same tokens.
+    The real size (Qwen2-Audio-7B's 2.5 GB tower) is measured by `python -m benchmarks pretrained-lalm`."""
+    import onnx
+    import torch
+
+    import lalm_export.graphs.files as files
+    from tests.export.tiny_checkpoints import save_tiny_qwen2_audio
+
+    export = torch.onnx.export
+
+    def as_past_the_limit(module, args, path, **kwargs):  # what the tracer writes for a graph past 2 GB
+        export(module, args, path, **kwargs)
+        onnx.save_model(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+
+    checkpoint = save_tiny_qwen2_audio(tmp_path, seed=0)
+    monkeypatch.setattr(torch.onnx, "export", as_past_the_limit)
+    monkeypatch.setattr(files, "LARGE_GRAPH_BYTES", 100_000)  # the tiny tower's 0.3 MB is past it; the decoder's own path is untouched
+    assert run_main(export_main, "--lalm", checkpoint, "--output", tmp_path / "bundle", "-q", capsys=capsys).returncode == 0
+    monkeypatch.undo()
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert "audio_encoder.onnx_data" in manifest["graphs"]["audio_encoder"]["data_files"]
+    assert (tmp_path / "bundle" / "audio_encoder.onnx_data").stat().st_size > 100_000
+    prompt = manifest["extra"]["prompt"]
+    expected = ARCHITECTURES["qwen2_audio"].eager_tokens(checkpoint, prompt, load_audio(audio_files[0]).samples, TOKENS)
+    assert runtime_tokens(tmp_path / "bundle", audio_files[0]) == expected
