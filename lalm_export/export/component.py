@@ -26,7 +26,9 @@ from lalm_export.io import sha256_tree
 from lalm_export.models.adapters import QuantizationSettings, load_full_weights, read_adapter_metadata
 from lalm_export.models.loading import load_family_model
 from lalm_export.models.merge import AdapterForPart, dequantize_4bit_linears, merge_adapter_into, read_adapter_for_part, read_lora_pairs
-from lalm_export.parity.component import ComponentGate, verify_graph
+from lalm_export.parity.bounds import cosine_bound
+from lalm_export.parity.component import ComponentGate, encoder_cases, verify_graph
+from lalm_export.precision.mixed_int8 import Calibration
 from lalm_export.precision.specs import SPECS
 from lalm_export.progress import Stages
 from runtime.manifest import Manifest, Source, sha256_of
@@ -199,7 +201,17 @@ class ComponentSteps:
 
     @property
     def parts(self) -> tuple[GraphPart, ...]:
-        return (GraphPart(GRAPH_NAME, self.opts.spec.role, self.opts.precision),)
+        return (GraphPart(GRAPH_NAME, self.opts.spec.role, self.opts.precision, self.int8_calibration()),)
+
+    def int8_calibration(self) -> Calibration | None:
+        """An int8 encoder is made to meet its gate on the gate's own inputs (mixed_int8.py)."""
+        opts = self.opts
+        if opts.precision != "int8" or opts.spec.role != "encoder":
+            return None
+        bound = cosine_bound("int8", "encoder", opts.min_cosine)
+        n_mels = int(getattr(self.merged.model.config, "num_mel_bins", 80))
+        feeds = lambda: [{opts.spec.input_name: x} for _, x in encoder_cases(opts.spec, opts.seed, n_mels)]  # noqa: E731 - made when needed
+        return Calibration(feeds, bound.cosine, bound.row_cosine)
 
     @property
     def precision_detail(self) -> str:

@@ -18,6 +18,7 @@ from lalm_export.export.manifest import Built, int8_record
 from lalm_export.export.options import BUNDLE_FILES
 from lalm_export.io import atomic_folder
 from lalm_export.precision.int4 import Int4Options
+from lalm_export.precision.mixed_int8 import Calibration
 from lalm_export.precision.specs import TransformJob, apply_precision
 from lalm_export.progress import Stages
 from runtime.manifest import Manifest
@@ -28,11 +29,13 @@ FP32_FOLDER = "fp32"  # inside the temporary bundle: the fp32 export the precisi
 
 @dataclass(frozen=True)
 class GraphPart:
-    """One graph of a bundle: its file name, the role its precision suits, and that precision."""
+    """One graph of a bundle: its file name, the role its precision suits, and that precision;
+    for an int8 encoder, the gate's inputs and bound its int8 graph is made to meet."""
 
     file: str
     role: str
     precision: str
+    calibration: Calibration | None = None
 
 
 class ExportSteps(Protocol):
@@ -101,7 +104,8 @@ def place_graph(source: Path, target: Path, part: GraphPart, settings: RunSettin
         for file in source.glob(part.file + "*"):
             file.rename(target / file.name)
         return {}
-    return apply_precision(source / part.file, target / part.file, part.precision, TransformJob(part.role, settings.int4, settings.target_cpu))
+    job = TransformJob(part.role, settings.int4, settings.target_cpu, part.calibration)
+    return apply_precision(source / part.file, target / part.file, part.precision, job)
 
 
 def record_bundle_files(folder: Path) -> None:

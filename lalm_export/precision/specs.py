@@ -31,7 +31,8 @@ from pathlib import Path
 
 from lalm_export.errors import OptionsError
 from lalm_export.precision.int4 import Int4Options, quantize_int4
-from lalm_export.precision.transforms import convert_fp16, int8_recipe, quantize_int8
+from lalm_export.precision.mixed_int8 import Calibration, quantize_int8_within
+from lalm_export.precision.transforms import convert_fp16, int8_recipe
 
 DEVICES = ("cpu", "cuda")
 
@@ -43,6 +44,7 @@ class TransformJob:
     role: str
     int4: Int4Options = Int4Options()
     target_cpu: str = "auto"  # int8: the class of int8 kernels the graph is made for (runtime/cpu.py); auto: this machine's
+    calibration: Calibration | None = None  # int8: the gate's inputs and bound the graph is made to meet (encoders)
 
 
 # A transform writes the precision's graph for an fp32 graph and returns facts for the manifest.
@@ -63,9 +65,7 @@ class PrecisionSpec:
 
 
 def _int8(source: Path, target: Path, job: TransformJob) -> Mapping[str, object]:
-    recipe = int8_recipe(job.target_cpu)
-    quantize_int8(source, target, recipe)
-    return recipe.to_dict()
+    return quantize_int8_within(source, target, int8_recipe(job.target_cpu), job.calibration)
 
 
 def _int4(source: Path, target: Path, job: TransformJob) -> Mapping[str, object]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +45,9 @@ def int8_recipe(target_cpu: str) -> Int8Recipe:
     return Int8Recipe(target_cpu, reduce_range=saturating, per_channel=saturating)
 
 
-def quantize_int8(source: Path, target: Path, recipe: Int8Recipe) -> None:
-    """Dynamic quantization of the MatMuls with constant weights: uint8 activations, int8 weights."""
+def quantize_int8(source: Path, target: Path, recipe: Int8Recipe, exclude: Sequence[str] = ()) -> None:
+    """Dynamic quantization of the MatMuls with constant weights (but the nodes named in
+    `exclude`): uint8 activations, int8 weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _root_logger_quiet():  # "consider pre-processing": advice for static quantization only
@@ -57,6 +58,7 @@ def quantize_int8(source: Path, target: Path, recipe: Int8Recipe) -> None:
             reduce_range=recipe.reduce_range,
             per_channel=recipe.per_channel,
             op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=list(exclude),
             use_external_data_format=is_large(source),
             # DefaultTensorType: the quantizer cannot infer some exported tensors' types otherwise.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
