@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.flags import add_session_flags
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 LIST_SUFFIXES = (".txt", ".lst")
 
@@ -53,14 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", help="audio LLM bundles: the instruction (default: the bundle's prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="audio LLM bundles: tokens per file at most (default: 128)")
     parser.add_argument("--batch-size", type=int, default=8, help="files per batch (the encoder batches equal-shape clips) (default: 8)")
-    parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0: ONNX Runtime's default)")
-    parser.add_argument(
-        "--max-clip-memory-gb",
-        type=float,
-        help="memory one audio clip may take in the encoder, in GB; a longer file gets an error record with the length that fits "
-        "(default: a quarter of this machine's memory, at most 8)",
-    )
+    add_session_flags(parser, "a longer file gets an error record with the length that fits")
     ray = parser.add_argument_group("Ray Data")
     ray.add_argument("--ray", action="store_true", help="run on Ray Data: map_batches over actors, one session each")
     ray.add_argument("--actors", type=int, default=1, help="actors (sessions) to run at once (default: 1)")

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from runtime.flags import add_session_flags
 from runtime.interruptible import exit_process, run_interruptibly
 
 EPILOG = """examples:
@@ -56,14 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     text.add_argument("--json", action="store_true", help="print one JSON object per prompt: text, tokens, timings")
     run = parser.add_argument_group("session")
-    run.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
-    run.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
-    run.add_argument(
-        "--max-clip-memory-gb",
-        type=float,
-        help="memory one audio clip may take in the encoder, in GB; longer clips are refused with the length that fits "
-        "(default: a quarter of this machine's memory, at most 8; docs/reliability.md has the figures)",
-    )
+    add_session_flags(run)
     run.add_argument(
         "--save-optimized",
         action="store_true",

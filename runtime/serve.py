@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+from runtime.flags import add_session_flags
+
 EPILOG = """endpoints:
   GET  /health                   200 once every bundle's sessions exist; 503 "draining" after SIGINT/SIGTERM while
                                  requests in flight finish (and for --shutdown-delay); then the port closes
@@ -78,14 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sees it draining before the port closes (default: 0: close once the requests in flight are done)",
     )
     run = parser.add_argument_group("sessions")
-    run.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU")
-    run.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0: ONNX Runtime's default)")
-    run.add_argument(
-        "--max-clip-memory-gb",
-        type=float,
-        help="memory one audio clip may take in the encoder, in GB; longer clips are refused with the length that fits "
-        "(default: a quarter of this machine's memory, at most 8; docs/reliability.md has the figures)",
-    )
+    add_session_flags(run)
     ray = parser.add_argument_group("Ray Serve")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (batching by @serve.batch) instead of in this process")
     ray.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default: 1)")
