@@ -13,7 +13,13 @@ Supported:
   window (padding included, unmasked); the projector takes 4 frames at a time, so every clip
   of up to 30 s takes 375 `[AUDIO]` positions. Its tokenizer is Mistral's Tekken
   (`tekken.json`, read with mistral-common); the bundle carries it converted to
-  `tokenizer.json`, and its prompt is mistral-common's transcription request."""
+  `tokenizer.json`, and its prompt is mistral-common's transcription request.
+- Granite Speech (`model_type` "granite_speech"). A conformer on stacked log-mel frames (two
+  80-bin frames each, any length) with block attention, then a Q-Former over windows of 15
+  frames giving 3 positions each; its chat template reads content as one string with
+  `<|audio|>` in it; a placeholder its model generates is embedded as token 0.
+
+The audio graphs are in `tower_graphs.py`; docs/pretrained-lalms.md has what each is tested with."""
 
 from __future__ import annotations
 
