@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lalm",
         type=Path,
         metavar="DIR",
-        help="export an audio LLM saved by LALM.save_pretrained(), or a Hugging Face checkpoint of Qwen2-Audio, as one bundle: audio "
+        help="export an audio LLM saved by LALM.save_pretrained(), or a Hugging Face checkpoint of Qwen2-Audio, Voxtral or Granite Speech, as one bundle: audio "
         "encoder + projector, token table, decoder on embeddings (its adapters merged; --precision, --encoder-precision, --decoder-precision, "
         "--decoder-graph and --device apply; docs/pretrained-lalms.md)",
     )

@@ -25,13 +25,15 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, Any]]) -> str:
         if self.text_content:
-            messages = [{**message, "content": self.joined(message["content"])} for message in messages]
-        return render_chat(self.source, messages, {})
+            messages = [{**message, "content": joined_content(message["content"], self.audio_token)} for message in messages]
+        return render_chat(self.source, messages)
 
-    def joined(self, content: str | list[dict[str, Any]]) -> str:
-        if isinstance(content, str):
-            return content
-        return "".join(part["text"] if part["type"] == "text" else self.audio_token for part in content)
+
+def joined_content(content: str | list[dict[str, Any]], audio_token: str) -> str:
+    """A message's content as one string: its text parts in order, an audio part as the placeholder."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] if part["type"] == "text" else audio_token for part in content)
 
 
 @lru_cache(maxsize=8)
@@ -47,13 +49,13 @@ def _compiled(template: str) -> Any:
     return environment.from_string(template)
 
 
-def render_chat(template: str, messages: list[dict[str, Any]], special_tokens: dict[str, str]) -> str:
+def render_chat(template: str, messages: list[dict[str, Any]]) -> str:
     """The prompt for `messages` (`{role, content: [{type: text, text} | {type: audio}]}`),
     ready for the assistant's answer. A template that refuses the messages (its
     `raise_exception`) is the request's fault: a `RuntimeUserError` with its words."""
     from jinja2.exceptions import TemplateError
 
     try:
-        return _compiled(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
+        return _compiled(template).render(messages=messages, add_generation_prompt=True)
     except TemplateError as err:
         raise RuntimeUserError(f"the bundle's chat template refuses these messages: {err}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,10 @@ def deny(monkeypatch: pytest.MonkeyPatch, *roots: Path) -> None:
 
     monkeypatch.setattr(os, "stat", stat)
     monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: not blocked(path) and real_access(path, mode, *a, **k))
+
+
+def edit_json(path: Path, change: Callable[[dict], object]) -> None:
+    """Change a JSON file in place, as a hand edit would (a damaged bundle's manifest or config)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data), encoding="utf-8")

@@ -132,7 +132,7 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
     quantization = opts.quantization
     base = f" (4-bit {quantization.quant_type} base, as the adapter was trained)" if quantization else ""
     with stages.stage("load", f"{row.model_class} from {folder}{base}"):
-        model = load_checkpoint(folder, row, opts.trust_remote_code, quantization)
+        model = load_checkpoint(folder, row, opts.trust_remote_code, quantization, leave_out_adapter=own_adapter is not None)
         processor = load_hf_model(AutoProcessor, str(folder), trust_remote_code=opts.trust_remote_code)
         feature_config = (getattr(processor, "feature_extractor", None) or processor.audio_processor).to_dict()  # Granite's is its audio_processor
     record: dict[str, Any] = {"model": str(folder.resolve()), "model_type": row.model_type, "merge": "none"}
@@ -164,11 +164,13 @@ def load_pretrained_lalm(folder: Path, row: PretrainedLalm, stages: Stages, opts
     return MergedLalm(graph, decoder, text.tokenizer, config, feature_config, {"checkpoint": record})
 
 
-def load_checkpoint(folder: Path, row: PretrainedLalm, trust_remote_code: bool, quantization: QuantizationSettings | None = None) -> torch.nn.Module:
+def load_checkpoint(
+    folder: Path, row: PretrainedLalm, trust_remote_code: bool, quantization: QuantizationSettings | None = None, leave_out_adapter: bool = False
+) -> torch.nn.Module:
     """The checkpoint's model in fp32 (on the 4-bit base `quantization` describes), without the
-    LoRA adapter it may carry: transformers would wrap its layers in peft's, which the merge
-    reads from the adapter's files instead. The folder is loaded through a view of links that
-    leaves the adapter's files out."""
+    LoRA adapter it carries where `leave_out_adapter`: transformers would wrap its layers in
+    peft's, which the merge reads from the adapter's files instead. Such a folder is loaded
+    through a view of links that leaves the adapter's files out."""
     import transformers
 
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "output_loading_info": True}
@@ -177,7 +179,7 @@ def load_checkpoint(folder: Path, row: PretrainedLalm, trust_remote_code: bool, 
         kwargs |= {"quantization_config": quantization.bnb_config(), "dtype": getattr(torch, quantization.base_dtype)}
     with tempfile.TemporaryDirectory(prefix="lalm-export-checkpoint-") as scratch:
         source = folder
-        if (folder / ADAPTER_CONFIG).is_file():
+        if leave_out_adapter:
             source = Path(scratch)
             for entry in folder.iterdir():
                 if not entry.name.startswith("adapter_"):

@@ -34,5 +34,10 @@ def data_size(graph: Path) -> int:
     return sum(p.stat().st_size for p in graph.parent.glob(graph.name + "_data*"))
 
 
+def graph_bytes(graph: Path) -> int:
+    """Bytes of a graph file and its external-data files."""
+    return graph.stat().st_size + data_size(graph)
+
+
 def is_large(graph: Path) -> bool:
-    return graph.stat().st_size + data_size(graph) > LARGE_GRAPH_BYTES
+    return graph_bytes(graph) > LARGE_GRAPH_BYTES

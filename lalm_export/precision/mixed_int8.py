@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lalm_export.graphs.files import data_size, load_graph
+from lalm_export.graphs.files import graph_bytes, load_graph
 from lalm_export.parity.report import cosine_similarities
 from lalm_export.precision.transforms import Int8Recipe, quantize_int8
 
@@ -63,7 +63,7 @@ def quantize_int8_within(source: Path, target: Path, recipe: Int8Recipe, calibra
     feeds = calibration.feeds()
     reference = first_outputs(source, feeds)
     figures = calibration.measure(reference, first_outputs(target, feeds))
-    if calibration.reached(figures) or source.stat().st_size + data_size(source) > SEARCH_BYTES:
+    if calibration.reached(figures) or graph_bytes(source) > SEARCH_BYTES:
         return {**recipe.to_dict(), **record([], 0, figures)}
     if not recipe.per_channel:
         recipe = dataclasses.replace(recipe, per_channel=True)

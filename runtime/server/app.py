@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.audio import CONTAINERS, Audio, decode_audio
+from runtime.chat import joined_content
 from runtime.generation import GenerationOptions
 from runtime.server.engine import Engine, ServedModel
 from runtime.server.errors import ApiError, as_api_error, bad_request
@@ -373,8 +374,7 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
         raise bad_request(f"an audio LLM request takes exactly one input_audio part, not {len(clips)}", "messages")
     template = getattr(model.runner, "chat_template", None)
     if template is None:
-        joined = "\n".join("".join(part["text"] if part["type"] == "text" else token for part in turn["content"]) for turn in turns)
-        return joined, (clips[0] if clips else None)
+        return "\n".join(joined_content(turn["content"], token) for turn in turns), (clips[0] if clips else None)
     prompt = as_api_error(lambda: template.render(turns), "messages")
     if prompt.count(token) != 1:
         raise bad_request(f"the bundle's chat template wrote the audio placeholder {prompt.count(token)} times for one input_audio part", "messages")

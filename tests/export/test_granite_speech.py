@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from runtime.errors import AudioError
 from runtime.generation import GenerationOptions
 from runtime.server.engine import ServeSettings
 from tests.export.tiny_checkpoints import ARCHITECTURES
-from tests.helpers import assert_user_error, run_main
+from tests.helpers import assert_user_error, edit_json, run_main
 from tests.runtime.serving import running_server
 
 TOKENS = 24
@@ -91,20 +90,6 @@ def test_a_chat_request_is_one_string_with_the_placeholder_in_it(granite, audio_
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="granite", messages=messages, max_tokens=TOKENS, extra_body={"ignore_eos": True})
     assert reply.choices[0].message.content == expected
-
-
-def test_a_granite_checkpoint_without_torchaudio_is_one_line(granite, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchaudio", None)  # as if not installed
-    result = run_main(export_main, "--lalm", granite[0], "--output", tmp_path / "bundle", capsys=capsys)
-    assert result.returncode == 1
-    assert_user_error(result, "whose processor needs torchaudio: pip install torchaudio")
-    assert not (tmp_path / "bundle").exists()
-
-
-def edit_json(path: Path, change) -> None:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    change(data)
-    path.write_text(json.dumps(data), encoding="utf-8")
 
 
 DAMAGED = {

@@ -31,7 +31,7 @@ from runtime.generation import GenerationOptions
 from runtime.infer import main as infer_main
 from runtime.lalm import clip_audio
 from tests.graphs.test_fused import tiny_decoder_config
-from tests.helpers import assert_user_error, randomize_lora, run_main
+from tests.helpers import assert_user_error, edit_json, randomize_lora, run_main
 
 CLIPS = (speech_like(1.0), speech_like(1.7, seed=3))
 
@@ -437,12 +437,6 @@ def whisper_lalm_bundle(checkpoints, tmp_path_factory):
     tiny_lalm(checkpoints, "whisper").save_pretrained(root / "lalm")
     export_lalm_bundle(LalmExportOptions(lalm=root / "lalm", output=root / "bundle"), quiet=True)
     return root / "bundle"
-
-
-def edit_json(path, change) -> None:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    change(data)
-    path.write_text(json.dumps(data), encoding="utf-8")
 
 
 DAMAGED_LALM_BUNDLES = {

@@ -7,6 +7,7 @@ test_voxtral.py and test_granite_speech.py."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import openai
@@ -149,6 +150,21 @@ def test_qlora_needs_an_adapter(tiny_lalm, tmp_path, capsys):
     result = run_main(export_main, "--lalm", tiny_lalm("qwen2_audio")[0], "--qlora", "--output", tmp_path / "bundle", capsys=capsys)
     assert result.returncode == 1
     assert_user_error(result, "--qlora describes the 4-bit base an adapter was trained on: pass --adapter too")
+
+
+@pytest.mark.parametrize(
+    "model_type, module, fragment",
+    [
+        ("voxtral", "mistral_common", "whose processor needs mistral_common: pip install 'lalm-export[mistral]'"),
+        ("granite_speech", "torchaudio", "whose processor needs torchaudio: pip install torchaudio"),
+    ],
+)
+def test_a_checkpoint_whose_processor_needs_a_missing_package_is_one_line(model_type, module, fragment, tiny_lalm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    result = run_main(export_main, "--lalm", tiny_lalm(model_type)[0], "--output", tmp_path / "bundle", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "bundle").exists()
 
 
 # --- Qwen2-Audio: its processor's placeholder and its chat template -------------------------------

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from pathlib import Path
 
 import openai
 import pytest
 
-from lalm_export.cli import main as export_main
 from runtime.api import load
 from runtime.generation import GenerationOptions
 from runtime.server.engine import ServeSettings
-from tests.helpers import assert_user_error, run_main
 from tests.runtime.serving import running_server
 
 TOKENS = 16
@@ -45,14 +42,6 @@ def test_every_clip_of_up_to_30_s_takes_375_audio_positions(voxtral, audio_files
     for clip in (audio_files[0], audio_files[2]):
         result = runner.transcribe([clip], options=GenerationOptions(max_new_tokens=2))[0]
         assert result.prompt_tokens == len(prompt_ids) - 1 + 375
-
-
-def test_a_voxtral_checkpoint_without_mistral_common_is_one_line(voxtral, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "mistral_common", None)  # as if not installed
-    result = run_main(export_main, "--lalm", voxtral[0], "--output", tmp_path / "bundle", capsys=capsys)
-    assert result.returncode == 1
-    assert_user_error(result, "whose processor needs mistral_common: pip install 'lalm-export[mistral]'")
-    assert not (tmp_path / "bundle").exists()
 
 
 def mistral_chat_ids(checkpoint: Path, clip: Path, text: str) -> list[int]:
