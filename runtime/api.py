@@ -20,6 +20,7 @@ from runtime.lalm import LalmRunner, cut_at_stop, load_lalm
 from runtime.limits import audio_limits
 from runtime.manifest import Manifest, read_json_object, read_manifest, read_tokenizer, sha256_of, verify_graph_files
 from runtime.ort_backends import decoder_backend
+from runtime.scheduler import DecodeScheduler
 from runtime.sessions import SessionOptions, active_provider, open_bundle_graph, provider_label, resolve_providers, run_options_for
 
 
@@ -171,6 +172,10 @@ class TextGenerator(_BundleModel):
         """A backend of its own (KV buffers included) over the shared session: one per
         generation running at the same time as others."""
         return decoder_backend(self.session, binding_device=self.provider)
+
+    def new_scheduler(self, on_step: Callable[[int], None] | None = None) -> DecodeScheduler:
+        """A scheduler whose generations share one decoder call per decode step (a server's)."""
+        return DecodeScheduler(self.session, binding_device=self.provider if self.provider == "cuda" else None, on_step=on_step)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, left-padded so that every prompt ends at the last column."""

@@ -20,6 +20,7 @@ from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check
 from runtime.limits import AudioLimits, audio_limits
 from runtime.manifest import is_whole_number
 from runtime.ort_backends import OrtDecoderBackend
+from runtime.scheduler import DecodeScheduler
 from runtime.sessions import run_options_for
 
 GENERATION_BATCH = 8  # clips generated together at most (their KV caches grow with the batch)
@@ -114,6 +115,11 @@ class LalmRunner:
         generation running at the same time as others. Its KV cache lives in buffers on the
         provider's device (IO binding): on CUDA it never crosses to the host."""
         return OrtDecoderBackend(self.decoder, binding_device=self.provider, embed=lambda ids: self.table[ids])
+
+    def new_scheduler(self, on_step: Callable[[int], None] | None = None) -> DecodeScheduler:
+        """A scheduler whose generations share one decoder call per decode step (a server's)."""
+        binding = self.provider if self.provider == "cuda" else None
+        return DecodeScheduler(self.decoder, embed=lambda ids: self.table[ids], binding_device=binding, on_step=on_step)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         check_prompt_text(prompt)

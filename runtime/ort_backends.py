@@ -116,15 +116,26 @@ class OrtDecoderBackend:
         self._capacity = max(1, int(total_length))
 
     def _feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """`input_ids` `(batch, new)`, or embeddings `(batch, new, hidden)` for a prompt."""
+        return self.step_feeds(input_ids, self._mask)
+
+    def step_feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's inputs other than the cache: `input_ids` `(batch, new)` (looked up in the
+        token table where the graph takes embeddings), or embeddings `(batch, new, hidden)` for a
+        prompt; `attention_mask` covers the cache and the new positions."""
         if self.takes_embeds:
             embeds = input_ids if input_ids.ndim == 3 else self.embed(input_ids)
-            feeds = {"inputs_embeds": embeds.astype(self.embeds_dtype), "attention_mask": self._mask}
+            feeds = {"inputs_embeds": embeds.astype(self.embeds_dtype), "attention_mask": attention_mask}
         else:
-            feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": self._mask}
+            feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask}
         if self.uses_position_ids:
-            feeds["position_ids"] = position_ids_for(self._mask)[:, -input_ids.shape[1] :]
+            feeds["position_ids"] = position_ids_for(attention_mask)[:, -input_ids.shape[1] :]
         return feeds
+
+    def past(self) -> dict[str, np.ndarray]:
+        """The KV cache after the last call, `(batch, heads, length, head_dim)` per past input (host arrays: no IO binding)."""
+        if self.kv is not None:
+            raise ValueError("this backend keeps its cache in bound device buffers; create it without binding_device to read the cache")
+        return dict(self._past)
 
     def _run(self, input_ids: np.ndarray) -> np.ndarray:
         if self.kv is not None:

@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a lone clip waits for others to batch with; clips that arrive while a batch runs form the next one (default: 2)",
     )
     load.add_argument("--max-queue", type=int, default=64, help="requests in flight (waiting or running) before new ones get 503 (default: 64)")
-    load.add_argument("--decode-slots", type=int, default=4, help="generations that run side by side, one decode step each in turn (default: 4)")
+    load.add_argument(
+        "--decode-slots",
+        type=int,
+        default=16,
+        help="generations that run at once, their decode steps batched into one decoder call; more wait for a free row (default: 16)",
+    )
     load.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is ended with 504 (default: 300)")
     load.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body in MiB; larger get 413 (default: 25, OpenAI's upload limit)")
     load.add_argument(

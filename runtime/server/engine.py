@@ -1,11 +1,11 @@
 """The models a server holds and the work it does on them: admission (a bounded number of
-requests in flight), batched audio encoding, and generations interleaved step by step. The
-HTTP layer (`runtime.server.app`) and Ray Serve (`runtime.server.ray_serve`) share it."""
+requests in flight), batched audio encoding, and generations whose decode steps run as one
+batch (continuous batching, `runtime.scheduler`). The HTTP layer (`runtime.server.app`) and
+Ray Serve (`runtime.server.ray_serve`) share it."""
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -25,7 +25,6 @@ from runtime.lalm import LalmRunner
 from runtime.server.batching import DynamicBatcher
 from runtime.server.errors import ApiError, as_api_error, from_user_error, unavailable
 from runtime.server.metrics import ServerMetrics
-from runtime.server.turns import TakingTurns, Turns
 from runtime.sessions import SessionOptions
 
 
@@ -34,7 +33,7 @@ class ServeSettings:
     max_batch_size: int = 8  # clips per encoder batch
     max_batch_wait_ms: float = 2.0  # how long the first clip of a batch waits for others (under load, batches form while one runs)
     max_queue: int = 64  # requests admitted and not finished; more get 503
-    decode_slots: int = 4  # generations running side by side, taking decode steps in turn
+    decode_slots: int = 16  # generations running at once: the rows of the shared decode batch
     request_timeout_s: float = 300.0
     max_body_mb: float = 25.0
     max_new_tokens: int | None = None  # a cap for requests that do not say; None: the rest of the context
@@ -51,14 +50,19 @@ class ServeSettings:
 
 
 class ServedModel:
-    """One bundle under its model id, with a pool of decoder backends (one per generation in flight)."""
+    """One bundle under its model id; a generating one with the scheduler its generations share."""
 
     def __init__(self, name: str, folder: Path, runner: EncoderRunner | TextGenerator | LalmRunner) -> None:
         self.name, self.folder, self.runner = name, folder, runner
         self.manifest = runner.manifest
         self.kind = {EncoderRunner: "encoder", TextGenerator: "decoder", LalmRunner: "lalm"}[type(runner)]
         self.created = int(time.time())
-        self._backends: queue.SimpleQueue = queue.SimpleQueue()
+        self.decode_batch_sizes: list[Callable[[int], None]] = []  # told the rows of every decode step
+        self.scheduler = None if self.kind == "encoder" else runner.new_scheduler(on_step=self._observe_step)
+
+    def _observe_step(self, rows: int) -> None:
+        for observe in self.decode_batch_sizes:
+            observe(rows)
 
     def card(self) -> dict[str, Any]:
         """The model's entry in /v1/models: OpenAI's fields, then what a caller needs to pick one."""
@@ -73,17 +77,6 @@ class ServedModel:
             "provider": self.runner.provider,
             **({"prompt": self.runner.facts["prompt"]} if self.kind == "lalm" else {}),  # the prompt it was trained with
         }
-
-    @contextmanager
-    def backend(self) -> Iterator[Any]:
-        try:
-            backend = self._backends.get_nowait()
-        except queue.Empty:
-            backend = self.runner.new_backend()
-        try:
-            yield backend
-        finally:
-            self._backends.put(backend)
 
 
 def load_models(bundles: Sequence[Path], names: Sequence[str] | None, options: SessionOptions) -> dict[str, ServedModel]:
@@ -111,7 +104,8 @@ class Engine:
         settings.validate()
         self.models, self.settings = models, settings
         self.metrics = ServerMetrics()
-        self.turns = Turns()
+        for model in models.values():
+            model.decode_batch_sizes.append(self.metrics.decode_batch_size.labels(model.name).observe)
         self.pending = 0
         self.draining = False
         # Generation threads plus one for encoder batches: a batch never waits for a free generation thread.
@@ -217,19 +211,23 @@ class Engine:
         except Exception as err:
             return ApiError(500, f"encoding {clip.name} failed: {err}", type="server_error")
 
-    # --- generation: interleaved ---------------------------------------------------------
+    # --- generation: continuously batched ------------------------------------------------
 
     async def generate(self, model: ServedModel, work: Callable[[Any, Callable[[], bool]], Any]) -> Any:
-        """Run `work(backend, cancelled)` in a generation thread with a backend of its own whose
-        model calls take turns with the other generations. A timeout, or the caller going
-        away, sets `cancelled` and the generation ends at its next step."""
+        """Run `work(backend, cancelled)` in a generation thread with a backend whose decode
+        steps run in one batch with every other generation's (up to --decode-slots rows). A
+        timeout, or the caller going away, sets `cancelled` and the generation ends at its next step."""
         cancel = threading.Event()
 
         def run() -> Any:
-            with self._slots, model.backend() as backend:
+            with self._slots:
                 if cancel.is_set():
                     return None
-                return work(TakingTurns(backend, self.turns), cancel.is_set)
+                backend = model.scheduler.member()
+                try:
+                    return work(backend, cancel.is_set)
+                finally:
+                    backend.leave()
 
         future = asyncio.get_running_loop().run_in_executor(self.executor, run)
         return await self._with_timeout(future, cancel)

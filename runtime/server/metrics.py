@@ -16,6 +16,9 @@ class ServerMetrics:
         self.latency = Histogram("lalm_request_seconds", "Request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("lalm_queue_depth", "Requests admitted and not finished (waiting or running)", registry=self.registry)
         self.batch_size = Histogram("lalm_batch_size", "Clips per encoder batch", ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.decode_batch_size = Histogram(
+            "lalm_decode_batch_size", "Generations sharing one decode step", ["model"], buckets=BATCH_BUCKETS, registry=self.registry
+        )
         self.ttft = Histogram("lalm_time_to_first_token_seconds", "Time to first token", ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("lalm_generated_tokens", "Tokens generated", ["model"], registry=self.registry)
         self.tokens_per_s = Histogram(

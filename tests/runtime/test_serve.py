@@ -20,8 +20,8 @@ import pytest
 import soundfile as sf
 
 from runtime.infer import main as infer_main
+from runtime.scheduler import ScheduledBackend
 from runtime.server.engine import ServeSettings
-from runtime.server.turns import TakingTurns
 from tests.helpers import SUBPROCESS_TIMEOUT_S, assert_user_error, run_main
 from tests.runtime.serving import running_server, serve_process
 
@@ -255,14 +255,15 @@ def test_body_over_the_limit_is_413_and_a_full_queue_is_503_with_retry_after(ser
 
 
 def test_a_short_generation_is_not_held_behind_a_long_one(serve_bundles, monkeypatch):
-    """Decode steps take turns: a 4-token request sent while a 250-token one streams ends first."""
+    """Decode steps are shared: a 4-token request sent while a 250-token one streams joins its
+    batch and ends first."""
+    decode_step = ScheduledBackend.decode_step
 
     def slow_decode_step(self, token_ids):  # 2 ms a step: the long one streams >= 0.5 s on any machine
-        with self.turns.turn():
-            time.sleep(0.002)
-            return self.backend.decode_step(token_ids)
+        time.sleep(0.002)
+        return decode_step(self, token_ids)
 
-    monkeypatch.setattr(TakingTurns, "decode_step", slow_decode_step)
+    monkeypatch.setattr(ScheduledBackend, "decode_step", slow_decode_step)
     with running_server({"llm": serve_bundles["llm"]}, ServeSettings(decode_slots=2)) as (url, _):
         body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 250}
         started, ends = threading.Event(), {}
@@ -410,14 +411,16 @@ def test_a_client_that_goes_away_ends_its_generation_at_the_next_step(stream, se
     no further step."""
     steps, stepped, gate = [], threading.Event(), threading.Event()
 
+    decode_step = ScheduledBackend.decode_step
+
     def gated_decode_step(self, token_ids):
         steps.append(1)
         stepped.set()
         if len(steps) > 1:
             gate.wait(60)
-        return self.backend.decode_step(token_ids)
+        return decode_step(self, token_ids)
 
-    monkeypatch.setattr(TakingTurns, "decode_step", gated_decode_step)
+    monkeypatch.setattr(ScheduledBackend, "decode_step", gated_decode_step)
     with running_server({"llm": serve_bundles["llm"]}, ServeSettings(decode_slots=1)) as (url, engine):
         body = json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "ignore_eos": True, "stream": stream})
         port = int(url.rsplit(":", 1)[1])
