@@ -135,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run one after another through runtime.api in process (measured in the same run); then an overload phase with a small "
         "--max-queue. Writes results.json, report.md and serve-load.png to --out.",
     )
-    load.add_argument("--bundle", type=Path, nargs="+", required=True, help="encoder or audio LLM bundles")
+    load.add_argument("--bundle", type=Path, nargs="+", required=True, help="encoder, decoder or audio LLM bundles")
     load.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per phase (default: 1 4 16)")
     load.add_argument("--requests", type=int, default=64, help="requests per phase (default: 64)")
     load.add_argument("--max-batch-size", type=int, default=16, help="the server's --max-batch-size (default: 16)")
     load.add_argument("--max-batch-wait-ms", type=float, default=2.0, help="the server's --max-batch-wait-ms (default: 2)")
-    load.add_argument("--max-new-tokens", type=int, default=16, help="tokens per transcription (default: 16)")
+    load.add_argument("--max-new-tokens", type=int, default=16, help="the most tokens per transcription (default: 16)")
+    load.add_argument("--decode-tokens", type=int, default=128, help="tokens per chat completion to a decoder bundle, generated past EOS (default: 128)")
     load.add_argument("--overload-clients", type=int, default=32, help="clients in the overload phase (default: 32)")
     load.add_argument("--overload-queue", type=int, default=4, help="the server's --max-queue in the overload phase (default: 4)")
     load.add_argument(
@@ -277,8 +278,8 @@ def command_serve_load(args: argparse.Namespace, argv: list[str]) -> int:
     from lalm_export.io import atomic_folder
 
     check_out(args.out, args.force)
-    if min(args.concurrency) < 1 or args.requests < 1 or args.overload_clients < 1 or args.overload_queue < 1:
-        raise UserError("--concurrency, --requests, --overload-clients and --overload-queue must be at least 1")
+    if min(args.concurrency) < 1 or min(args.requests, args.overload_clients, args.overload_queue, args.decode_tokens, args.max_new_tokens) < 1:
+        raise UserError("--concurrency, --requests, --overload-clients, --overload-queue, --decode-tokens and --max-new-tokens must be at least 1")
     for bundle in args.bundle:
         if not (bundle / "manifest.json").is_file():
             raise UserError(f"--bundle {bundle} is not a bundle (no manifest.json); pass a folder written by lalm-export")
@@ -288,6 +289,7 @@ def command_serve_load(args: argparse.Namespace, argv: list[str]) -> int:
         max_batch_size=args.max_batch_size,
         max_batch_wait_ms=args.max_batch_wait_ms,
         max_new_tokens=args.max_new_tokens,
+        decode_tokens=args.decode_tokens,
         overload_clients=args.overload_clients,
         overload_queue=args.overload_queue,
     )

@@ -1,11 +1,14 @@
 """`python -m benchmarks serve-load`: `runtime.serve` under concurrent clients on loopback,
 against the same requests run one after another through `runtime.api` in process.
 
-Per bundle: throughput and p50/p90/p99 latency (and time to first token for audio LLMs,
-streamed) at each concurrency, the ratio to sequential in-process throughput measured in
-the same run, the server's peak RSS; an overload phase (small --max-queue, many clients)
-counts 503s and any other failure; for generating bundles, how long a short request takes
-alone and while a long generation runs (the decode-step turn policy)."""
+Per bundle: throughput and p50/p90/p99 latency (and time to first token for generating
+bundles, streamed) at each concurrency, the ratio to sequential in-process throughput
+measured in the same run, the server's peak RSS; an overload phase (small --max-queue, many
+clients) counts 503s and any other failure. Generating bundles also report the decode batch
+sizes the server ran (its `lalm_decode_batch_size` histogram) per phase; decoder bundles
+their aggregate tokens/s against one stream's, and the decoder's step time by batch size in
+process (what continuous batching can gain); audio LLMs how long a short request takes alone
+and while a long generation runs."""
 
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ class LoadSettings:
     requests: int = 64
     max_batch_size: int = 16
     max_batch_wait_ms: float = 2.0
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # a transcription's cap
+    decode_tokens: int = 128  # a decoder bundle's chat completion: exactly this many (EOS ignored)
     overload_clients: int = 32
     overload_queue: int = 4
     warmup: int = 4
@@ -75,9 +79,27 @@ class Server:
         self.process.wait(timeout=60)
 
 
+CHAT_PROMPT = "Write a long story about a lighthouse keeper and the ships she guides home."
+
+
 def request_for(role: str, clip: Path, settings: LoadSettings) -> Callable[[httpx.Client, str], tuple[int, float | None]]:
     """One request of the bundle's kind: (status, time to first token or None)."""
     data = clip.read_bytes()
+
+    def chat(client: httpx.Client, url: str) -> tuple[int, float | None]:
+        """Streamed, read to the end; its time to first token comes from the server's histogram
+        (random weights' tokens often decode to no text, so the stream cannot show the first)."""
+        body = {
+            "model": "bench",
+            "messages": [{"role": "user", "content": CHAT_PROMPT}],
+            "max_tokens": settings.decode_tokens,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            for _ in response.iter_lines():
+                pass
+            return response.status_code, None
 
     def features(client: httpx.Client, url: str) -> tuple[int, float | None]:
         return client.post(f"{url}/v1/audio/features", data={"model": "bench"}, files={"file": ("clip.wav", data)}).status_code, None
@@ -91,7 +113,7 @@ def request_for(role: str, clip: Path, settings: LoadSettings) -> Callable[[http
                     first = time.perf_counter() - start
             return response.status_code, first
 
-    return features if role == "encoder" else transcription
+    return {"encoder": features, "lalm": transcription, "decoder": chat}[role]
 
 
 def sequential_in_process(bundle: Path, role: str, clip: Path, settings: LoadSettings) -> list[float]:
@@ -102,6 +124,9 @@ def sequential_in_process(bundle: Path, role: str, clip: Path, settings: LoadSet
     model = load(bundle)
     if role == "encoder":
         run = lambda: model.encode_files([clip])  # noqa: E731
+    elif role == "decoder":
+        options = GenerationOptions(max_new_tokens=settings.decode_tokens, stop_at_eos=False)
+        run = lambda: model.complete([CHAT_PROMPT], options)  # noqa: E731 - a one-message chat's prompt is its text (no chat template)
     else:
         options = GenerationOptions(max_new_tokens=settings.max_new_tokens)
         run = lambda: model.transcribe([clip], None, options)  # noqa: E731
@@ -133,6 +158,76 @@ def batch_scaling(bundle: Path, role: str, clip: Path, sizes: tuple[int, ...] = 
             seconds.append(time.perf_counter() - start)
         figures[str(size)] = round(float(np.median(seconds)) / size * 1e3, 3)
     return figures
+
+
+def decode_step_scaling(bundle: Path, sizes: tuple[int, ...] = (1, 4, 16), steps: int = 16) -> dict[str, float]:
+    """Milliseconds of one decode step of `size` rows (a 16-token prompt each, the median of
+    `steps` steps after one), in process: what batching decode steps can gain on this machine."""
+    from runtime.api import load
+    from runtime.ort_backends import OrtDecoderBackend
+
+    model = load(bundle)
+    figures = {}
+    for size in sizes:
+        backend = OrtDecoderBackend(model.session)
+        ids = np.full((size, 16), 100, dtype=np.int64)
+        logits = backend.prefill(ids, np.ones_like(ids))
+        seconds = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            logits = backend.decode_step(logits.argmax(axis=-1))
+            seconds.append(time.perf_counter() - start)
+        figures[str(size)] = round(float(np.median(seconds[1:])) * 1e3, 3)
+    return figures
+
+
+def histograms(url: str) -> dict[str, dict[str, float]]:
+    """The server's decode batch and time-to-first-token histograms so far (its /metrics):
+    per metric, cumulative counts by `le ` bucket, the `count` and the `sum`."""
+    figures: dict[str, dict[str, float]] = {"decode_batch_size": {}, "time_to_first_token_seconds": {}}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        for metric, values in figures.items():
+            if line.startswith(f"lalm_{metric}_"):
+                name, value = line.rsplit(" ", 1)
+                key = name.split("{")[0].removeprefix(f"lalm_{metric}_")
+                values["le " + name.split('le="')[1].split('"')[0] if key == "bucket" else key] = float(value)
+    return figures
+
+
+def phase_histograms(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> tuple[dict[str, Any], dict[str, float]]:
+    """What one phase added: its decode steps (how many, mean rows, steps per batch-size bucket)
+    and its time to first token as the server measured it (mean, exact; p50 interpolated in its
+    bucket, as Prometheus' histogram_quantile does)."""
+    batches = _delta(before["decode_batch_size"], after["decode_batch_size"])
+    steps = int(batches.get("count", 0))
+    buckets, below = {}, 0.0
+    for bound, cumulative in _buckets(batches):
+        buckets[bound] = int(cumulative - below)
+        below = cumulative
+    decode = {"steps": steps, "mean_rows": round(batches.get("sum", 0.0) / steps, 2) if steps else 0.0, "steps_by_rows_le": buckets}
+    ttft = _delta(before["time_to_first_token_seconds"], after["time_to_first_token_seconds"])
+    count = ttft.get("count", 0.0)
+    first = {"mean": round(ttft["sum"] / count, 4), "p50": round(_quantile(ttft, 0.5), 4)} if count else {}
+    return decode, first
+
+
+def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: after[key] - before.get(key, 0.0) for key in after}
+
+
+def _buckets(values: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(((key[3:], value) for key, value in values.items() if key.startswith("le ")), key=lambda item: float(item[0]))
+
+
+def _quantile(values: dict[str, float], q: float) -> float:
+    """The q-quantile of a cumulative histogram, linear within its bucket."""
+    target, lower, below = q * values["count"], 0.0, 0.0
+    for bound, cumulative in _buckets(values):
+        if cumulative >= target:
+            upper = float(bound) if bound != "+Inf" else lower
+            return lower + (upper - lower) * (target - below) / max(cumulative - below, 1e-12)
+        lower, below = float(bound), cumulative
+    return lower
 
 
 def load_phase(url: str, request: Callable, clients: int, requests: int) -> dict[str, Any]:
@@ -213,13 +308,11 @@ def run_bundle(bundle: Path, settings: LoadSettings, clip: Path, say: Callable[[
     from runtime.manifest import read_manifest
 
     manifest = read_manifest(bundle)
-    if manifest.role not in ("encoder", "lalm"):
-        raise SystemExit(f"{bundle} is a {manifest.role} bundle; serve-load measures audio bundles (encoder or audio LLM)")
     role = manifest.role
     say(f"{bundle}: sequential in process ({settings.requests} requests)")
     sequential = sequential_in_process(bundle, role, clip, settings)
     sequential_rps = len(sequential) / sum(sequential)
-    scaling = batch_scaling(bundle, role, clip)
+    scaling = decode_step_scaling(bundle) if role == "decoder" else batch_scaling(bundle, role, clip)
     request = request_for(role, clip, settings)
     server = Server(bundle, settings, max_queue=max(256, settings.requests))
     try:
@@ -227,9 +320,18 @@ def run_bundle(bundle: Path, settings: LoadSettings, clip: Path, say: Callable[[
         phases = []
         for clients in settings.concurrency:
             say(f"{bundle}: {clients} client(s)")
+            before = histograms(server.url) if role != "encoder" else {}
             phase = load_phase(server.url, request, clients, settings.requests)
             phase["vs_sequential"] = round(phase["throughput_rps"] / sequential_rps, 3)
+            if role != "encoder":
+                phase["decode_batches"], phase["server_ttft_s"] = phase_histograms(before, histograms(server.url))
+            if role == "decoder":
+                phase["tokens_per_s"] = round(phase["throughput_rps"] * settings.decode_tokens, 1)
             phases.append(phase)
+        alone = next((phase for phase in phases if phase["clients"] == 1), None)
+        for phase in phases if role == "decoder" and alone else []:
+            phase["vs_one_client"] = round(phase["throughput_rps"] / alone["throughput_rps"], 3)
+            phase["ttft_vs_one_client"] = round(phase["server_ttft_s"]["p50"] / alone["server_ttft_s"]["p50"], 3)
         policy = turn_policy(server.url, settings) if role == "lalm" else None
         peak = server.peak_rss
     finally:
@@ -246,14 +348,22 @@ def run_bundle(bundle: Path, settings: LoadSettings, clip: Path, say: Callable[[
         "role": role,
         "family": manifest.family,
         "precision": manifest.precision,
-        "request": f"{'POST /v1/audio/features' if role == 'encoder' else 'POST /v1/audio/transcriptions, stream, ' + str(settings.max_new_tokens) + ' tokens'}: one {CLIP_SECONDS:g} s clip",
+        "request": describe_request(role, settings),
         "sequential": {"throughput_rps": round(sequential_rps, 3), "latency_s_median": round(float(np.median(sequential)), 4)},
         "concurrency": phases,
-        "encoder_ms_per_clip_by_batch": scaling,
+        **({"decode_step_ms_by_batch": scaling} if role == "decoder" else {"encoder_ms_per_clip_by_batch": scaling}),
         "peak_rss_mib": round(peak / 2**20, 1),
         "overload": overload,
         "turn_policy": policy,
     }
+
+
+def describe_request(role: str, settings: LoadSettings) -> str:
+    if role == "encoder":
+        return f"POST /v1/audio/features: one {CLIP_SECONDS:g} s clip"
+    if role == "lalm":
+        return f"POST /v1/audio/transcriptions, stream, at most {settings.max_new_tokens} tokens: one {CLIP_SECONDS:g} s clip"
+    return f"POST /v1/chat/completions, stream, {settings.decode_tokens} tokens (ignore_eos): a {len(CHAT_PROMPT.split())}-word prompt"
 
 
 def run_serve_load(bundles: list[Path], settings: LoadSettings, command: str, quiet: bool = False) -> dict[str, Any]:
@@ -274,7 +384,8 @@ def render_markdown(results: dict[str, Any], plot: str | None) -> str:
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB. Server: `python -m runtime.serve` on 127.0.0.1, "
+        f"Machine: {machine['cpu']} ({', '.join(machine.get('cpu_flags', []))}; int8 kernels {machine.get('int8_kernels', '?')}), "
+        f"{machine['cores']} cores, {machine['memory_gib']} GiB. Server: `python -m runtime.serve` on 127.0.0.1, "
         f"--max-batch-size {settings['max_batch_size']}, --max-batch-wait-ms {settings['max_batch_wait_ms']:g}; clients: threads with one "
         f"HTTP connection each; {settings['requests']} requests per concurrency. Sequential: the same requests one after another through "
         "`runtime.api` in the benchmark's process (no HTTP), measured in the same run.",
@@ -298,11 +409,8 @@ def render_markdown(results: dict[str, Any], plot: str | None) -> str:
         over = row["overload"]
         statuses = ", ".join(f"{k}: {v}" for k, v in over["statuses"].items())
         lines.append(f"| {Path(row['bundle']).name} | {over['clients']} | {over['max_queue']} | {over['requests']} | {statuses} | {over['peak_rss_mib']} |")
-    sizes = list(results["bundles"][0]["encoder_ms_per_clip_by_batch"])
-    lines += ["", "What batching can gain here: the encoder's milliseconds per clip at each batch size, in process (no HTTP).", ""]
-    lines += ["| bundle | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---:|" * len(sizes)]
-    for row in results["bundles"]:
-        lines.append(f"| {Path(row['bundle']).name} | " + " | ".join(f"{v:.2f} ms" for v in row["encoder_ms_per_clip_by_batch"].values()) + " |")
+    lines += scaling_tables(results["bundles"])
+    lines += decoder_tables(results["bundles"])
     lines += [
         "",
         "Peak RSS of the server during the concurrency phases: "
@@ -313,7 +421,7 @@ def render_markdown(results: dict[str, Any], plot: str | None) -> str:
     if policies:
         lines += [
             "",
-            "Decode-step turns (generations take one model call each in turn): a 4-token chat alone and sent while a 150-token one runs (both with `ignore_eos`).",
+            "A short request during a long one (their decode steps share one batch): a 4-token chat alone and sent while a 150-token one runs (both with `ignore_eos`).",
             "",
         ]
         lines += ["| bundle | short alone s | short during long s | long alone s | long with short s |", "|---|---:|---:|---:|---:|"]
@@ -323,6 +431,60 @@ def render_markdown(results: dict[str, Any], plot: str | None) -> str:
     if plot:
         lines += ["", f"![throughput and latency]({plot})"]
     return "\n".join(lines)
+
+
+def scaling_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """What batching can gain here, in process: the encoder's ms per clip, the decoder's ms per step, by batch size."""
+    lines = []
+    for key, what in (
+        ("encoder_ms_per_clip_by_batch", "the encoder's milliseconds per clip"),
+        ("decode_step_ms_by_batch", "one decode step's milliseconds (all rows)"),
+    ):
+        chosen = [row for row in rows if key in row]
+        if not chosen:
+            continue
+        sizes = list(chosen[0][key])
+        lines += ["", f"What batching can gain here: {what} at each batch size, in process (no HTTP).", ""]
+        lines += ["| bundle | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+        lines += [f"| {Path(row['bundle']).name} | " + " | ".join(f"{v:.2f} ms" for v in row[key].values()) + " |" for row in chosen]
+    return lines
+
+
+def decoder_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """Generating bundles: the decode batches each phase ran; decoders: tokens/s against one client's and time to first token."""
+    lines = []
+    generating = [row for row in rows if row["role"] != "encoder"]
+    if not generating:
+        return lines
+    lines += [
+        "",
+        "Decode steps per phase (the server's `lalm_decode_batch_size` histogram): steps, mean rows per step, steps by rows (bucket upper bounds).",
+        "",
+    ]
+    lines += ["| bundle | clients | steps | mean rows | steps by rows |", "|---|---:|---:|---:|---|"]
+    for row in generating:
+        for phase in row["concurrency"]:
+            batches = phase["decode_batches"]
+            spread = ", ".join(f"<={le}: {n}" for le, n in batches["steps_by_rows_le"].items() if n and le != "+Inf")
+            lines.append(f"| {Path(row['bundle']).name} | {phase['clients']} | {batches['steps']} | {batches['mean_rows']} | {spread} |")
+    decoders = [row for row in generating if row["role"] == "decoder"]
+    if decoders:
+        lines += [
+            "",
+            "Decoders: aggregate tokens/s of streamed chat completions against one client's, and time to first token as the server measured "
+            "it (`lalm_time_to_first_token_seconds`: the mean exactly, p50 interpolated within its bucket; random weights stream no text, "
+            "so the client cannot see the first token).",
+            "",
+        ]
+        lines += ["| bundle | clients | tokens/s | vs 1 client | TTFT mean s | TTFT p50 s | TTFT p50 vs 1 client |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in decoders:
+            for phase in row["concurrency"]:
+                ttft = phase["server_ttft_s"]
+                versus = (f"{phase['vs_one_client']:.2f}x", f"{phase['ttft_vs_one_client']:.2f}x") if "vs_one_client" in phase else ("", "")
+                lines.append(
+                    f"| {Path(row['bundle']).name} | {phase['clients']} | {phase['tokens_per_s']} | {versus[0]} | {ttft['mean']} | {ttft['p50']} | {versus[1]} |"
+                )
+    return lines
 
 
 def render_plot(results: dict[str, Any], folder: Path) -> str | None:

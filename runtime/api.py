@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.audio import Audio, check_feature_config, check_samples, features_for, load_audio
+from runtime.audio import Audio, check_feature_config, check_samples, features_for, groups_by_shape, load_audio
 from runtime.cpu import warn_on_int8_kernel_mismatch
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import DecoderBackend, GenerationOptions, StepClock, check_prompt_text, generate, until_eos
@@ -123,11 +123,8 @@ class EncoderRunner(_BundleModel):
         for clip in clips:
             self.check_length(clip)
         features = [features_for(self.manifest.input_kind, clip.samples, self.feature_config) for clip in clips]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, feature in enumerate(features):
-            groups.setdefault(feature.shape, []).append(index)
         results: dict[int, EncodedAudio] = {}
-        for indices in groups.values():
+        for indices in groups_by_shape(features):
             start = time.perf_counter()
             outputs = self.run_batch(np.stack([features[i] for i in indices]))
             elapsed = (time.perf_counter() - start) / len(indices)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,3 +269,12 @@ def check_feature_config(config: dict[str, Any], input_kind: str, where: str) ->
         value = values.get(name)
         if value is not None and not is_whole_number(value, low, high):
             raise BundleError(f"{where}: {prefix}{name} {value!r} is not a whole number from {low} to {high}; export the bundle again")
+
+
+def groups_by_shape(inputs: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of the encoder inputs that can run as one batch: those of one shape, in order.
+    The graphs take no attention mask, so padding clips together would change their features."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, features in enumerate(inputs):
+        groups.setdefault(features.shape, []).append(index)
+    return list(groups.values())

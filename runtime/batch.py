@@ -227,8 +227,7 @@ def _run(model: Any, items: list[tuple[str, Any]], settings: BatchSettings) -> l
             os.replace(tmp, path)
             out.append({"features": str(path), "shape": list(encoded.hidden_states.shape), "audio_s": round(encoded.seconds, 3)})
         return out
-    prompt = model.instruction_prompt(settings.prompt)
-    results = model.transcribe([clip for _, clip in items], prompt, GenerationOptions(max_new_tokens=settings.max_new_tokens))
+    results = model.transcribe([clip for _, clip in items], settings.prompt, GenerationOptions(max_new_tokens=settings.max_new_tokens))
     return [
         {
             "text": r.text,

@@ -180,7 +180,7 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
         raise RuntimeUserError("an audio LLM bundle takes one --prompt, applied to every --audio file")
     if any(not stop for stop in args.stop):
         raise RuntimeUserError("--stop '' would stop every completion at once; pass the text to stop at")
-    prompt = runner.instruction_prompt(args.prompt[0] if args.prompt else None)
+    prompt = args.prompt[0] if args.prompt else None
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens, stop_at_eos=not args.ignore_eos, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )

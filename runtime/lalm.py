@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.audio import Audio, check_feature_config, check_samples, features_for, load_audio
+from runtime.audio import Audio, check_feature_config, check_samples, features_for, groups_by_shape, load_audio
 from runtime.chat import ChatTemplate
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check_prompt_text, generate, until_eos
@@ -61,16 +61,29 @@ class LalmRunner:
         feature_config: dict[str, Any],
         input_kind: str,
         facts: dict[str, Any],
+        manifest: Any = None,
+        limits: AudioLimits | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         from runtime.sessions import active_provider
 
         self.folder, self.encoder, self.decoder, self.table = folder, encoder, decoder, table
         self.tokenizer, self.feature_config, self.input_kind, self.facts = tokenizer, feature_config, input_kind, facts
+        self.manifest = manifest  # None for a bundle still being written (the export's parity gate)
+        self.limits = limits  # a bundle's clip lengths, from its manifest
+        self.chat_template = chat_template  # a checkpoint's chat template, which chat requests are formatted with
         self.encoder_inputs = [i.name for i in encoder.get_inputs()]
         self.provider = active_provider(decoder)
         self.backend = self.new_backend()
-        self.limits: AudioLimits | None = None  # a bundle's clip lengths (load_lalm sets them from its manifest)
-        self.chat_template: ChatTemplate | None = None  # a checkpoint's chat template, which chat requests are formatted with (load_lalm reads it)
+
+    @property
+    def context_length(self) -> int:
+        """The positions the decoder was exported for (as `TextGenerator.context_length`)."""
+        return int(self.facts.get("context_length") or 1 << 30)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.facts.get("eos_token_id")
 
     @classmethod
     def from_parts(cls, folder: Path, feature_config: dict[str, Any], input_kind: str, facts: dict[str, Any], provider: str = "cpu") -> LalmRunner:
@@ -95,11 +108,8 @@ class LalmRunner:
         window: all; raw audio: equal lengths) run as one batch; others alone. The graphs take
         no attention mask, so padding clips together would change their features."""
         inputs = [features_for(self.input_kind, samples, self.feature_config).astype(np.float32) for samples in clips]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, features in enumerate(inputs):
-            groups.setdefault(features.shape, []).append(index)
         results: dict[int, np.ndarray] = {}
-        for indices in groups.values():
+        for indices in groups_by_shape(inputs):
             feeds = {
                 self.encoder_inputs[0]: np.stack([inputs[i] for i in indices]),
                 "audio_lengths": np.array([len(clips[i]) for i in indices], dtype=np.int64),
@@ -146,9 +156,8 @@ class LalmRunner:
     def prompt_embeds(self, features: np.ndarray, prompt: str, options: GenerationOptions) -> np.ndarray:
         """`(1, positions, hidden)`: the prompt with the clip's frames in place, checked against the context length."""
         embeds = prompt_embeddings(self.prompt_ids(prompt), int(self.facts["audio_token_id"]), self.table, features)[None]
-        context = int(self.facts.get("context_length") or 1 << 30)
-        if embeds.shape[1] + options.max_new_tokens > context:
-            raise ContextLengthError(embeds.shape[1], options.max_new_tokens, context)
+        if embeds.shape[1] + options.max_new_tokens > self.context_length:
+            raise ContextLengthError(embeds.shape[1], options.max_new_tokens, self.context_length)
         return embeds
 
     # --- the whole ----------------------------------------------------------------------
@@ -204,14 +213,15 @@ class LalmRunner:
         return token + text
 
     def resolve(self, prompt: str | None, options: GenerationOptions | None) -> tuple[str, GenerationOptions]:
-        """The prompt (the bundle's default when None; it must hold the placeholder) and options with the bundle's EOS."""
-        prompt = self.facts["prompt"] if prompt is None else prompt
-        if self.facts["audio_token"] not in prompt:
-            raise RuntimeUserError(f"the prompt must contain the audio placeholder {self.facts['audio_token']!r} where the audio goes")
+        """The prompt as the bundle runs it (the bundle's own when None, else `instruction_prompt`'s
+        rule, the same through every door) and options with the bundle's EOS."""
+        if prompt is not None:
+            check_prompt_text(prompt)
+        prompt = self.facts["prompt"] if prompt is None else self.instruction_prompt(prompt)
         options = options or GenerationOptions()
         options.validate()
         if options.eos_token_id is None:
-            options = replace(options, eos_token_id=self.facts.get("eos_token_id"))
+            options = replace(options, eos_token_id=self.eos_token_id)
         return prompt, options
 
     def transcribe_batch(
@@ -314,11 +324,19 @@ def load_lalm(folder: Path, manifest: Any, options: Any) -> LalmRunner:
         raise BundleError(f"{table_path} has shape {list(table.shape)}, the manifest {embedding['shape']}; export the bundle again")
     feature_config = read_json_object(folder / "preprocessor_config.json", "bundle file")
     check_feature_config(feature_config, manifest.input_kind, str(folder / "preprocessor_config.json"))
-    runner = LalmRunner(folder, encoder, decoder, table, read_tokenizer(folder), feature_config, manifest.input_kind, dict(manifest.extra))
-    runner.manifest = manifest
-    runner.limits = audio_limits(manifest, folder, options.max_clip_memory_gb)
-    runner.chat_template = read_chat_template(folder, manifest.extra)
-    return runner
+    return LalmRunner(
+        folder,
+        encoder,
+        decoder,
+        table,
+        read_tokenizer(folder),
+        feature_config,
+        manifest.input_kind,
+        dict(manifest.extra),
+        manifest=manifest,
+        limits=audio_limits(manifest, folder, options.max_clip_memory_gb),
+        chat_template=read_chat_template(folder, manifest.extra),
+    )
 
 
 def read_chat_template(folder: Path, extra: dict[str, Any]) -> ChatTemplate | None:

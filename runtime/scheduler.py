@@ -11,14 +11,25 @@ string, the token limit, cancellation or an error, whichever ends the loop).
 
 The batch's KV cache belongs to the scheduler. Rows of different lengths share it through
 the attention mask, padded the way the graph reads positions:
-- Optimum's graph takes `position_ids`: rows are left-padded (mask zeros first).
+- Optimum's graph takes `position_ids`: rows are left-padded (mask zeros first); each step's
+  graph writes the whole cache again (its `present` is the past and the new position).
 - The fused graph (GroupQueryAttention) derives each row's position from its mask's row sum:
-  rows are right-padded, each row's cache at positions 0..length-1.
+  rows are right-padded, each row's cache at positions 0..length-1, in buffers with room to
+  grow. The past and present of a step are bound to the same buffer, so GroupQueryAttention
+  writes each row's new position in place (no copy of the cache per step); a step past the
+  room doubles it.
 A joining row is padded to the batch's width (or the batch to the row's); a leaving row is
-cut out and the padding no row needs any more is trimmed.
+cut out (and, left-padded, the padding no row needs any more is trimmed).
 
-Model calls never overlap: between two decode steps at most one prefill runs, so a new
-request waits for at most one step and the running streams for at most one prefill."""
+Model calls never overlap. Between two decode steps, prefills run while their prompts total
+at most `PREFILL_POSITIONS_PER_STEP` positions (one always may), so a burst of short prompts
+joins at once while a long prompt delays the running streams by one prefill, not by every
+waiting one. Prompts waiting together with as many positions (one chat prompt sent by many
+clients; an audio LLM's prompts over a fixed audio window) are prefilled as one batch.
+
+int8 graphs quantize activations per tensor, a batch's rows with one scale: a row's logits then
+depend slightly on the rows beside it (within the int8 gate's bounds, not bit for bit), as in
+any batched run of such a graph."""
 
 from __future__ import annotations
 
@@ -33,6 +44,10 @@ import onnxruntime as ort
 from runtime.errors import RuntimeUserError
 from runtime.ort_backends import LEFT_PADDING_METADATA, OrtDecoderBackend
 
+# Prompt positions prefilled between two decode steps (vLLM's max_num_batched_tokens plays this
+# part): a step of the running streams waits for at most this much prefill work, or one prompt.
+PREFILL_POSITIONS_PER_STEP = 256
+
 
 @dataclass(eq=False)
 class _Row:
@@ -42,6 +57,20 @@ class _Row:
     token: int | None = None
     logits: np.ndarray | None = None
     error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Prompt:
+    """One row's prompt waiting for its prefill, and what the prefill gives it."""
+
+    values: np.ndarray  # ids (1, length) or embeddings (1, length, hidden)
+    logits: np.ndarray | None = None  # (1, vocab)
+    row: _Row | None = None
+    error: BaseException | None = None
+
+    @property
+    def positions(self) -> int:
+        return self.values.shape[1]
 
 
 @dataclass
@@ -63,15 +92,19 @@ class DecodeScheduler:
         binding_device: str | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        self.session, self.embed, self.binding_device, self.on_step = session, embed, binding_device, on_step
-        self._layout = OrtDecoderBackend(session, None, embed)  # input names, dtypes and feeds of one step
-        self.takes_embeds = self._layout.takes_embeds
+        self.session, self.binding_device, self.on_step = session, binding_device, on_step
+        # Prefills run one at a time through this backend (its cache on the host, copied into the
+        # batch's); it also knows the graph's inputs, dtypes and feeds for the batch's steps.
+        self._prefiller = OrtDecoderBackend(session, None, embed)
+        self.takes_embeds = self._prefiller.takes_embeds
         self.right_padded = session.get_modelmeta().custom_metadata_map.get(LEFT_PADDING_METADATA) == "false"
         self._condition = threading.Condition()
         self._rows: list[_Row] = []
         self._cache = _Cache()
-        self._prefilled_since_step = 0
+        self._waiting: list[_Prompt] = []  # prompts waiting for their prefill, in arrival order
+        self._prefilled_since_step = 0  # prompt positions prefilled since the last decode step
         self.steps = 0  # decode steps run (for tests and benchmarks)
+        self.prefills = 0  # prefill calls of the graph (prompts of one length waiting together share one)
 
     def member(self) -> ScheduledBackend:
         """A backend for one generation; call its `leave()` when the generation ends."""
@@ -85,29 +118,65 @@ class DecodeScheduler:
     # --- prefill and joining -------------------------------------------------------------
 
     def prefill(self, prompts: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, list[_Row]]:
-        """Run each row's prompt alone (ids `(batch, length)` or embeddings `(batch, length, hidden)`,
-        left padding cut off) and add its KV cache to the batch: the last position's logits and the new rows."""
+        """Prefill each row's prompt (ids `(batch, length)` or embeddings `(batch, length, hidden)`,
+        left padding cut off) and add its KV cache to the batch: the last position's logits and
+        the new rows. Prompts waiting at once with as many positions run as one batch, whoever's
+        they are (the decoder graphs take no padding in a prompt)."""
         mask = attention_mask.astype(bool)
         starts = mask.argmax(axis=1)
         if not all(mask[row, start:].all() and mask[row].any() for row, start in enumerate(starts)):
             raise RuntimeUserError("the attention mask must be left padding only (zeros, then ones, at least one one per row)")
+        mine = [_Prompt(prompts[row : row + 1, start:]) for row, start in enumerate(starts)]
         with self._condition:
-            # At most one prefill between two decode steps while streams are running.
-            self._condition.wait_for(lambda: not self._rows or self._prefilled_since_step == 0)
-            self._prefilled_since_step += 1
-            logits, rows = [], []
+            self._waiting.extend(mine)
             try:
-                for row, start in enumerate(starts):
-                    alone = OrtDecoderBackend(self.session, None, self.embed)
-                    prompt = prompts[row : row + 1, start:]
-                    logits.append(alone.prefill(prompt, np.ones(prompt.shape[:2], dtype=np.int64)))
-                    rows.append(self._join(alone.past(), prompt.shape[1]))
-            except BaseException:
-                self._remove(rows)  # rows that joined would wait for a decode step that never comes
-                raise
+                while any(prompt.logits is None and prompt.error is None for prompt in mine):
+                    group = self._next_prefill_group()
+                    if group:
+                        self._prefill_group(group)
+                    else:
+                        self._condition.wait()
             finally:
-                self._condition.notify_all()
-        return np.concatenate(logits), rows
+                self._waiting = [prompt for prompt in self._waiting if prompt not in mine]
+            failed = next((prompt.error for prompt in mine if prompt.error is not None), None)
+            if failed is not None:
+                self._remove([prompt.row for prompt in mine if prompt.row is not None])  # they would wait for steps that never come
+                raise failed
+        return np.concatenate([prompt.logits for prompt in mine]), [prompt.row for prompt in mine]
+
+    def _next_prefill_group(self) -> list[_Prompt]:
+        """The prompts to prefill now, taken from the queue: the first waiting one, with those of
+        its length behind it while they fit the step's budget; none while the budget is spent."""
+        if not self._waiting or not self._may_prefill(self._waiting[0].positions):
+            return []
+        first = self._waiting[0]
+        group = [prompt for prompt in self._waiting if prompt.values.shape == first.values.shape]
+        fits = max(1, (PREFILL_POSITIONS_PER_STEP - self._prefilled_since_step) // first.positions)
+        group = group[:fits]
+        self._waiting = [prompt for prompt in self._waiting if prompt not in group]
+        return group
+
+    def _prefill_group(self, group: list[_Prompt]) -> None:
+        values = np.concatenate([prompt.values for prompt in group])
+        self._prefilled_since_step += values.shape[0] * values.shape[1]
+        self.prefills += 1
+        try:
+            logits = self._prefiller.prefill(values, np.ones(values.shape[:2], dtype=np.int64))
+            past = self._prefiller.past()
+            for index, prompt in enumerate(group):
+                prompt.row = self._join({name: value[index : index + 1] for name, value in past.items()}, values.shape[1])
+                prompt.logits = logits[index : index + 1]
+        except Exception as err:  # every prompt of the group hears it
+            for prompt in group:
+                prompt.error = err
+        finally:
+            self._condition.notify_all()
+
+    def _may_prefill(self, positions: int) -> bool:
+        """Whether a prompt of `positions` may run now: no stream is waiting, or it is the first
+        since the last step, or it fits the step's prefill budget with those before it."""
+        spent = self._prefilled_since_step
+        return not self._rows or spent == 0 or spent + positions <= PREFILL_POSITIONS_PER_STEP
 
     def _join(self, past: dict[str, np.ndarray], length: int) -> _Row:
         """Add one sequence's cache `(1, heads, length, head_dim)` to the batch's."""
@@ -140,8 +209,11 @@ class DecodeScheduler:
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[index] for index in keep]
+        if self.right_padded:  # the buffers keep their room
+            self._store({name: self._host(name)[keep] for name in self._cache.values}, self._cache.width)
+            return
         width = max((row.length for row in self._rows), default=0)
-        positions = slice(0, width) if self.right_padded else slice(self._cache.width - width, self._cache.width)
+        positions = slice(self._cache.width - width, self._cache.width)
         self._store({name: self._host(name)[keep][:, :, positions] for name in self._cache.values}, width)
 
     # --- decode steps -------------------------------------------------------------------
@@ -180,27 +252,49 @@ class DecodeScheduler:
 
     def _run(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One decoder call for every row's next token; the cache grows by one position."""
-        width = int(lengths.max()) + 1 if self.right_padded else self._cache.width + 1
-        positions = np.arange(width)[None, :]
-        mask = positions < (lengths + 1)[:, None] if self.right_padded else positions >= (width - lengths - 1)[:, None]
-        feeds = self._layout.step_feeds(tokens, mask.astype(np.int64))
+        if self.right_padded:
+            return self._run_in_place(tokens, lengths)
+        width = self._cache.width + 1
+        mask = np.arange(width)[None, :] >= (width - lengths - 1)[:, None]
+        feeds = self._prefiller.step_feeds(tokens, mask.astype(np.int64))
         names = ["logits", *(name.replace("past_key_values", "present") for name in self._cache.values)]
         if self.binding_device is None:
             outputs = self.session.run(names, {**feeds, **self._cache.values})
         else:
-            binding = self.session.io_binding()
-            for name, value in feeds.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            binding = self._bind(feeds)
             for name, value in self._cache.values.items():
                 binding.bind_ortvalue_input(name, value)
-            binding.bind_output("logits", "cpu")
             for name in names[1:]:
                 binding.bind_output(name, self.binding_device)
             self.session.run_with_iobinding(binding)
             outputs = binding.get_outputs()
             outputs[0] = outputs[0].numpy()
-        self._cache = _Cache(dict(zip(self._cache.values, outputs[1:])), max(width, self._cache.width))
+        self._cache = _Cache(dict(zip(self._cache.values, outputs[1:])), width)
         return outputs[0][:, -1, :]
+
+    def _run_in_place(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """A step of the fused graph: each row's new position written into the shared buffers."""
+        width = int(lengths.max()) + 1
+        if width > self._cache.width:
+            self._store(
+                {name: self._pad(self._host(name), max(2 * self._cache.width, width)) for name in self._cache.values}, max(2 * self._cache.width, width)
+            )
+        mask = np.arange(width)[None, :] < (lengths + 1)[:, None]
+        binding = self._bind(self._prefiller.step_feeds(tokens, mask.astype(np.int64)))
+        for name, value in self._cache.values.items():
+            buffer = value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)  # a host array is shared, not copied
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), buffer)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:, -1, :]
+
+    def _bind(self, feeds: dict[str, np.ndarray]) -> ort.IOBinding:
+        """A binding with the step's inputs other than the cache, and its logits on the host (bound first: output 0)."""
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits", "cpu")
+        return binding
 
     # --- where the cache lives ----------------------------------------------------------
 
@@ -209,7 +303,9 @@ class DecodeScheduler:
         return value if isinstance(value, np.ndarray) else value.numpy()
 
     def _store(self, values: dict[str, np.ndarray], width: int) -> None:
-        if self.binding_device is not None:
+        if self.binding_device is None:
+            values = {name: np.ascontiguousarray(value) for name, value in values.items()}
+        else:
             values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.binding_device, 0) for name, value in values.items()}
         self._cache = _Cache(values, width)
 

@@ -130,7 +130,10 @@ def serve_here(args: argparse.Namespace) -> None:
         card = model.card()
         print(f"runtime.serve: {card['id']}: {card['family']} {card['role']} ({card['precision']}), provider {card['provider']}", file=sys.stderr)
     config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=not args.quiet)
-    draining_server(config, engine, args.shutdown_timeout, args.shutdown_delay).run()
+    try:
+        draining_server(config, engine, args.shutdown_timeout, args.shutdown_delay).run()
+    finally:
+        engine.close()
 
 
 def draining_server(config, engine, grace_s: float, delay_s: float = 0.0):

@@ -155,11 +155,11 @@ def build_app(engine: Engine) -> FastAPI:
         response_format = _choice(form.get("response_format") or "json", TRANSCRIPTION_FORMATS, "response_format")
         stream = _flag(form.get("stream"), "stream")
         options, asked = _options({"temperature": form.get("temperature")})
-        prompt = _lalm_prompt(model, form.get("prompt"))
+        prompt = _lalm_prompt(form.get("prompt"))
         audio = await _upload(form, limit_bytes, model.runner.limits)
         release = engine.admit()
         try:
-            work, _ = await _lalm_work(engine, model, audio, prompt, options, asked)
+            work, _ = await engine.transcription(model, audio, prompt, options, asked)
         except BaseException:
             release()
             raise
@@ -195,11 +195,11 @@ def build_app(engine: Engine) -> FastAPI:
         if stream_options is not None and not isinstance(stream_options, dict):
             raise bad_request(f'stream_options must be an object such as {{"include_usage": true}}, not {stream_options!r}', "stream_options")
         include_usage = _flag((stream_options or {}).get("include_usage"), "stream_options.include_usage") if stream else False
-        eos = model.runner.facts.get("eos_token_id") if model.kind == "lalm" else model.runner.eos_token_id
+        eos = model.runner.eos_token_id
         release = engine.admit()
         try:
             if model.kind == "lalm":
-                work, options = await _lalm_work(engine, model, clip, prompt, options, asked, stop)
+                work, options = await engine.transcription(model, clip, prompt, options, asked, stop)
             else:
                 ids, _ = as_api_error(lambda: model.runner.check_prompts([prompt], options))
                 options = engine.budgeted(model, options, ids.shape[1], asked)
@@ -325,14 +325,14 @@ def _stop(value: object) -> list[str]:
     return stops
 
 
-def _lalm_prompt(model: ServedModel, prompt: object) -> str | None:
+def _lalm_prompt(prompt: object) -> str | None:
     """The transcription's prompt: the bundle's when none is given, else the text as
-    `runtime.infer --prompt` takes it (`LalmRunner.instruction_prompt`)."""
+    `runtime.infer --prompt` takes it (`LalmRunner.resolve` applies the rule)."""
     if prompt is None or prompt == "":
         return None
     if not isinstance(prompt, str):
         raise bad_request("prompt must be text", "prompt")
-    return as_api_error(lambda: model.runner.instruction_prompt(prompt), "prompt")
+    return prompt
 
 
 def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | None]:
@@ -471,32 +471,6 @@ class ChatReply:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason(result)}],
             "usage": self.usage(result),
         }
-
-
-async def _lalm_work(
-    engine: Engine,
-    model: ServedModel,
-    audio: Audio,
-    prompt: str | None,
-    options: GenerationOptions,
-    asked: int | None,
-    stop: list[str] | None = None,
-) -> tuple[Callable[[Callable | None], Callable], GenerationOptions]:
-    """Encode the clip (batched), set the token budget and check the prompt fits (a 400 before
-    any event is sent); then `work(on_text)` is the generation to run, with these options."""
-    prompt, options = as_api_error(lambda: model.runner.resolve(prompt, options))
-    start = time.perf_counter()
-    features = await engine.encode(model, audio)
-    encoder_s = time.perf_counter() - start
-    positions = as_api_error(lambda: model.runner.prompt_embeds(features, prompt, options)).shape[1]
-    options = engine.budgeted(model, options, positions, asked)  # fits: the check above took 1 or `asked`
-
-    def work(on_text: Callable | None) -> Callable:
-        return lambda backend, cancelled: model.runner.transcribe_batch(
-            [audio], [features], encoder_s, prompt, options, on_text, backend, cancelled, stop_strings=stop or ()
-        )[0]
-
-    return work, options
 
 
 # The status logged and counted for a request whose client went away before its answer (nginx's).

@@ -64,9 +64,3 @@ class DynamicBatcher:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-
-    async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None

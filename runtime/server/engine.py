@@ -52,8 +52,8 @@ class ServeSettings:
 class ServedModel:
     """One bundle under its model id; a generating one with the scheduler its generations share."""
 
-    def __init__(self, name: str, folder: Path, runner: EncoderRunner | TextGenerator | LalmRunner) -> None:
-        self.name, self.folder, self.runner = name, folder, runner
+    def __init__(self, name: str, runner: EncoderRunner | TextGenerator | LalmRunner) -> None:
+        self.name, self.runner = name, runner
         self.manifest = runner.manifest
         self.kind = {EncoderRunner: "encoder", TextGenerator: "decoder", LalmRunner: "lalm"}[type(runner)]
         self.created = int(time.time())
@@ -87,7 +87,7 @@ def load_models(bundles: Sequence[Path], names: Sequence[str] | None, options: S
     ids = names or [Path(b).resolve().name for b in bundles]
     if len(set(ids)) != len(ids):
         raise RuntimeUserError(f"two bundles would serve under one model id ({', '.join(ids)}); give each a --name")
-    return {name: ServedModel(name, Path(folder), load(folder, options)) for name, folder in zip(ids, bundles)}
+    return {name: ServedModel(name, load(folder, options)) for name, folder in zip(ids, bundles)}
 
 
 @dataclass
@@ -112,10 +112,12 @@ class Engine:
         self.executor = ThreadPoolExecutor(max_workers=settings.decode_slots + 1, thread_name_prefix="lalm-serve")
         self._slots = threading.BoundedSemaphore(settings.decode_slots)
         if audio_batch is None:
-            batcher = DynamicBatcher(self.run_audio_jobs, settings.max_batch_size, settings.max_batch_wait_ms / 1000, self.executor)
-            audio_batch = batcher.submit
-            self.batcher = batcher
+            audio_batch = DynamicBatcher(self.run_audio_jobs, settings.max_batch_size, settings.max_batch_wait_ms / 1000, self.executor).submit
         self._audio_batch = audio_batch
+
+    def close(self) -> None:
+        """Stop the engine's threads once the server has stopped (work still queued is dropped)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     # --- admission ----------------------------------------------------------------------
 
@@ -159,8 +161,7 @@ class Engine:
         when the server sets one. A prompt that fills the context gets 1, which its check refuses."""
         if asked is not None:
             return replace(options, max_new_tokens=asked)
-        context = model.runner.context_length if model.kind == "decoder" else int(model.runner.facts["context_length"])
-        rest = max(1, context - prompt_positions)
+        rest = max(1, model.runner.context_length - prompt_positions)
         return replace(options, max_new_tokens=min(rest, self.settings.max_new_tokens) if self.settings.max_new_tokens else rest)
 
     def model(self, name: object, kinds: tuple[str, ...], endpoint: str) -> ServedModel:
@@ -240,6 +241,32 @@ class Engine:
         finally:
             if cancel is not None:
                 cancel.set()
+
+    async def transcription(
+        self,
+        model: ServedModel,
+        audio: Audio,
+        prompt: str | None,
+        options: GenerationOptions,
+        asked: int | None,
+        stop: Sequence[str] | None = None,
+    ) -> tuple[Callable[[Callable | None], Callable], GenerationOptions]:
+        """An audio LLM request made ready to generate: the clip encoded (batched), the token
+        budget set and the prompt checked to fit (a 400 before any event is sent). Returns
+        `work(on_text)`, the generation to pass to `generate`, and the options it runs with."""
+        prompt, options = as_api_error(lambda: model.runner.resolve(prompt, options))
+        start = time.perf_counter()
+        features = await self.encode(model, audio)
+        encoder_s = time.perf_counter() - start
+        positions = as_api_error(lambda: model.runner.prompt_embeds(features, prompt, options)).shape[1]
+        options = self.budgeted(model, options, positions, asked)  # fits: the check above took 1 or `asked`
+
+        def work(on_text: Callable | None) -> Callable:
+            return lambda backend, cancelled: model.runner.transcribe_batch(
+                [audio], [features], encoder_s, prompt, options, on_text, backend, cancelled, stop_strings=stop or ()
+            )[0]
+
+        return work, options
 
     def record_generation(self, model: ServedModel, tokens: int, ttft_s: float, tokens_per_s: float) -> None:
         self.metrics.tokens.labels(model.name).inc(tokens)

@@ -81,15 +81,8 @@ async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, 
     model = engine.model(model_name, ("lalm",), "transcribe")
     audio = decode_audio(audio_bytes, "audio", model.runner.limits)
     with engine.admission():
-        prompt, options = model.runner.resolve(prompt, GenerationOptions(max_new_tokens=max_new_tokens or 1))
-        start = time.perf_counter()
-        features = await engine.encode(model, audio)
-        encoder_s = time.perf_counter() - start
-        positions = model.runner.prompt_embeds(features, prompt, options).shape[1]
-        options = engine.budgeted(model, options, positions, max_new_tokens)
-        result = await engine.generate(
-            model, lambda backend, cancelled: model.runner.transcribe_batch([audio], [features], encoder_s, prompt, options, None, backend, cancelled)[0]
-        )
+        work, _ = await engine.transcription(model, audio, prompt, GenerationOptions(max_new_tokens=max_new_tokens or 1), max_new_tokens)
+        result = await engine.generate(model, work(None))
     return {"text": result.text, "tokens": result.tokens}
 
 

@@ -164,7 +164,8 @@ def test_accuracy_command_trains_exports_and_measures(tmp_path):
     encoder = {r["precision"]: r for r in results["real_encoder"]["rows"]}
     assert set(encoder) == {"fp32", "int8"}, "int4 is for decoders only"
     assert encoder["fp32"]["parity_gate"] == "passed" and encoder["fp32"]["relative"] < 1e-4
-    assert 0.9 < encoder["int8"]["cosine"] < 1.0 and encoder["int8"]["parity_gate"] in ("passed", "failed")
+    # The mixed int8 scheme keeps the MatMuls that break the gate in fp32: real Whisper's int8 passes the default gate.
+    assert 0.9 < encoder["int8"]["cosine"] < 1.0 and encoder["int8"]["parity_gate"] == "passed"
     assert "## Encoder on real weights" in (out / "accuracy.md").read_text()
 
 

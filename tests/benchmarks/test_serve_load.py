@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.__main__ import main as bench_main
 from tests.helpers import assert_user_error, run_main
 
 
 def test_serve_load_reports_throughput_latency_and_overload(serve_bundles, tmp_path, capsys):
     out = tmp_path / "serve"
-    args = ["serve-load", "--bundle", serve_bundles["wav2vec2"], serve_bundles["lalm"], "--concurrency", 1, 3, "--requests", 6]
-    result = run_main(bench_main, *args, "--overload-clients", 8, "--overload-queue", 1, "--max-new-tokens", 4, "--out", out, "-q", capsys=capsys)
+    args = ["serve-load", "--bundle", serve_bundles["wav2vec2"], serve_bundles["lalm"], serve_bundles["llm"], "--concurrency", 1, 3, "--requests", 6]
+    args += ["--overload-clients", 8, "--overload-queue", 1, "--max-new-tokens", 4, "--decode-tokens", 8]
+    result = run_main(bench_main, *args, "--out", out, "-q", capsys=capsys)
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["command"].startswith("python -m benchmarks serve-load") and results["machine"]["cores"]
@@ -22,9 +25,15 @@ def test_serve_load_reports_throughput_latency_and_overload(serve_bundles, tmp_p
             assert phase["statuses"] == {"200": 6} and phase["throughput_rps"] > 0 and phase["vs_sequential"] > 0
             assert phase["latency_s"]["p50"] <= phase["latency_s"]["p99"]
         assert set(row["overload"]["statuses"]) <= {"200", "503"} and row["overload"]["statuses"].get("503", 0) > 0
-        assert row["peak_rss_mib"] > 0 and set(row["encoder_ms_per_clip_by_batch"]) == {"1", "4", "16"}
-    lalm = next(r for r in results["bundles"] if r["role"] == "lalm")
-    assert lalm["concurrency"][0]["ttft_s"]["p50"] > 0 and lalm["turn_policy"]["short_during_long_s"] > 0
+        scaling = row["decode_step_ms_by_batch" if row["role"] == "decoder" else "encoder_ms_per_clip_by_batch"]
+        assert row["peak_rss_mib"] > 0 and set(scaling) == {"1", "4", "16"}
+    by_role = {row["role"]: row for row in results["bundles"]}
+    assert by_role["lalm"]["concurrency"][0]["ttft_s"]["p50"] > 0 and by_role["lalm"]["turn_policy"]["short_during_long_s"] > 0
+    for phase in by_role["decoder"]["concurrency"]:  # every request's 8 tokens came from decode steps the histogram counted
+        batches = phase["decode_batches"]
+        assert batches["steps"] * batches["mean_rows"] == pytest.approx(6 * 7, abs=0.01 * batches["steps"])
+        assert phase["tokens_per_s"] > 0 and 0 < phase["server_ttft_s"]["mean"] < phase["latency_s"]["p99"]
+    assert by_role["decoder"]["concurrency"][0]["vs_one_client"] == 1.0 and by_role["decoder"]["concurrency"][0]["decode_batches"]["mean_rows"] == 1.0
     report = (out / "report.md").read_text()
     assert "python -m benchmarks serve-load" in report and (out / "serve-load.png").stat().st_size > 10_000
 

@@ -357,7 +357,7 @@ def test_clips_with_as_many_frames_generate_as_one_batch_with_the_tokens_of_each
     assert len(batched[0].tokens) < len(batched[1].tokens) == len(alone[j].tokens) and stop not in batched[0].text
 
 
-def test_a_prompt_needs_the_audio_placeholder_once_and_one_clip_needs_no_list(checkpoints, audio_files, tmp_path):
+def test_a_prompt_holds_the_audio_placeholder_once_or_gets_it_first_and_one_clip_needs_no_list(checkpoints, audio_files, tmp_path):
     tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
     export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
     runner = load(tmp_path / "bundle")
@@ -365,8 +365,9 @@ def test_a_prompt_needs_the_audio_placeholder_once_and_one_clip_needs_no_list(ch
         assert [t.tokens for t in runner.transcribe(one)] == [t.tokens for t in runner.transcribe([one])]
     with pytest.raises(RuntimeUserError, match=r"expected mono samples \(one dimension\), got shape \(2, 16000\)"):
         runner.transcribe([np.zeros((2, 16_000), dtype=np.float32)])
-    with pytest.raises(RuntimeUserError, match="the prompt must contain the audio placeholder '<\\|audio\\|>' where the audio goes"):
-        runner.transcribe([CLIPS[0]], prompt="Transcribe the audio:")
+    # An instruction without the placeholder follows the audio, as through runtime.infer --prompt and the server.
+    instructed = runner.transcribe([CLIPS[0]], prompt="Transcribe the audio:")[0]
+    assert instructed.tokens == runner.transcribe([CLIPS[0]], prompt="<|audio|>Transcribe the audio:")[0].tokens
     with pytest.raises(RuntimeUserError, match="placeholder exactly once .*, not 2 times"):
         runner.transcribe([CLIPS[0]], prompt="<|audio|> and <|audio|>")
 

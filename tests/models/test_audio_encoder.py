@@ -134,7 +134,7 @@ def test_qlora_forward_and_backward_on_cpu(encoder_family, checkpoints):
 
     model = ENCODER_CLASSES[encoder_family](str(checkpoints[encoder_family]), use_qlora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    assert next(model.parameters()).device.type in ("cpu", "cuda")
+    assert next(model.parameters()).device.type == "cpu"
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     model.set_training_mode()
     out = model(tiny_input(encoder_family, batch=1))

@@ -38,6 +38,7 @@ def running_server(bundles: dict[str, Path], settings: ServeSettings) -> Iterato
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        engine.close()
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 from lalm_export.export.component import ExportOptions, export_bundle
 from runtime.api import load
 from runtime.audio import load_audio
-from runtime.generation import GenerationCancelled, GenerationOptions
+from runtime.generation import GenerationCancelled, GenerationOptions, generate
 from runtime.scheduler import DecodeScheduler
 from runtime.sessions import SessionOptions
 
@@ -168,3 +169,55 @@ def test_a_failed_step_ends_the_generations_in_it_and_the_scheduler_goes_on(deco
     finally:
         again.leave()
     assert tokens == generator.complete(["the quick fox"], options)[0].tokens
+
+
+def test_prompts_of_one_length_are_prefilled_as_one_batch_and_equal_their_runs_alone(decoders):
+    generator = load(decoders["fused"], SessionOptions(provider="cpu"))
+    scheduler = generator.new_scheduler()
+    ids = np.random.default_rng(3).integers(3, 200, size=(4, 7))
+    options = GenerationOptions(max_new_tokens=8, stop_at_eos=False)
+    backend = scheduler.member()
+    try:
+        together = generate(backend, ids, np.ones_like(ids), options)
+    finally:
+        backend.leave()
+    assert scheduler.prefills == 1 and scheduler.steps == 7
+    for row in range(len(ids)):
+        alone = generate(generator.new_backend(), ids[row : row + 1], np.ones_like(ids[row : row + 1]), options)
+        assert together[row].tolist() == alone[0].tolist()
+
+
+def test_int8_rows_in_a_batch_stay_within_the_int8_gate_of_their_runs_alone(checkpoints, tmp_path):
+    """int8 graphs quantize activations per tensor, so a row's logits depend on its batch mates:
+    not bit for bit, but within the bound the int8 gate holds a decoder to."""
+    from lalm_export.parity.bounds import gate_tolerance
+
+    bundle = tmp_path / "int8"
+    export_bundle(ExportOptions(family="llm", model=str(checkpoints["llm"]), output=bundle, precision="int8"), quiet=True)
+    generator = load(bundle, SessionOptions(provider="cpu"))
+    scheduler = generator.new_scheduler()
+    prompts = [prompt_of(request) for request in REQUESTS[:4]]
+    alone = []
+    for prompt in prompts:  # teacher-forced: each row is fed its run alone's tokens
+        backend = generator.new_backend()
+        ids, mask = generator.encode_prompts([prompt])
+        logits = [backend.prefill(ids, mask)[0]]
+        for _ in range(6):
+            logits.append(backend.decode_step(np.array([int(logits[-1].argmax())]))[0])
+        alone.append(np.stack(logits))
+    members = [scheduler.member() for _ in prompts]
+    batched = [[m.prefill(*generator.encode_prompts([p]))[0]] for m, p in zip(members, prompts)]
+    for step in range(6):
+        tokens = [int(alone[row][step].argmax()) for row in range(len(prompts))]
+        with ThreadPoolExecutor(len(members)) as pool:  # every row hands in its token: one step for all
+            steps = pool.map(lambda pair: pair[0].decode_step(np.array([pair[1]]))[0], zip(members, tokens))
+            for row, logits in enumerate(steps):
+                batched[row].append(logits)
+    for member in members:
+        member.leave()
+    assert scheduler.steps == 6  # four rows per step
+    bound = gate_tolerance("int8", "decoder").cosine
+    for reference, candidate in zip(alone, batched):
+        candidate = np.stack(candidate)
+        cosine = (reference * candidate).sum(-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(candidate, axis=-1))
+        assert cosine.min() >= bound, f"a batched int8 row's logits have cosine {cosine.min():.6f} < the gate's {bound}"

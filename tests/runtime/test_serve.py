@@ -89,7 +89,8 @@ def test_chat_with_audio_equals_runtime_infer_streaming_and_not(client, serve_bu
     reply = client.chat.completions.create(model="lalm", messages=messages, max_tokens=TOKENS, temperature=0)
     assert reply.choices[0].message.content == expected["text"]
     assert reply.usage.completion_tokens == len(expected["tokens"]) and reply.usage.prompt_tokens > 0
-    assert reply.choices[0].finish_reason in ("stop", "length")
+    eos = json.loads((serve_bundles["lalm"] / "manifest.json").read_text())["extra"]["eos_token_id"]
+    assert reply.choices[0].finish_reason == ("stop" if expected["tokens"][-1] == eos else "length")
     chunks = list(
         client.chat.completions.create(model="lalm", messages=messages, max_completion_tokens=TOKENS, stream=True, stream_options={"include_usage": True})
     )
