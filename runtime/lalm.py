@@ -26,12 +26,18 @@ from runtime.sessions import run_options_for
 GENERATION_BATCH = 8  # clips generated together at most (their KV caches grow with the batch)
 
 
-def prompt_embeddings(prompt_ids: Sequence[int], audio_token_id: int, table: np.ndarray, audio: np.ndarray) -> np.ndarray:
-    """`(positions, hidden)`: the prompt's rows of the token table, the audio frames in place of its one placeholder."""
+def placeholder_at(prompt_ids: Sequence[int], audio_token_id: int) -> int:
+    """Where the prompt's one audio placeholder is."""
     ids = list(prompt_ids)
     if ids.count(audio_token_id) != 1:
         raise RuntimeUserError(f"the prompt must contain the audio placeholder exactly once (token id {audio_token_id}), not {ids.count(audio_token_id)} times")
-    at = ids.index(audio_token_id)
+    return ids.index(audio_token_id)
+
+
+def prompt_embeddings(prompt_ids: Sequence[int], audio_token_id: int, table: np.ndarray, audio: np.ndarray) -> np.ndarray:
+    """`(positions, hidden)`: the prompt's rows of the token table, the audio frames in place of its one placeholder."""
+    ids = list(prompt_ids)
+    at = placeholder_at(ids, audio_token_id)
     return np.concatenate([table[ids[:at]], audio.astype(table.dtype), table[ids[at + 1 :]]]).astype(np.float32)
 
 
@@ -156,9 +162,20 @@ class LalmRunner:
     def prompt_embeds(self, features: np.ndarray, prompt: str, options: GenerationOptions) -> np.ndarray:
         """`(1, positions, hidden)`: the prompt with the clip's frames in place, checked against the context length."""
         embeds = prompt_embeddings(self.prompt_ids(prompt), int(self.facts["audio_token_id"]), self.table, features)[None]
-        if embeds.shape[1] + options.max_new_tokens > self.context_length:
-            raise ContextLengthError(embeds.shape[1], options.max_new_tokens, self.context_length)
+        self._fitting(embeds.shape[1], options)
         return embeds
+
+    def prompt_positions(self, features: np.ndarray, prompt: str, options: GenerationOptions) -> int:
+        """`prompt_embeds`' positions and checks, without building the embeddings."""
+        ids = self.prompt_ids(prompt)
+        placeholder_at(ids, int(self.facts["audio_token_id"]))
+        return self._fitting(len(ids) - 1 + len(features), options)
+
+    def _fitting(self, positions: int, options: GenerationOptions) -> int:
+        """`positions`, refused when they and `options.max_new_tokens` overflow the context."""
+        if positions + options.max_new_tokens > self.context_length:
+            raise ContextLengthError(positions, options.max_new_tokens, self.context_length)
+        return positions
 
     # --- the whole ----------------------------------------------------------------------
 

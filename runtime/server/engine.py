@@ -258,7 +258,7 @@ class Engine:
         start = time.perf_counter()
         features = await self.encode(model, audio)
         encoder_s = time.perf_counter() - start
-        positions = as_api_error(lambda: model.runner.prompt_embeds(features, prompt, options)).shape[1]
+        positions = as_api_error(lambda: model.runner.prompt_positions(features, prompt, options))
         options = self.budgeted(model, options, positions, asked)  # fits: the check above took 1 or `asked`
 
         def work(on_text: Callable | None) -> Callable:
