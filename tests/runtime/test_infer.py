@@ -295,6 +295,9 @@ def test_ctrl_c_during_a_long_model_call_exits_at_once_with_nothing_written(bund
         return []
 
     monkeypatch.setattr(EncoderRunner, "encode_files", stuck)
+    # As in a terminal: a process started in the background by a shell without job control
+    # inherits SIGINT ignored (and Python then installs no handler), where Ctrl-C cannot reach it.
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)
     audio = tmp_path / "a.wav"
     sf.write(audio, speech_like(1.0), 16_000)
     interrupter = threading.Thread(target=lambda: started.wait() and os.kill(os.getpid(), signal.SIGINT))
@@ -304,5 +307,6 @@ def test_ctrl_c_during_a_long_model_call_exits_at_once_with_nothing_written(bund
     finally:
         release.set()
         interrupter.join()
+        signal.signal(signal.SIGINT, default)
     assert outcome.returncode == 130 and "runtime.infer: interrupted" in outcome.stderr
     assert not (tmp_path / "f.npz").exists()
