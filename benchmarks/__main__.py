@@ -332,13 +332,14 @@ def command_real_whisper(args: argparse.Namespace, argv: list[str]) -> int:
 
     from benchmarks.accuracy import measure_real_encoder, render_real_encoder
     from benchmarks.machine import describe_machine
+    from benchmarks.run import command_line
 
     check_out(args.out, args.force)
     if args.repeats < 1:
         raise UserError("--repeats must be at least 1")
     with tempfile.TemporaryDirectory(prefix="real-whisper-") as work:
         encoder = measure_real_encoder(Path(work), ("fp32", "int8"), args.repeats)
-    command = "python -m benchmarks " + " ".join(argv)
+    command = command_line(argv)
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results = {"created": created, "command": command, "machine": describe_machine(), **encoder}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -356,11 +357,12 @@ def command_real_whisper(args: argparse.Namespace, argv: list[str]) -> int:
 
 def command_pretrained_lalm(args: argparse.Namespace, argv: list[str]) -> int:
     from benchmarks.pretrained_lalm import run
+    from benchmarks.run import command_line
 
     check_out(args.out, args.force)
     if args.seconds <= 0 or args.seconds > 30 or args.tokens < 1 or args.repeats < 1:
         raise UserError("--seconds must be in (0, 30] (the tower's window), --tokens and --repeats at least 1")
-    command = "python -m benchmarks " + " ".join(argv)
+    command = command_line(argv)
     if args.work is not None:
         run(args.work, args.out, args.seconds, args.tokens, args.repeats, args.seed, command)
     else:
