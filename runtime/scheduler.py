@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,14 +73,6 @@ class _Prompt:
         return self.values.shape[1]
 
 
-@dataclass
-class _Cache:
-    """The batch's KV cache, `(rows, heads, width, head_dim)` per past input, on the host or (IO binding) a device."""
-
-    values: dict[str, Any] = field(default_factory=dict)
-    width: int = 0
-
-
 class DecodeScheduler:
     """Decode steps of concurrent generations over one decoder session, run as one batch.
     `on_step(rows)` is called with the batch size of every step (a server's histogram)."""
@@ -100,7 +92,8 @@ class DecodeScheduler:
         self.right_padded = session.get_modelmeta().custom_metadata_map.get(LEFT_PADDING_METADATA) == "false"
         self._condition = threading.Condition()
         self._rows: list[_Row] = []
-        self._cache = _Cache()
+        # The batch's KV cache, `(rows, heads, width, head_dim)` per past input, on the host or (IO binding) a device.
+        self._cache: dict[str, Any] = {}
         self._waiting: list[_Prompt] = []  # prompts waiting for their prefill, in arrival order
         self._prefilled_since_step = 0  # prompt positions prefilled since the last decode step
         self.steps = 0  # decode steps run (for tests and benchmarks)
@@ -180,12 +173,12 @@ class DecodeScheduler:
 
     def _join(self, past: dict[str, np.ndarray], length: int) -> _Row:
         """Add one sequence's cache `(1, heads, length, head_dim)` to the batch's."""
-        width = max(self._cache.width, length)
+        width = max(self._width(), length)
         joined = {}
         for name, value in past.items():
             batch = self._host(name) if self._rows else value[:0]
             joined[name] = np.concatenate([self._pad(batch, width), self._pad(value, width)])
-        self._store(joined, width)
+        self._store(joined)
         row = _Row(length)
         self._rows.append(row)
         return row
@@ -210,11 +203,10 @@ class DecodeScheduler:
             return
         self._rows = [self._rows[index] for index in keep]
         if self.right_padded:  # the buffers keep their room
-            self._store({name: self._host(name)[keep] for name in self._cache.values}, self._cache.width)
+            self._store({name: self._host(name)[keep] for name in self._cache})
             return
-        width = max((row.length for row in self._rows), default=0)
-        positions = slice(self._cache.width - width, self._cache.width)
-        self._store({name: self._host(name)[keep][:, :, positions] for name in self._cache.values}, width)
+        unused = self._width() - max((row.length for row in self._rows), default=0)
+        self._store({name: self._host(name)[keep][:, :, unused:] for name in self._cache})
 
     # --- decode steps -------------------------------------------------------------------
 
@@ -254,34 +246,33 @@ class DecodeScheduler:
         """One decoder call for every row's next token; the cache grows by one position."""
         if self.right_padded:
             return self._run_in_place(tokens, lengths)
-        width = self._cache.width + 1
+        width = self._width() + 1
         mask = np.arange(width)[None, :] >= (width - lengths - 1)[:, None]
         feeds = self._prefiller.step_feeds(tokens, mask.astype(np.int64))
-        names = ["logits", *(name.replace("past_key_values", "present") for name in self._cache.values)]
+        names = ["logits", *(name.replace("past_key_values", "present") for name in self._cache)]
         if self.binding_device is None:
-            outputs = self.session.run(names, {**feeds, **self._cache.values})
+            outputs = self.session.run(names, {**feeds, **self._cache})
         else:
             binding = self._bind(feeds)
-            for name, value in self._cache.values.items():
+            for name, value in self._cache.items():
                 binding.bind_ortvalue_input(name, value)
             for name in names[1:]:
                 binding.bind_output(name, self.binding_device)
             self.session.run_with_iobinding(binding)
             outputs = binding.get_outputs()
             outputs[0] = outputs[0].numpy()
-        self._cache = _Cache(dict(zip(self._cache.values, outputs[1:])), width)
+        self._cache = dict(zip(self._cache, outputs[1:]))
         return outputs[0][:, -1, :]
 
     def _run_in_place(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """A step of the fused graph: each row's new position written into the shared buffers."""
         width = int(lengths.max()) + 1
-        if width > self._cache.width:
-            self._store(
-                {name: self._pad(self._host(name), max(2 * self._cache.width, width)) for name in self._cache.values}, max(2 * self._cache.width, width)
-            )
+        if width > self._width():
+            room = max(2 * self._width(), width)
+            self._store({name: self._pad(self._host(name), room) for name in self._cache})
         mask = np.arange(width)[None, :] < (lengths + 1)[:, None]
         binding = self._bind(self._prefiller.step_feeds(tokens, mask.astype(np.int64)))
-        for name, value in self._cache.values.items():
+        for name, value in self._cache.items():
             buffer = value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)  # a host array is shared, not copied
             binding.bind_ortvalue_input(name, buffer)
             binding.bind_ortvalue_output(name.replace("past_key_values", "present"), buffer)
@@ -298,16 +289,22 @@ class DecodeScheduler:
 
     # --- where the cache lives ----------------------------------------------------------
 
+    def _width(self) -> int:
+        """Positions the cache's buffers hold (for the fused graph, its room to grow)."""
+        value = next(iter(self._cache.values()), None)
+        if value is None:
+            return 0
+        return int((value.shape if isinstance(value, np.ndarray) else value.shape())[2])
+
     def _host(self, name: str) -> np.ndarray:
-        value = self._cache.values[name]
+        value = self._cache[name]
         return value if isinstance(value, np.ndarray) else value.numpy()
 
-    def _store(self, values: dict[str, np.ndarray], width: int) -> None:
+    def _store(self, values: dict[str, np.ndarray]) -> None:
         if self.binding_device is None:
-            values = {name: np.ascontiguousarray(value) for name, value in values.items()}
+            self._cache = {name: np.ascontiguousarray(value) for name, value in values.items()}
         else:
-            values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.binding_device, 0) for name, value in values.items()}
-        self._cache = _Cache(values, width)
+            self._cache = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.binding_device, 0) for name, value in values.items()}
 
 
 class ScheduledBackend:
