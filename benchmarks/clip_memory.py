@@ -28,8 +28,8 @@ def status(field):
 
 runner = load(sys.argv[1], SessionOptions(provider="cpu", max_clip_memory_gb=1e6))
 if sys.argv[3] == "default-arena":  # as before the runtime shrank the arena after long runs
-    import runtime.api
-    runtime.api.run_options_for = lambda kind, samples: None
+    import runtime.runners.encoder
+    runtime.runners.encoder.run_options_for = lambda kind, samples: None
 clip = np.random.default_rng(0).standard_normal(int(float(sys.argv[2]) * 16000)).astype(np.float32) * 0.1
 runner.encode_arrays([clip[:16000]])
 with open("/proc/self/clear_refs", "w") as handle:

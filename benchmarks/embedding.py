@@ -55,7 +55,7 @@ def embedding_graph(table: np.ndarray, path: Path) -> None:
 def run(vocab: int, hidden: int, frames: int, prompt_tokens: int, repeats: int, new_tokens: int = 32) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from runtime.lalm import prompt_embeddings
+    from runtime.runners.lalm import prompt_embeddings
 
     rng = np.random.default_rng(0)
     table = rng.standard_normal((vocab, hidden), dtype=np.float32)

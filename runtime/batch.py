@@ -213,10 +213,9 @@ def _run(model: Any, items: list[tuple[str, Any]], settings: BatchSettings) -> l
     """Results of (file, audio) pairs run as one batch."""
     import numpy as np
 
-    from runtime.api import EncoderRunner
     from runtime.generation import GenerationOptions
 
-    if isinstance(model, EncoderRunner):
+    if model.role == "encoder":
         folder = Path(settings.features_dir)
         folder.mkdir(parents=True, exist_ok=True)
         out = []
@@ -245,7 +244,7 @@ class BundleWorker:
     """A Ray Data actor: one session over the bundle, a batch of file paths in, JSON records out."""
 
     def __init__(self, bundle: str, settings: dict[str, Any], session: dict[str, Any]) -> None:
-        from runtime.api import load
+        from runtime.runners import load
         from runtime.sessions import SessionOptions
 
         self.model = load(bundle, SessionOptions(**session))
@@ -263,10 +262,10 @@ def session_options(args: argparse.Namespace) -> Any:
 
 
 def run_local(args: argparse.Namespace, todo: list[str], settings: BatchSettings) -> Iterator[list[dict[str, Any]]]:
-    from runtime.api import load
+    from runtime.runners import load
 
     model = load(args.bundle, session_options(args))
-    check_bundle_kind(model)
+    check_bundle_kind(model.role)
     for start in range(0, len(todo), args.batch_size):
         yield records_for(model, todo[start : start + args.batch_size], settings)
 
@@ -276,8 +275,7 @@ def run_ray(args: argparse.Namespace, todo: list[str], settings: BatchSettings) 
 
     from runtime.manifest import read_manifest
 
-    if read_manifest(args.bundle).role not in ("lalm", "encoder"):
-        check_bundle_kind(None)
+    check_bundle_kind(read_manifest(args.bundle).role)
     # "local": a new instance, never one a previous run is still tearing down
     ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts files
@@ -293,12 +291,10 @@ def run_ray(args: argparse.Namespace, todo: list[str], settings: BatchSettings) 
         yield [json.loads(row["record"])]
 
 
-def check_bundle_kind(model: Any) -> None:
-    from runtime.api import EncoderRunner
+def check_bundle_kind(role: str) -> None:
     from runtime.errors import RuntimeUserError
-    from runtime.lalm import LalmRunner
 
-    if not isinstance(model, (EncoderRunner, LalmRunner)):
+    if role not in ("encoder", "lalm"):
         raise RuntimeUserError(
             "runtime.batch takes audio: pass an audio LLM or encoder bundle (a text bundle takes prompts: use runtime.infer or runtime.serve)"
         )

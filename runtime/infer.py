@@ -129,8 +129,6 @@ def run_decoder(generator, args: argparse.Namespace) -> None:
         raise RuntimeUserError("this is a decoder bundle: it takes --prompt, not --audio")
     if not args.prompt:
         raise RuntimeUserError("a decoder bundle needs --prompt TEXT")
-    if any(not stop for stop in args.stop):
-        raise RuntimeUserError("--stop '' would stop every completion at once; pass the text to stop at")
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens,
         stop_at_eos=not args.ignore_eos,
@@ -178,8 +176,6 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
         raise RuntimeUserError("an audio LLM bundle prints text; --output is for an encoder bundle's features (use --json for records)")
     if args.prompt and len(args.prompt) > 1:
         raise RuntimeUserError("an audio LLM bundle takes one --prompt, applied to every --audio file")
-    if any(not stop for stop in args.stop):
-        raise RuntimeUserError("--stop '' would stop every completion at once; pass the text to stop at")
     prompt = args.prompt[0] if args.prompt else None
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens, stop_at_eos=not args.ignore_eos, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
@@ -187,7 +183,7 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
     # One file streams its text bare as it comes; several print one line each, "name: text"
     streaming = not args.json and len(args.audio) == 1
     on_text = (lambda text: print(text, end="", flush=True)) if streaming else None
-    results = run_interruptibly(lambda: runner.transcribe(args.audio, prompt, options, on_text=on_text))
+    results = run_interruptibly(lambda: runner.transcribe(args.audio, prompt, options, on_text=on_text, stop_strings=args.stop))
     for index, result in enumerate(results):
         if args.json:
             record = {
@@ -208,10 +204,13 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
     say(f"[{len(results)} file(s), {len(results[0].tokens)} tokens for the first, provider {runner.provider}]", args.quiet)
 
 
+RUNS = {"encoder": run_encoder, "decoder": run_decoder, "lalm": run_lalm}  # each kind of bundle's request from the flags
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from runtime.api import EncoderRunner, LalmRunner, load
     from runtime.errors import RuntimeUserError
+    from runtime.runners import load
     from runtime.sessions import SessionOptions
 
     try:
@@ -221,14 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                 SessionOptions(provider=args.provider, threads=args.threads, save_optimized=args.save_optimized, max_clip_memory_gb=args.max_clip_memory_gb),
             )
         )
-        trained = f", prompt {model.facts['prompt']!r} (the one it was trained with)" if isinstance(model, LalmRunner) else ""
+        trained = "".join(f", {name} {value!r}" for name, value in model.card_facts().items())
         say(f"{args.bundle}: {model.manifest.family} {model.manifest.role} ({model.manifest.precision}){trained}, provider {model.provider}", args.quiet)
-        if isinstance(model, EncoderRunner):
-            run_encoder(model, args)
-        elif isinstance(model, LalmRunner):
-            run_lalm(model, args)
-        else:
-            run_decoder(model, args)
+        if any(not stop for stop in args.stop):
+            raise RuntimeUserError("--stop '' would stop every completion at once; pass the text to stop at")
+        RUNS[model.role](model, args)
     except RuntimeUserError as err:
         print(f"runtime.infer: error: {err}", file=sys.stderr)
         return 1

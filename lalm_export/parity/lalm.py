@@ -16,7 +16,7 @@ from lalm_export.parity.bounds import gate_tolerance
 from lalm_export.parity.report import ParityReport
 from lalm_export.parity.signals import speech_like
 from runtime.generation import GenerationOptions, PromptEmbeds, generate
-from runtime.lalm import LalmRunner
+from runtime.runners.lalm import LalmRunner
 
 GATE_TOKENS = 32  # greedy tokens compared per clip
 GATE_CLIPS_S = (1.0, 1.6)  # speech-like clips, seconds: two lengths

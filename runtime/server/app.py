@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from runtime.audio import CONTAINERS, Audio, decode_audio
 from runtime.chat import joined_content
 from runtime.generation import GenerationOptions
+from runtime.runners.requests import CompletionRequest, Generation, TranscriptionRequest
 from runtime.server.engine import Engine, ServedModel
 from runtime.server.errors import ApiError, as_api_error, bad_request
 
@@ -159,11 +160,13 @@ def build_app(engine: Engine) -> FastAPI:
         audio = await _upload(form, limit_bytes, model.runner.limits)
         release = engine.admit()
         try:
-            work, _ = await engine.transcription(model, audio, prompt, options, asked)
+            generation = await engine.prepare(model, as_api_error(lambda: TranscriptionRequest(audio, prompt, options)), asked)
         except BaseException:
             release()
             raise
-        result = await _answer(request, engine, model, work, release, stream, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done)
+        result = await _answer(
+            request, engine, model, generation, release, stream, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done
+        )
         if isinstance(result, Response):
             return result
         if response_format == "text":
@@ -195,22 +198,17 @@ def build_app(engine: Engine) -> FastAPI:
         if stream_options is not None and not isinstance(stream_options, dict):
             raise bad_request(f'stream_options must be an object such as {{"include_usage": true}}, not {stream_options!r}', "stream_options")
         include_usage = _flag((stream_options or {}).get("include_usage"), "stream_options.include_usage") if stream else False
-        eos = model.runner.eos_token_id
+        chat_request = as_api_error(
+            lambda: CompletionRequest(prompt, options, tuple(stop)) if clip is None else TranscriptionRequest(clip, prompt, options, tuple(stop))
+        )
         release = engine.admit()
         try:
-            if model.kind == "lalm":
-                work, options = await engine.transcription(model, clip, prompt, options, asked, stop)
-            else:
-                ids, _ = as_api_error(lambda: model.runner.check_prompts([prompt], options))
-                options = engine.budgeted(model, options, ids.shape[1], asked)
-
-                def work(on_text: Callable | None) -> Callable:
-                    return lambda backend, cancelled: model.runner.complete([prompt], options, stop, on_text, backend, cancelled)[0]
+            generation = await engine.prepare(model, chat_request, asked)
         except BaseException:
             release()
             raise
-        chat = ChatReply(model.name, options.max_new_tokens, include_usage, eos)
-        result = await _answer(request, engine, model, work, release, stream, chat.delta, chat.done, first=chat.role_chunk())
+        chat = ChatReply(model.name, generation.options.max_new_tokens, include_usage, model.runner.eos_token_id)
+        result = await _answer(request, engine, model, generation, release, stream, chat.delta, chat.done, first=chat.role_chunk())
         if isinstance(result, Response):
             return result
         return JSONResponse(chat.completion(result))
@@ -343,7 +341,7 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
     clips, turns = [], []
-    token = model.runner.facts["audio_token"] if model.kind == "lalm" else None
+    token = model.runner.audio_token
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "content" not in message:
             raise bad_request(f"messages[{index}] must be an object with role and content", f"messages[{index}]")
@@ -372,7 +370,7 @@ def _chat_prompt(model: ServedModel, messages: object) -> tuple[str, Audio | Non
         turns.append({"role": role, "content": turn})
     if token is not None and len(clips) != 1:
         raise bad_request(f"an audio LLM request takes exactly one input_audio part, not {len(clips)}", "messages")
-    template = getattr(model.runner, "chat_template", None)
+    template = model.runner.chat_template
     if template is None:
         return "\n".join(joined_content(turn["content"], token) for turn in turns), (clips[0] if clips else None)
     prompt = as_api_error(lambda: template.render(turns), "messages")
@@ -488,7 +486,7 @@ async def _answer(
     request: Request,
     engine: Engine,
     model: ServedModel,
-    work: Callable[[Callable | None], Callable],
+    generation: Generation,
     release: Callable[[], None],
     stream: bool,
     delta_event: Callable[[str], dict[str, Any]],
@@ -499,15 +497,15 @@ async def _answer(
     when the result is there or the stream ends. A client that goes away cancels the generation
     (it ends at its next step) and is answered 499, which nobody reads but the metrics."""
     if stream:
-        return StreamingResponse(_stream(request, engine, model, work, delta_event, done_events, release, first), media_type="text/event-stream")
-    generation = asyncio.ensure_future(engine.generate(model, work(None)))
+        return StreamingResponse(_stream(request, engine, model, generation, delta_event, done_events, release, first), media_type="text/event-stream")
+    task = asyncio.ensure_future(engine.generate(model, generation))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait((generation, gone), return_when=asyncio.FIRST_COMPLETED)
-        if not generation.done():
-            generation.cancel()  # Engine.generate then sets its cancel flag
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()  # Engine.generate then sets its cancel flag
             return Response(status_code=CLIENT_GONE)
-        result = generation.result()
+        result = task.result()
     finally:
         gone.cancel()
         release()
@@ -523,7 +521,7 @@ async def _stream(
     request: Request,
     engine: Engine,
     model: ServedModel,
-    work: Callable[[Callable[[str], None]], Callable],
+    generation: Generation,
     delta_event: Callable[[str], dict[str, Any]],
     done_events: Callable[[Any], list[dict[str, Any]]],
     release: Callable[[], None],
@@ -537,7 +535,7 @@ async def _stream(
     task: asyncio.Future | None = None
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        task = asyncio.ensure_future(engine.generate(model, work(lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text))))
+        task = asyncio.ensure_future(engine.generate(model, generation, lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)))
         task.add_done_callback(lambda _: deltas.put_nowait(None))
         gone.add_done_callback(lambda _: task.cancel())  # not only when the next event fails to send: it may be minutes away
         if first is not None:

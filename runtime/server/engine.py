@@ -9,19 +9,22 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.api import EncodedAudio, EncoderRunner, TextGenerator, load
 from runtime.audio import Audio
 from runtime.errors import RuntimeUserError
-from runtime.generation import GenerationOptions
-from runtime.lalm import LalmRunner
+from runtime.runners import load
+from runtime.runners.decoder import TextGenerator
+from runtime.runners.encoder import EncodedAudio, EncoderRunner
+from runtime.runners.lalm import LalmRunner
+from runtime.runners.requests import CompletionRequest, Generation, TranscriptionRequest
+from runtime.scheduler import DecodeScheduler
 from runtime.server.batching import DynamicBatcher
 from runtime.server.errors import ApiError, as_api_error, from_user_error, unavailable
 from runtime.server.metrics import ServerMetrics
@@ -55,10 +58,18 @@ class ServedModel:
     def __init__(self, name: str, runner: EncoderRunner | TextGenerator | LalmRunner) -> None:
         self.name, self.runner = name, runner
         self.manifest = runner.manifest
-        self.kind = {EncoderRunner: "encoder", TextGenerator: "decoder", LalmRunner: "lalm"}[type(runner)]
+        self.kind = runner.role
         self.created = int(time.time())
         self.decode_batch_sizes: list[Callable[[int], None]] = []  # told the rows of every decode step
-        self.scheduler = None if self.kind == "encoder" else runner.new_scheduler(on_step=self._observe_step)
+        self._scheduler: DecodeScheduler | None = None
+
+    @property
+    def scheduler(self) -> DecodeScheduler:
+        """The scheduler the model's generations share, made at the first (on the event loop's
+        thread, so never twice)."""
+        if self._scheduler is None:
+            self._scheduler = self.runner.new_scheduler(on_step=self._observe_step)
+        return self._scheduler
 
     def _observe_step(self, rows: int) -> None:
         for observe in self.decode_batch_sizes:
@@ -75,7 +86,7 @@ class ServedModel:
             "family": self.manifest.family,
             "precision": self.manifest.precision,
             "provider": self.runner.provider,
-            **({"prompt": self.runner.facts["prompt"]} if self.kind == "lalm" else {}),  # the prompt it was trained with
+            **self.runner.card_facts(),
         }
 
 
@@ -110,7 +121,7 @@ class Engine:
         self.draining = False
         # Generation threads plus one for encoder batches: a batch never waits for a free generation thread.
         self.executor = ThreadPoolExecutor(max_workers=settings.decode_slots + 1, thread_name_prefix="lalm-serve")
-        self._slots = threading.BoundedSemaphore(settings.decode_slots)
+        self._slots = asyncio.BoundedSemaphore(settings.decode_slots)
         if audio_batch is None:
             audio_batch = DynamicBatcher(self.run_audio_jobs, settings.max_batch_size, settings.max_batch_wait_ms / 1000, self.executor).submit
         self._audio_batch = audio_batch
@@ -155,14 +166,14 @@ class Engine:
         finally:
             release()
 
-    def budgeted(self, model: ServedModel, options: GenerationOptions, prompt_positions: int, asked: int | None) -> GenerationOptions:
-        """`options` with the tokens a generation may make: what the request asked for, else the
-        rest of the decoder's context after the prompt (vLLM's rule), capped by --max-new-tokens
-        when the server sets one. A prompt that fills the context gets 1, which its check refuses."""
+    def budgeted(self, model: ServedModel, prompt_positions: int, asked: int | None) -> int:
+        """The tokens a generation may make: what the request asked for, else the rest of the
+        decoder's context after the prompt (vLLM's rule), capped by --max-new-tokens when the
+        server sets one. A prompt that fills the context gets 1, which its check refuses."""
         if asked is not None:
-            return replace(options, max_new_tokens=asked)
+            return asked
         rest = max(1, model.runner.context_length - prompt_positions)
-        return replace(options, max_new_tokens=min(rest, self.settings.max_new_tokens) if self.settings.max_new_tokens else rest)
+        return min(rest, self.settings.max_new_tokens) if self.settings.max_new_tokens else rest
 
     def model(self, name: object, kinds: tuple[str, ...], endpoint: str) -> ServedModel:
         if not isinstance(name, str) or not name:
@@ -192,21 +203,15 @@ class Engine:
             model = jobs[indices[0]].model
             self.metrics.batch_size.labels(model.name).observe(len(indices))
             try:
-                outputs = self._encode_group(model, [jobs[i].audio for i in indices])
+                outputs = model.runner.encode([jobs[i].audio for i in indices])
             except Exception:
                 outputs = [self._encode_one(model, jobs[i].audio) for i in indices]
             results.update(zip(indices, outputs))
         return [results[i] for i in range(len(jobs))]
 
-    @staticmethod
-    def _encode_group(model: ServedModel, clips: list[Audio]) -> list[Any]:
-        if model.kind == "encoder":
-            return model.runner.encode(clips)
-        return model.runner.audio_features_batch([clip.samples for clip in clips])
-
     def _encode_one(self, model: ServedModel, clip: Audio) -> Any:
         try:
-            return self._encode_group(model, [clip])[0]
+            return model.runner.encode([clip])[0]
         except RuntimeUserError as err:
             return from_user_error(err)
         except Exception as err:
@@ -214,24 +219,39 @@ class Engine:
 
     # --- generation: continuously batched ------------------------------------------------
 
-    async def generate(self, model: ServedModel, work: Callable[[Any, Callable[[], bool]], Any]) -> Any:
-        """Run `work(backend, cancelled)` in a generation thread with a backend whose decode
-        steps run in one batch with every other generation's (up to --decode-slots rows). A
-        timeout, or the caller going away, sets `cancelled` and the generation ends at its next step."""
+    async def generate(self, model: ServedModel, generation: Generation, on_text: Callable[[str], None] | None = None) -> Any:
+        """Run `generation` in a generation thread on a backend whose decode steps run in one
+        batch with every other generation's (up to --decode-slots rows); `on_text` is told its
+        text as it comes. A timeout, or the caller going away, cancels it: it ends at its next step.
+        A generation waits for its slot on the event loop, not in a thread, so waiting ones never
+        hold the thread an encoder batch needs; the slot is freed when its thread ends."""
         cancel = threading.Event()
+        scheduler, loop = model.scheduler, asyncio.get_running_loop()
 
         def run() -> Any:
-            with self._slots:
-                if cancel.is_set():
-                    return None
-                backend = model.scheduler.member()
-                try:
-                    return work(backend, cancel.is_set)
-                finally:
-                    backend.leave()
+            if cancel.is_set():
+                return None
+            backend = scheduler.member()
+            try:
+                return generation.run(backend, on_text, cancel.is_set)
+            finally:
+                backend.leave()
 
-        future = asyncio.get_running_loop().run_in_executor(self.executor, run)
-        return await self._with_timeout(future, cancel)
+        def free_the_slot(_: Future) -> None:  # the thread has ended, or was cancelled before it began
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._slots.release)
+
+        async def in_a_slot() -> Any:
+            await self._slots.acquire()
+            try:
+                future = self.executor.submit(run)
+            except BaseException:
+                self._slots.release()
+                raise
+            future.add_done_callback(free_the_slot)
+            return await asyncio.wrap_future(future)
+
+        return await self._with_timeout(in_a_slot(), cancel)
 
     async def _with_timeout(self, awaitable: Awaitable[Any], cancel: threading.Event | None) -> Any:
         try:
@@ -242,31 +262,20 @@ class Engine:
             if cancel is not None:
                 cancel.set()
 
-    async def transcription(
-        self,
-        model: ServedModel,
-        audio: Audio,
-        prompt: str | None,
-        options: GenerationOptions,
-        asked: int | None,
-        stop: Sequence[str] | None = None,
-    ) -> tuple[Callable[[Callable | None], Callable], GenerationOptions]:
-        """An audio LLM request made ready to generate: the clip encoded (batched), the token
-        budget set and the prompt checked to fit (a 400 before any event is sent). Returns
-        `work(on_text)`, the generation to pass to `generate`, and the options it runs with."""
-        prompt, options = as_api_error(lambda: model.runner.resolve(prompt, options))
+    async def prepare(self, model: ServedModel, request: CompletionRequest | TranscriptionRequest, asked: int | None) -> Generation:
+        """A request made ready to generate (a 400 before any event is sent): a transcription's
+        clip encoded (batched with other requests' clips), the prompt checked to fit, the token
+        budget set (`budgeted`)."""
+
+        def budget(positions: int) -> int:
+            return self.budgeted(model, positions, asked)
+
+        if isinstance(request, CompletionRequest):
+            return as_api_error(lambda: model.runner.prepare(request, budget=budget))
         start = time.perf_counter()
-        features = await self.encode(model, audio)
+        frames = await self.encode(model, request.audio)
         encoder_s = time.perf_counter() - start
-        positions = as_api_error(lambda: model.runner.prompt_positions(features, prompt, options))
-        options = self.budgeted(model, options, positions, asked)  # fits: the check above took 1 or `asked`
-
-        def work(on_text: Callable | None) -> Callable:
-            return lambda backend, cancelled: model.runner.transcribe_batch(
-                [audio], [features], encoder_s, prompt, options, on_text, backend, cancelled, stop_strings=stop or ()
-            )[0]
-
-        return work, options
+        return as_api_error(lambda: model.runner.prepare(request, frames, encoder_s, budget))
 
     def record_generation(self, model: ServedModel, tokens: int, ttft_s: float, tokens_per_s: float) -> None:
         self.metrics.tokens.labels(model.name).inc(tokens)

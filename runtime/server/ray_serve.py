@@ -77,12 +77,13 @@ def _in_replica() -> bool:
 async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, prompt: str | None, max_new_tokens: int | None) -> dict[str, Any]:
     from runtime.audio import decode_audio
     from runtime.generation import GenerationOptions
+    from runtime.runners.requests import TranscriptionRequest
 
     model = engine.model(model_name, ("lalm",), "transcribe")
     audio = decode_audio(audio_bytes, "audio", model.runner.limits)
+    request = TranscriptionRequest(audio, prompt, GenerationOptions(max_new_tokens=max_new_tokens or 1))
     with engine.admission():
-        work, _ = await engine.transcription(model, audio, prompt, GenerationOptions(max_new_tokens=max_new_tokens or 1), max_new_tokens)
-        result = await engine.generate(model, work(None))
+        result = await engine.generate(model, await engine.prepare(model, request, max_new_tokens))
     return {"text": result.text, "tokens": result.tokens}
 
 

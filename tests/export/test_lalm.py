@@ -29,7 +29,7 @@ from runtime.audio import load_audio
 from runtime.errors import RuntimeUserError
 from runtime.generation import GenerationOptions
 from runtime.infer import main as infer_main
-from runtime.lalm import clip_audio
+from runtime.runners.lalm import clip_audio
 from tests.graphs.test_fused import tiny_decoder_config
 from tests.helpers import assert_user_error, edit_json, randomize_lora, run_main
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
+from runtime.serve import draining_server
 from runtime.server.app import build_app
 from runtime.server.engine import Engine, ServeSettings, load_models
 from runtime.server.readiness import free_port, wait_until_healthy
@@ -25,6 +26,22 @@ def running_server(bundles: dict[str, Path], settings: ServeSettings) -> Iterato
     """(base URL, engine) of a server over `bundles` (model id -> folder)."""
     engine = Engine(load_models(list(bundles.values()), list(bundles), SessionOptions(provider="cpu")), settings)
     server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"))
+    with _started(server, engine) as url:
+        yield url, engine
+
+
+@contextmanager
+def running_draining_server(bundles: dict[str, Path], settings: ServeSettings, grace_s: float) -> Iterator[tuple[str, Engine, uvicorn.Server]]:
+    """(base URL, engine, server) of `runtime.serve`'s draining server: `server.handle_exit(signal.SIGTERM, None)`
+    is what the signal does in the command."""
+    engine = Engine(load_models(list(bundles.values()), list(bundles), SessionOptions(provider="cpu")), settings)
+    server = draining_server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"), engine, grace_s)
+    with _started(server, engine) as url:
+        yield url, engine, server
+
+
+@contextmanager
+def _started(server: uvicorn.Server, engine: Engine) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -34,7 +51,7 @@ def running_server(bundles: dict[str, Path], settings: ServeSettings) -> Iterato
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}", engine
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

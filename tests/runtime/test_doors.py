@@ -7,6 +7,7 @@ request gives the same answer through each door that takes it (greedy decoding).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,3 +111,24 @@ def test_a_completion_is_the_same_through_every_door_that_takes_text(prompt, ser
     assert (record["text"], record["tokens"]) == (expected.text, expected.tokens) and expected.tokens
     reply = server.chat.completions.create(model="llm", messages=[{"role": "user", "content": prompt}], max_tokens=TOKENS, temperature=0)
     assert reply.choices[0].message.content == expected.text and reply.usage.completion_tokens == len(expected.tokens)
+
+
+def test_a_stop_string_ends_a_transcription_alike_through_the_api_infer_and_chat(serve_bundles, audio_files, server, capsys):
+    """`runtime.infer --stop` with an audio LLM bundle was taken and ignored; a chat with audio
+    honoured it. The transcription endpoint has no `stop` (OpenAI's has none)."""
+    bundle, prompt = serve_bundles["lalm"], "<|audio|>Say what you hear:"
+    full = load(bundle).transcribe(audio_files[1], prompt, GenerationOptions(max_new_tokens=TOKENS))[0].text
+    assert len(full.strip()) >= 4, f"too little text to stop inside: {full!r}"
+    stop = full.strip()[2:4]
+    expected = full[: full.index(stop)]
+    api = load(bundle).transcribe(audio_files[1], prompt, GenerationOptions(max_new_tokens=TOKENS), stop_strings=[stop])[0]
+    assert api.text == expected and len(api.tokens) < TOKENS
+    result = run_main(
+        infer_main, bundle, "--audio", audio_files[1], "--prompt", prompt, "--stop", stop, "--max-new-tokens", TOKENS, "--json", "-q", capsys=capsys
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["text"] == expected
+    audio = {"data": base64.b64encode(Path(audio_files[1]).read_bytes()).decode(), "format": "wav"}
+    content = [{"type": "input_audio", "input_audio": audio}, {"type": "text", "text": "Say what you hear:"}]
+    reply = server.chat.completions.create(model="lalm", messages=[{"role": "user", "content": content}], stop=[stop], max_tokens=TOKENS, temperature=0)
+    assert reply.choices[0].message.content == expected

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
@@ -20,6 +20,7 @@ from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check
 from runtime.limits import AudioLimits, audio_limits
 from runtime.manifest import is_whole_number
 from runtime.ort_backends import OrtDecoderBackend
+from runtime.runners.requests import Budget, Generation, TranscriptionRequest, check_stop_strings, cut_at_stop
 from runtime.scheduler import DecodeScheduler
 from runtime.sessions import run_options_for
 
@@ -57,6 +58,8 @@ class Transcription:
 class LalmRunner:
     """The three parts of an LALM bundle; `transcribe` files or 16 kHz arrays."""
 
+    role: ClassVar[str] = "lalm"
+
     def __init__(
         self,
         folder: Path,
@@ -90,6 +93,15 @@ class LalmRunner:
     @property
     def eos_token_id(self) -> int | None:
         return self.facts.get("eos_token_id")
+
+    @property
+    def audio_token(self) -> str:
+        """The placeholder a prompt holds where the clip's frames go."""
+        return str(self.facts["audio_token"])
+
+    def card_facts(self) -> dict[str, Any]:
+        """What a server's model list adds for this bundle: the prompt it was trained with."""
+        return {"prompt": self.facts["prompt"]}
 
     @classmethod
     def from_parts(cls, folder: Path, feature_config: dict[str, Any], input_kind: str, facts: dict[str, Any], provider: str = "cpu") -> LalmRunner:
@@ -125,6 +137,10 @@ class LalmRunner:
             for row, index in enumerate(indices):
                 results[index] = projected[row, : int(lengths[row])]
         return [results[i] for i in range(len(clips))]
+
+    def encode(self, clips: Sequence[Audio]) -> list[np.ndarray]:
+        """Each clip's projected frames (a server's encoder batch; `audio_features_batch`)."""
+        return self.audio_features_batch([clip.samples for clip in clips])
 
     def new_backend(self) -> OrtDecoderBackend:
         """A decoder backend of its own (KV buffers included) over the shared session: one per
@@ -185,9 +201,10 @@ class LalmRunner:
         prompt: str | None = None,
         options: GenerationOptions | None = None,
         on_text: Callable[[str], None] | None = None,
+        stop_strings: Sequence[str] = (),
     ) -> list[Transcription]:
         """Text for each file or 16 kHz array (one alone is a batch of one); `on_text` streams
-        the first clip's text. The encoder runs clips of one input shape as a batch, and greedy
+        the first clip's text, and each ends at the first of `stop_strings`. The encoder runs clips of one input shape as a batch, and greedy
         generation clips with as many frames (prompts of one length, so nothing is padded):
         every clip gets the tokens it gets alone. The rest, and sampled generations (whose
         random draws a batch would share), run one by one."""
@@ -196,6 +213,7 @@ class LalmRunner:
         if len(clips) == 0:
             raise RuntimeUserError("no audio given; pass at least one file or array")
         prompt, options = self.resolve(prompt, options)
+        check_stop_strings(stop_strings)
         audios = [clip_audio(clip, index, self.limits) for index, clip in enumerate(clips)]
         for audio in audios:
             self.check_length(audio)
@@ -205,7 +223,9 @@ class LalmRunner:
         results: dict[int, Transcription] = {}
         for indices in generation_batches([len(feature) for feature in features], options):
             streamed = on_text if indices[0] == 0 else None
-            batch = self.transcribe_batch([audios[i] for i in indices], [features[i] for i in indices], encoder_s, prompt, options, streamed)
+            batch = self.transcribe_batch(
+                [audios[i] for i in indices], [features[i] for i in indices], encoder_s, prompt, options, streamed, stop_strings=stop_strings
+            )
             results.update(zip(indices, batch))
         return [results[i] for i in range(len(audios))]
 
@@ -240,6 +260,20 @@ class LalmRunner:
         if options.eos_token_id is None:
             options = replace(options, eos_token_id=self.eos_token_id)
         return prompt, options
+
+    def prepare(self, request: TranscriptionRequest, frames: np.ndarray, encoder_s: float = 0.0, budget: Budget | None = None) -> Generation:
+        """`request` with its clip's projected `frames` (`encode`, which took `encoder_s`), made
+        ready to generate: the prompt rule applied, the bundle's EOS, the prompt checked to fit
+        the context with the token budget (`budget(positions)` when given, else the options')."""
+        prompt, options = self.resolve(request.prompt, request.options)
+        positions = self.prompt_positions(frames, prompt, options)
+        if budget is not None:
+            options = replace(options, max_new_tokens=budget(positions))
+
+        def run(backend: OrtDecoderBackend, on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] | None = None) -> Transcription:
+            return self.transcribe_batch([request.audio], [frames], encoder_s, prompt, options, on_text, backend, cancelled, request.stop)[0]
+
+        return Generation(positions, options, run)
 
     def transcribe_batch(
         self,
@@ -306,12 +340,6 @@ def generation_batches(frames: Sequence[int], options: GenerationOptions, larges
     for index, count in enumerate(frames):
         groups.setdefault(count, []).append(index)
     return [indices[at : at + largest] for indices in groups.values() for at in range(0, len(indices), largest)]
-
-
-def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """`text` up to the first stop string in it (all of it when none is)."""
-    cuts = [text.index(s) for s in stop_strings if s and s in text]
-    return text[: min(cuts)] if cuts else text
 
 
 def clip_audio(clip: str | Path | np.ndarray | Audio, index: int, limits: AudioLimits | None = None) -> Audio:
