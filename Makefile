@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: torchaudio demo demo-spoken test test-slow test-avx2 lint bench-ci bench-baseline bench-base constraints clean
+.PHONY: torchaudio espeak demo demo-spoken test test-slow test-avx2 lint bench-ci bench-baseline bench-base constraints clean
 
 # The CI benchmark gate: tiny models, speedups over eager fp32 and parity compared with the
 # committed baseline of this CPU's instruction set (benchmarks/baselines/tiny-ISA.json; with
@@ -22,7 +22,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e ".[cpu,serve,ray,dev]"
 	$(MAKE) --no-print-directory torchaudio
+	$(MAKE) --no-print-directory espeak
 	touch $(STAMP)
+
+# espeak-ng speaks the sentences of the long-recording tests (tests/runtime/test_longform.py) and
+# the optional spoken-digits demo: installed where this user may (root with apt-get), else said.
+espeak:
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng >/dev/null; } || \
+	  echo "espeak-ng is not installed (apt-get install espeak-ng): the long-recording tests will be skipped"
 
 # torchaudio, for Granite Speech's processor (the tests' eager reference). The package index has
 # no torchaudio built for torch 2.13: its newest, 2.11.1, is a CUDA build whose C++ extension

@@ -167,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--family", choices=ENCODER_FAMILIES, default="wav2vec2")
     memory.add_argument("--seconds", type=float, nargs="+", default=[10, 20, 40, 60, 100], help="clip lengths (default: 10 20 40 60 100)")
     memory.add_argument("--out", type=Path, help="also write the JSON figures to this file")
+    long = commands.add_parser(
+        "long-form",
+        help="recordings longer than the window through audio LLM bundles: peak memory against a short clip, real-time factor",
+        description="Write a short clip and long recordings (espeak-ng sentences with pauses, or the DTMF demo's key tones with pauses) "
+        "and transcribe each with each bundle in a child process (runtime.infer's path): pieces, real-time factor, peak RSS. Writes "
+        "results.json and report.md to --out.",
+    )
+    long.add_argument("--bundle", type=Path, nargs="+", required=True, help="audio LLM bundles")
+    long.add_argument("--audio", choices=("speech", "dtmf"), default="speech", help="what the recordings hold (default: speech, by espeak-ng)")
+    long.add_argument("--minutes", type=float, nargs="+", default=[10, 60], help="lengths of the long recordings (default: 10 60)")
+    long.add_argument("--short-seconds", type=float, default=30.0, help="the short clip that peak memory is compared with (default: 30)")
+    long.add_argument("--tokens", type=int, default=32, help="new tokens per piece at most (default: 32)")
+    long.add_argument("--work", type=Path, help="keep the recordings here and reuse them (default: a temporary folder)")
+    long.add_argument("--out", type=Path, required=True, help="folder for results.json and report.md (refused if it holds results, unless --force)")
+    long.add_argument("--force", action="store_true", help="replace an existing --out folder's results")
     real = commands.add_parser(
         "real-whisper",
         help="Whisper tiny.en's real encoder at each precision: parity with the default gate, and latency against eager and the fp32 bundle",
@@ -327,6 +342,30 @@ def command_compare(args: argparse.Namespace) -> int:
     return 1 if any(f.fails for f in findings) else 0
 
 
+def command_long_form(args: argparse.Namespace, argv: list[str]) -> int:
+    import datetime as dt
+
+    from benchmarks.long_form import render, run
+    from benchmarks.machine import describe_machine
+    from benchmarks.run import command_line
+
+    check_out(args.out, args.force)
+    for bundle in args.bundle:
+        if not (bundle / "manifest.json").is_file():
+            raise UserError(f"--bundle {bundle} is not a bundle (no manifest.json); pass an audio LLM bundle folder")
+    with tempfile.TemporaryDirectory(prefix="long-form-") as temporary:
+        work = args.work or Path(temporary)
+        work.mkdir(parents=True, exist_ok=True)
+        rows = run(args.bundle, args.audio, args.minutes, args.short_seconds, args.tokens, work)
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results = {"created": created, "command": command_line(argv), "machine": describe_machine(), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (args.out / "report.md").write_text(render(results), encoding="utf-8")
+    print(f"results.json and report.md written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def command_real_whisper(args: argparse.Namespace, argv: list[str]) -> int:
     import datetime as dt
 
@@ -397,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_real_whisper(args, argv)
         if args.command == "pretrained-lalm":
             return command_pretrained_lalm(args, argv)
+        if args.command == "long-form":
+            return command_long_form(args, argv)
         if args.command == "clip-memory":
             from benchmarks.clip_memory import run as run_clip_memory
 

@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"with --lalm: the {role} part's precision ({suits}; default: --precision where it suits the {role}, else fp32)",
         )
     parser.add_argument(
+        "--split",
+        choices=("vad", "energy", "fixed"),
+        help="--lalm: how the runtime cuts recordings longer than the window, recorded in the manifest (extra.split) as the "
+        "bundle's default: vad (Silero VAD, at pauses in speech), energy (at quiet stretches: tones, music), fixed (overlapping "
+        "windows) (default: vad)",
+    )
+    parser.add_argument(
         "--min-cosine",
         type=finite_float,
         help="parity bound of a reduced precision: cosine, whole and per frame/position, against eager fp32 "
@@ -189,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The flags an LALM export takes; the rest describe a single component (an LALM folder records its own).
 LALM_FLAGS = (
     *("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json", "adapter", "qlora", "bnb_quant_type", "bnb_double_quant"),
-    *("precision", "encoder_precision", "decoder_precision", "decoder_graph", "device", "target_cpu", "min_cosine"),
+    *("precision", "encoder_precision", "decoder_precision", "decoder_graph", "device", "target_cpu", "min_cosine", "split"),
 )
 
 
@@ -209,6 +216,8 @@ def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error(f"{flag} describes a single --encoder or --decoder export; an LALM folder records its components, adapters and settings")
     names = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "decoder_graph", "device", "target_cpu", "min_cosine", "adapter")
     names += ("qlora", "bnb_quant_type", "bnb_double_quant")
+    if args.split is not None:
+        names += ("split",)
     return LalmExportOptions(
         **{name: getattr(args, name) for name in names},
         encoder_precision=component_precision(args, "encoder"),
@@ -224,6 +233,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     per_part = [values.pop("encoder_precision"), values.pop("decoder_precision")]
     if any(precision is not None for precision in per_part):
         raise OptionsError("--encoder-precision and --decoder-precision choose an --lalm bundle's parts; for one component use --precision")
+    if values.pop("split") is not None:
+        raise OptionsError("--split records how an --lalm bundle cuts long recordings; an encoder bundle refuses audio longer than it encodes")
     values["family"] = values.pop("encoder") or "llm"
     values["decoder_arch"] = values.pop("decoder") or "auto"
     int4 = {name.removeprefix("int4_"): values.pop(name) for name in list(values) if name.startswith("int4_")}

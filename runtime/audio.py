@@ -51,6 +51,14 @@ def load_audio(path: str | Path, limits: Any = None) -> Audio:
     """Decode wav/flac/ogg, downmix to mono, resample to 16 kHz (soxr, high quality).
     `limits` (a bundle's `runtime.limits.AudioLimits`): longer audio is refused by its header,
     before it is decoded."""
+    path = check_audio_path(path)
+    if limits is not None:
+        check_header(str(path), path.name, limits)
+    return _decode(str(path), str(path), path.name)
+
+
+def check_audio_path(path: str | Path) -> Path:
+    """`path` as a Path, refused in one line when it is a folder, missing or unreadable."""
     from runtime.manifest import denied, path_state
 
     path = Path(path)
@@ -61,9 +69,7 @@ def load_audio(path: str | Path, limits: Any = None) -> Audio:
         raise AudioError(f"audio file {path} does not exist")
     if state == "denied" or not os.access(path, os.R_OK):
         raise AudioError(denied("audio file", path))
-    if limits is not None:
-        check_header(str(path), path.name, limits)
-    return _decode(str(path), str(path), path.name)
+    return path
 
 
 # libsndfile's container names (soundfile.info().format) for each format name a request may give.

@@ -39,6 +39,7 @@ class BatchSettings:
     prompt: str | None = None
     max_new_tokens: int = 128
     features_dir: str | None = None
+    split: str | None = None  # how recordings longer than the window are cut (None: the bundle's)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features-dir", type=Path, help="encoder bundles: where the .npy files go (default: OUTPUT without .jsonl, plus .features)")
     parser.add_argument("--prompt", help="audio LLM bundles: the instruction (default: the bundle's prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="audio LLM bundles: tokens per file at most (default: 128)")
+    parser.add_argument(
+        "--split",
+        choices=("vad", "energy", "fixed"),
+        help="audio LLM bundles: where a file longer than the window is cut (vad: at pauses in speech; energy: at quiet stretches; "
+        "fixed: overlapping windows); its record holds the segments (default: the bundle's, else vad)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="files per batch (the encoder batches equal-shape clips) (default: 8)")
     add_session_flags(parser, "a longer file gets an error record with the length that fits")
     ray = parser.add_argument_group("Ray Data")
@@ -188,10 +195,18 @@ def records_for(model: Any, files: Sequence[str], settings: BatchSettings) -> li
     from runtime.audio import load_audio
     from runtime.errors import RuntimeUserError
 
-    clips, records = {}, {}
+    clips, long_files, records = {}, [], {}
     for file in files:
         try:
-            clips[file] = load_audio(file, model.limits)
+            if model.role == "lalm" and model.long_recording(file, 0) is not None:
+                long_files.append(file)  # read in blocks and run alone: its pieces are its batch
+            else:
+                clips[file] = load_audio(file, model.limits)
+        except RuntimeUserError as err:
+            records[file] = {"file": file, "error": str(err)}
+    for file in long_files:
+        try:
+            records[file] = {"file": file, **_run(model, [(file, file)], settings)[0]}
         except RuntimeUserError as err:
             records[file] = {"file": file, "error": str(err)}
     if clips:
@@ -210,7 +225,10 @@ def records_for(model: Any, files: Sequence[str], settings: BatchSettings) -> li
 
 
 def _run(model: Any, items: list[tuple[str, Any]], settings: BatchSettings) -> list[dict[str, Any]]:
-    """Results of (file, audio) pairs run as one batch."""
+    """Results of (file, audio) pairs run as one batch; `elapsed_s` is the batch's wall time,
+    `batch_files` its files."""
+    import time
+
     import numpy as np
 
     from runtime.generation import GenerationOptions
@@ -226,7 +244,10 @@ def _run(model: Any, items: list[tuple[str, Any]], settings: BatchSettings) -> l
             os.replace(tmp, path)
             out.append({"features": str(path), "shape": list(encoded.hidden_states.shape), "audio_s": round(encoded.seconds, 3)})
         return out
-    results = model.transcribe([clip for _, clip in items], settings.prompt, GenerationOptions(max_new_tokens=settings.max_new_tokens))
+    start = time.perf_counter()
+    options = GenerationOptions(max_new_tokens=settings.max_new_tokens)
+    results = model.transcribe([clip for _, clip in items], settings.prompt, options, split=settings.split)
+    elapsed = round(time.perf_counter() - start, 6)
     return [
         {
             "text": r.text,
@@ -235,6 +256,9 @@ def _run(model: Any, items: list[tuple[str, Any]], settings: BatchSettings) -> l
             "tokens_per_s": r.tokens_per_s,
             "audio_s": r.audio_s,
             **r.timings,
+            "elapsed_s": elapsed,
+            "batch_files": len(items),
+            "segments": [asdict(segment) for segment in r.segments],
         }
         for r in results
     ]
@@ -265,7 +289,7 @@ def run_local(args: argparse.Namespace, todo: list[str], settings: BatchSettings
     from runtime.runners import load
 
     model = load(args.bundle, session_options(args))
-    check_bundle_kind(model.role)
+    check_bundle_kind(model.role, settings.split)
     for start in range(0, len(todo), args.batch_size):
         yield records_for(model, todo[start : start + args.batch_size], settings)
 
@@ -275,7 +299,7 @@ def run_ray(args: argparse.Namespace, todo: list[str], settings: BatchSettings) 
 
     from runtime.manifest import read_manifest
 
-    check_bundle_kind(read_manifest(args.bundle).role)
+    check_bundle_kind(read_manifest(args.bundle).role, settings.split)
     # "local": a new instance, never one a previous run is still tearing down
     ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts files
@@ -291,13 +315,15 @@ def run_ray(args: argparse.Namespace, todo: list[str], settings: BatchSettings) 
         yield [json.loads(row["record"])]
 
 
-def check_bundle_kind(role: str) -> None:
+def check_bundle_kind(role: str, split: str | None = None) -> None:
     from runtime.errors import RuntimeUserError
 
     if role not in ("encoder", "lalm"):
         raise RuntimeUserError(
             "runtime.batch takes audio: pass an audio LLM or encoder bundle (a text bundle takes prompts: use runtime.infer or runtime.serve)"
         )
+    if split is not None and role != "lalm":
+        raise RuntimeUserError("--split cuts long recordings for an audio LLM bundle; an encoder bundle refuses files longer than it encodes")
 
 
 def append_records(output: Path, batches: Iterable[list[dict[str, Any]]], total: int, quiet: bool) -> tuple[int, int]:
@@ -370,7 +396,7 @@ def run_batch(args: argparse.Namespace, files: list[str]) -> int:
         raise RuntimeUserError(f"--features-dir {features_dir} is a file; pass a folder for the .npy files (made if missing)")
     if read_manifest(args.bundle).role == "encoder":
         make_features_dir(features_dir)
-    settings = BatchSettings(prompt=args.prompt, max_new_tokens=args.max_new_tokens, features_dir=str(features_dir.resolve()))
+    settings = BatchSettings(prompt=args.prompt, max_new_tokens=args.max_new_tokens, features_dir=str(features_dir.resolve()), split=args.split)
     if not args.quiet:
         print(f"runtime.batch: {len(files)} file(s), {len(files) - len(todo)} already in {args.output}, {len(todo)} to do", file=sys.stderr)
     if not todo:

@@ -7,6 +7,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from runtime.flags import add_session_flags
@@ -22,6 +25,9 @@ EPILOG = """examples:
 
   # an audio LLM bundle (lalm-export --lalm): each file's audio in the prompt, text out
   python -m runtime.infer bundles/lalm --audio a.wav b.wav --json   # the bundle's own prompt, named on stderr
+
+  # a recording longer than the bundle's window: cut at its pauses, each piece's start, end and text in --json
+  python -m runtime.infer bundles/lalm --audio meeting.flac --json --split vad
 
 exit status: 0 done; 1 user error (one line on stderr); 2 bad flags; 130 interrupted (Ctrl-C stops even a long model call at once)."""
 
@@ -56,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a completion at this text; repeatable")
     text.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     text.add_argument("--json", action="store_true", help="print one JSON object per prompt: text, tokens, timings")
+    long = parser.add_argument_group("audio LLM bundles: recordings longer than the window")
+    long.add_argument(
+        "--split",
+        choices=("vad", "energy", "fixed"),
+        help="where a recording longer than the bundle's window is cut: vad (Silero VAD: at pauses in speech, silence skipped), "
+        "energy (at quiet stretches: tones, music), fixed (windows overlapping by 1 s) (default: the bundle's, manifest extra.split, else vad)",
+    )
     run = parser.add_argument_group("session")
     add_session_flags(run)
     run.add_argument(
@@ -165,6 +178,27 @@ def run_decoder(generator, args: argparse.Namespace) -> None:
     )
 
 
+@contextmanager
+def piece_progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr per long recording: its pieces transcribed out of all."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def on_piece(name: str, done: int, total: int) -> None:
+        if quiet:
+            return
+        if name not in bars:
+            bars[name] = tqdm(total=total, desc=name, unit="piece", file=sys.stderr, leave=True)
+        bars[name].update(done - bars[name].n)
+
+    try:
+        yield on_piece
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
 def run_lalm(runner, args: argparse.Namespace) -> None:
     """Audio files in, text out: each file's audio in the prompt, the first file's text streamed."""
     from runtime.errors import RuntimeUserError
@@ -183,7 +217,10 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
     # One file streams its text bare as it comes; several print one line each, "name: text"
     streaming = not args.json and len(args.audio) == 1
     on_text = (lambda text: print(text, end="", flush=True)) if streaming else None
-    results = run_interruptibly(lambda: runner.transcribe(args.audio, prompt, options, on_text=on_text, stop_strings=args.stop))
+    with piece_progress(args.quiet) as on_piece:
+        results = run_interruptibly(
+            lambda: runner.transcribe(args.audio, prompt, options, on_text=on_text, stop_strings=args.stop, split=args.split, on_piece=on_piece)
+        )
     for index, result in enumerate(results):
         if args.json:
             record = {
@@ -195,6 +232,7 @@ def run_lalm(runner, args: argparse.Namespace) -> None:
                 "audio_s": result.audio_s,
                 **result.timings,
                 "batch_size": result.batch_size,
+                "segments": [asdict(segment) for segment in result.segments],
             }
             print(json.dumps(record))
         elif streaming:
@@ -224,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{args.bundle}: {model.manifest.family} {model.manifest.role} ({model.manifest.precision}){trained}, provider {model.provider}", args.quiet)
         if any(not stop for stop in args.stop):
             raise RuntimeUserError("--stop '' would stop every completion at once; pass the text to stop at")
+        if args.split is not None and model.role != "lalm":
+            raise RuntimeUserError(f"--split cuts long recordings for an audio LLM bundle; this is a {model.role} bundle")
         RUNS[model.role](model, args)
     except RuntimeUserError as err:
         print(f"runtime.infer: error: {err}", file=sys.stderr)

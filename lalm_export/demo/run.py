@@ -301,6 +301,7 @@ class AudioTask:
     build: Callable[[Path], Any]
     train: Callable[[Any, int, Callable[[int, float], None]], None]
     held_out: Callable[[], list[tuple[np.ndarray, str]]]
+    split: str = "vad"  # how the bundle cuts long recordings (lalm-export --split): a speech detector hears no speech in key tones
 
 
 def dtmf_task() -> AudioTask:
@@ -313,6 +314,7 @@ def dtmf_task() -> AudioTask:
         build_dtmf_lalm,
         lambda model, steps, on_step: train_dtmf(model, steps, on_step=on_step),
         lambda: dtmf_examples(64, seed=HELD_OUT_SEED),
+        split="energy",
     )
 
 
@@ -349,8 +351,8 @@ def run_lalm(root: Path, task: AudioTask, steps: int, say) -> None:
     say(f"   trained {steps} steps ({task.recipe}) in {time.perf_counter() - start:.0f} s")
     saved, bundle = root / f"{task.name}-lalm", root / "bundles" / f"{task.name}-lalm"
     model.save_pretrained(saved)
-    say(f"$ lalm-export --lalm {saved} --output {bundle} -q")
-    cli.main(["--lalm", str(saved), "--output", str(bundle), "-q"])
+    say(f"$ lalm-export --lalm {saved} --output {bundle} --split {task.split} -q")
+    cli.main(["--lalm", str(saved), "--output", str(bundle), "--split", task.split, "-q"])
     manifest = json.loads((bundle / "manifest.json").read_text())
     greedy, features = manifest["parity"]["greedy"], manifest["parity"]["outputs"]["audio_features"]
     say(f"   parity gate: audio features relative {features['relative']:.2e}; greedy tokens {greedy['agreement']:.0%} of {greedy['steps']} agree")

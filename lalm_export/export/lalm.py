@@ -299,6 +299,7 @@ def lalm_facts(merged: MergedLalm, opts: LalmExportOptions, folder: Path, graph_
         "audio_token": config["audio_token"],
         "audio_token_id": int(config["audio_token_id"]),
         "prompt": config["prompt"],
+        "split": opts.split,  # runtime.longform: how a recording longer than the window is cut
         **({"chat_template": config["chat_template"], "chat_content": config["chat_content"]} if "chat_template" in config else {}),
         **({"downsample": int(config["projector"]["downsample"])} if "downsample" in config["projector"] else {}),
         **decoder_facts(decoder, merged.tokenizer),

@@ -82,6 +82,7 @@ class LalmExportOptions:
     qlora: bool = False  # that adapter was trained on the checkpoint loaded in 4 bits: merge into it, dequantized
     bnb_quant_type: str = "nf4"
     bnb_double_quant: bool = True
+    split: str = "vad"  # how the runtime cuts recordings longer than the window: vad | energy | fixed (manifest extra.split)
 
     @property
     def quantization(self) -> QuantizationSettings | None:

@@ -18,11 +18,13 @@ from runtime.chat import ChatTemplate
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check_prompt_text, generate, until_eos
 from runtime.limits import AudioLimits, audio_limits
+from runtime.longform import PIECE_SECONDS, Piece, Recording, Segment, joined_text, piece_audio, pieces_of
 from runtime.manifest import is_whole_number
 from runtime.ort_backends import OrtDecoderBackend
 from runtime.runners.requests import Budget, Generation, TranscriptionRequest, check_stop_strings, cut_at_stop
 from runtime.scheduler import DecodeScheduler
 from runtime.sessions import run_options_for
+from runtime.vad import SPLITTERS
 
 GENERATION_BATCH = 8  # clips generated together at most (their KV caches grow with the batch)
 
@@ -53,6 +55,26 @@ class Transcription:
     timings: dict[str, float] = field(default_factory=dict)  # encoder_s, prefill_s, decode_s
     prompt_tokens: int = 0  # positions of the prompt, the audio frames included
     batch_size: int = 1  # clips generated together; prefill_s and decode_s are the batch's
+    segments: list[Segment] = field(default_factory=list)  # a long recording's pieces; a clip within the window: itself
+
+
+def long_transcription(recording: Recording, pieces: Sequence[Piece], segments: list[Segment], parts: Sequence[Transcription]) -> Transcription:
+    """One recording's result from its pieces': the texts joined (`joined_text`), the tokens in
+    order, the times added up."""
+    timings = {name: round(sum(part.timings.get(name, 0.0) for part in parts), 6) for name in ("encoder_s", "prefill_s", "decode_s")}
+    tokens = [token for part in parts for token in part.tokens]
+    return Transcription(
+        recording.name,
+        joined_text([segment.text for segment in segments], list(pieces)),
+        tokens,
+        round(recording.seconds, 3),
+        parts[0].time_to_first_token_s if parts else 0.0,
+        round(len(tokens) / timings["decode_s"], 3) if timings["decode_s"] > 0 else 0.0,
+        timings,
+        sum(part.prompt_tokens for part in parts),
+        max((part.batch_size for part in parts), default=1),
+        segments,
+    )
 
 
 class LalmRunner:
@@ -202,19 +224,41 @@ class LalmRunner:
         options: GenerationOptions | None = None,
         on_text: Callable[[str], None] | None = None,
         stop_strings: Sequence[str] = (),
+        split: str | None = None,
+        on_piece: Callable[[str, int, int], None] | None = None,
     ) -> list[Transcription]:
         """Text for each file or 16 kHz array (one alone is a batch of one); `on_text` streams
-        the first clip's text, and each ends at the first of `stop_strings`. The encoder runs clips of one input shape as a batch, and greedy
-        generation clips with as many frames (prompts of one length, so nothing is padded):
-        every clip gets the tokens it gets alone. The rest, and sampled generations (whose
-        random draws a batch would share), run one by one."""
+        the first clip's text, and each ends at the first of `stop_strings`. The encoder runs
+        clips of one input shape as a batch, and greedy generation clips with as many frames
+        (prompts of one length, so nothing is padded): every clip gets the tokens it gets alone.
+        The rest, and sampled generations (whose random draws a batch would share), run one by one.
+
+        A recording longer than the bundle's window is transcribed in pieces cut at its pauses
+        (`runtime.longform`; `split`: vad, energy or fixed, default the bundle's), its segments
+        in the result; `on_piece(name, done, total)` follows its pieces."""
         if isinstance(clips, str | Path | Audio) or (isinstance(clips, np.ndarray) and clips.ndim == 1):
             clips = [clips]  # one clip, not a sequence of them
         if len(clips) == 0:
             raise RuntimeUserError("no audio given; pass at least one file or array")
         prompt, options = self.resolve(prompt, options)
         check_stop_strings(stop_strings)
-        audios = [clip_audio(clip, index, self.limits) for index, clip in enumerate(clips)]
+        split = self.split_for(split)
+        recordings = [self.long_recording(clip, index) for index, clip in enumerate(clips)]
+        short = [index for index, recording in enumerate(recordings) if recording is None]
+        audios = [clip_audio(clips[index], index, self.limits) for index in short]
+        results = dict(zip(short, self.transcribe_clips(audios, prompt, options, on_text if short[:1] == [0] else None, stop_strings)))
+        for index, recording in enumerate(recordings):
+            if recording is not None:
+                streamed = on_text if index == 0 else None
+                results[index] = self.transcribe_recording(recording, prompt, options, split, streamed, stop_strings, on_piece)
+        return [results[i] for i in range(len(clips))]
+
+    def transcribe_clips(
+        self, audios: Sequence[Audio], prompt: str, options: GenerationOptions, on_text: Callable[[str], None] | None, stop_strings: Sequence[str]
+    ) -> list[Transcription]:
+        """`transcribe` for clips within the window, the prompt resolved."""
+        if not audios:
+            return []
         for audio in audios:
             self.check_length(audio)
         start = time.perf_counter()
@@ -228,6 +272,65 @@ class LalmRunner:
             )
             results.update(zip(indices, batch))
         return [results[i] for i in range(len(audios))]
+
+    def split_for(self, split: str | None) -> str:
+        """The splitter of long recordings: `split`, else the one the bundle records, else vad."""
+        chosen = split or self.facts.get("split") or "vad"
+        if chosen not in SPLITTERS:
+            raise RuntimeUserError(f"split must be one of {', '.join(SPLITTERS)}, not {chosen!r}")
+        return chosen
+
+    def long_recording(self, clip: str | Path | bytes | np.ndarray | Audio, index: int, name: str | None = None) -> Recording | None:
+        """`clip` (a file, its bytes, an array, an `Audio`) as a `Recording` when it is longer
+        than the bundle's window (a file: by its header, before any decoding), else None."""
+        if self.limits is None or isinstance(clip, Audio) and clip.seconds <= self.limits.max_seconds:
+            return None
+        if isinstance(clip, np.ndarray):
+            return Recording.of(clip, f"array{index}") if len(clip) / 16_000 > self.limits.max_seconds else None
+        recording = Recording.of(clip, name)
+        return recording if recording.seconds > self.limits.max_seconds else None
+
+    def piece_seconds(self, prompt: str, options: GenerationOptions) -> float:
+        """The longest piece of a long recording: the window (at most PIECE_SECONDS), shorter where
+        its audio positions, the prompt and the new tokens would overflow the decoder's context
+        (a raw-audio encoder's positions grow with the audio; measured on a window of silence)."""
+        window = min(self.limits.max_seconds, PIECE_SECONDS)
+        other = len(self.prompt_ids(prompt)) - 1
+        room = self.context_length - other - options.max_new_tokens
+        positions = len(self.audio_features(np.zeros(int(window * 16_000), np.float32)))
+        if positions <= room:
+            return window
+        if self.input_kind != "raw_audio" or room < 2:
+            raise ContextLengthError(other + positions, options.max_new_tokens, self.context_length)
+        return window * (room - 1) / positions
+
+    def transcribe_recording(
+        self,
+        recording: Recording,
+        prompt: str,
+        options: GenerationOptions,
+        split: str,
+        on_text: Callable[[str], None] | None = None,
+        stop_strings: Sequence[str] = (),
+        on_piece: Callable[[str, int, int], None] | None = None,
+    ) -> Transcription:
+        """A long recording's text and segments: its pieces (`runtime.longform`) transcribed a
+        batch at a time, each piece read from the recording when its batch runs."""
+        pieces = [piece for piece in pieces_of(recording, split, self.piece_seconds(prompt, options)) if piece.end - piece.start >= self.limits.min_samples]
+        segments: list[Segment] = []
+        parts: list[Transcription] = []
+        if on_piece is not None:
+            on_piece(recording.name, 0, len(pieces))
+        for at in range(0, len(pieces), GENERATION_BATCH):
+            batch = pieces[at : at + GENERATION_BATCH]
+            for piece, part in zip(batch, self.transcribe_clips([piece_audio(recording, p) for p in batch], prompt, options, None, stop_strings)):
+                segments.append(Segment(len(segments), *piece.seconds, part.text.strip(), part.tokens))
+                parts.append(part)
+                if on_text is not None and part.text.strip():
+                    on_text(("" if len(segments) == 1 else " ") + part.text.strip())
+            if on_piece is not None:
+                on_piece(recording.name, len(segments), len(pieces))
+        return long_transcription(recording, pieces, segments, parts)
 
     def check_length(self, audio: Audio) -> None:
         """Refuse a clip shorter than the encoder's receptive field or longer than its window
@@ -321,6 +424,7 @@ class LalmRunner:
                     len(audios),
                 )
             )
+            results[-1].segments = [Segment(0, 0.0, results[-1].audio_s, results[-1].text.strip(), tokens)]
         clock.finish(results[0].text)
         return results
 

@@ -19,7 +19,8 @@ import math
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from runtime.audio import CONTAINERS, Audio, decode_audio
 from runtime.chat import joined_content
 from runtime.generation import GenerationOptions
+from runtime.longform import Segment
+from runtime.runners.lalm import Transcription
 from runtime.runners.requests import CompletionRequest, Generation, TranscriptionRequest
 from runtime.server.engine import Engine, ServedModel
 from runtime.server.errors import ApiError, as_api_error, bad_request
+from runtime.vad import SPLITTERS
 
-TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 AUDIO_FORMATS = tuple(CONTAINERS)
 # Chat roles this server takes; "tool" and "function" messages answer tool calls, which it does not make.
 ROLES = ("system", "developer", "user", "assistant")
@@ -155,35 +159,35 @@ def build_app(engine: Engine) -> FastAPI:
         model = engine.model(form.get("model"), ("lalm",), "/v1/audio/transcriptions")
         response_format = _choice(form.get("response_format") or "json", TRANSCRIPTION_FORMATS, "response_format")
         stream = _flag(form.get("stream"), "stream")
+        split = _choice(form.get("split"), SPLITTERS, "split") if form.get("split") else None  # this server's extension: how long audio is cut
         options, asked = _options({"temperature": form.get("temperature")})
         prompt = _lalm_prompt(form.get("prompt"))
-        audio = await _upload(form, limit_bytes, model.runner.limits)
-        release = engine.admit()
-        try:
-            generation = await engine.prepare(model, as_api_error(lambda: TranscriptionRequest(audio, prompt, options)), asked)
-        except BaseException:
-            release()
-            raise
-        result = await _answer(
-            request, engine, model, generation, release, stream, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done
-        )
-        if isinstance(result, Response):
-            return result
-        if response_format == "text":
-            return PlainTextResponse(result.text)
-        body: dict[str, Any] = {"text": result.text, "usage": _transcription_usage(result)}
-        if response_format == "verbose_json":
-            body.update(
-                task="transcribe",
-                language=str(form.get("language") or "unknown"),
-                duration=result.audio_s,
-                segments=[],
-                tokens=result.tokens,
-                time_to_first_token_s=result.time_to_first_token_s,
-                tokens_per_s=result.tokens_per_s,
-                timings=result.timings,
+        data, name = await _upload_bytes(form, limit_bytes)
+        recording = as_api_error(lambda: model.runner.long_recording(data, 0, name), "file")
+        if recording is not None:  # longer than the window: cut into pieces, each a request of its own
+            if stream:
+                raise bad_request(
+                    f"stream is not supported for audio longer than the bundle's window ({model.runner.limits.max_seconds:g} s); leave it out", "stream"
+                )
+            with engine.admission():
+                result = await _unless_gone(request, engine.transcribe_recording(model, recording, prompt, options, asked, split))
+            if isinstance(result, Response):
+                return result
+            engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
+        else:
+            audio = as_api_error(lambda: decode_audio(data, name, model.runner.limits), "file")
+            release = engine.admit()
+            try:
+                generation = await engine.prepare(model, as_api_error(lambda: TranscriptionRequest(audio, prompt, options)), asked)
+            except BaseException:
+                release()
+                raise
+            result = await _answer(
+                request, engine, model, generation, release, stream, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done
             )
-        return JSONResponse(body)
+            if isinstance(result, Response):
+                return result
+        return _transcription_response(result, response_format, str(form.get("language") or "unknown"), options.temperature)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -230,14 +234,20 @@ async def _form(request: Request) -> Any:
         raise bad_request(f"the multipart body could not be read: {err}") from None
 
 
-async def _upload(form: Any, limit_bytes: int, limits: Any) -> Audio:
+async def _upload_bytes(form: Any, limit_bytes: int) -> tuple[bytes, str]:
+    """The `file` field's bytes and name."""
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise bad_request("no audio: send the audio file in the `file` field", "file")
     data = await upload.read()
     if len(data) > limit_bytes:
         raise _too_large(len(data), limit_bytes)
-    return as_api_error(lambda: decode_audio(data, upload.filename or "upload", limits), "file")
+    return data, upload.filename or "upload"
+
+
+async def _upload(form: Any, limit_bytes: int, limits: Any) -> Audio:
+    data, name = await _upload_bytes(form, limit_bytes)
+    return as_api_error(lambda: decode_audio(data, name, limits), "file")
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -415,6 +425,44 @@ def _error_response(err: ApiError) -> JSONResponse:
 # --- responses ----------------------------------------------------------------------------
 
 
+def _transcription_response(result: Transcription, response_format: str, language: str, temperature: float) -> Response:
+    """OpenAI's transcription answer in `response_format`: json, text, verbose_json (with its
+    segments: id, seek, start, end, text, tokens, temperature), srt or vtt (a cue per segment)."""
+    if response_format == "text":
+        return PlainTextResponse(result.text)
+    if response_format in ("srt", "vtt"):
+        return PlainTextResponse(subtitles(result.segments, response_format), media_type="text/vtt" if response_format == "vtt" else "application/x-subrip")
+    body: dict[str, Any] = {"text": result.text, "usage": _transcription_usage(result)}
+    if response_format == "verbose_json":
+        segments = [{**asdict(segment), "seek": int(segment.start * 100), "temperature": temperature} for segment in result.segments]
+        body.update(
+            task="transcribe",
+            language=language,
+            duration=result.audio_s,
+            segments=segments,
+            tokens=result.tokens,
+            time_to_first_token_s=result.time_to_first_token_s,
+            tokens_per_s=result.tokens_per_s,
+            timings=result.timings,
+        )
+    return JSONResponse(body)
+
+
+def subtitles(segments: Sequence[Segment], kind: str) -> str:
+    """SubRip (`srt`) or WebVTT (`vtt`) text: one cue per segment with text."""
+    separator = "," if kind == "srt" else "."
+
+    def stamp(seconds: float) -> str:
+        millis = int(round(seconds * 1000))
+        return f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}{separator}{millis % 1000:03d}"
+
+    cues = [segment for segment in segments if segment.text]
+    lines = [] if kind == "srt" else ["WEBVTT", ""]
+    for number, segment in enumerate(cues, 1):
+        lines += ([str(number)] if kind == "srt" else []) + [f"{stamp(segment.start)} --> {stamp(segment.end)}", segment.text, ""]
+    return "\n".join(lines)
+
+
 def _transcription_usage(result: Any) -> dict[str, Any]:
     return {
         "type": "tokens",
@@ -498,19 +546,28 @@ async def _answer(
     (it ends at its next step) and is answered 499, which nobody reads but the metrics."""
     if stream:
         return StreamingResponse(_stream(request, engine, model, generation, delta_event, done_events, release, first), media_type="text/event-stream")
-    task = asyncio.ensure_future(engine.generate(model, generation))
+    try:
+        result = await _unless_gone(request, engine.generate(model, generation))
+    finally:
+        release()
+    if not isinstance(result, Response):
+        engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
+    return result
+
+
+async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
+    """`work`'s result, or 499 when the client goes away first (the work is cancelled: a
+    generation then ends at its next step)."""
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
-            task.cancel()  # Engine.generate then sets its cancel flag
+            task.cancel()
             return Response(status_code=CLIENT_GONE)
-        result = task.result()
+        return task.result()
     finally:
         gone.cancel()
-        release()
-    engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
-    return result
 
 
 def _sse(payload: dict[str, Any] | str) -> str:

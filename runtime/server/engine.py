@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +19,20 @@ import numpy as np
 
 from runtime.audio import Audio
 from runtime.errors import RuntimeUserError
+from runtime.generation import GenerationOptions
+from runtime.longform import Piece, Recording, Segment, piece_audio, pieces_of
 from runtime.runners import load
 from runtime.runners.decoder import TextGenerator
 from runtime.runners.encoder import EncodedAudio, EncoderRunner
-from runtime.runners.lalm import LalmRunner
+from runtime.runners.lalm import LalmRunner, Transcription, long_transcription
 from runtime.runners.requests import CompletionRequest, Generation, TranscriptionRequest
 from runtime.scheduler import DecodeScheduler
 from runtime.server.batching import DynamicBatcher
 from runtime.server.errors import ApiError, as_api_error, from_user_error, unavailable
 from runtime.server.metrics import ServerMetrics
 from runtime.sessions import SessionOptions
+
+PIECE_TOKENS = 128  # a long recording's tokens per piece when neither the request nor --max-new-tokens says
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,42 @@ class Engine:
         frames = await self.encode(model, request.audio)
         encoder_s = time.perf_counter() - start
         return as_api_error(lambda: model.runner.prepare(request, frames, encoder_s, budget))
+
+    async def transcribe_recording(
+        self, model: ServedModel, recording: Recording, prompt: str | None, options: GenerationOptions, asked: int | None, split: str | None
+    ) -> Transcription:
+        """A recording longer than the window, as `LalmRunner.transcribe` does it, its pieces
+        run as requests of their own: encoded in the batches other clips form, generated in the
+        shared decode batch, at most --decode-slots pieces of it at once (their audio read from
+        the upload only then). Each piece may make `asked` tokens, else --max-new-tokens, else
+        PIECE_TOKENS."""
+        runner = model.runner
+        options = replace(options, max_new_tokens=asked or self.settings.max_new_tokens or PIECE_TOKENS)
+        split = as_api_error(lambda: runner.split_for(split))
+        resolved, _ = as_api_error(lambda: runner.resolve(prompt, options))  # refused before any piece is cut
+
+        def plan() -> list[Piece]:
+            longest = runner.piece_seconds(resolved, options)
+            return [piece for piece in pieces_of(recording, split, longest) if piece.end - piece.start >= runner.limits.min_samples]
+
+        pieces = await asyncio.to_thread(lambda: as_api_error(plan, "file"))
+        in_flight = asyncio.Semaphore(self.settings.decode_slots)
+
+        async def transcribed(piece: Piece) -> Transcription:
+            async with in_flight:
+                audio = await asyncio.to_thread(piece_audio, recording, piece)
+                generation = await self.prepare(model, TranscriptionRequest(audio, prompt, options), options.max_new_tokens)
+                return await self.generate(model, generation)
+
+        tasks = [asyncio.ensure_future(transcribed(piece)) for piece in pieces]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        segments = [Segment(index, *piece.seconds, part.text.strip(), part.tokens) for index, (piece, part) in enumerate(zip(pieces, parts))]
+        return long_transcription(recording, pieces, segments, parts)
 
     def record_generation(self, model: ServedModel, tokens: int, ttft_s: float, tokens_per_s: float) -> None:
         self.metrics.tokens.labels(model.name).inc(tokens)

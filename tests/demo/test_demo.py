@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from lalm_export.demo.run import DEMO_MARK, prepare_out
 from lalm_export.demo.run import main as demo_main
@@ -31,6 +33,26 @@ def test_demo_runs_end_to_end(tmp_path):
     assert accuracy >= 90.0, onnx_row
     assert re.search(r"\| 64/64 +\|$", onnx_row), onnx_row  # every held-out clip: the runtime's tokens are eager's
     assert (out / "features.npz").is_file()
+    check_a_long_dtmf_recording(out / "bundles" / "dtmf-lalm", tmp_path / "dtmf-5min.wav")
+
+
+def check_a_long_dtmf_recording(bundle, path) -> None:
+    """The 64 held-out clips in one recording of five minutes, 3.5-5 s of quiet noise between
+    them: cut by the bundle's splitter (energy, recorded by the demo's export) into one piece
+    per clip, with the key accuracy of the clips transcribed one by one."""
+    from lalm_export.demo.dtmf import HELD_OUT_SEED, dtmf_examples, key_accuracy
+    from runtime.api import load
+    from runtime.generation import GenerationOptions
+
+    examples, rng = dtmf_examples(64, seed=HELD_OUT_SEED), np.random.default_rng(1)
+    parts = [part for clip, _ in examples for part in (clip, 0.002 * rng.standard_normal(int(rng.uniform(3.5, 5.0) * 16_000)))]
+    sf.write(path, np.concatenate(parts).astype(np.float32), 16_000, subtype="PCM_16")
+    runner, options, keys = load(bundle), GenerationOptions(max_new_tokens=16), [k for _, k in examples]
+    assert runner.split_for(None) == "energy"
+    alone = key_accuracy(keys, [r.text.replace(" ", "") for r in runner.transcribe([clip for clip, _ in examples], None, options)])
+    recording = runner.transcribe(path, None, options)[0]
+    assert len(recording.segments) == 64
+    assert key_accuracy(keys, [s.text.replace(" ", "") for s in recording.segments]) >= alone - 0.01
 
 
 def test_a_folder_the_demo_did_not_write_is_never_replaced(tmp_path, capsys):

@@ -476,6 +476,18 @@ def test_lalm_flags_that_describe_a_component_are_refused(checkpoints, tmp_path,
     assert not (tmp_path / "b").exists()
 
 
+def test_split_is_recorded_as_the_bundles_way_to_cut_long_recordings(checkpoints, tmp_path, capsys):
+    model = tiny_lalm(checkpoints, "hubert")
+    model.save_pretrained(tmp_path / "lalm")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--output", tmp_path / "bundle", "--split", "energy", "-q", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "bundle" / "manifest.json").read_text())["extra"]["split"] == "energy"
+    assert load(tmp_path / "bundle").split_for(None) == "energy"
+    result = run_main(export_main, "--encoder", "hubert", "--model", checkpoints["hubert"], "--output", tmp_path / "enc", "--split", "vad", capsys=capsys)
+    assert_user_error(result, "--split records how an --lalm bundle cuts long recordings")
+    assert not (tmp_path / "enc").exists()
+
+
 @pytest.mark.parametrize(
     "flags, encoder, decoder",
     [
@@ -522,9 +534,9 @@ def test_per_component_precision_is_for_lalm_bundles(checkpoints, tmp_path, caps
     assert_user_error(result, "--encoder-precision and --decoder-precision choose an --lalm bundle's parts")
 
 
-def test_audio_past_a_short_whisper_window_is_refused_not_cut(tmp_path, capsys):
+def test_audio_past_a_short_whisper_window_is_transcribed_in_pieces_not_cut(tmp_path, capsys):
     """A Whisper-style encoder with a 2 s window: 3 s of audio would lose its last second in
-    the log-mel front end; the runtime says so instead."""
+    the log-mel front end; the runtime cuts it into pieces within the window instead."""
     from lalm_export.demo.dtmf import build_dtmf_lalm
     from runtime.infer import main as infer_main
 
@@ -532,5 +544,7 @@ def test_audio_past_a_short_whisper_window_is_refused_not_cut(tmp_path, capsys):
     manifest = export_lalm_bundle(LalmExportOptions(lalm=tmp_path / "lalm", output=tmp_path / "bundle"), quiet=True)
     assert manifest.extra["chunk_seconds"] == 2
     sf.write(tmp_path / "long.wav", speech_like(3.0), 16_000)
-    result = run_main(infer_main, tmp_path / "bundle", "--audio", tmp_path / "long.wav", capsys=capsys)
-    assert_user_error(result, "long.wav: 3.0 s of audio by its header (48000 frames at 16000 Hz), more than this bundle encodes at once (2 s)")
+    result = run_main(infer_main, tmp_path / "bundle", "--audio", tmp_path / "long.wav", "--split", "fixed", "--json", "-q", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    segments = json.loads(result.stdout)["segments"]
+    assert [(s["start"], s["end"]) for s in segments] == [(0.0, 2.0), (1.5, 3.0)]  # windows of 2 s overlapping by a quarter

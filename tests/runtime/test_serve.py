@@ -172,7 +172,7 @@ def _nan_wav() -> bytes:
             openai.BadRequestError,
             "shorter than the encoder's receptive field",
         ),
-        (lambda c, f: c.audio.transcriptions.create(model="lalm", file=f, response_format="srt"), openai.BadRequestError, "response_format must be one of"),
+        (lambda c, f: c.audio.transcriptions.create(model="lalm", file=f, response_format="xml"), openai.BadRequestError, "response_format must be one of"),
         (
             lambda c, f: c.chat.completions.create(model="llm", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6),
             openai.BadRequestError,
