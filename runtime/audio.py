@@ -277,10 +277,11 @@ def check_feature_config(config: dict[str, Any], input_kind: str, where: str) ->
             raise BundleError(f"{where}: {prefix}{name} {value!r} is not a whole number from {low} to {high}; export the bundle again")
 
 
-def groups_by_shape(inputs: Sequence[np.ndarray]) -> list[list[int]]:
-    """Indices of the encoder inputs that can run as one batch: those of one shape, in order.
-    The graphs take no attention mask, so padding clips together would change their features."""
+def groups_by_shape(inputs: Sequence[np.ndarray], largest: int | None = None) -> list[list[int]]:
+    """Indices of the encoder inputs that can run as one batch: those of one shape, in order,
+    at most `largest` together. The graphs take no attention mask, so padding clips together
+    would change their features."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, features in enumerate(inputs):
         groups.setdefault(features.shape, []).append(index)
-    return list(groups.values())
+    return [group[at : at + (largest or len(group))] for group in groups.values() for at in range(0, len(group), largest or len(group))]

@@ -197,21 +197,19 @@ _WORD = re.compile(r"\w+")
 
 def joined_text(texts: list[str], pieces: list[Piece]) -> str:
     """The pieces' texts in order, separated by spaces; where a piece overlaps the one before,
-    the longest run of words that ends the previous text and starts this one (at most the words
-    of the overlap: 8) is kept once."""
-    out: list[str] = []
+    the longest run of words (at most 8, the words an overlap can hold) that ends the text so
+    far and starts this piece's is kept once. Joining one more piece only appends to the result."""
+    words: list[str] = []
     for text, piece in zip(texts, pieces):
-        words = text.split()
-        if piece.overlaps_previous and out:
-            previous = " ".join(out).split()
-            key = [_normal(w) for w in previous[-8:]]
-            for k in range(min(8, len(words), len(key)), 0, -1):
-                if key[-k:] == [_normal(w) for w in words[:k]]:
-                    words = words[k:]
+        new = text.split()
+        if piece.overlaps_previous and words:
+            key = [_normal(w) for w in words[-8:]]
+            for k in range(min(8, len(new), len(key)), 0, -1):
+                if key[-k:] == [_normal(w) for w in new[:k]]:
+                    new = new[k:]
                     break
-        if words:
-            out.append(" ".join(words))
-    return " ".join(out)
+        words += new
+    return " ".join(words)
 
 
 def _normal(word: str) -> str:

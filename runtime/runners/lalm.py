@@ -27,6 +27,10 @@ from runtime.sessions import run_options_for
 from runtime.vad import SPLITTERS
 
 GENERATION_BATCH = 8  # clips generated together at most (their KV caches grow with the batch)
+# A long recording's pieces through the encoder at once: attention memory grows with the batch
+# (Whisper-base, 8 windows: +0.8 GB), and on the CPU a batch gains little (compute-bound), so a
+# long recording's peak memory stays that of one clip (docs/long-recordings.md).
+LONG_ENCODER_BATCH = 1
 
 
 def placeholder_at(prompt_ids: Sequence[int], audio_token_id: int) -> int:
@@ -143,13 +147,13 @@ class LalmRunner:
         """One clip's projected frames `(frames, hidden)`, padding cut."""
         return self.audio_features_batch([samples])[0]
 
-    def audio_features_batch(self, clips: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def audio_features_batch(self, clips: Sequence[np.ndarray], largest: int | None = None) -> list[np.ndarray]:
         """Each clip's projected frames. Clips whose encoder inputs have one shape (Whisper's
-        window: all; raw audio: equal lengths) run as one batch; others alone. The graphs take
-        no attention mask, so padding clips together would change their features."""
+        window: all; raw audio: equal lengths) run as one batch (of at most `largest`); others
+        alone. The graphs take no attention mask, so padding clips together would change their features."""
         inputs = [features_for(self.input_kind, samples, self.feature_config).astype(np.float32) for samples in clips]
         results: dict[int, np.ndarray] = {}
-        for indices in groups_by_shape(inputs):
+        for indices in groups_by_shape(inputs, largest):
             feeds = {
                 self.encoder_inputs[0]: np.stack([inputs[i] for i in indices]),
                 "audio_lengths": np.array([len(clips[i]) for i in indices], dtype=np.int64),
@@ -254,15 +258,22 @@ class LalmRunner:
         return [results[i] for i in range(len(clips))]
 
     def transcribe_clips(
-        self, audios: Sequence[Audio], prompt: str, options: GenerationOptions, on_text: Callable[[str], None] | None, stop_strings: Sequence[str]
+        self,
+        audios: Sequence[Audio],
+        prompt: str,
+        options: GenerationOptions,
+        on_text: Callable[[str], None] | None,
+        stop_strings: Sequence[str],
+        encoder_batch: int | None = None,
     ) -> list[Transcription]:
-        """`transcribe` for clips within the window, the prompt resolved."""
+        """`transcribe` for clips within the window, the prompt resolved; the encoder takes at
+        most `encoder_batch` clips at once (default: all of one shape)."""
         if not audios:
             return []
         for audio in audios:
             self.check_length(audio)
         start = time.perf_counter()
-        features = self.audio_features_batch([audio.samples for audio in audios])
+        features = self.audio_features_batch([audio.samples for audio in audios], encoder_batch)
         encoder_s = (time.perf_counter() - start) / len(audios)
         results: dict[int, Transcription] = {}
         for indices in generation_batches([len(feature) for feature in features], options):
@@ -319,15 +330,19 @@ class LalmRunner:
         pieces = [piece for piece in pieces_of(recording, split, self.piece_seconds(prompt, options)) if piece.end - piece.start >= self.limits.min_samples]
         segments: list[Segment] = []
         parts: list[Transcription] = []
+        sent = ""
         if on_piece is not None:
             on_piece(recording.name, 0, len(pieces))
         for at in range(0, len(pieces), GENERATION_BATCH):
             batch = pieces[at : at + GENERATION_BATCH]
-            for piece, part in zip(batch, self.transcribe_clips([piece_audio(recording, p) for p in batch], prompt, options, None, stop_strings)):
+            audios = [piece_audio(recording, piece) for piece in batch]
+            for piece, part in zip(batch, self.transcribe_clips(audios, prompt, options, None, stop_strings, LONG_ENCODER_BATCH)):
                 segments.append(Segment(len(segments), *piece.seconds, part.text.strip(), part.tokens))
                 parts.append(part)
-                if on_text is not None and part.text.strip():
-                    on_text(("" if len(segments) == 1 else " ") + part.text.strip())
+                text = joined_text([segment.text for segment in segments], pieces)  # grows at its end only
+                if on_text is not None and len(text) > len(sent):
+                    on_text(text[len(sent) :])
+                sent = text
             if on_piece is not None:
                 on_piece(recording.name, len(segments), len(pieces))
         return long_transcription(recording, pieces, segments, parts)

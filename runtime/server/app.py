@@ -34,7 +34,7 @@ from runtime.chat import joined_content
 from runtime.generation import GenerationOptions
 from runtime.longform import Segment
 from runtime.runners.lalm import Transcription
-from runtime.runners.requests import CompletionRequest, Generation, TranscriptionRequest
+from runtime.runners.requests import CompletionRequest, TranscriptionRequest
 from runtime.server.engine import Engine, ServedModel
 from runtime.server.errors import ApiError, as_api_error, bad_request
 from runtime.vad import SPLITTERS
@@ -164,29 +164,24 @@ def build_app(engine: Engine) -> FastAPI:
         prompt = _lalm_prompt(form.get("prompt"))
         data, name = await _upload_bytes(form, limit_bytes)
         recording = as_api_error(lambda: model.runner.long_recording(data, 0, name), "file")
-        if recording is not None:  # longer than the window: cut into pieces, each a request of its own
-            if stream:
-                raise bad_request(
-                    f"stream is not supported for audio longer than the bundle's window ({model.runner.limits.max_seconds:g} s); leave it out", "stream"
-                )
-            with engine.admission():
-                result = await _unless_gone(request, engine.transcribe_recording(model, recording, prompt, options, asked, split))
-            if isinstance(result, Response):
-                return result
-            engine.record_generation(model, len(result.tokens), result.time_to_first_token_s, result.tokens_per_s)
-        else:
-            audio = as_api_error(lambda: decode_audio(data, name, model.runner.limits), "file")
-            release = engine.admit()
-            try:
+        release = engine.admit()
+        try:
+            if recording is not None:  # longer than the window: cut into pieces, each a request of its own
+
+                def work(on_text: Callable[[str], None] | None) -> Awaitable[Any]:
+                    return engine.transcribe_recording(model, recording, prompt, options, asked, split, on_text)
+            else:
+                audio = as_api_error(lambda: decode_audio(data, name, model.runner.limits), "file")
                 generation = await engine.prepare(model, as_api_error(lambda: TranscriptionRequest(audio, prompt, options)), asked)
-            except BaseException:
-                release()
-                raise
-            result = await _answer(
-                request, engine, model, generation, release, stream, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done
-            )
-            if isinstance(result, Response):
-                return result
+
+                def work(on_text: Callable[[str], None] | None) -> Awaitable[Any]:
+                    return engine.generate(model, generation, on_text)
+        except BaseException:
+            release()
+            raise
+        result = await _answer(request, engine, model, work, release, stream, lambda delta: {"type": "transcript.text.delta", "delta": delta}, _transcript_done)
+        if isinstance(result, Response):
+            return result
         return _transcription_response(result, response_format, str(form.get("language") or "unknown"), options.temperature)
 
     @app.post("/v1/chat/completions")
@@ -212,7 +207,9 @@ def build_app(engine: Engine) -> FastAPI:
             release()
             raise
         chat = ChatReply(model.name, generation.options.max_new_tokens, include_usage, model.runner.eos_token_id)
-        result = await _answer(request, engine, model, generation, release, stream, chat.delta, chat.done, first=chat.role_chunk())
+        result = await _answer(
+            request, engine, model, lambda on_text: engine.generate(model, generation, on_text), release, stream, chat.delta, chat.done, first=chat.role_chunk()
+        )
         if isinstance(result, Response):
             return result
         return JSONResponse(chat.completion(result))
@@ -530,24 +527,28 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+Work = Callable[[Callable[[str], None] | None], Awaitable[Any]]  # the request's work, told its text as it comes
+
+
 async def _answer(
     request: Request,
     engine: Engine,
     model: ServedModel,
-    generation: Generation,
+    work: Work,
     release: Callable[[], None],
     stream: bool,
     delta_event: Callable[[str], dict[str, Any]],
     done_events: Callable[[Any], list[dict[str, Any]]],
     first: dict[str, Any] | None = None,
 ) -> Any:
-    """The generation's result, or with `stream` an SSE response; the admission is released
-    when the result is there or the stream ends. A client that goes away cancels the generation
-    (it ends at its next step) and is answered 499, which nobody reads but the metrics."""
+    """The work's result (a generation, or a long recording's), or with `stream` an SSE response;
+    the admission is released when the result is there or the stream ends. A client that goes
+    away cancels the work (a generation ends at its next step) and is answered 499, which nobody
+    reads but the metrics."""
     if stream:
-        return StreamingResponse(_stream(request, engine, model, generation, delta_event, done_events, release, first), media_type="text/event-stream")
+        return StreamingResponse(_stream(request, engine, model, work, delta_event, done_events, release, first), media_type="text/event-stream")
     try:
-        result = await _unless_gone(request, engine.generate(model, generation))
+        result = await _unless_gone(request, work(None))
     finally:
         release()
     if not isinstance(result, Response):
@@ -578,7 +579,7 @@ async def _stream(
     request: Request,
     engine: Engine,
     model: ServedModel,
-    generation: Generation,
+    work: Work,
     delta_event: Callable[[str], dict[str, Any]],
     done_events: Callable[[Any], list[dict[str, Any]]],
     release: Callable[[], None],
@@ -592,7 +593,7 @@ async def _stream(
     task: asyncio.Future | None = None
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        task = asyncio.ensure_future(engine.generate(model, generation, lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)))
+        task = asyncio.ensure_future(work(lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)))
         task.add_done_callback(lambda _: deltas.put_nowait(None))
         gone.add_done_callback(lambda _: task.cancel())  # not only when the next event fails to send: it may be minutes away
         if first is not None:

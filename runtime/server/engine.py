@@ -20,7 +20,7 @@ import numpy as np
 from runtime.audio import Audio
 from runtime.errors import RuntimeUserError
 from runtime.generation import GenerationOptions
-from runtime.longform import Piece, Recording, Segment, piece_audio, pieces_of
+from runtime.longform import Piece, Recording, Segment, joined_text, piece_audio, pieces_of
 from runtime.runners import load
 from runtime.runners.decoder import TextGenerator
 from runtime.runners.encoder import EncodedAudio, EncoderRunner
@@ -282,13 +282,20 @@ class Engine:
         return as_api_error(lambda: model.runner.prepare(request, frames, encoder_s, budget))
 
     async def transcribe_recording(
-        self, model: ServedModel, recording: Recording, prompt: str | None, options: GenerationOptions, asked: int | None, split: str | None
+        self,
+        model: ServedModel,
+        recording: Recording,
+        prompt: str | None,
+        options: GenerationOptions,
+        asked: int | None,
+        split: str | None,
+        on_text: Callable[[str], None] | None = None,
     ) -> Transcription:
         """A recording longer than the window, as `LalmRunner.transcribe` does it, its pieces
         run as requests of their own: encoded in the batches other clips form, generated in the
         shared decode batch, at most --decode-slots pieces of it at once (their audio read from
-        the upload only then). Each piece may make `asked` tokens, else --max-new-tokens, else
-        PIECE_TOKENS."""
+        the upload only then); `on_text` is told each piece's text in order. Each piece may make
+        `asked` tokens, else --max-new-tokens, else PIECE_TOKENS."""
         runner = model.runner
         options = replace(options, max_new_tokens=asked or self.settings.max_new_tokens or PIECE_TOKENS)
         split = as_api_error(lambda: runner.split_for(split))
@@ -308,13 +315,20 @@ class Engine:
                 return await self.generate(model, generation)
 
         tasks = [asyncio.ensure_future(transcribed(piece)) for piece in pieces]
+        parts: list[Transcription] = []
+        segments: list[Segment] = []
+        sent = ""
         try:
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
+            for piece, task in zip(pieces, tasks):  # in order, as they finish
+                parts.append(await task)
+                segments.append(Segment(len(segments), *piece.seconds, parts[-1].text.strip(), parts[-1].tokens))
+                text = joined_text([segment.text for segment in segments], pieces)  # grows at its end only
+                if on_text is not None and len(text) > len(sent):
+                    on_text(text[len(sent) :])
+                sent = text
+        finally:
             for task in tasks:
                 task.cancel()
-            raise
-        segments = [Segment(index, *piece.seconds, part.text.strip(), part.tokens) for index, (piece, part) in enumerate(zip(pieces, parts))]
         return long_transcription(recording, pieces, segments, parts)
 
     def record_generation(self, model: ServedModel, tokens: int, ttft_s: float, tokens_per_s: float) -> None:
