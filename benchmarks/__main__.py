@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     long.add_argument("--short-seconds", type=float, default=30.0, help="the short clip that peak memory is compared with (default: 30)")
     long.add_argument("--tokens", type=int, default=32, help="new tokens per piece at most (default: 32)")
     long.add_argument("--work", type=Path, help="keep the recordings here and reuse them (default: a temporary folder)")
+    long.add_argument("--server", action="store_true", help="also: a runtime.serve process's RSS after short and long requests, one at a time")
     long.add_argument("--out", type=Path, required=True, help="folder for results.json and report.md (refused if it holds results, unless --force)")
     long.add_argument("--force", action="store_true", help="replace an existing --out folder's results")
     real = commands.add_parser(
@@ -345,7 +346,7 @@ def command_compare(args: argparse.Namespace) -> int:
 def command_long_form(args: argparse.Namespace, argv: list[str]) -> int:
     import datetime as dt
 
-    from benchmarks.long_form import render, run
+    from benchmarks.long_form import render, run, server_memory
     from benchmarks.machine import describe_machine
     from benchmarks.run import command_line
 
@@ -357,8 +358,10 @@ def command_long_form(args: argparse.Namespace, argv: list[str]) -> int:
         work = args.work or Path(temporary)
         work.mkdir(parents=True, exist_ok=True)
         rows = run(args.bundle, args.audio, args.minutes, args.short_seconds, args.tokens, work)
+        short, long = (work / f"{args.audio}-{seconds:g}s.wav" for seconds in (args.short_seconds, args.minutes[0] * 60))
+        server = {str(bundle): server_memory(bundle, short, long, args.tokens) for bundle in args.bundle} if args.server else {}
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    results = {"created": created, "command": command_line(argv), "machine": describe_machine(), "rows": rows}
+    results = {"created": created, "command": command_line(argv), "machine": describe_machine(), "rows": rows, "server": server}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (args.out / "report.md").write_text(render(results), encoding="utf-8")

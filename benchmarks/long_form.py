@@ -118,6 +118,40 @@ def run(bundles: list[Path], audio: str, minutes: list[float], short_seconds: fl
     return rows
 
 
+def server_memory(bundle: Path, short: Path, long: Path, tokens: int) -> list[dict]:
+    """RSS of a `runtime.serve` process over the bundle: after start, then after each of short,
+    long, short, long, short transcriptions (verbose_json), one at a time."""
+    import time
+
+    import httpx2 as httpx
+
+    from runtime.server.readiness import free_port, wait_until_healthy
+
+    port = free_port()
+    command = [sys.executable, "-m", "runtime.serve", str(bundle), "--name", "lalm", "--port", str(port), "-q", "--max-body-mb", "1000"]
+    process = subprocess.Popen([*command, "--max-new-tokens", str(tokens)], stderr=subprocess.DEVNULL, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def memory(step: str, seconds: float | None = None) -> dict:
+        fields = {line.split()[0][:-1]: int(line.split()[1]) * 1024 for line in open(f"/proc/{process.pid}/status") if line.startswith(("VmRSS", "VmHWM"))}
+        return {"after": step, "request_s": seconds, "rss_gb": round(fields["VmRSS"] / 1e9, 3), "peak_gb": round(fields["VmHWM"] / 1e9, 3)}
+
+    try:
+        wait_until_healthy(url, process, 600)
+        rows = [memory("start")]
+        for path in (short, long, short, long, short):
+            start = time.perf_counter()
+            with open(path, "rb") as handle:
+                reply = httpx.post(f"{url}/v1/audio/transcriptions", data={"model": "lalm"}, files={"file": handle}, timeout=3600)
+            reply.raise_for_status()
+            rows.append(memory(path.name, round(time.perf_counter() - start, 2)))
+            print(f"server {bundle.name}: after {path.name}: RSS {rows[-1]['rss_gb']:.2f} GB, peak {rows[-1]['peak_gb']:.2f} GB", file=sys.stderr)
+        return rows
+    finally:
+        process.terminate()
+        process.wait()
+
+
 def render(results: dict) -> str:
     machine = results["machine"]
     lines = [
@@ -137,6 +171,17 @@ def render(results: dict) -> str:
             f"| {Path(row['bundle']).name} | {row['audio']} | {row['seconds']:g} | {row['pieces']} | {row['split']} | {row['tokens']} | "
             f"{row['transcribe_s']:.1f} | {row['real_time_factor']:.4f} | {row['peak_rss_gb']:.3f} | {ratio:.2f}× |"
         )
+    for bundle, rows in results.get("server", {}).items():
+        lines += [
+            "",
+            f"`runtime.serve {Path(bundle).name}`, one request at a time, RSS after each:",
+            "",
+            "| after | request s | RSS GB | peak GB |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {row['after']} | {row['request_s'] if row['request_s'] is not None else ''} | {row['rss_gb']:.3f} | {row['peak_gb']:.3f} |" for row in rows
+        ]
     return "\n".join(lines) + "\n"
 
 

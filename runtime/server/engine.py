@@ -293,7 +293,7 @@ class Engine:
     ) -> Transcription:
         """A recording longer than the window, as `LalmRunner.transcribe` does it, its pieces
         run as requests of their own: encoded in the batches other clips form, generated in the
-        shared decode batch, at most --decode-slots pieces of it at once (their audio read from
+        shared decode batch, at most --max-batch-size pieces of it at once (their audio read from
         the upload only then); `on_text` is told each piece's text in order. Each piece may make
         `asked` tokens, else --max-new-tokens, else PIECE_TOKENS."""
         runner = model.runner
@@ -306,7 +306,9 @@ class Engine:
             return [piece for piece in pieces_of(recording, split, longest) if piece.end - piece.start >= runner.limits.min_samples]
 
         pieces = await asyncio.to_thread(lambda: as_api_error(plan, "file"))
-        in_flight = asyncio.Semaphore(self.settings.decode_slots)
+        # An encoder batch's worth of pieces at once: 16 (the decode slots) took the base audio LLM's
+        # server to 4.9 GB and 8 to 3.3 GB, and 8 finished sooner on 2 cores (docs/long-recordings.md)
+        in_flight = asyncio.Semaphore(min(self.settings.decode_slots, self.settings.max_batch_size))
 
         async def transcribed(piece: Piece) -> Transcription:
             async with in_flight:
