@@ -121,8 +121,10 @@ def serve_here(args: argparse.Namespace) -> None:
 
     from runtime.server.app import build_app
     from runtime.server.engine import Engine, load_models
+    from runtime.server.memory import limit_malloc_arenas
     from runtime.sessions import SessionOptions
 
+    limit_malloc_arenas()  # before the engine's threads exist
     settings = settings_from(args)
     models = load_models(args.bundles, args.name, SessionOptions(provider=args.provider, threads=args.threads, max_clip_memory_gb=args.max_clip_memory_gb))
     engine = Engine(models, settings)

@@ -146,9 +146,10 @@ def create_session(graph: str | Path, options: SessionOptions | None = None) -> 
 SHRINK_ABOVE_SAMPLES = 30 * 16_000
 
 
-def run_options_for(input_kind: str, samples: int) -> ort.RunOptions | None:
-    """Run options for an encoder run on `samples` samples of audio (all clips together)."""
-    if input_kind != "raw_audio" or samples <= SHRINK_ABOVE_SAMPLES:
+def run_options_for(input_kind: str, samples: int, shrink: bool = False) -> ort.RunOptions | None:
+    """Run options for an encoder run on `samples` samples of audio (all clips together);
+    `shrink`: give the arena back after this run whatever its size (a server's batches)."""
+    if not shrink and (input_kind != "raw_audio" or samples <= SHRINK_ABOVE_SAMPLES):
         return None
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")

@@ -147,10 +147,11 @@ class LalmRunner:
         """One clip's projected frames `(frames, hidden)`, padding cut."""
         return self.audio_features_batch([samples])[0]
 
-    def audio_features_batch(self, clips: Sequence[np.ndarray], largest: int | None = None) -> list[np.ndarray]:
+    def audio_features_batch(self, clips: Sequence[np.ndarray], largest: int | None = None, shrink_arena: bool = False) -> list[np.ndarray]:
         """Each clip's projected frames. Clips whose encoder inputs have one shape (Whisper's
         window: all; raw audio: equal lengths) run as one batch (of at most `largest`); others
-        alone. The graphs take no attention mask, so padding clips together would change their features."""
+        alone. The graphs take no attention mask, so padding clips together would change their
+        features. `shrink_arena`: memory a batch took goes back after it (a server's batches)."""
         inputs = [features_for(self.input_kind, samples, self.feature_config).astype(np.float32) for samples in clips]
         results: dict[int, np.ndarray] = {}
         for indices in groups_by_shape(inputs, largest):
@@ -158,15 +159,15 @@ class LalmRunner:
                 self.encoder_inputs[0]: np.stack([inputs[i] for i in indices]),
                 "audio_lengths": np.array([len(clips[i]) for i in indices], dtype=np.int64),
             }
-            options = run_options_for(self.input_kind, sum(len(clips[i]) for i in indices))
+            options = run_options_for(self.input_kind, sum(len(clips[i]) for i in indices), shrink_arena)
             projected, lengths = self.encoder.run(["audio_features", "audio_feature_lengths"], feeds, options)
             for row, index in enumerate(indices):
                 results[index] = projected[row, : int(lengths[row])]
         return [results[i] for i in range(len(clips))]
 
-    def encode(self, clips: Sequence[Audio]) -> list[np.ndarray]:
+    def encode(self, clips: Sequence[Audio], shrink_arena: bool = False) -> list[np.ndarray]:
         """Each clip's projected frames (a server's encoder batch; `audio_features_batch`)."""
-        return self.audio_features_batch([clip.samples for clip in clips])
+        return self.audio_features_batch([clip.samples for clip in clips], shrink_arena=shrink_arena)
 
     def new_backend(self) -> OrtDecoderBackend:
         """A decoder backend of its own (KV buffers included) over the shared session: one per

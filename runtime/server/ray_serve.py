@@ -40,6 +40,9 @@ def deployment(
     @serve.ingress()
     class LalmExportServer:
         def __init__(self) -> None:
+            from runtime.server.memory import limit_malloc_arenas
+
+            limit_malloc_arenas()  # a replica is a process of its own: as runtime.serve does
             models = load_models([Path(b) for b in bundles], names, session)
             # @serve.batch needs a replica context, which Ray Serve's local testing mode does
             # not set (Ray 2.60): there the engine's own batcher (the same rules) is used.
@@ -80,10 +83,14 @@ async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, 
     from runtime.runners.requests import TranscriptionRequest
 
     model = engine.model(model_name, ("lalm",), "transcribe")
-    audio = decode_audio(audio_bytes, "audio", model.runner.limits)
-    request = TranscriptionRequest(audio, prompt, GenerationOptions(max_new_tokens=max_new_tokens or 1))
+    options = GenerationOptions(max_new_tokens=max_new_tokens or 1)
+    recording = model.runner.long_recording(audio_bytes, 0, "audio")
     with engine.admission():
-        result = await engine.generate(model, await engine.prepare(model, request, max_new_tokens))
+        if recording is not None:  # longer than the window: in pieces, as the HTTP endpoint does it
+            result = await engine.transcribe_recording(model, recording, prompt, options, max_new_tokens, None)
+        else:
+            request = TranscriptionRequest(decode_audio(audio_bytes, "audio", model.runner.limits), prompt, options)
+            result = await engine.generate(model, await engine.prepare(model, request, max_new_tokens))
     return {"text": result.text, "tokens": result.tokens}
 
 

@@ -70,3 +70,35 @@ def test_long_encoder_runs_give_their_memory_back_and_short_ones_keep_the_arena(
     assert run_options_for("raw_audio", SHRINK_ABOVE_SAMPLES + 1).get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
     assert run_options_for("raw_audio", SHRINK_ABOVE_SAMPLES) is None
     assert run_options_for("log_mel", 10 * SHRINK_ABOVE_SAMPLES) is None  # a fixed window: the arena never grows
+    shrunk = run_options_for("log_mel", SHRINK_ABOVE_SAMPLES, shrink=True)  # a server's batch of windows
+    assert shrunk.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+
+
+def test_a_servers_batches_shrink_the_arena_and_an_idle_server_returns_freed_memory(serve_bundles, monkeypatch):
+    """What kept a server at 3.3 GB after a 10-minute recording (docs/long-recordings.md): a batch
+    of clips shrinks the encoder's arena after it, one clip keeps it (the next runs as fast); when
+    the last request in flight ends, the heap's free pages go back (glibc's malloc_trim)."""
+    import runtime.server.engine as engine_module
+    from runtime.audio import Audio
+    from runtime.server.engine import AudioJob, Engine, ServeSettings, load_models
+    from runtime.sessions import SessionOptions
+
+    trims, shrinks = [], []
+    monkeypatch.setattr(engine_module, "return_freed_memory", lambda: trims.append(1))
+    engine = Engine(load_models([serve_bundles["lalm"]], ["lalm"], SessionOptions(provider="cpu")), ServeSettings())
+    try:
+        model = engine.models["lalm"]
+        encode = model.runner.encode
+        monkeypatch.setattr(model.runner, "encode", lambda clips, shrink_arena=False: (shrinks.append(shrink_arena), encode(clips, shrink_arena))[1])
+        clip = Audio("a", np.random.default_rng(0).standard_normal(16_000).astype(np.float32) * 0.1, 16_000)
+        engine.run_audio_jobs([AudioJob(model, clip), AudioJob(model, clip)])
+        engine.run_audio_jobs([AudioJob(model, clip)])
+        assert shrinks == [True, False]
+        first, second = engine.admit(), engine.admit()
+        first()
+        assert trims == []  # one still in flight
+        second()
+        second()  # a second call releases nothing
+        assert trims == [1]
+    finally:
+        engine.close()

@@ -1,11 +1,13 @@
 """Recordings longer than the window: a recording of several minutes (espeak-ng sentences in six
-voices between silences, at 22.05 kHz) through the Python API, runtime.infer, runtime.batch and
-the server (the openai SDK): segments in order, covering the speech, none longer than a piece,
-each piece's text the runtime's text for that piece alone. The planning rules, the overlap's
-joined text and the subtitle formats on their own. espeak-ng is installed by `.ci/run`."""
+voices between silences, at 22.05 kHz) through the Python API, runtime.infer, runtime.batch, the
+server (the openai SDK) and the Ray deployment's handle: segments in order, covering the speech,
+none longer than a piece, each piece's text the runtime's text for that piece alone. The planning
+rules, the overlap's joined text and the subtitle formats on their own. espeak-ng is installed by
+the Makefile's setup and `.ci/run`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -31,7 +33,9 @@ from runtime.longform import (
     speech_regions,
 )
 from runtime.server.app import subtitles
-from runtime.server.engine import ServeSettings
+from runtime.server.engine import Engine, ServeSettings, load_models
+from runtime.server.ray_serve import transcribe_bytes
+from runtime.sessions import SessionOptions
 from runtime.vad import FRAME, EnergyVad, SileroVad
 from tests.helpers import assert_user_error, run_main
 from tests.runtime.serving import running_server
@@ -119,6 +123,12 @@ def test_infer_batch_and_the_server_give_the_same_segments(serve_bundles, spoken
         (s["id"], s["start"], s["end"], s["text"], s["tokens"]) for s in record["segments"]
     ]
     assert srt == subtitles([Segment(**s) for s in record["segments"]], "srt")
+    engine = Engine(load_models([bundle], ["lalm"], SessionOptions(provider="cpu")), ServeSettings())
+    try:  # the Ray deployment's handle (its request path; Ray itself: test_ray.py)
+        handle = asyncio.run(transcribe_bytes(engine, "lalm", path.read_bytes(), None, TOKENS))
+    finally:
+        engine.close()
+    assert (handle["text"], handle["tokens"]) == (record["text"], record["tokens"])
 
 
 def test_silero_vad_hears_the_sentences_and_not_the_silence(spoken):
