@@ -226,3 +226,17 @@ def test_energy_vad_marks_loud_frames_over_the_noise_floor():
     flags = np.concatenate(list(EnergyVad().probabilities([quiet])))
     second = 16000 // FRAME
     assert flags[second + 1 : 2 * second - 1].all() and not flags[: second - 1].any() and not flags[2 * second + 1 :].any()
+
+
+def test_a_silent_recording_has_no_segments_and_a_broken_one_is_a_clear_error(serve_bundles, tmp_path, capsys):
+    bundle = serve_bundles["lalm"]
+    silent, broken = tmp_path / "silent.wav", tmp_path / "broken.wav"
+    sf.write(silent, np.zeros(90 * 16_000, np.float32), 16_000, subtype="PCM_16")
+    result = run_main(infer_main, bundle, "--audio", silent, "--json", "-q", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert (record["text"], record["segments"], record["tokens"]) == ("", [], [])  # silence skipped: nothing to transcribe
+    samples = np.full(90 * 16_000, 0.1, np.float32)
+    samples[70 * 16_000] = np.nan  # past the first block: found while it streams
+    sf.write(broken, samples, 16_000, subtype="FLOAT")
+    assert_user_error(run_main(infer_main, bundle, "--audio", broken, capsys=capsys), "broken.wav: the audio contains NaN or infinite samples")
