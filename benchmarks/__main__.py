@@ -69,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="lalm-export --decoder-graph for the decoder's exports: fused (ONNX Runtime's model builder) or optimum (default: auto)",
     )
-    run.add_argument("--out", type=Path, required=True, help="folder for results.json, report.md and plots (refused if it holds results, unless --force)")
-    run.add_argument("--force", action="store_true", help="replace an existing --out folder, once the new results are complete")
+    add_out_flags(run, "results.json, report.md and plots")
     run.add_argument("--work", type=Path, help="keep checkpoints and bundles here and reuse the checkpoints next time (default: a temporary folder)")
     run.add_argument("--repeats", type=int, help="timed rounds per variant (default: the preset's)")
     run.add_argument(
@@ -109,8 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "modules, teacher-forced top-1 agreement (all positions, and where fp32 is decided), greedy agreement over 64 tokens and logits "
         "cosine against eager fp32.",
     )
-    accuracy.add_argument("--out", type=Path, required=True, help="folder for accuracy.json and accuracy.md (refused if it holds results, unless --force)")
-    accuracy.add_argument("--force", action="store_true", help="replace an existing --out folder, once the new results are complete")
+    add_out_flags(accuracy, "accuracy.json and accuracy.md")
     accuracy.add_argument("--seconds", type=float, default=240, help="training time (default: 240)")
     accuracy.add_argument("--prompts", type=int, default=16, help="held-out prompts of 128 tokens (default: 16)")
     accuracy.add_argument(
@@ -144,10 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--decode-tokens", type=int, default=128, help="tokens per chat completion to a decoder bundle, generated past EOS (default: 128)")
     load.add_argument("--overload-clients", type=int, default=32, help="clients in the overload phase (default: 32)")
     load.add_argument("--overload-queue", type=int, default=4, help="the server's --max-queue in the overload phase (default: 4)")
-    load.add_argument(
-        "--out", type=Path, required=True, help="folder for results.json, report.md and serve-load.png (refused if it holds results, unless --force)"
-    )
-    load.add_argument("--force", action="store_true", help="replace an existing --out folder, once the new results are complete")
+    add_out_flags(load, "results.json, report.md and serve-load.png")
     load.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     cost = commands.add_parser(
@@ -181,8 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     long.add_argument("--tokens", type=int, default=32, help="new tokens per piece at most (default: 32)")
     long.add_argument("--work", type=Path, help="keep the recordings here and reuse them (default: a temporary folder)")
     long.add_argument("--server", action="store_true", help="also: a runtime.serve process's RSS after short and long requests, one at a time")
-    long.add_argument("--out", type=Path, required=True, help="folder for results.json and report.md (refused if it holds results, unless --force)")
-    long.add_argument("--force", action="store_true", help="replace an existing --out folder's results")
+    add_out_flags(long, "results.json and report.md")
     real = commands.add_parser(
         "real-whisper",
         help="Whisper tiny.en's real encoder at each precision: parity with the default gate, and latency against eager and the fp32 bundle",
@@ -191,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on held-out speech-like clips and the latency of one clip against eager fp32, eager bf16 and the fp32 bundle, interleaved. Writes "
         "real-whisper.json and real-whisper.md to --out. About a minute.",
     )
-    real.add_argument("--out", type=Path, required=True, help="folder for real-whisper.json and real-whisper.md (refused if it holds results, unless --force)")
-    real.add_argument("--force", action="store_true", help="replace an existing --out folder's results")
+    add_out_flags(real, "real-whisper.json and real-whisper.md")
     real.add_argument("--repeats", type=int, default=10, help="timed rounds (default: 10)")
     pretrained = commands.add_parser(
         "pretrained-lalm",
@@ -202,10 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bf16 where the CPU has bf16 instructions) against the bundles end to end, split into encoder, prefill and decode. Writes "
         "results.json, report.md and split.png to --out. About 9 GB in --work; 30 minutes on 2 cores.",
     )
-    pretrained.add_argument(
-        "--out", type=Path, required=True, help="folder for results.json, report.md and split.png (refused if it holds results, unless --force)"
-    )
-    pretrained.add_argument("--force", action="store_true", help="replace an existing --out folder's results")
+    add_out_flags(pretrained, "results.json, report.md and split.png")
     pretrained.add_argument("--work", type=Path, help="keep the checkpoint and bundles here, and reuse the checkpoint next time (default: a temporary folder)")
     pretrained.add_argument("--seconds", type=float, default=10.0, help="the clip's length (default: 10)")
     pretrained.add_argument("--tokens", type=int, default=32, help="new tokens per run (default: 32)")
@@ -236,6 +226,12 @@ def write_report(results: dict, folder: Path) -> None:
 
     plots = render_plots(results, folder)
     (folder / "report.md").write_text(render_markdown(results, plots) + "\n", encoding="utf-8")
+
+
+def add_out_flags(parser: argparse.ArgumentParser, files: str) -> None:
+    """--out (a folder for `files`, written whole or not at all) and --force."""
+    parser.add_argument("--out", type=Path, required=True, help=f"folder for {files} (refused if it holds results, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out folder, once the new results are complete")
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -349,6 +345,8 @@ def command_long_form(args: argparse.Namespace, argv: list[str]) -> int:
     from benchmarks.long_form import render, run, server_memory
     from benchmarks.machine import describe_machine
     from benchmarks.run import command_line
+    from lalm_export.io import atomic_folder
+    from runtime.errors import RuntimeUserError
 
     check_out(args.out, args.force)
     for bundle in args.bundle:
@@ -357,14 +355,17 @@ def command_long_form(args: argparse.Namespace, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="long-form-") as temporary:
         work = args.work or Path(temporary)
         work.mkdir(parents=True, exist_ok=True)
-        rows = run(args.bundle, args.audio, args.minutes, args.short_seconds, args.tokens, work)
-        short, long = (work / f"{args.audio}-{seconds:g}s.wav" for seconds in (args.short_seconds, args.minutes[0] * 60))
-        server = {str(bundle): server_memory(bundle, short, long, args.tokens) for bundle in args.bundle} if args.server else {}
+        try:
+            rows = run(args.bundle, args.audio, args.minutes, args.short_seconds, args.tokens, work)
+            short, long = (work / f"{args.audio}-{seconds:g}s.wav" for seconds in (args.short_seconds, args.minutes[0] * 60))
+            server = {str(bundle): server_memory(bundle, short, long, args.tokens) for bundle in args.bundle} if args.server else {}
+        except RuntimeUserError as err:
+            raise UserError(str(err)) from err
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results = {"created": created, "command": command_line(argv), "machine": describe_machine(), "rows": rows, "server": server}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (args.out / "report.md").write_text(render(results), encoding="utf-8")
+    with atomic_folder(args.out, replace=True) as folder:
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (folder / "report.md").write_text(render(results), encoding="utf-8")
     print(f"results.json and report.md written to {args.out}", file=sys.stderr)
     return 0
 
@@ -375,6 +376,7 @@ def command_real_whisper(args: argparse.Namespace, argv: list[str]) -> int:
     from benchmarks.accuracy import measure_real_encoder, render_real_encoder
     from benchmarks.machine import describe_machine
     from benchmarks.run import command_line
+    from lalm_export.io import atomic_folder
 
     check_out(args.out, args.force)
     if args.repeats < 1:
@@ -384,15 +386,15 @@ def command_real_whisper(args: argparse.Namespace, argv: list[str]) -> int:
     command = command_line(argv)
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results = {"created": created, "command": command, "machine": describe_machine(), **encoder}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "real-whisper.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     machine = results["machine"]
     header = [
         "# Whisper tiny.en's real encoder",
         "",
         f"Made by `{command}` on {created}; {machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['cores']} cores.",
     ]
-    (args.out / "real-whisper.md").write_text("\n".join(header + render_real_encoder(encoder)) + "\n", encoding="utf-8")
+    with atomic_folder(args.out, replace=True) as folder:
+        (folder / "real-whisper.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (folder / "real-whisper.md").write_text("\n".join(header + render_real_encoder(encoder)) + "\n", encoding="utf-8")
     print(f"real-whisper.json and real-whisper.md written to {args.out}", file=sys.stderr)
     return 0
 
@@ -400,16 +402,14 @@ def command_real_whisper(args: argparse.Namespace, argv: list[str]) -> int:
 def command_pretrained_lalm(args: argparse.Namespace, argv: list[str]) -> int:
     from benchmarks.pretrained_lalm import run
     from benchmarks.run import command_line
+    from lalm_export.io import atomic_folder
 
     check_out(args.out, args.force)
     if args.seconds <= 0 or args.seconds > 30 or args.tokens < 1 or args.repeats < 1:
         raise UserError("--seconds must be in (0, 30] (the tower's window), --tokens and --repeats at least 1")
     command = command_line(argv)
-    if args.work is not None:
-        run(args.work, args.out, args.seconds, args.tokens, args.repeats, args.seed, command)
-    else:
-        with tempfile.TemporaryDirectory(prefix="pretrained-lalm-") as work:
-            run(Path(work), args.out, args.seconds, args.tokens, args.repeats, args.seed, command)
+    with atomic_folder(args.out, replace=True) as folder, tempfile.TemporaryDirectory(prefix="pretrained-lalm-") as temporary:
+        run(args.work or Path(temporary), folder, args.seconds, args.tokens, args.repeats, args.seed, command)
     print(f"results.json, report.md and split.png written to {args.out}", file=sys.stderr)
     return 0
 

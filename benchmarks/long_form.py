@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import RuntimeUserError
+
 CHILD = """
 import json, sys, time
 from runtime.api import load
@@ -41,7 +43,7 @@ def speech_recording(path: Path, seconds: float, seed: int = 0) -> None:
     from runtime.audio import resample
 
     if shutil.which("espeak-ng") is None:
-        raise SystemExit("benchmarks: error: long-form --audio speech needs espeak-ng (apt-get install espeak-ng); or pass --audio dtmf")
+        raise RuntimeUserError("long-form --audio speech needs espeak-ng (apt-get install espeak-ng); or pass --audio dtmf")
     rng = np.random.default_rng(seed)
     sentences = []
     for index, text in enumerate(SENTENCES):
@@ -83,7 +85,7 @@ def write_in_blocks(path: Path, seconds: float, next_part, noise: float = 0.0) -
 def measure(bundle: Path, audio: Path, tokens: int) -> dict:
     result = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(audio), str(tokens)], capture_output=True, text=True, env=os.environ)
     if result.returncode != 0:
-        raise SystemExit(f"benchmarks: error: long-form: {audio.name} through {bundle} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise RuntimeUserError(f"long-form: {audio.name} through {bundle} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -4,6 +4,7 @@ frames at the placeholder, and the decoder graph generates from those embeddings
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from runtime.scheduler import DecodeScheduler
 from runtime.sessions import run_options_for
 from runtime.vad import SPLITTERS
 
+PROBE_SECONDS = 10.0  # silence run once to learn how many positions a second of audio takes
 GENERATION_BATCH = 8  # clips generated together at most (their KV caches grow with the batch)
 # A long recording's pieces through the encoder at once: attention memory grows with the batch
 # (Whisper-base, 8 windows: +0.8 GB), and on the CPU a batch gains little (compute-bound), so a
@@ -110,6 +112,7 @@ class LalmRunner:
         self.encoder_inputs = [i.name for i in encoder.get_inputs()]
         self.provider = active_provider(decoder)
         self.backend = self.new_backend()
+        self._probe: tuple[float, float] | None = None  # `audio_positions`, once measured
 
     @property
     def context_length(self) -> int:
@@ -248,7 +251,8 @@ class LalmRunner:
         prompt, options = self.resolve(prompt, options)
         check_stop_strings(stop_strings)
         split = self.split_for(split)
-        recordings = [self.long_recording(clip, index) for index, clip in enumerate(clips)]
+        longest = self.seconds_that_fit(prompt, options, self.limits.max_seconds) if self.limits is not None else None
+        recordings = [self.long_recording(clip, index, longest=longest) for index, clip in enumerate(clips)]
         short = [index for index, recording in enumerate(recordings) if recording is None]
         audios = [clip_audio(clips[index], index, self.limits) for index in short]
         results = dict(zip(short, self.transcribe_clips(audios, prompt, options, on_text if short[:1] == [0] else None, stop_strings)))
@@ -292,29 +296,49 @@ class LalmRunner:
             raise RuntimeUserError(f"split must be one of {', '.join(SPLITTERS)}, not {chosen!r}")
         return chosen
 
-    def long_recording(self, clip: str | Path | bytes | np.ndarray | Audio, index: int, name: str | None = None) -> Recording | None:
+    def long_recording(
+        self, clip: str | Path | bytes | np.ndarray | Audio, index: int, name: str | None = None, longest: float | None = None
+    ) -> Recording | None:
         """`clip` (a file, its bytes, an array, an `Audio`) as a `Recording` when it is longer
-        than the bundle's window (a file: by its header, before any decoding), else None."""
-        if self.limits is None or isinstance(clip, Audio) and clip.seconds <= self.limits.max_seconds:
+        than `longest` seconds (default: the bundle's window; a file: by its header, before any
+        decoding), else None."""
+        if self.limits is None:
             return None
-        if isinstance(clip, np.ndarray):
-            return Recording.of(clip, f"array{index}") if len(clip) / 16_000 > self.limits.max_seconds else None
+        longest = self.limits.max_seconds if longest is None else longest
+        if isinstance(clip, Audio | np.ndarray):
+            samples = clip.samples if isinstance(clip, Audio) else clip
+            return Recording.of(clip, f"array{index}") if len(samples) / 16_000 > longest else None
         recording = Recording.of(clip, name)
-        return recording if recording.seconds > self.limits.max_seconds else None
+        return recording if recording.seconds > longest else None
+
+    def seconds_that_fit(self, prompt: str, options: GenerationOptions, longest: float) -> float:
+        """The longest clip, up to `longest` seconds, whose audio positions fit the decoder's
+        context beside the prompt and the new tokens (refused when not even a short one does)."""
+        other = len(self.prompt_ids(prompt)) - 1
+        room = self.context_length - other - options.max_new_tokens
+        fixed, per_second = self.audio_positions()
+        if math.ceil(fixed + per_second * longest) + 1 <= room:
+            return longest
+        fitting = (room - 2 - fixed) / per_second if per_second > 0 else 0.0
+        if fitting < 0.1:
+            raise ContextLengthError(other + math.ceil(fixed + per_second * longest), options.max_new_tokens, self.context_length)
+        return fitting
+
+    def audio_positions(self) -> tuple[float, float]:
+        """The decoder positions of a clip as (fixed, per second): from two encoder runs on
+        silence (made once). Most projectors give positions in proportion to the audio (padding
+        cut); a tower that always gives its whole window's has none per second."""
+        if self._probe is None:
+            long = min(PROBE_SECONDS, self.limits.max_seconds)
+            counts = [len(self.audio_features(np.zeros(int(seconds * 16_000), np.float32))) for seconds in (long / 2, long)]
+            per_second = (counts[1] - counts[0]) / (long / 2)
+            self._probe = (counts[1] - per_second * long, per_second)
+        return self._probe
 
     def piece_seconds(self, prompt: str, options: GenerationOptions) -> float:
         """The longest piece of a long recording: the window (at most PIECE_SECONDS), shorter where
-        its audio positions, the prompt and the new tokens would overflow the decoder's context
-        (a raw-audio encoder's positions grow with the audio; measured on a window of silence)."""
-        window = min(self.limits.max_seconds, PIECE_SECONDS)
-        other = len(self.prompt_ids(prompt)) - 1
-        room = self.context_length - other - options.max_new_tokens
-        positions = len(self.audio_features(np.zeros(int(window * 16_000), np.float32)))
-        if positions <= room:
-            return window
-        if self.input_kind != "raw_audio" or room < 2:
-            raise ContextLengthError(other + positions, options.max_new_tokens, self.context_length)
-        return window * (room - 1) / positions
+        its audio positions, the prompt and the new tokens would overflow the decoder's context."""
+        return self.seconds_that_fit(prompt, options, min(self.limits.max_seconds, PIECE_SECONDS))
 
     def transcribe_recording(
         self,

@@ -163,7 +163,7 @@ def build_app(engine: Engine) -> FastAPI:
         options, asked = _options({"temperature": form.get("temperature")})
         prompt = _lalm_prompt(form.get("prompt"))
         data, name = await _upload_bytes(form, limit_bytes)
-        recording = as_api_error(lambda: model.runner.long_recording(data, 0, name), "file")
+        recording = engine.long_recording(model, data, name, prompt, options, asked)
         release = engine.admit()
         try:
             if recording is not None:  # longer than the window: cut into pieces, each a request of its own

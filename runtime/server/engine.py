@@ -285,6 +285,23 @@ class Engine:
         encoder_s = time.perf_counter() - start
         return as_api_error(lambda: model.runner.prepare(request, frames, encoder_s, budget))
 
+    def piece_budget(self, asked: int | None) -> int:
+        """The tokens each piece of a long recording may make: what the request asked for, else
+        --max-new-tokens, else PIECE_TOKENS."""
+        return asked or self.settings.max_new_tokens or PIECE_TOKENS
+
+    def long_recording(self, model: ServedModel, data: bytes, name: str, prompt: str | None, options: GenerationOptions, asked: int | None) -> Recording | None:
+        """An upload as a `Recording` when it is longer than a clip the bundle takes whole (its
+        window, or what the decoder's context leaves beside the prompt and a piece's tokens:
+        `LalmRunner.seconds_that_fit`), else None; refusals are 400s."""
+        runner = model.runner
+
+        def check() -> Recording | None:
+            resolved, checked = runner.resolve(prompt, replace(options, max_new_tokens=self.piece_budget(asked)))
+            return runner.long_recording(data, 0, name, longest=runner.seconds_that_fit(resolved, checked, runner.limits.max_seconds))
+
+        return as_api_error(check, "file")
+
     async def transcribe_recording(
         self,
         model: ServedModel,
@@ -301,7 +318,7 @@ class Engine:
         the upload only then); `on_text` is told each piece's text in order. Each piece may make
         `asked` tokens, else --max-new-tokens, else PIECE_TOKENS."""
         runner = model.runner
-        options = replace(options, max_new_tokens=asked or self.settings.max_new_tokens or PIECE_TOKENS)
+        options = replace(options, max_new_tokens=self.piece_budget(asked))
         split = as_api_error(lambda: runner.split_for(split))
         resolved, _ = as_api_error(lambda: runner.resolve(prompt, options))  # refused before any piece is cut
 

@@ -84,7 +84,7 @@ async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, 
 
     model = engine.model(model_name, ("lalm",), "transcribe")
     options = GenerationOptions(max_new_tokens=max_new_tokens or 1)
-    recording = model.runner.long_recording(audio_bytes, 0, "audio")
+    recording = engine.long_recording(model, audio_bytes, "audio", prompt, options, max_new_tokens)
     with engine.admission():
         if recording is not None:  # longer than the window: in pieces, as the HTTP endpoint does it
             result = await engine.transcribe_recording(model, recording, prompt, options, max_new_tokens, None)
