@@ -196,20 +196,24 @@ _WORD = re.compile(r"\w+")
 
 
 def joined_text(texts: list[str], pieces: list[Piece]) -> str:
-    """The pieces' texts in order, separated by spaces; where a piece overlaps the one before,
-    the longest run of words (at most 8, the words an overlap can hold) that ends the text so
-    far and starts this piece's is kept once. Joining one more piece only appends to the result."""
+    """The pieces' texts in order, separated by spaces, each joined as `words_to_add` says."""
     words: list[str] = []
     for text, piece in zip(texts, pieces):
-        new = text.split()
-        if piece.overlaps_previous and words:
-            key = [_normal(w) for w in words[-8:]]
-            for k in range(min(8, len(new), len(key)), 0, -1):
-                if key[-k:] == [_normal(w) for w in new[:k]]:
-                    new = new[k:]
-                    break
-        words += new
+        words += words_to_add(words, text, piece)
     return " ".join(words)
+
+
+def words_to_add(words: list[str], text: str, piece: Piece) -> list[str]:
+    """The words of `piece`'s `text` that follow `words` (the text so far): all of them, but
+    where the piece overlaps the one before, the longest run of words (at most 8, the words an
+    overlap can hold) that ends `words` and starts `text` is kept once."""
+    new = text.split()
+    if piece.overlaps_previous and words:
+        key = [_normal(w) for w in words[-8:]]
+        for k in range(min(8, len(new), len(key)), 0, -1):
+            if key[-k:] == [_normal(w) for w in new[:k]]:
+                return new[k:]
+    return new
 
 
 def _normal(word: str) -> str:

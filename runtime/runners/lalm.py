@@ -19,7 +19,7 @@ from runtime.chat import ChatTemplate
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check_prompt_text, generate, until_eos
 from runtime.limits import AudioLimits, audio_limits
-from runtime.longform import PIECE_SECONDS, Piece, Recording, Segment, joined_text, piece_audio, pieces_of
+from runtime.longform import PIECE_SECONDS, Piece, Recording, Segment, piece_audio, pieces_of, words_to_add
 from runtime.manifest import is_whole_number
 from runtime.ort_backends import OrtDecoderBackend
 from runtime.runners.requests import Budget, Generation, TranscriptionRequest, check_stop_strings, cut_at_stop
@@ -64,23 +64,42 @@ class Transcription:
     segments: list[Segment] = field(default_factory=list)  # a long recording's pieces; a clip within the window: itself
 
 
-def long_transcription(recording: Recording, pieces: Sequence[Piece], segments: list[Segment], parts: Sequence[Transcription]) -> Transcription:
-    """One recording's result from its pieces': the texts joined (`joined_text`), the tokens in
-    order, the times added up."""
-    timings = {name: round(sum(part.timings.get(name, 0.0) for part in parts), 6) for name in ("encoder_s", "prefill_s", "decode_s")}
-    tokens = [token for part in parts for token in part.tokens]
-    return Transcription(
-        recording.name,
-        joined_text([segment.text for segment in segments], list(pieces)),
-        tokens,
-        round(recording.seconds, 3),
-        parts[0].time_to_first_token_s if parts else 0.0,
-        round(len(tokens) / timings["decode_s"], 3) if timings["decode_s"] > 0 else 0.0,
-        timings,
-        sum(part.prompt_tokens for part in parts),
-        max((part.batch_size for part in parts), default=1),
-        segments,
-    )
+class LongTranscript:
+    """A long recording's result, built from its pieces' as they finish, in order: the segments,
+    the words joined (`runtime.longform.words_to_add`), the tokens, the times added up."""
+
+    def __init__(self, recording: Recording, pieces: Sequence[Piece]) -> None:
+        self.recording, self.pieces = recording, pieces
+        self.segments: list[Segment] = []
+        self.parts: list[Transcription] = []
+        self.words: list[str] = []
+
+    def add(self, part: Transcription) -> str:
+        """Take the next piece's result; the text it adds to the joined text (empty if none)."""
+        piece = self.pieces[len(self.segments)]
+        self.segments.append(Segment(len(self.segments), *piece.seconds, part.text.strip(), part.tokens))
+        self.parts.append(part)
+        new = words_to_add(self.words, part.text, piece)
+        added = (" " if self.words and new else "") + " ".join(new)
+        self.words += new
+        return added
+
+    def result(self) -> Transcription:
+        parts = self.parts
+        timings = {name: round(sum(part.timings.get(name, 0.0) for part in parts), 6) for name in ("encoder_s", "prefill_s", "decode_s")}
+        tokens = [token for part in parts for token in part.tokens]
+        return Transcription(
+            self.recording.name,
+            " ".join(self.words),
+            tokens,
+            round(self.recording.seconds, 3),
+            parts[0].time_to_first_token_s if parts else 0.0,
+            round(len(tokens) / timings["decode_s"], 3) if timings["decode_s"] > 0 else 0.0,
+            timings,
+            sum(part.prompt_tokens for part in parts),
+            max((part.batch_size for part in parts), default=1),
+            self.segments,
+        )
 
 
 class LalmRunner:
@@ -353,24 +372,18 @@ class LalmRunner:
         """A long recording's text and segments: its pieces (`runtime.longform`) transcribed a
         batch at a time, each piece read from the recording when its batch runs."""
         pieces = [piece for piece in pieces_of(recording, split, self.piece_seconds(prompt, options)) if piece.end - piece.start >= self.limits.min_samples]
-        segments: list[Segment] = []
-        parts: list[Transcription] = []
-        sent = ""
+        transcript = LongTranscript(recording, pieces)
         if on_piece is not None:
             on_piece(recording.name, 0, len(pieces))
         for at in range(0, len(pieces), GENERATION_BATCH):
-            batch = pieces[at : at + GENERATION_BATCH]
-            audios = [piece_audio(recording, piece) for piece in batch]
-            for piece, part in zip(batch, self.transcribe_clips(audios, prompt, options, None, stop_strings, LONG_ENCODER_BATCH)):
-                segments.append(Segment(len(segments), *piece.seconds, part.text.strip(), part.tokens))
-                parts.append(part)
-                text = joined_text([segment.text for segment in segments], pieces)  # grows at its end only
-                if on_text is not None and len(text) > len(sent):
-                    on_text(text[len(sent) :])
-                sent = text
+            audios = [piece_audio(recording, piece) for piece in pieces[at : at + GENERATION_BATCH]]
+            for part in self.transcribe_clips(audios, prompt, options, None, stop_strings, LONG_ENCODER_BATCH):
+                added = transcript.add(part)
+                if on_text is not None and added:
+                    on_text(added)
             if on_piece is not None:
-                on_piece(recording.name, len(segments), len(pieces))
-        return long_transcription(recording, pieces, segments, parts)
+                on_piece(recording.name, len(transcript.segments), len(pieces))
+        return transcript.result()
 
     def check_length(self, audio: Audio) -> None:
         """Refuse a clip shorter than the encoder's receptive field or longer than its window

@@ -20,11 +20,11 @@ import numpy as np
 from runtime.audio import Audio
 from runtime.errors import RuntimeUserError
 from runtime.generation import GenerationOptions
-from runtime.longform import Piece, Recording, Segment, joined_text, piece_audio, pieces_of
+from runtime.longform import Piece, Recording, piece_audio, pieces_of
 from runtime.runners import load
 from runtime.runners.decoder import TextGenerator
 from runtime.runners.encoder import EncodedAudio, EncoderRunner
-from runtime.runners.lalm import LalmRunner, Transcription, long_transcription
+from runtime.runners.lalm import LalmRunner, LongTranscript, Transcription
 from runtime.runners.requests import CompletionRequest, Generation, TranscriptionRequest
 from runtime.scheduler import DecodeScheduler
 from runtime.server.batching import DynamicBatcher
@@ -338,21 +338,16 @@ class Engine:
                 return await self.generate(model, generation)
 
         tasks = [asyncio.ensure_future(transcribed(piece)) for piece in pieces]
-        parts: list[Transcription] = []
-        segments: list[Segment] = []
-        sent = ""
+        transcript = LongTranscript(recording, pieces)
         try:
-            for piece, task in zip(pieces, tasks):  # in order, as they finish
-                parts.append(await task)
-                segments.append(Segment(len(segments), *piece.seconds, parts[-1].text.strip(), parts[-1].tokens))
-                text = joined_text([segment.text for segment in segments], pieces)  # grows at its end only
-                if on_text is not None and len(text) > len(sent):
-                    on_text(text[len(sent) :])
-                sent = text
+            for task in tasks:  # in order, as they finish
+                added = transcript.add(await task)
+                if on_text is not None and added:
+                    on_text(added)
         finally:
             for task in tasks:
                 task.cancel()
-        return long_transcription(recording, pieces, segments, parts)
+        return transcript.result()
 
     def record_generation(self, model: ServedModel, tokens: int, ttft_s: float, tokens_per_s: float) -> None:
         self.metrics.tokens.labels(model.name).inc(tokens)
