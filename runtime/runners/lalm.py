@@ -270,11 +270,15 @@ class LalmRunner:
         prompt, options = self.resolve(prompt, options)
         check_stop_strings(stop_strings)
         split = self.split_for(split)
-        longest = self.seconds_that_fit(prompt, options, self.limits.max_seconds) if self.limits is not None else None
-        recordings = [self.long_recording(clip, index, longest=longest) for index, clip in enumerate(clips)]
+        recordings = [self.long_recording(clip, index) for index, clip in enumerate(clips)]
         short = [index for index, recording in enumerate(recordings) if recording is None]
         audios = [clip_audio(clips[index], index, self.limits) for index in short]
-        results = dict(zip(short, self.transcribe_clips(audios, prompt, options, on_text if short[:1] == [0] else None, stop_strings)))
+
+        def in_pieces(audio: Audio, streamed: Callable[[str], None] | None) -> Transcription:
+            return self.transcribe_recording(Recording.of(audio), prompt, options, split, streamed, stop_strings, on_piece)
+
+        streamed = on_text if short[:1] == [0] else None
+        results = dict(zip(short, self.transcribe_clips(audios, prompt, options, streamed, stop_strings, too_long=in_pieces)))
         for index, recording in enumerate(recordings):
             if recording is not None:
                 streamed = on_text if index == 0 else None
@@ -289,9 +293,12 @@ class LalmRunner:
         on_text: Callable[[str], None] | None,
         stop_strings: Sequence[str],
         encoder_batch: int | None = None,
+        too_long: Callable[[Audio, Callable[[str], None] | None], Transcription] | None = None,
     ) -> list[Transcription]:
         """`transcribe` for clips within the window, the prompt resolved; the encoder takes at
-        most `encoder_batch` clips at once (default: all of one shape)."""
+        most `encoder_batch` clips at once (default: all of one shape). A clip whose audio
+        positions, once encoded, leave the decoder's context no room beside the prompt and the
+        new tokens goes to `too_long` (to be cut into pieces), else is refused."""
         if not audios:
             return []
         for audio in audios:
@@ -300,7 +307,17 @@ class LalmRunner:
         features = self.audio_features_batch([audio.samples for audio in audios], encoder_batch)
         encoder_s = (time.perf_counter() - start) / len(audios)
         results: dict[int, Transcription] = {}
-        for indices in generation_batches([len(feature) for feature in features], options):
+        fitting = []
+        for index, feature in enumerate(features):
+            try:
+                self.prompt_positions(feature, prompt, options)
+                fitting.append(index)
+            except ContextLengthError:
+                if too_long is None:
+                    raise
+                results[index] = too_long(audios[index], on_text if index == 0 else None)
+        for batch_indices in generation_batches([len(features[i]) for i in fitting], options):
+            indices = [fitting[i] for i in batch_indices]
             streamed = on_text if indices[0] == 0 else None
             batch = self.transcribe_batch(
                 [audios[i] for i in indices], [features[i] for i in indices], encoder_s, prompt, options, streamed, stop_strings=stop_strings
@@ -315,20 +332,16 @@ class LalmRunner:
             raise RuntimeUserError(f"split must be one of {', '.join(SPLITTERS)}, not {chosen!r}")
         return chosen
 
-    def long_recording(
-        self, clip: str | Path | bytes | np.ndarray | Audio, index: int, name: str | None = None, longest: float | None = None
-    ) -> Recording | None:
+    def long_recording(self, clip: str | Path | bytes | np.ndarray | Audio, index: int, name: str | None = None) -> Recording | None:
         """`clip` (a file, its bytes, an array, an `Audio`) as a `Recording` when it is longer
-        than `longest` seconds (default: the bundle's window; a file: by its header, before any
-        decoding), else None."""
+        than the bundle's window (a file: by its header, before any decoding), else None."""
         if self.limits is None:
             return None
-        longest = self.limits.max_seconds if longest is None else longest
         if isinstance(clip, Audio | np.ndarray):
             samples = clip.samples if isinstance(clip, Audio) else clip
-            return Recording.of(clip, f"array{index}") if len(samples) / 16_000 > longest else None
+            return Recording.of(clip, f"array{index}") if len(samples) / 16_000 > self.limits.max_seconds else None
         recording = Recording.of(clip, name)
-        return recording if recording.seconds > longest else None
+        return recording if recording.seconds > self.limits.max_seconds else None
 
     def seconds_that_fit(self, prompt: str, options: GenerationOptions, longest: float) -> float:
         """The longest clip, up to `longest` seconds, whose audio positions fit the decoder's

@@ -163,19 +163,9 @@ def build_app(engine: Engine) -> FastAPI:
         options, asked = _options({"temperature": form.get("temperature")})
         prompt = _lalm_prompt(form.get("prompt"))
         data, name = await _upload_bytes(form, limit_bytes)
-        recording = engine.long_recording(model, data, name, prompt, options, asked)
         release = engine.admit()
         try:
-            if recording is not None:  # longer than the window: cut into pieces, each a request of its own
-
-                def work(on_text: Callable[[str], None] | None) -> Awaitable[Any]:
-                    return engine.transcribe_recording(model, recording, prompt, options, asked, split, on_text)
-            else:
-                audio = as_api_error(lambda: decode_audio(data, name, model.runner.limits), "file")
-                generation = await engine.prepare(model, as_api_error(lambda: TranscriptionRequest(audio, prompt, options)), asked)
-
-                def work(on_text: Callable[[str], None] | None) -> Awaitable[Any]:
-                    return engine.generate(model, generation, on_text)
+            work = await engine.transcription(model, data, name, prompt, options, asked, split)
         except BaseException:
             release()
             raise

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.audio import Audio
-from runtime.errors import RuntimeUserError
+from runtime.audio import Audio, decode_audio
+from runtime.errors import ContextLengthError, RuntimeUserError
 from runtime.generation import GenerationOptions
 from runtime.longform import Piece, Recording, piece_audio, pieces_of
 from runtime.runners import load
@@ -270,10 +270,13 @@ class Engine:
             if cancel is not None:
                 cancel.set()
 
-    async def prepare(self, model: ServedModel, request: CompletionRequest | TranscriptionRequest, asked: int | None) -> Generation:
+    async def prepare(
+        self, model: ServedModel, request: CompletionRequest | TranscriptionRequest, asked: int | None, too_long_is_none: bool = False
+    ) -> Generation | None:
         """A request made ready to generate (a 400 before any event is sent): a transcription's
         clip encoded (batched with other requests' clips), the prompt checked to fit, the token
-        budget set (`budgeted`)."""
+        budget set (`budgeted`). `too_long_is_none`: a clip whose audio positions leave the
+        decoder's context no room gives None (to be cut into pieces) instead of a 400."""
 
         def budget(positions: int) -> int:
             return self.budgeted(model, positions, asked)
@@ -283,24 +286,39 @@ class Engine:
         start = time.perf_counter()
         frames = await self.encode(model, request.audio)
         encoder_s = time.perf_counter() - start
-        return as_api_error(lambda: model.runner.prepare(request, frames, encoder_s, budget))
+
+        def prepared() -> Generation | None:
+            try:
+                return model.runner.prepare(request, frames, encoder_s, budget)
+            except ContextLengthError:
+                if too_long_is_none:
+                    return None
+                raise
+
+        return as_api_error(prepared)
+
+    async def transcription(
+        self, model: ServedModel, data: bytes, name: str, prompt: str | None, options: GenerationOptions, asked: int | None, split: str | None
+    ) -> Callable[[Callable[[str], None] | None], Awaitable[Transcription]]:
+        """An uploaded audio file made ready to transcribe (a 400 before any event is sent): the
+        work that does it, told its text as it comes. A recording longer than the window (by its
+        header), or a clip whose audio positions leave the decoder's context no room, is cut into
+        pieces (`transcribe_recording`); any other clip runs as one generation, encoded now."""
+        runner = model.runner
+        recording = as_api_error(lambda: runner.long_recording(data, 0, name), "file")
+        if recording is None:
+            audio = as_api_error(lambda: decode_audio(data, name, runner.limits), "file")
+            request = as_api_error(lambda: TranscriptionRequest(audio, prompt, options))
+            generation = await self.prepare(model, request, asked, too_long_is_none=True)
+            if generation is not None:
+                return lambda on_text: self.generate(model, generation, on_text)
+            recording = Recording.of(audio)
+        return lambda on_text: self.transcribe_recording(model, recording, prompt, options, asked, split, on_text)
 
     def piece_budget(self, asked: int | None) -> int:
         """The tokens each piece of a long recording may make: what the request asked for, else
         --max-new-tokens, else PIECE_TOKENS."""
         return asked or self.settings.max_new_tokens or PIECE_TOKENS
-
-    def long_recording(self, model: ServedModel, data: bytes, name: str, prompt: str | None, options: GenerationOptions, asked: int | None) -> Recording | None:
-        """An upload as a `Recording` when it is longer than a clip the bundle takes whole (its
-        window, or what the decoder's context leaves beside the prompt and a piece's tokens:
-        `LalmRunner.seconds_that_fit`), else None; refusals are 400s."""
-        runner = model.runner
-
-        def check() -> Recording | None:
-            resolved, checked = runner.resolve(prompt, replace(options, max_new_tokens=self.piece_budget(asked)))
-            return runner.long_recording(data, 0, name, longest=runner.seconds_that_fit(resolved, checked, runner.limits.max_seconds))
-
-        return as_api_error(check, "file")
 
     async def transcribe_recording(
         self,

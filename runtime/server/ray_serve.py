@@ -78,19 +78,13 @@ def _in_replica() -> bool:
 
 
 async def transcribe_bytes(engine: Engine, model_name: str, audio_bytes: bytes, prompt: str | None, max_new_tokens: int | None) -> dict[str, Any]:
-    from runtime.audio import decode_audio
     from runtime.generation import GenerationOptions
-    from runtime.runners.requests import TranscriptionRequest
 
     model = engine.model(model_name, ("lalm",), "transcribe")
     options = GenerationOptions(max_new_tokens=max_new_tokens or 1)
-    recording = engine.long_recording(model, audio_bytes, "audio", prompt, options, max_new_tokens)
     with engine.admission():
-        if recording is not None:  # longer than the window: in pieces, as the HTTP endpoint does it
-            result = await engine.transcribe_recording(model, recording, prompt, options, max_new_tokens, None)
-        else:
-            request = TranscriptionRequest(decode_audio(audio_bytes, "audio", model.runner.limits), prompt, options)
-            result = await engine.generate(model, await engine.prepare(model, request, max_new_tokens))
+        work = await engine.transcription(model, audio_bytes, "audio", prompt, options, max_new_tokens, None)
+        result = await work(None)
     return {"text": result.text, "tokens": result.tokens}
 
 
