@@ -11,9 +11,11 @@ block by block so that memory does not grow with the recording:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,14 +32,7 @@ class SileroVad:
     """Speech probabilities from Silero VAD on ONNX Runtime (CPU, one thread: it is small)."""
 
     def __init__(self) -> None:
-        import onnxruntime as ort
-
-        data = SILERO_PATH.read_bytes() if SILERO_PATH.is_file() else b""
-        if hashlib.sha256(data).hexdigest() != SILERO_SHA256:
-            raise BundleError(f"{SILERO_PATH} is missing or altered; reinstall lalm-export, or pass --split energy or --split fixed")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.session = _silero_session()
 
     def probabilities(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """One probability per whole frame of the 16 kHz samples that `blocks` carry in order
@@ -54,9 +49,23 @@ class SileroVad:
             yield probs.astype(np.float32)
 
 
+@functools.cache
+def _silero_session() -> Any:
+    """The model's session, made once per process (a server cuts many recordings) after its
+    file is checked against the sha256 it shipped with."""
+    import onnxruntime as ort
+
+    data = SILERO_PATH.read_bytes() if SILERO_PATH.is_file() else b""
+    if hashlib.sha256(data).hexdigest() != SILERO_SHA256:
+        raise BundleError(f"{SILERO_PATH} is missing or altered; reinstall lalm-export, or pass --split energy or --split fixed")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
 class EnergyVad:
     """A frame is speech when its RMS level is `margin_db` above the noise floor (the level
-    of the quietest tenth of the frames seen so far, at least -70 dBFS): 1.0 or 0.0 per frame."""
+    of the quietest tenth of the last 64 blocks' frames, at least -70 dBFS): 1.0 or 0.0 per frame."""
 
     def __init__(self, margin_db: float = 15.0) -> None:
         self.margin_db = margin_db
@@ -65,8 +74,8 @@ class EnergyVad:
         levels_seen: list[np.ndarray] = []
         for frames in _whole_frames(blocks):
             levels = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-12)
-            levels_seen.append(levels)
-            floor = max(float(np.quantile(np.concatenate(levels_seen[-64:]), 0.1)), -70.0)
+            levels_seen = [*levels_seen[-63:], levels]  # the recent ones only: memory stays bounded
+            floor = max(float(np.quantile(np.concatenate(levels_seen), 0.1)), -70.0)
             yield (levels > floor + self.margin_db).astype(np.float32)
 
 
