@@ -41,6 +41,8 @@ EPILOG = """examples:
 
   # an audio LLM saved by LALM.save_pretrained(): one bundle, int8 audio encoder and int4 decoder
   lalm-export --lalm ./my-lalm --encoder-precision int8 --decoder-precision int4 --output ./bundles/lalm
+  # the same with GPTQ's int4 weights, calibrated on text like the decoder's outputs
+  lalm-export --lalm ./my-lalm --encoder-precision int8 --decoder-precision int4 --int4-method gptq --calibration ./transcripts.txt --output ./bundles/lalm-gptq
   # its decoder as the op-by-op graph (what architectures outside the fused graph's list, and CUDA, get)
   lalm-export --lalm ./my-lalm --decoder-graph optimum --output ./bundles/lalm-optimum
   lalm-export --lalm ./Qwen2-Audio-7B-Instruct --adapter ./qlora-adapter --qlora --output ./bundles/qwen2-audio
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 LALM_FLAGS = (
     *("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json", "adapter", "qlora", "bnb_quant_type", "bnb_double_quant"),
     *("precision", "encoder_precision", "decoder_precision", "decoder_graph", "device", "target_cpu", "min_cosine", "split"),
+    *("int4_method", "int4_block_size", "int4_lm_head", "int4_calibration"),
 )
 
 
@@ -222,7 +225,13 @@ def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
         **{name: getattr(args, name) for name in names},
         encoder_precision=component_precision(args, "encoder"),
         decoder_precision=component_precision(args, "decoder"),
+        int4=int4_options(args),
     )
+
+
+def int4_options(args: argparse.Namespace) -> Int4Options:
+    """The --int4-* flags (`int4_`-prefixed fields of the namespace)."""
+    return Int4Options(**{name.removeprefix("int4_"): value for name, value in vars(args).items() if name.startswith("int4_")})
 
 
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
@@ -237,9 +246,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         raise OptionsError("--split records how an --lalm bundle cuts long recordings; an encoder bundle refuses audio longer than it encodes")
     values["family"] = values.pop("encoder") or "llm"
     values["decoder_arch"] = values.pop("decoder") or "auto"
-    int4 = {name.removeprefix("int4_"): values.pop(name) for name in list(values) if name.startswith("int4_")}
-    known = {f.name for f in fields(ExportOptions)}
-    return ExportOptions(int4=Int4Options(**int4), **{name: value for name, value in values.items() if name in known})
+    known = {f.name for f in fields(ExportOptions)} - {"int4"}
+    return ExportOptions(int4=int4_options(args), **{name: value for name, value in values.items() if name in known})
 
 
 def quiet_libraries() -> None:

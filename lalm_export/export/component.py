@@ -28,6 +28,7 @@ from lalm_export.models.loading import load_family_model
 from lalm_export.models.merge import AdapterForPart, dequantize_4bit_linears, merge_adapter_into, read_adapter_for_part, read_lora_pairs
 from lalm_export.parity.bounds import cosine_bound
 from lalm_export.parity.component import ComponentGate, encoder_cases, verify_graph
+from lalm_export.precision.int4 import Int4Options
 from lalm_export.precision.mixed_int8 import Calibration
 from lalm_export.precision.specs import SPECS
 from lalm_export.progress import Stages
@@ -166,24 +167,22 @@ def last_position_logits_only(graph: Path) -> list[str]:
     return [LAST_POSITION_LOGITS]
 
 
-def gptq_model(model: nn.Module, opts: ExportOptions, stages: Stages) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of `model` whose Linear weights are GPTQ's int4 weights, and what was done."""
-    from lalm_export.models.llm import load_tokenizer
+def gptq_model(model: nn.Module, tokenizer: Any, int4: Int4Options, seed: int, stages: Stages) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of the causal LM `model` whose Linear weights are GPTQ's int4 weights, and what was done."""
     from lalm_export.precision.gptq import CALIBRATION_WINDOW, Calibration, calibration_windows, gptq_quantize_decoder, sampled_calibration_windows
 
-    tokenizer = load_tokenizer(opts.model_source, opts.trust_remote_code)
-    if opts.int4.calibration is None:
+    if int4.calibration is None:
         stages.say("      GPTQ: sampling calibration text from the model (no --calibration)")
-        windows = sampled_calibration_windows(model, tokenizer, opts.seed, progress=not stages.quiet)
-        calibration = Calibration(len(windows), CALIBRATION_WINDOW, seed=opts.seed)
+        windows = sampled_calibration_windows(model, tokenizer, seed, progress=not stages.quiet)
+        calibration = Calibration(len(windows), CALIBRATION_WINDOW, seed=seed)
         source = "the model's own samples"
     else:
-        windows = calibration_windows(opts.int4.calibration, tokenizer)
-        path = Path(opts.int4.calibration)
+        windows = calibration_windows(int4.calibration, tokenizer)
+        path = Path(int4.calibration)
         calibration = Calibration(len(windows), CALIBRATION_WINDOW, path=str(path.resolve()), sha256=sha256_of(path))
-        source = str(opts.int4.calibration)
+        source = str(int4.calibration)
     quantized = copy.deepcopy(model)
-    layers = gptq_quantize_decoder(quantized, windows, opts.int4.block_size, lm_head=opts.int4.lm_head == "int4", progress=not stages.quiet)
+    layers = gptq_quantize_decoder(quantized, windows, int4.block_size, lm_head=int4.lm_head == "int4", progress=not stages.quiet)
     stages.say(f"      GPTQ: {layers} Linear layers quantized from {len(windows)} windows of {CALIBRATION_WINDOW} tokens of {source}")
     return quantized, {**calibration.to_dict(), "layers": layers}
 
@@ -225,7 +224,10 @@ class ComponentSteps:
     def export_graphs(self, fp32: Path, bundle: Path) -> list[str]:
         exported = self.merged.model
         if self.opts.int4.method == "gptq":
-            exported, self.int4_weights = gptq_model(exported, self.opts, self.stages)
+            from lalm_export.models.llm import load_tokenizer
+
+            tokenizer = load_tokenizer(self.opts.model_source, self.opts.trust_remote_code)
+            exported, self.int4_weights = gptq_model(exported, tokenizer, self.opts.int4, self.opts.seed, self.stages)
         graph = export_graph(exported, self.opts, fp32, self.graph_kind)
         return optimize_graph(graph, self.opts, self.graph_kind)
 

@@ -18,6 +18,7 @@ whole pipeline with the eager LALM's."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from lalm_export.errors import OptionsError
-from lalm_export.export.component import Loaded, describe_base, last_position_logits_only, load_base, merge_into_base
+from lalm_export.export.component import Loaded, describe_base, gptq_model, last_position_logits_only, load_base, merge_into_base
 from lalm_export.export.manifest import Built, BundleKind, build_manifest, decoder_facts
 from lalm_export.export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_min_cosine, check_output, check_target_cpu, require_cuda
 from lalm_export.export.pipeline import STAGES, GraphPart, RunSettings, run_export
@@ -44,8 +45,10 @@ from lalm_export.models.lalm_graph import AudioEncoderGraph, MergedLalm
 from lalm_export.models.loading import refuse_missing_weights, require_bitsandbytes
 from lalm_export.models.merge import dequantize_4bit_linears, merge_adapter_into, read_lora_pairs
 from lalm_export.models.pretrained import PretrainedLalm, check_needs, pretrained_row
-from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm
+from lalm_export.parity.bounds import cosine_bound
+from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm, eager_features, encoder_feeds, gate_clips
 from lalm_export.parity.signals import speech_like
+from lalm_export.precision.mixed_int8 import Calibration
 from lalm_export.precision.specs import SPECS, check_precision
 from lalm_export.progress import Stages
 from runtime.chat import CHAT_TEMPLATE
@@ -218,14 +221,29 @@ class LalmSteps:
     merged: MergedLalm
     graph_kind: str
     exporter: str
+    stages: Stages
+    int4_weights: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "rtn"})
 
     @property
     def parts(self) -> tuple[GraphPart, ...]:
-        return (GraphPart(ENCODER_GRAPH, "encoder", self.opts.encoder_precision), GraphPart(DECODER_GRAPH, "decoder", self.opts.decoder_precision))
+        encoder = GraphPart(ENCODER_GRAPH, "encoder", self.opts.encoder_precision, self.int8_calibration())
+        return (encoder, GraphPart(DECODER_GRAPH, "decoder", self.opts.decoder_precision))
+
+    def int8_calibration(self) -> Calibration | None:
+        """An int8 audio encoder is made to meet the gate's audio-feature bound on the gate's own
+        clips, over the frames the gate reads (mixed_int8.py), as a component encoder is."""
+        if self.opts.encoder_precision != "int8":
+            return None
+        merged, seed = self.merged, self.opts.seed
+        bound = cosine_bound("int8", "encoder", self.opts.min_cosine)
+        feeds = lambda: [encoder_feeds(merged, clip) for clip in gate_clips(seed)]  # noqa: E731 - made when needed
+        frames = functools.cache(lambda: [len(eager_features(merged, clip)) for clip in gate_clips(seed)])  # measured once, read per search step
+        return Calibration(feeds, bound.cosine, bound.row_cosine, frames)
 
     @property
     def precision_detail(self) -> str:
-        return f"audio encoder {self.opts.encoder_precision}, decoder {self.opts.decoder_precision}"
+        int4 = f" ({self.opts.int4.method}, {self.opts.int4.describe()})" if self.opts.decoder_precision == "int4" else ""
+        return f"audio encoder {self.opts.encoder_precision}, decoder {self.opts.decoder_precision}{int4}"
 
     @property
     def verify_detail(self) -> str:
@@ -234,7 +252,11 @@ class LalmSteps:
     def export_graphs(self, fp32: Path, bundle: Path) -> list[str]:
         merged = self.merged
         export_audio_encoder(merged.graph, merged.feature_config, fp32 / ENCODER_GRAPH)
-        optimizations = export_decoder(merged, self.graph_kind, fp32, self.opts.trust_remote_code)
+        exported = merged
+        if self.opts.int4.method == "gptq":  # the gate still compares with the merged fp32 decoder
+            decoder, self.int4_weights = gptq_model(merged.decoder, merged.tokenizer, self.opts.int4, self.opts.seed, self.stages)
+            exported = dataclasses.replace(merged, decoder=decoder)
+        optimizations = export_decoder(exported, self.graph_kind, fp32, self.opts.trust_remote_code)
         np.save(bundle / TOKEN_TABLE, token_table(merged.decoder), allow_pickle=False)
         merged.tokenizer.save_pretrained(str(bundle))
         dump_feature_config(merged.feature_config, bundle / "preprocessor_config.json")
@@ -254,7 +276,10 @@ class LalmSteps:
         kind = BundleKind(spec.name, "lalm", f"{encoder_type}+{decoder_type}", spec.input_kind, SPECS[opts.decoder_precision].weights, precision)
         source = Source(model=str(Path(opts.lalm).resolve()), adapter=None, adapter_sha256=sha256_tree(opts.lalm), merge="lalm")
         graphs = {"audio_encoder": ENCODER_GRAPH, "decoder": DECODER_GRAPH}
-        return build_manifest(bundle, graphs, kind, source, built, lalm_facts(self.merged, opts, bundle, self.graph_kind), opts.device)
+        extra = lalm_facts(self.merged, opts, bundle, self.graph_kind)
+        if opts.decoder_precision == "int4":
+            extra["int4"] = {**self.int4_weights, "block_size": opts.int4.block_size, "lm_head": built.transforms[DECODER_GRAPH]["lm_head"]}
+        return build_manifest(bundle, graphs, kind, source, built, extra, opts.device)
 
 
 def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest:
@@ -266,8 +291,8 @@ def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest
     graph_kind, why = choose_decoder_graph(opts.decoder_graph, merged.decoder, optimize=True, device=opts.device)
     builder = "ONNX Runtime's model builder" if graph_kind == "fused" else "torch.onnx, op by op"
     exporter = f"audio encoder + projector (torch.onnx), decoder on inputs_embeds ({builder}: {why})"
-    settings = RunSettings(Path(opts.output), Path(opts.output).is_dir(), opts.verify, opts.target_cpu)
-    return run_export(LalmSteps(opts, merged, graph_kind, exporter), settings, stages)
+    settings = RunSettings(Path(opts.output), Path(opts.output).is_dir(), opts.verify, opts.target_cpu, opts.int4)
+    return run_export(LalmSteps(opts, merged, graph_kind, exporter, stages), settings, stages)
 
 
 def token_table(decoder: torch.nn.Module) -> np.ndarray:
@@ -339,6 +364,7 @@ def validate_lalm_options(opts: LalmExportOptions) -> None:
     check_precision(opts.encoder_precision, "encoder", opts.device)
     check_precision(opts.decoder_precision, "decoder", opts.device)
     check_target_cpu(opts.target_cpu, (opts.encoder_precision, opts.decoder_precision))
+    opts.int4.validate(opts.decoder_precision)
     check_min_cosine(
         opts.min_cosine,
         opts.encoder_precision,

@@ -83,6 +83,7 @@ class LalmExportOptions:
     bnb_quant_type: str = "nf4"
     bnb_double_quant: bool = True
     split: str = "vad"  # how the runtime cuts recordings longer than the window: vad | energy | fixed (manifest extra.split)
+    int4: Int4Options = Int4Options()  # an int4 decoder's weights, as for --decoder
 
     @property
     def quantization(self) -> QuantizationSettings | None:

@@ -24,13 +24,23 @@ GATE_CLIPS_S = (1.0, 1.6)  # speech-like clips, seconds: two lengths
 
 def eager_features(merged: MergedLalm, clip: np.ndarray) -> np.ndarray:
     """The eager encoder + projector's frames of one clip, padding cut."""
+    feeds = encoder_feeds(merged, clip)
+    with torch.no_grad():
+        projected, lengths = merged.graph(torch.from_numpy(feeds[merged.graph.spec.input_name]), torch.from_numpy(feeds["audio_lengths"]))
+    return projected[0, : int(lengths[0])].numpy()
+
+
+def gate_clips(seed: int) -> list[np.ndarray]:
+    """The gate's speech-like clips, one per length of `GATE_CLIPS_S`."""
+    return [speech_like(seconds, seed=seed + index) for index, seconds in enumerate(GATE_CLIPS_S)]
+
+
+def encoder_feeds(merged: MergedLalm, clip: np.ndarray) -> dict[str, np.ndarray]:
+    """The exported audio encoder's inputs for one clip: its features and its length."""
     from runtime.audio import features_for
 
-    spec = merged.graph.spec
-    features = torch.from_numpy(features_for(spec.input_kind, clip, merged.feature_config)[None].astype(np.float32))
-    with torch.no_grad():
-        projected, lengths = merged.graph(features, torch.tensor([len(clip)]))
-    return projected[0, : int(lengths[0])].numpy()
+    features = features_for(merged.graph.spec.input_kind, clip, merged.feature_config)[None].astype(np.float32)
+    return {merged.graph.spec.input_name: features, "audio_lengths": np.array([len(clip)], dtype=np.int64)}
 
 
 def eager_prompt(merged: MergedLalm, features: np.ndarray) -> torch.Tensor:
@@ -82,8 +92,7 @@ def check_lalm(
     options = GenerationOptions(max_new_tokens=GATE_TOKENS, stop_at_eos=False)
     agree: list[np.ndarray] = []
     first: int | None = None
-    for index, seconds in enumerate(GATE_CLIPS_S):
-        clip = speech_like(seconds, seed=seed + index)
+    for seconds, clip in zip(GATE_CLIPS_S, gate_clips(seed)):
         reference, candidate = eager_features(merged, clip), runner.audio_features(clip)
         report.record("audio_features", reference, candidate)
         embeds = eager_prompt(merged, reference)

@@ -35,14 +35,21 @@ SEARCH_BYTES = 512 * 2**20  # weights of the largest graph searched (wav2vec2-ba
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the int8 graph must reach, on what: the gate's inputs and its cosine bound on the first output."""
+    """What the int8 graph must reach, on what: the gate's inputs and its cosine bound on the
+    first output. `frames`: per case (batch 1), the leading frames of that output the gate reads
+    (an audio LLM's encoder pads a clip to its window and the gate cuts the padding); None: all."""
 
     feeds: Callable[[], Feeds]
     cosine: float
     row_cosine: float
+    frames: Callable[[], Sequence[int]] | None = None
 
     def measure(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[float, float]:
         """The lowest cosine and the lowest per-row cosine over the cases."""
+        if self.frames is not None:
+            counts = self.frames()
+            reference = [r[:, :n] for r, n in zip(reference, counts)]
+            candidate = [c[:, :n] for c, n in zip(candidate, counts)]
         pairs = [cosine_similarities(r, c) for r, c in zip(reference, candidate)]
         return min(p[0] for p in pairs), min(p[1] for p in pairs)
 

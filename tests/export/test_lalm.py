@@ -512,6 +512,27 @@ def test_precision_per_component(flags, encoder, decoder, checkpoints, tmp_path,
     assert transcription.tokens
 
 
+def test_an_lalm_decoder_takes_gptq_int4_weights(checkpoints, tmp_path, capsys):
+    """--int4-method gptq (and the other --int4-* flags) apply to an audio LLM's decoder as to a
+    decoder bundle's: calibrated on the text file, recorded in the manifest, gated against the
+    fp32 decoder; asked of an fp32 decoder, refused."""
+    tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(["the quick brown fox jumps over the lazy dog, and one two three four five six seven."] * 40), encoding="utf-8")
+    flags = ("--int4-method", "gptq", "--calibration", text, "--int4-block-size", "64")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--decoder-precision", "int4", *flags, "--output", tmp_path / "b", "--json", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    int4 = manifest["extra"]["int4"]
+    assert int4["method"] == "gptq" and int4["calibration"] == "text file" and int4["block_size"] == 64 and int4["layers"] == 2 * 7
+    assert manifest["parity"]["passed"] and manifest["extra"]["precision"]["decoder"] == "int4"
+    nodes = [n for n in onnx.load(str(tmp_path / "b" / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and all({a.name: a.i for a in n.attribute}["block_size"] == 64 for n in nodes)
+    refused = run_main(export_main, "--lalm", tmp_path / "lalm", *flags, "--output", tmp_path / "fp32", capsys=capsys)
+    assert_user_error(refused, "--int4-method gptq chooses int4 weights")
+    assert not (tmp_path / "fp32").exists()
+
+
 def test_an_lalm_takes_the_gate_bound_and_the_int8_target_cpu(checkpoints, tmp_path, capsys):
     tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
     common = ("--lalm", tmp_path / "lalm", "--encoder-precision", "int8", "--target-cpu", "avx2")
