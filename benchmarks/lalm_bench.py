@@ -91,21 +91,12 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
     model.set_inference_mode()
     eager = eager_references(model, settings.provider)
 
-    def eager_run(lalm: LALM) -> dict[str, Any]:
-        tokens, timings = lalm.generate_clip(clip, None, options)
-        return {"tokens": np.array(tokens), "total": sum(timings.values()), **timings}
-
     runners = {}
     for precision, lalm in eager.items():
-        runners[f"eager-{precision}"] = lambda lalm=lalm: eager_run(lalm)
+        runners[f"eager-{precision}"] = lambda lalm=lalm: eager_generation(lalm, clip, options)
     for variant, path in bundles.items():
         runner = load(path, SessionOptions(provider=settings.provider))
-
-        def onnx_run(runner=runner) -> dict[str, Any]:
-            (result,) = runner.transcribe([clip], options=options)
-            return {"tokens": np.array(result.tokens), "total": sum(result.timings.values()), **result.timings}
-
-        runners[f"onnx-{variant}"] = onnx_run
+        runners[f"onnx-{variant}"] = lambda runner=runner: bundle_generation(runner, clip, options)
     with peak_rss() as memory:
         results = interleaved(runners, preset.warmup, settings.decoder_repeats, on_run=bar.update)
     case = f"1 clip, {preset.audio_seconds:g} s audio, {NEW_TOKENS} new tokens"
@@ -113,6 +104,18 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
     for row in rows:
         row["throughput"] = {"audio_seconds_per_s": round(preset.audio_seconds / row["latency_s"]["median"], 2)}
     return rows
+
+
+def eager_generation(lalm: LALM, clip: np.ndarray, options: GenerationOptions) -> dict[str, Any]:
+    """One timed run of the eager LALM on `clip`: its tokens, total seconds and encoder/prefill/decode split."""
+    tokens, timings = lalm.generate_clip(clip, None, options)
+    return {"tokens": np.array(tokens), "total": sum(timings.values()), **timings}
+
+
+def bundle_generation(runner: Any, clip: np.ndarray, options: GenerationOptions) -> dict[str, Any]:
+    """One timed run of a loaded audio-LLM bundle on `clip`, as `eager_generation` reports it."""
+    (result,) = runner.transcribe([clip], options=options)
+    return {"tokens": np.array(result.tokens), "total": sum(result.timings.values()), **result.timings}
 
 
 def lalm_rows(

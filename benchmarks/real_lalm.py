@@ -382,7 +382,7 @@ def run(work: Path, out: Path, steps: int, clips: int, tokens: int, repeats: int
 
     import torch
 
-    from benchmarks.lalm_bench import lalm_rows
+    from benchmarks.lalm_bench import bundle_generation, eager_generation, lalm_rows
     from benchmarks.machine import describe_machine
     from benchmarks.measure import interleaved, peak_rss
     from benchmarks.presets import eager_references
@@ -412,15 +412,8 @@ def run(work: Path, out: Path, steps: int, clips: int, tokens: int, repeats: int
     fixed = GenerationOptions(max_new_tokens=tokens, stop_at_eos=False)
     clip = held[0].audio
 
-    def eager_run(lalm: LALM) -> dict:
-        ids, timings = lalm.generate_clip(clip, None, fixed)
-        return {"tokens": np.array(ids), "total": sum(timings.values()), **timings}
-
-    def onnx_run(runner) -> dict:
-        (result,) = runner.transcribe([clip], options=fixed)
-        return {"tokens": np.array(result.tokens), "total": sum(result.timings.values()), **result.timings}
-
-    timed = {f"eager-{p}": (lambda m=m: eager_run(m)) for p, m in eager.items()} | {f"onnx-{n}": (lambda r=r: onnx_run(r)) for n, r in runners.items()}
+    timed = {f"eager-{p}": (lambda m=m: eager_generation(m, clip, fixed)) for p, m in eager.items()}
+    timed |= {f"onnx-{n}": (lambda r=r: bundle_generation(r, clip, fixed)) for n, r in runners.items()}
     with peak_rss() as memory:
         results = interleaved(timed, 1, repeats)
     case = f"the recording ({len(clip) / RATE:.1f} s), {tokens} new tokens (EOS ignored), greedy"
