@@ -166,6 +166,14 @@ class OrtDecoderBackend:
             self._past = {name: np.zeros((batch, heads, 0, head_dim), dtype=self.kv_dtype) for name in self.past_names}
         return self._run(input_ids)
 
+    def continue_prefill(self, values: np.ndarray, past: dict[str, np.ndarray]) -> np.ndarray:
+        """A prompt's next chunk: `values` (ids, or embeddings where the graph takes them) run
+        after `past`, the host cache its earlier chunks left (`past()`); the last position's logits."""
+        length = next(iter(past.values())).shape[2]
+        self.kv, self._past = None, dict(past)
+        self._mask = np.ones((values.shape[0], length + values.shape[1]), dtype=np.int64)
+        return self._run(values)
+
     def prefill_embeds(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """`prefill` for a prompt given as embeddings `(batch, length, hidden)`."""
         if not self.takes_embeds:

@@ -23,9 +23,11 @@ cut out (and, left-padded, the padding no row needs any more is trimmed).
 
 Model calls never overlap. Between two decode steps, prefills run while their prompts total
 at most `PREFILL_POSITIONS_PER_STEP` positions (one always may), so a burst of short prompts
-joins at once while a long prompt delays the running streams by one prefill, not by every
-waiting one. Prompts waiting together with as many positions (one chat prompt sent by many
-clients; an audio LLM's prompts over a fixed audio window) are prefilled as one batch.
+joins at once. While streams are running, a longer prompt is prefilled in chunks of that many
+positions, one chunk between two steps (each chunk runs after the cache of those before it), so
+it delays the running streams by one chunk a step, not by its whole length; with no stream
+running it is prefilled whole. Prompts waiting together with as many positions (one chat prompt
+sent by many clients; an audio LLM's prompts over a fixed audio window) are prefilled as one batch.
 
 int8 graphs quantize activations per tensor, a batch's rows with one scale: a row's logits then
 depend slightly on the rows beside it (within the int8 gate's bounds, not bit for bit), as in
@@ -45,7 +47,8 @@ from runtime.errors import RuntimeUserError
 from runtime.ort_backends import LEFT_PADDING_METADATA, OrtDecoderBackend
 
 # Prompt positions prefilled between two decode steps (vLLM's max_num_batched_tokens plays this
-# part): a step of the running streams waits for at most this much prefill work, or one prompt.
+# part): a step of the running streams waits for at most this much prefill work (a longer
+# prompt's chunk, or the prompts of a batch that fit).
 PREFILL_POSITIONS_PER_STEP = 256
 
 
@@ -64,6 +67,8 @@ class _Prompt:
     """One row's prompt waiting for its prefill, and what the prefill gives it."""
 
     values: np.ndarray  # ids (1, length) or embeddings (1, length, hidden)
+    done: int = 0  # positions prefilled so far (a long prompt goes in chunks)
+    past: dict[str, np.ndarray] | None = None  # the cache of the chunks done, until the prompt joins
     logits: np.ndarray | None = None  # (1, vocab)
     row: _Row | None = None
     error: BaseException | None = None
@@ -71,6 +76,10 @@ class _Prompt:
     @property
     def positions(self) -> int:
         return self.values.shape[1]
+
+    @property
+    def remaining(self) -> int:
+        return self.positions - self.done
 
 
 class DecodeScheduler:
@@ -97,7 +106,7 @@ class DecodeScheduler:
         self._waiting: list[_Prompt] = []  # prompts waiting for their prefill, in arrival order
         self._prefilled_since_step = 0  # prompt positions prefilled since the last decode step
         self.steps = 0  # decode steps run (for tests and benchmarks)
-        self.prefills = 0  # prefill calls of the graph (prompts of one length waiting together share one)
+        self.prefills = 0  # prefill calls of the graph (a long prompt's chunks one each; prompts of one length waiting together share one)
 
     def member(self) -> ScheduledBackend:
         """A backend for one generation; call its `leave()` when the generation ends."""
@@ -139,26 +148,44 @@ class DecodeScheduler:
 
     def _next_prefill_group(self) -> list[_Prompt]:
         """The prompts to prefill now, taken from the queue: the first waiting one, with those of
-        its length behind it while they fit the step's budget; none while the budget is spent."""
-        if not self._waiting or not self._may_prefill(self._waiting[0].positions):
+        its length and progress behind it while they fit the step's budget; none while the
+        budget is spent. A prompt prefilled in part stays first until it is done."""
+        if not self._waiting or not self._may_prefill(self._chunk(self._waiting[0])):
             return []
         first = self._waiting[0]
-        group = [prompt for prompt in self._waiting if prompt.values.shape == first.values.shape]
-        fits = max(1, (PREFILL_POSITIONS_PER_STEP - self._prefilled_since_step) // first.positions)
+        group = [prompt for prompt in self._waiting if prompt.values.shape == first.values.shape and prompt.done == first.done]
+        fits = max(1, (PREFILL_POSITIONS_PER_STEP - self._prefilled_since_step) // self._chunk(first))
         group = group[:fits]
         self._waiting = [prompt for prompt in self._waiting if prompt not in group]
         return group
 
+    def _chunk(self, prompt: _Prompt) -> int:
+        """Positions of `prompt` to prefill in one call: all that remain while no stream runs."""
+        return min(prompt.remaining, PREFILL_POSITIONS_PER_STEP) if self._rows else prompt.remaining
+
     def _prefill_group(self, group: list[_Prompt]) -> None:
-        values = np.concatenate([prompt.values for prompt in group])
-        self._prefilled_since_step += values.shape[0] * values.shape[1]
+        first = group[0]
+        start, size = first.done, self._chunk(first)
+        values = np.concatenate([prompt.values[:, start : start + size] for prompt in group])
+        self._prefilled_since_step += values.shape[0] * size
         self.prefills += 1
         try:
-            logits = self._prefiller.prefill(values, np.ones(values.shape[:2], dtype=np.int64))
+            if start == 0:
+                logits = self._prefiller.prefill(values, np.ones(values.shape[:2], dtype=np.int64))
+            else:
+                before = {name: np.concatenate([prompt.past[name] for prompt in group]) for name in first.past}
+                logits = self._prefiller.continue_prefill(values, before)
             past = self._prefiller.past()
+            finished = start + size == first.positions
             for index, prompt in enumerate(group):
-                prompt.row = self._join({name: value[index : index + 1] for name, value in past.items()}, values.shape[1])
-                prompt.logits = logits[index : index + 1]
+                own = {name: value[index : index + 1] for name, value in past.items()}
+                prompt.done += size
+                if finished:
+                    prompt.row, prompt.logits, prompt.past = self._join(own, prompt.positions), logits[index : index + 1], None
+                else:
+                    prompt.past = own
+            if not finished:
+                self._waiting[:0] = group  # its next chunk comes before any other prompt
         except Exception as err:  # every prompt of the group hears it
             for prompt in group:
                 prompt.error = err

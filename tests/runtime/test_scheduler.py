@@ -221,3 +221,56 @@ def test_int8_rows_in_a_batch_stay_within_the_int8_gate_of_their_runs_alone(chec
         candidate = np.stack(candidate)
         cosine = (reference * candidate).sum(-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(candidate, axis=-1))
         assert cosine.min() >= bound, f"a batched int8 row's logits have cosine {cosine.min():.6f} < the gate's {bound}"
+
+
+@pytest.mark.parametrize("graph", ["fused", "optimum"])
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(decoders, graph, monkeypatch):
+    """A prompt longer than a step's prefill budget, sent while a stream runs, goes in chunks of
+    the budget, one between two of the stream's steps, and its tokens equal its run alone's.
+    The stream steps only after each chunk (a semaphore), so the order is fixed."""
+    import runtime.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "PREFILL_POSITIONS_PER_STEP", 4)
+    generator = load(decoders[graph], SessionOptions(provider="cpu"))
+    scheduler = generator.new_scheduler()
+    chunks: list[tuple[int, int]] = []  # (decode steps run before it, its positions)
+    chunk_ran = threading.Semaphore(0)
+
+    def recorded(call):
+        def run(values, *args):
+            logits = call(values, *args)
+            chunks.append((scheduler.steps, values.shape[1]))
+            chunk_ran.release()
+            return logits
+
+        return run
+
+    monkeypatch.setattr(scheduler._prefiller, "prefill", recorded(scheduler._prefiller.prefill))
+    monkeypatch.setattr(scheduler._prefiller, "continue_prefill", recorded(scheduler._prefiller.continue_prefill))
+    long_ids = np.random.default_rng(5).integers(3, 200, size=(1, 11))
+    options = GenerationOptions(max_new_tokens=5, stop_at_eos=False)
+    stream = scheduler.member()
+    token = int(stream.prefill(np.array([[7, 8]]), np.ones((1, 2)))[0].argmax())
+    assert chunk_ran.acquire(timeout=0)
+    token = int(stream.decode_step(np.array([token]))[0].argmax())  # a step: the budget is whole again
+    result: dict[str, list[int]] = {}
+    late = scheduler.member()
+
+    def generate_long() -> None:
+        try:
+            result["tokens"] = generate(late, long_ids, np.ones_like(long_ids), options)[0].tolist()
+        finally:
+            late.leave()
+
+    thread = threading.Thread(target=generate_long)
+    thread.start()
+    for _ in range(3):  # 11 positions: chunks of 4, 4 and 3, each after one of the stream's steps
+        assert chunk_ran.acquire(timeout=600), "the long prompt's next chunk did not run"
+        token = int(stream.decode_step(np.array([token]))[0].argmax())
+    while thread.is_alive():
+        token = int(stream.decode_step(np.array([token]))[0].argmax())
+    thread.join()
+    stream.leave()
+    assert chunks[1:] == [(1, 4), (2, 4), (3, 3)]
+    assert result["tokens"] == generate(generator.new_backend(), long_ids, np.ones_like(long_ids), options)[0].tolist()
+    assert scheduler.rows == 0
