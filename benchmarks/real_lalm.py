@@ -13,6 +13,7 @@ Training runs once per `--work` folder (the trained LALM is saved there every
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -54,6 +55,13 @@ def sentences() -> tuple[list[str], list[str]]:
     """(training, held-out) sentences of the fortunes corpus: single sentences of plain words
     (no digits or symbols espeak-ng would read otherwise than they are written), split once
     by a fixed shuffle."""
+    training, held_out = _split_sentences()
+    return list(training), list(held_out)
+
+
+@functools.cache
+def _split_sentences() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`sentences()`, read once per process (training, calibration and the held-out clips each ask)."""
     if not FORTUNES.is_dir():
         raise OptionsError(f"{FORTUNES} is missing: the real-weights audio LLM trains on the fortunes corpus (apt-get install fortunes)")
     found: set[str] = set()
@@ -64,7 +72,7 @@ def sentences() -> tuple[list[str], list[str]]:
                     found.add(sentence)
     ordered = sorted(found)
     np.random.default_rng(0).shuffle(ordered)
-    return ordered[HELD_OUT_SENTENCES:], ordered[:HELD_OUT_SENTENCES]
+    return tuple(ordered[HELD_OUT_SENTENCES:]), tuple(ordered[:HELD_OUT_SENTENCES])
 
 
 def utterances(texts: list[str], voices: tuple[str, ...], variants: tuple[str, ...], seed: int) -> list[Utterance]:

@@ -9,7 +9,7 @@ small Llama-style decoder, all trained, with a curriculum from one key to six.""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,14 +55,15 @@ def key_accuracy(expected: list[str], predicted: list[str]) -> float:
     return right / total if total else 0.0
 
 
-def edit_error_rate(expected: list[str], predicted: list[str]) -> float:
+def edit_error_rate(expected: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> float:
     """Edit distance (keys dropped, added or wrong) over the expected keys, summed over clips:
-    unlike `key_accuracy`, a dropped key costs one, not every key after it."""
+    unlike `key_accuracy`, a dropped key costs one, not every key after it. A clip is a string
+    of keys, or any sequence of symbols (`benchmarks.real_lalm` gives lists of words)."""
     total = sum(len(e) for e in expected)
     return sum(_edit_distance(e, p) for e, p in zip(expected, predicted)) / total if total else 0.0
 
 
-def _edit_distance(a: str, b: str) -> int:
+def _edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
     row = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         previous, row[0] = row[0], i
