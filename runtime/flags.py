@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+# Prompt positions prefilled between two decode steps (`runtime.scheduler`; vLLM's
+# max_num_batched_tokens plays this part): a step of the running streams waits for at most this
+# much prefill work (a longer prompt's chunk, or the prompts of a batch that fit). Here so that
+# runtime.serve's --help shows it without importing ONNX Runtime.
+PREFILL_POSITIONS_PER_STEP = 256
+
 
 def add_session_flags(group: Any, past_memory: str = "longer clips are refused with the length that fits") -> None:
     """--provider, --threads and --max-clip-memory-gb, as runtime.infer, runtime.batch and

@@ -22,9 +22,9 @@ A joining row is padded to the batch's width (or the batch to the row's); a leav
 cut out (and, left-padded, the padding no row needs any more is trimmed).
 
 Model calls never overlap. Between two decode steps, prefills run while their prompts total
-at most `PREFILL_POSITIONS_PER_STEP` positions (one always may), so a burst of short prompts
-joins at once. While streams are running, a longer prompt is prefilled in chunks of that many
-positions, one chunk between two steps (each chunk runs after the cache of those before it), so
+at most a budget of positions (`PREFILL_POSITIONS_PER_STEP` unless the scheduler is given
+another; one prompt always may), so a burst of short prompts joins at once. While streams are
+running, a longer prompt is prefilled in chunks of the budget, one chunk between two steps (each chunk runs after the cache of those before it), so
 it delays the running streams by one chunk a step, not by its whole length; with no stream
 running it is prefilled whole. Prompts waiting together with as many positions (one chat prompt
 sent by many clients; an audio LLM's prompts over a fixed audio window) are prefilled as one batch.
@@ -44,12 +44,8 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import RuntimeUserError
+from runtime.flags import PREFILL_POSITIONS_PER_STEP
 from runtime.ort_backends import LEFT_PADDING_METADATA, OrtDecoderBackend
-
-# Prompt positions prefilled between two decode steps (vLLM's max_num_batched_tokens plays this
-# part): a step of the running streams waits for at most this much prefill work (a longer
-# prompt's chunk, or the prompts of a batch that fit).
-PREFILL_POSITIONS_PER_STEP = 256
 
 
 @dataclass(eq=False)
@@ -84,7 +80,8 @@ class _Prompt:
 
 class DecodeScheduler:
     """Decode steps of concurrent generations over one decoder session, run as one batch.
-    `on_step(rows)` is called with the batch size of every step (a server's histogram)."""
+    `on_step(rows)` is called with the batch size of every step (a server's histogram);
+    `prefill_budget`: prompt positions prefilled between two steps (`PREFILL_POSITIONS_PER_STEP`)."""
 
     def __init__(
         self,
@@ -92,8 +89,12 @@ class DecodeScheduler:
         embed: Callable[[np.ndarray], np.ndarray] | None = None,
         binding_device: str | None = None,
         on_step: Callable[[int], None] | None = None,
+        prefill_budget: int = PREFILL_POSITIONS_PER_STEP,
     ) -> None:
+        if prefill_budget < 1:
+            raise RuntimeUserError(f"the prefill budget must be at least 1 position, not {prefill_budget}")
         self.session, self.binding_device, self.on_step = session, binding_device, on_step
+        self.prefill_budget = prefill_budget  # prompt positions between two decode steps (a long prompt's chunk)
         # Prefills run one at a time through this backend (its cache on the host, copied into the
         # batch's); it also knows the graph's inputs, dtypes and feeds for the batch's steps.
         self._prefiller = OrtDecoderBackend(session, None, embed)
@@ -154,14 +155,14 @@ class DecodeScheduler:
             return []
         first = self._waiting[0]
         group = [prompt for prompt in self._waiting if prompt.values.shape == first.values.shape and prompt.done == first.done]
-        fits = max(1, (PREFILL_POSITIONS_PER_STEP - self._prefilled_since_step) // self._chunk(first))
+        fits = max(1, (self.prefill_budget - self._prefilled_since_step) // self._chunk(first))
         group = group[:fits]
         self._waiting = [prompt for prompt in self._waiting if prompt not in group]
         return group
 
     def _chunk(self, prompt: _Prompt) -> int:
         """Positions of `prompt` to prefill in one call: all that remain while no stream runs."""
-        return min(prompt.remaining, PREFILL_POSITIONS_PER_STEP) if self._rows else prompt.remaining
+        return min(prompt.remaining, self.prefill_budget) if self._rows else prompt.remaining
 
     def _prefill_group(self, group: list[_Prompt]) -> None:
         first = group[0]
@@ -196,7 +197,7 @@ class DecodeScheduler:
         """Whether a prompt of `positions` may run now: no stream is waiting, or it is the first
         since the last step, or it fits the step's prefill budget with those before it."""
         spent = self._prefilled_since_step
-        return not self._rows or spent == 0 or spent + positions <= PREFILL_POSITIONS_PER_STEP
+        return not self._rows or spent == 0 or spent + positions <= self.prefill_budget
 
     def _join(self, past: dict[str, np.ndarray], length: int) -> _Row:
         """Add one sequence's cache `(1, heads, length, head_dim)` to the batch's."""

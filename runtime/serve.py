@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from runtime.flags import add_session_flags
+from runtime.flags import PREFILL_POSITIONS_PER_STEP, add_session_flags
 
 EPILOG = """endpoints:
   GET  /health                   200 once every bundle's sessions exist; 503 "draining" after SIGINT/SIGTERM while
@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="generations that run at once, their decode steps batched into one decoder call; more wait for a free row (default: 16)",
     )
+    load.add_argument(
+        "--prefill-budget",
+        type=int,
+        default=PREFILL_POSITIONS_PER_STEP,
+        help="prompt positions prefilled between two decode steps: a prompt longer than this, sent while generations run, is "
+        "prefilled in chunks of this many, so running streams wait for one chunk a step, not a whole prompt; smaller: smoother "
+        f"streams, a slower first token for long prompts (default: {PREFILL_POSITIONS_PER_STEP})",
+    )
     load.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is ended with 504 (default: 300)")
     load.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body in MiB; larger get 413 (default: 25, OpenAI's upload limit)")
     load.add_argument(
@@ -105,6 +113,7 @@ def settings_from(args: argparse.Namespace):
         max_batch_wait_ms=args.max_batch_wait_ms,
         max_queue=args.max_queue,
         decode_slots=args.decode_slots,
+        prefill_budget=args.prefill_budget,
         request_timeout_s=args.request_timeout,
         max_body_mb=args.max_body_mb,
         max_new_tokens=args.max_new_tokens,

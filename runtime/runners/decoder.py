@@ -11,6 +11,7 @@ from typing import ClassVar
 import numpy as np
 
 from runtime.errors import ContextLengthError, RuntimeUserError
+from runtime.flags import PREFILL_POSITIONS_PER_STEP
 from runtime.generation import DecoderBackend, GenerationOptions, StepClock, check_prompt_text, generate, until_eos
 from runtime.manifest import read_tokenizer
 from runtime.ort_backends import decoder_backend
@@ -52,9 +53,10 @@ class TextGenerator(BundleModel):
         generation running at the same time as others."""
         return decoder_backend(self.session, binding_device=self.provider)
 
-    def new_scheduler(self, on_step: Callable[[int], None] | None = None) -> DecodeScheduler:
+    def new_scheduler(self, on_step: Callable[[int], None] | None = None, prefill_budget: int = PREFILL_POSITIONS_PER_STEP) -> DecodeScheduler:
         """A scheduler whose generations share one decoder call per decode step (a server's)."""
-        return DecodeScheduler(self.session, binding_device=self.provider if self.provider == "cuda" else None, on_step=on_step)
+        binding = self.provider if self.provider == "cuda" else None
+        return DecodeScheduler(self.session, binding_device=binding, on_step=on_step, prefill_budget=prefill_budget)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, left-padded so that every prompt ends at the last column."""

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from runtime.audio import Audio, check_feature_config, check_samples, features_for, groups_by_shape, load_audio
 from runtime.chat import ChatTemplate
 from runtime.errors import BundleError, ContextLengthError, RuntimeUserError
+from runtime.flags import PREFILL_POSITIONS_PER_STEP
 from runtime.generation import GenerationOptions, PromptEmbeds, StepClock, check_prompt_text, generate, until_eos
 from runtime.limits import AudioLimits, audio_limits
 from runtime.longform import PIECE_SECONDS, Piece, Recording, Segment, piece_audio, pieces_of, words_to_add
@@ -197,10 +198,10 @@ class LalmRunner:
         provider's device (IO binding): on CUDA it never crosses to the host."""
         return OrtDecoderBackend(self.decoder, binding_device=self.provider, embed=lambda ids: self.table[ids])
 
-    def new_scheduler(self, on_step: Callable[[int], None] | None = None) -> DecodeScheduler:
+    def new_scheduler(self, on_step: Callable[[int], None] | None = None, prefill_budget: int = PREFILL_POSITIONS_PER_STEP) -> DecodeScheduler:
         """A scheduler whose generations share one decoder call per decode step (a server's)."""
         binding = self.provider if self.provider == "cuda" else None
-        return DecodeScheduler(self.decoder, embed=lambda ids: self.table[ids], binding_device=binding, on_step=on_step)
+        return DecodeScheduler(self.decoder, embed=lambda ids: self.table[ids], binding_device=binding, on_step=on_step, prefill_budget=prefill_budget)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         check_prompt_text(prompt)

@@ -19,6 +19,7 @@ import numpy as np
 
 from runtime.audio import Audio, decode_audio
 from runtime.errors import ContextLengthError, RuntimeUserError
+from runtime.flags import PREFILL_POSITIONS_PER_STEP
 from runtime.generation import GenerationOptions
 from runtime.longform import Piece, Recording, piece_audio, pieces_of
 from runtime.runners import load
@@ -42,13 +43,14 @@ class ServeSettings:
     max_batch_wait_ms: float = 2.0  # how long the first clip of a batch waits for others (under load, batches form while one runs)
     max_queue: int = 64  # requests admitted and not finished; more get 503
     decode_slots: int = 16  # generations running at once: the rows of the shared decode batch
+    prefill_budget: int = PREFILL_POSITIONS_PER_STEP  # prompt positions prefilled between two decode steps
     request_timeout_s: float = 300.0
     max_body_mb: float = 25.0
     max_new_tokens: int | None = None  # a cap for requests that do not say; None: the rest of the context
     retry_after_s: int = 1
 
     def validate(self) -> None:
-        for name in ("max_batch_size", "max_queue", "decode_slots", "max_new_tokens"):
+        for name in ("max_batch_size", "max_queue", "decode_slots", "prefill_budget", "max_new_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RuntimeUserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         for name in ("max_batch_wait_ms", "request_timeout_s", "max_body_mb"):
@@ -66,6 +68,7 @@ class ServedModel:
         self.kind = runner.role
         self.created = int(time.time())
         self.decode_batch_sizes: list[Callable[[int], None]] = []  # told the rows of every decode step
+        self.prefill_budget = PREFILL_POSITIONS_PER_STEP  # the engine's --prefill-budget
         self._scheduler: DecodeScheduler | None = None
 
     @property
@@ -73,7 +76,7 @@ class ServedModel:
         """The scheduler the model's generations share, made at the first (on the event loop's
         thread, so never twice)."""
         if self._scheduler is None:
-            self._scheduler = self.runner.new_scheduler(on_step=self._observe_step)
+            self._scheduler = self.runner.new_scheduler(on_step=self._observe_step, prefill_budget=self.prefill_budget)
         return self._scheduler
 
     def _observe_step(self, rows: int) -> None:
@@ -122,6 +125,7 @@ class Engine:
         self.metrics = ServerMetrics()
         for model in models.values():
             model.decode_batch_sizes.append(self.metrics.decode_batch_size.labels(model.name).observe)
+            model.prefill_budget = settings.prefill_budget
         self.pending = 0
         self.draining = False
         # Generation threads plus one for encoder batches: a batch never waits for a free generation thread.

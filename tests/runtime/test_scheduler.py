@@ -228,11 +228,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(
     """A prompt longer than a step's prefill budget, sent while a stream runs, goes in chunks of
     the budget, one between two of the stream's steps, and its tokens equal its run alone's.
     The stream steps only after each chunk (a semaphore), so the order is fixed."""
-    import runtime.scheduler as scheduler_module
-
-    monkeypatch.setattr(scheduler_module, "PREFILL_POSITIONS_PER_STEP", 4)
     generator = load(decoders[graph], SessionOptions(provider="cpu"))
-    scheduler = generator.new_scheduler()
+    scheduler = generator.new_scheduler(prefill_budget=4)
     chunks: list[tuple[int, int]] = []  # (decode steps run before it, its positions)
     chunk_ran = threading.Semaphore(0)
 

@@ -397,6 +397,14 @@ def test_shutdown_seconds_must_be_a_number_of_seconds(flag, serve_bundles, capsy
     assert_user_error(result, f"{flag} must be a number of seconds")
 
 
+def test_a_prefill_budget_under_one_position_is_one_line(serve_bundles, capsys):
+    from runtime.serve import main as serve_main
+
+    result = run_main(serve_main, serve_bundles["llm"], "--prefill-budget", "0", capsys=capsys)
+    assert result.returncode == 1
+    assert_user_error(result, "--prefill-budget must be at least 1, not 0")
+
+
 @pytest.mark.parametrize("port, fragment", [("70000", "not a TCP port"), ("0", "not a TCP port"), ("http", "not a port number")])
 def test_a_port_outside_1_to_65535_is_a_bad_flag(port, fragment, serve_bundles, capsys):
     from runtime.serve import main as serve_main
