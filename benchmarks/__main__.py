@@ -13,6 +13,7 @@ from benchmarks import ACCURACY_VARIANTS, RUN_EXTRA_VARIANTS
 from lalm_export.graphs.fused import GRAPH_CHOICES
 from lalm_export.models.families import ENCODER_FAMILIES, FAMILIES
 from lalm_export.precision.specs import PRECISIONS
+from runtime.flags import PREFILL_POSITIONS_PER_STEP
 
 EPILOG = """examples:
   # the CI gate: tiny models, compared with the committed baseline of this CPU's instruction set
@@ -177,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     long.add_argument("--work", type=Path, help="keep the recordings here and reuse them (default: a temporary folder)")
     long.add_argument("--server", action="store_true", help="also: a runtime.serve process's RSS after short and long requests, one at a time")
     add_out_flags(long, "results.json and report.md")
+    stall = commands.add_parser(
+        "prefill-stall",
+        help="a long prompt arriving while a stream decodes: the stream's longest wait and the prompt's first token, chunked vs whole",
+        description="In process, through runtime.scheduler: one stream decodes, then a --positions-long prompt arrives. Measured with "
+        "the scheduler's prefill budget (the prompt in chunks, one between two of the stream's steps) and with one prefill of the "
+        "whole prompt: the stream's longest gap between tokens and the prompt's time to first token (medians of --rounds). "
+        "Writes results.json and report.md to --out.",
+    )
+    stall.add_argument("--bundle", type=Path, required=True, help="a decoder bundle")
+    stall.add_argument("--positions", type=int, default=1024, help="the long prompt's positions (default: 1024)")
+    stall.add_argument("--rounds", type=int, default=3, help="rounds per way of prefilling (default: 3)")
+    stall.add_argument(
+        "--budget", type=int, default=PREFILL_POSITIONS_PER_STEP, help=f"the chunk: runtime.serve's --prefill-budget (default: {PREFILL_POSITIONS_PER_STEP})"
+    )
+    add_out_flags(stall, "results.json and report.md")
     real = commands.add_parser(
         "real-whisper",
         help="Whisper tiny.en's real encoder at each precision: parity with the default gate, and latency against eager and the fp32 bundle",
@@ -355,6 +371,33 @@ def command_compare(args: argparse.Namespace) -> int:
     return 1 if any(f.fails for f in findings) else 0
 
 
+def command_prefill_stall(args: argparse.Namespace, argv: list[str]) -> int:
+    import datetime as dt
+
+    from benchmarks.machine import describe_machine
+    from benchmarks.prefill_stall import render, run
+    from benchmarks.run import command_line
+    from lalm_export.io import atomic_folder
+    from runtime.errors import RuntimeUserError
+
+    check_out(args.out, args.force)
+    if not (args.bundle / "manifest.json").is_file():
+        raise UserError(f"--bundle {args.bundle} is not a bundle (no manifest.json); pass a decoder bundle folder")
+    if args.positions < 2 or args.rounds < 1 or args.budget < 1:
+        raise UserError(f"--positions must be at least 2, --rounds and --budget at least 1, not {args.positions}, {args.rounds} and {args.budget}")
+    try:
+        figures = run(args.bundle, args.positions, args.rounds, args.budget)
+    except RuntimeUserError as err:
+        raise UserError(str(err)) from err
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results = {"created": created, "command": command_line(argv), "machine": describe_machine(), **figures}
+    with atomic_folder(args.out, replace=True) as folder:
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (folder / "report.md").write_text(render(results), encoding="utf-8")
+    print(f"results.json and report.md written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def command_long_form(args: argparse.Namespace, argv: list[str]) -> int:
     import datetime as dt
 
@@ -475,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_real_lalm(args, argv)
         if args.command == "long-form":
             return command_long_form(args, argv)
+        if args.command == "prefill-stall":
+            return command_prefill_stall(args, argv)
         if args.command == "clip-memory":
             from benchmarks.clip_memory import run as run_clip_memory
 
