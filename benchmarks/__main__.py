@@ -229,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_out_flags(real_lalm, "results.json, report.md and wer-speed.png")
     real_lalm.add_argument("--work", type=Path, required=True, help="the weights, the trained model and the bundles; a trained model there is reused")
-    real_lalm.add_argument("--steps", type=int, default=700, help="training steps of batch 8 when --work holds no trained model (default: 700)")
+    real_lalm.add_argument(
+        "--steps",
+        type=int,
+        default=700,
+        help="training steps of batch 8: --work's model is trained to this many, on from the steps it has (a stopped "
+        "training resumes from its last save; one with as many steps or more is reused) (default: 700)",
+    )
     real_lalm.add_argument("--clips", type=int, default=60, help="held-out sentences transcribed, besides the recording (at most 100; default: 60)")
     real_lalm.add_argument("--tokens", type=int, default=24, help="new tokens in the timed runs (default: 24)")
     real_lalm.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")

@@ -206,13 +206,17 @@ def train(
     lr: float = 1e-3,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    start: int = 0,
+    on_save: Callable[[int], None] | None = None,
 ) -> None:
     """Speak `pool` training sentences and as many short runs of their words (a bar), then train
-    `steps` batches of augmented views, saving the model to `folder` every `SAVE_EVERY` steps and
-    at the end. A curriculum (`training.curriculum_stage`): runs of one or two words first (a
-    decoder that can guess whole sentences from its prior learns to ignore the audio: at 300
-    steps on sentences alone it wrote fortune-like sentences whatever it heard), then of up to
-    four, then sentences with a quarter of runs mixed in."""
+    steps `start` to `steps` (a training resumed at `start`: the model's saved state, a learning
+    rate schedule of its own over the steps left, batches drawn anew) on batches of augmented
+    views, saving the model to `folder` every `SAVE_EVERY` steps and at the end, each save
+    followed by `on_save(steps done)`. A curriculum (`training.curriculum_stage` of the step in
+    `steps`): runs of one or two words first (a decoder that can guess whole sentences from its
+    prior learns to ignore the audio: at 300 steps on sentences alone it wrote fortune-like
+    sentences whatever it heard), then of up to four, then sentences with a quarter of runs mixed in."""
     from tqdm import tqdm
 
     from lalm_export.demo.training import curriculum_stage, train_lalm
@@ -227,21 +231,26 @@ def train(
         runs,
         list(range(2 * count)) + list(range(count)) * 2,  # sentences three times as often as runs
     )
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, start])
 
     def batch_for(step: int) -> tuple[list[np.ndarray], list[str]]:
-        allowed = by_stage[curriculum_stage(step, steps)]
+        allowed = by_stage[curriculum_stage(start + step, steps)]
         picked = [allowed[i] for i in rng.integers(0, len(allowed), batch)]
         return [augmented(clips[i], rng) for i in picked], [chosen[i].text for i in picked]
 
+    def save(done: int) -> None:
+        model.save_pretrained(folder)
+        if on_save is not None:
+            on_save(done)
+
     def after_step(step: int, loss: float) -> None:
         if on_step is not None:
-            on_step(step, loss)
-        if (step + 1) % SAVE_EVERY == 0 and step + 1 < steps:
-            model.save_pretrained(folder)
+            on_step(start + step, loss)
+        if (start + step + 1) % SAVE_EVERY == 0 and start + step + 1 < steps:
+            save(start + step + 1)
 
-    train_lalm(model, batch_for, steps, lr=lr, on_step=after_step, auxiliary_loss=ctc_alignment_loss)
-    model.save_pretrained(folder)
+    train_lalm(model, batch_for, steps - start, lr=lr, on_step=after_step, auxiliary_loss=ctc_alignment_loss)
+    save(steps)
 
 
 # ---- the benchmark --------------------------------------------------------------------------
@@ -250,7 +259,7 @@ HELD_OUT_SEED = 10**12
 REAL_RECORDING = Path(__file__).parent / "assets" / "arctic_a0007.wav"
 REAL_RECORDING_TEXT = "And you always want to see it in the superlative degree."  # CMU ARCTIC's prompt a0007
 MAX_NEW_TOKENS = 40  # the longest held-out sentence is ~20 tokens
-TRAINED = "training.json"  # written in the trained LALM's folder when training ends
+TRAINED = "training.json"  # the trained LALM's record, in its folder, written with every save
 # variant -> (encoder precision, decoder precision, int4 method)
 VARIANTS = {
     "fp32": ("fp32", "fp32", "rtn"),
@@ -294,35 +303,52 @@ def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float
 
 
 def trained_lalm(work: Path, steps: int, say: Callable[[str], None]) -> Path:
-    """The trained LALM in `work/lalm`: trained now (and saved) unless a finished training is there."""
+    """The LALM in `work/lalm` trained to `steps` steps: reused when it has them; else trained
+    now, or on from the steps it has (a training stopped part-way, or asked for more steps). Its
+    record (`TRAINED`: steps, minutes, mean loss per 100 steps, the runs that trained it) is
+    written with every save, so a stopped training resumes from its last save."""
     import json
     import time
 
-    folder = work / "lalm"
-    if (folder / TRAINED).is_file():
-        say(f"real-lalm: reusing the trained model in {folder} ({json.loads((folder / TRAINED).read_text())['steps']} steps)")
-        return folder
-    say(f"real-lalm: training {steps} steps (batch 8) in {work}: about {steps * 4 // 60} minutes on 2 cores")
-    model = build_lalm(work / "cache")
-    losses: list[float] = []
-    start = time.perf_counter()
     from tqdm import tqdm
 
-    with tqdm(total=steps, desc="training", unit="step", file=sys.stderr, mininterval=5.0) as bar:
+    from lalm_export.io import write_json
+    from lalm_export.models.lalm import LALM
+
+    folder = work / "lalm"
+    record = json.loads((folder / TRAINED).read_text()) if (folder / TRAINED).is_file() else {"steps": 0, "batch": 8, "minutes": 0.0, "loss_per_100_steps": []}
+    done = record["steps"]
+    if done >= steps:
+        say(f"real-lalm: reusing the trained model in {folder} ({done} steps)")
+        return folder
+    left = steps - done
+    say(f"real-lalm: training {left} steps (batch 8){f' on from step {done}' if done else ''} in {work}: about {left * 4 // 60} minutes on 2 cores")
+    model = LALM.from_pretrained(folder) if done else build_lalm(work / "cache")
+    losses: list[float] = []
+    began = time.perf_counter()
+
+    def on_save(upto: int) -> None:
+        minutes = (time.perf_counter() - began) / 60
+        run = {"from": done, "to": upto, "minutes": round(minutes, 1)}
+        write_json(
+            {
+                **record,
+                "steps": upto,
+                "minutes": round(record["minutes"] + minutes, 1),
+                "loss_per_100_steps": record["loss_per_100_steps"] + [round(float(np.mean(losses[i : i + 100])), 3) for i in range(0, len(losses), 100)],
+                "runs": record.get("runs", [{"from": 0, "to": done, "minutes": record["minutes"]}] if done else []) + [run],
+            },
+            folder / TRAINED,
+        )
+
+    with tqdm(total=steps, initial=done, desc="training", unit="step", file=sys.stderr, mininterval=5.0) as bar:
 
         def on_step(step: int, loss: float) -> None:
             losses.append(loss)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
             bar.update()
 
-        train(model, folder, steps, on_step=on_step)
-    record = {
-        "steps": steps,
-        "batch": 8,
-        "minutes": round((time.perf_counter() - start) / 60, 1),
-        "loss_per_100_steps": [round(float(np.mean(losses[i : i + 100])), 3) for i in range(0, steps, 100)],
-    }
-    (folder / TRAINED).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        train(model, folder, steps, on_step=on_step, start=done, on_save=on_save)
     return folder
 
 
@@ -454,6 +480,15 @@ def run(work: Path, out: Path, steps: int, clips: int, tokens: int, repeats: int
     return report
 
 
+def resumed(training: dict) -> str:
+    """The report's words for a training done in several runs (each with a learning-rate schedule of its own)."""
+    runs = training.get("runs", [])
+    if len(runs) < 2:
+        return ""
+    spans = ", ".join(f"steps {run['from']}-{run['to']} ({run['minutes']} min)" for run in runs)
+    return f"; in {len(runs)} runs, each resumed from the last save with a learning-rate schedule of its own: {spans}"
+
+
 def render_markdown(report: dict, plot: str) -> str:
     from benchmarks.report import lalm_table
 
@@ -485,7 +520,10 @@ def render_markdown(report: dict, plot: str) -> str:
         f"- **Model**: {settings['encoder']} → projector (downsample {settings['projector_downsample']}) → {settings['decoder']}.",
         f"- **Training**: {training['steps']} steps of batch {training['batch']} ({training['minutes']} minutes here) on fortunes sentences "
         f"spoken by espeak-ng ({', '.join(TRAIN_VOICES)}; variants {', '.join(v or 'default' for v in TRAIN_VARIANTS)}); mean loss per 100 steps "
-        f"{' → '.join(map(str, training['loss_per_100_steps']))}" + (f" (trained by {training['trained_by']})." if "trained_by" in training else "."),
+        f"{' → '.join(map(str, training['loss_per_100_steps']))}"
+        + (f" (trained by {training['trained_by']})" if "trained_by" in training else "")
+        + resumed(training)
+        + ".",
         f"- **Held out**: {settings['held_out_sentences']} sentences never trained on, in voices never trained on "
         f'({", ".join(settings["held_out_voices"])}), and one real recording (CMU ARCTIC a0007, a man reading "{REAL_RECORDING_TEXT}"). '
         f"Greedy, up to {settings['max_new_tokens']} new tokens. Word and character error rates in percent, after lower-casing and dropping punctuation.",

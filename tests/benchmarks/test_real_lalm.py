@@ -58,6 +58,46 @@ def test_training_views_stay_in_the_window_at_their_levels():
         assert 0.15 < np.abs(view).max() < 2.0  # speech at 0.2-1.0 of full scale, noise 15 dB or more below it
 
 
+@needs_corpus
+def test_a_training_stopped_or_asked_for_more_steps_goes_on_from_its_last_save(tmp_path, monkeypatch):
+    """A tiny LALM in place of the real one, saved every 4 steps: stopped at step 5 it keeps its
+    record of 4 steps; asked again for 6 it trains 2 on from the save; asked for 6 once more it
+    is reused; asked for 10, it trains 4 more."""
+    from lalm_export.demo.training import build_tiny_lalm
+
+    monkeypatch.setattr(real_lalm, "build_lalm", lambda cache: build_tiny_lalm(cache, real_lalm.WINDOW_SECONDS, real_lalm.PROMPT))
+    monkeypatch.setattr(real_lalm, "TRAINING_POOL", 8)
+    monkeypatch.setattr(real_lalm, "SAVE_EVERY", 4)
+    calls = [0]
+    loss = real_lalm.ctc_alignment_loss
+
+    def stopped_at_step_5(*args):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(real_lalm, "ctc_alignment_loss", stopped_at_step_5)
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        real_lalm.trained_lalm(tmp_path, 6, said.append)
+    record = tmp_path / "lalm" / real_lalm.TRAINED
+    assert json.loads(record.read_text())["steps"] == 4
+    monkeypatch.setattr(real_lalm, "ctc_alignment_loss", loss)
+    folder = real_lalm.trained_lalm(tmp_path, 6, said.append)
+    assert "training 2 steps (batch 8) on from step 4" in said[-1]
+    first = json.loads(record.read_text())
+    assert first["steps"] == 6 and [(run["from"], run["to"]) for run in first["runs"]] == [(0, 4), (4, 6)]
+    assert real_lalm.trained_lalm(tmp_path, 6, said.append) == folder and said[-1].startswith("real-lalm: reusing the trained model")
+    projector = (folder / "projector.safetensors").read_bytes()
+    real_lalm.trained_lalm(tmp_path, 10, said.append)
+    second = json.loads(record.read_text())
+    assert second["steps"] == 10 and [(run["from"], run["to"]) for run in second["runs"]] == [(0, 4), (4, 6), (6, 10)]
+    assert len(second["loss_per_100_steps"]) == 3  # one mean per run here (each under 100 steps)
+    assert (folder / "projector.safetensors").read_bytes() != projector, "the resumed run trained the saved model"
+    assert "in 3 runs, each resumed from the last save" in real_lalm.resumed(second)
+
+
 @pytest.mark.slow
 @needs_corpus
 def test_the_command_trains_exports_transcribes_and_times_every_variant(checkpoints, tmp_path, monkeypatch, capsys):
