@@ -24,10 +24,11 @@ cut out (and, left-padded, the padding no row needs any more is trimmed).
 Model calls never overlap. Between two decode steps, prefills run while their prompts total
 at most a budget of positions (`PREFILL_POSITIONS_PER_STEP` unless the scheduler is given
 another; one prompt always may), so a burst of short prompts joins at once. While streams are
-running, a longer prompt is prefilled in chunks of the budget, one chunk between two steps (each chunk runs after the cache of those before it), so
-it delays the running streams by one chunk a step, not by its whole length; with no stream
-running it is prefilled whole. Prompts waiting together with as many positions (one chat prompt
-sent by many clients; an audio LLM's prompts over a fixed audio window) are prefilled as one batch.
+running, a longer prompt is prefilled in chunks of the budget, one chunk between two steps,
+each chunk over the cache of those before it: it delays the running streams by one chunk a
+step, not by its whole length. With no stream running it is prefilled whole. Prompts waiting
+together with as many positions (one chat prompt sent by many clients; an audio LLM's prompts
+over a fixed audio window) are prefilled as one batch.
 
 int8 graphs quantize activations per tensor, a batch's rows with one scale: a row's logits then
 depend slightly on the rows beside it (within the int8 gate's bounds, not bit for bit), as in
