@@ -208,6 +208,7 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     start: int = 0,
     on_save: Callable[[int], None] | None = None,
+    bf16: bool = False,
 ) -> None:
     """Speak `pool` training sentences and as many short runs of their words (a bar), then train
     steps `start` to `steps` (a training resumed at `start`: the model's saved state, a learning
@@ -216,7 +217,8 @@ def train(
     followed by `on_save(steps done)`. A curriculum (`training.curriculum_stage` of the step in
     `steps`): runs of one or two words first (a decoder that can guess whole sentences from its
     prior learns to ignore the audio: at 300 steps on sentences alone it wrote fortune-like
-    sentences whatever it heard), then of up to four, then sentences with a quarter of runs mixed in."""
+    sentences whatever it heard), then of up to four, then sentences with a quarter of runs mixed in.
+    `bf16`: forward passes under bfloat16 autocast (`train_lalm`)."""
     from tqdm import tqdm
 
     from lalm_export.demo.training import curriculum_stage, train_lalm
@@ -249,7 +251,7 @@ def train(
         if (start + step + 1) % SAVE_EVERY == 0 and start + step + 1 < steps:
             save(start + step + 1)
 
-    train_lalm(model, batch_for, steps - start, lr=lr, on_step=after_step, auxiliary_loss=ctc_alignment_loss)
+    train_lalm(model, batch_for, steps - start, lr=lr, on_step=after_step, auxiliary_loss=ctc_alignment_loss, bf16=bf16)
     save(steps)
 
 
@@ -314,6 +316,7 @@ def trained_lalm(work: Path, steps: int, say: Callable[[str], None]) -> Path:
 
     from lalm_export.io import write_json
     from lalm_export.models.lalm import LALM
+    from runtime.cpu import has_bf16
 
     folder = work / "lalm"
     record = json.loads((folder / TRAINED).read_text()) if (folder / TRAINED).is_file() else {"steps": 0, "batch": 8, "minutes": 0.0, "loss_per_100_steps": []}
@@ -322,14 +325,18 @@ def trained_lalm(work: Path, steps: int, say: Callable[[str], None]) -> Path:
         say(f"real-lalm: reusing the trained model in {folder} ({done} steps)")
         return folder
     left = steps - done
-    say(f"real-lalm: training {left} steps (batch 8){f' on from step {done}' if done else ''} in {work}: about {left * 4 // 60} minutes on 2 cores")
+    bf16 = has_bf16()  # bfloat16 autocast where the CPU has bf16 instructions (the record says which runs had it)
+    say(
+        f"real-lalm: training {left} steps (batch 8){f' on from step {done}' if done else ''} in {work}"
+        f"{', forward passes in bf16 autocast' if bf16 else ''}: about {left * (3 if bf16 else 5) // 60} minutes on 2 cores"
+    )
     model = LALM.from_pretrained(folder) if done else build_lalm(work / "cache")
     losses: list[float] = []
     began = time.perf_counter()
 
     def on_save(upto: int) -> None:
         minutes = (time.perf_counter() - began) / 60
-        run = {"from": done, "to": upto, "minutes": round(minutes, 1)}
+        run = {"from": done, "to": upto, "minutes": round(minutes, 1), "autocast": "bf16" if bf16 else None}
         write_json(
             {
                 **record,
@@ -348,7 +355,7 @@ def trained_lalm(work: Path, steps: int, say: Callable[[str], None]) -> Path:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
             bar.update()
 
-        train(model, folder, steps, on_step=on_step, start=done, on_save=on_save)
+        train(model, folder, steps, on_step=on_step, start=done, on_save=on_save, bf16=bf16)
     return folder
 
 
@@ -485,7 +492,7 @@ def resumed(training: dict) -> str:
     runs = training.get("runs", [])
     if len(runs) < 2:
         return ""
-    spans = ", ".join(f"steps {run['from']}-{run['to']} ({run['minutes']} min)" for run in runs)
+    spans = ", ".join(f"steps {run['from']}-{run['to']} ({run['minutes']} min{', bf16 autocast' if run.get('autocast') else ''})" for run in runs)
     return f"; in {len(runs)} runs, each resumed from the last save with a learning-rate schedule of its own: {spans}"
 
 

@@ -138,6 +138,25 @@ def test_train_lalm_lowers_the_loss_of_a_batch_for_any_step_count(checkpoints, s
     assert seen == list(range(steps)) and loss() < before
 
 
+def test_train_lalm_in_bf16_autocast_runs_the_decoder_in_bf16_and_keeps_fp32_weights(checkpoints):
+    model = tiny_lalm(checkpoints, "wav2vec2")
+    targets = ["one two", "three"]
+
+    def loss() -> float:
+        with torch.no_grad():
+            return model(list(CLIPS), **model.training_batch([None, None], targets)).loss.item()
+
+    model.set_inference_mode()
+    before, logits = loss(), []
+    hook = model.decoder.model.register_forward_hook(lambda module, args, output: logits.append(output.logits.dtype))
+    try:
+        train_lalm(model, lambda step: (CLIPS, targets), 10, bf16=True)
+    finally:
+        hook.remove()
+    assert logits == [torch.bfloat16] * 10
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and loss() < before
+
+
 def test_save_and_load_give_the_same_model_and_training_goes_on(checkpoints, tmp_path):
     model = tiny_lalm(checkpoints, "hubert", layer_weights=True)
     model.set_inference_mode()
