@@ -65,9 +65,8 @@ class _Prompt:
 
     values: np.ndarray  # ids (1, length) or embeddings (1, length, hidden)
     done: int = 0  # positions prefilled so far (a long prompt goes in chunks)
-    past: dict[str, np.ndarray] | None = None  # the cache of the chunks done, until the prompt joins
-    logits: np.ndarray | None = None  # (1, vocab)
-    row: _Row | None = None
+    past: dict[str, np.ndarray] | None = None  # the cache of the positions done, until the prompt joins
+    logits: np.ndarray | None = None  # (1, vocab), once every position is done
     error: BaseException | None = None
 
     @property
@@ -125,7 +124,9 @@ class DecodeScheduler:
         """Prefill each row's prompt (ids `(batch, length)` or embeddings `(batch, length, hidden)`,
         left padding cut off) and add its KV cache to the batch: the last position's logits and
         the new rows. Prompts waiting at once with as many positions run as one batch, whoever's
-        they are (the decoder graphs take no padding in a prompt)."""
+        they are (the decoder graphs take no padding in a prompt). The rows join together once
+        every prompt is done: a row in the batch whose caller still waits for another of its
+        prompts would hold up the steps that prompt's chunks wait for."""
         mask = attention_mask.astype(bool)
         starts = mask.argmax(axis=1)
         if not all(mask[row, start:].all() and mask[row].any() for row, start in enumerate(starts)):
@@ -144,9 +145,15 @@ class DecodeScheduler:
                 self._waiting = [prompt for prompt in self._waiting if prompt not in mine]
             failed = next((prompt.error for prompt in mine if prompt.error is not None), None)
             if failed is not None:
-                self._remove([prompt.row for prompt in mine if prompt.row is not None])  # they would wait for steps that never come
                 raise failed
-        return np.concatenate([prompt.logits for prompt in mine]), [prompt.row for prompt in mine]
+            rows: list[_Row] = []
+            try:
+                for prompt in mine:
+                    rows.append(self._join(prompt.past, prompt.positions))
+            except BaseException:
+                self._remove(rows)  # rows nobody hands tokens for would stall every step
+                raise
+        return np.concatenate([prompt.logits for prompt in mine]), rows
 
     def _next_prefill_group(self) -> list[_Prompt]:
         """The prompts to prefill now, taken from the queue: the first waiting one, with those of
@@ -180,12 +187,10 @@ class DecodeScheduler:
             past = self._prefiller.past()
             finished = start + size == first.positions
             for index, prompt in enumerate(group):
-                own = {name: value[index : index + 1] for name, value in past.items()}
+                prompt.past = {name: value[index : index + 1] for name, value in past.items()}
                 prompt.done += size
                 if finished:
-                    prompt.row, prompt.logits, prompt.past = self._join(own, prompt.positions), logits[index : index + 1], None
-                else:
-                    prompt.past = own
+                    prompt.logits = logits[index : index + 1]
             if not finished:
                 self._waiting[:0] = group  # its next chunk comes before any other prompt
         except Exception as err:  # every prompt of the group hears it

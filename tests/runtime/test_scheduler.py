@@ -21,9 +21,11 @@ import pytest
 from lalm_export.export.component import ExportOptions, export_bundle
 from runtime.api import load
 from runtime.audio import load_audio
-from runtime.generation import GenerationCancelled, GenerationOptions, generate
+from runtime.generation import GenerationCancelled, GenerationOptions, PromptEmbeds, generate
 from runtime.scheduler import DecodeScheduler
 from runtime.sessions import SessionOptions
+
+TIMEOUT_S = 600  # for a wait that ends at once unless the scheduler is stuck; a loaded machine never needs it
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
 
@@ -223,13 +225,28 @@ def test_int8_rows_in_a_batch_stay_within_the_int8_gate_of_their_runs_alone(chec
         assert cosine.min() >= bound, f"a batched int8 row's logits have cosine {cosine.min():.6f} < the gate's {bound}"
 
 
-@pytest.mark.parametrize("graph", ["fused", "optimum"])
-def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(decoders, graph, monkeypatch):
+def long_prompt_for(kind: str, decoders, serve_bundles, audio_files):
+    """(runner, a long prompt: ids `(1, 11)`, or an audio LLM's prompt embeddings, and its tokens alone) for `kind`."""
+    options = GenerationOptions(max_new_tokens=5, stop_at_eos=False)
+    if kind == "lalm":
+        runner = load(serve_bundles["lalm"], SessionOptions(provider="cpu"))
+        clip = load_audio(audio_files[0])
+        embeds = runner.prompt_embeds(runner.audio_features_batch([clip.samples])[0], runner.facts["prompt"], options)
+        return runner, embeds, runner.generate_from(embeds, options)[0].tolist()
+    runner = load(decoders[kind], SessionOptions(provider="cpu"))
+    ids = np.random.default_rng(5).integers(3, 200, size=(1, 11))
+    return runner, ids, generate(runner.new_backend(), ids, np.ones_like(ids), options)[0].tolist()
+
+
+@pytest.mark.parametrize("kind", ["fused", "optimum", "lalm"])
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(kind, decoders, serve_bundles, audio_files, monkeypatch):
     """A prompt longer than a step's prefill budget, sent while a stream runs, goes in chunks of
-    the budget, one between two of the stream's steps, and its tokens equal its run alone's.
-    The stream steps only after each chunk (a semaphore), so the order is fixed."""
-    generator = load(decoders[graph], SessionOptions(provider="cpu"))
-    scheduler = generator.new_scheduler(prefill_budget=4)
+    the budget, one between two of the stream's steps, and its tokens equal its run alone's
+    (ids on both decoder graphs; an audio LLM's prompt embeddings). The stream steps only after
+    each chunk (a semaphore), so the order is fixed."""
+    runner, prompt, alone = long_prompt_for(kind, decoders, serve_bundles, audio_files)
+    budget = 4
+    scheduler = runner.new_scheduler(prefill_budget=budget)
     chunks: list[tuple[int, int]] = []  # (decode steps run before it, its positions)
     chunk_ran = threading.Semaphore(0)
 
@@ -244,7 +261,6 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(
 
     monkeypatch.setattr(scheduler._prefiller, "prefill", recorded(scheduler._prefiller.prefill))
     monkeypatch.setattr(scheduler._prefiller, "continue_prefill", recorded(scheduler._prefiller.continue_prefill))
-    long_ids = np.random.default_rng(5).integers(3, 200, size=(1, 11))
     options = GenerationOptions(max_new_tokens=5, stop_at_eos=False)
     stream = scheduler.member()
     token = int(stream.prefill(np.array([[7, 8]]), np.ones((1, 2)))[0].argmax())
@@ -252,22 +268,66 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(
     token = int(stream.decode_step(np.array([token]))[0].argmax())  # a step: the budget is whole again
     result: dict[str, list[int]] = {}
     late = scheduler.member()
+    ones = np.ones(prompt.shape[:2], dtype=np.int64)
 
     def generate_long() -> None:
         try:
-            result["tokens"] = generate(late, long_ids, np.ones_like(long_ids), options)[0].tolist()
+            result["tokens"] = generate(PromptEmbeds(late, prompt) if prompt.ndim == 3 else late, ones * 0 if prompt.ndim == 3 else prompt, ones, options)[
+                0
+            ].tolist()
         finally:
             late.leave()
 
     thread = threading.Thread(target=generate_long)
     thread.start()
-    for _ in range(3):  # 11 positions: chunks of 4, 4 and 3, each after one of the stream's steps
+    count = -(-prompt.shape[1] // budget)
+    for _ in range(count):  # each chunk after one of the stream's steps
         assert chunk_ran.acquire(timeout=600), "the long prompt's next chunk did not run"
         token = int(stream.decode_step(np.array([token]))[0].argmax())
     while thread.is_alive():
         token = int(stream.decode_step(np.array([token]))[0].argmax())
     thread.join()
     stream.leave()
-    assert chunks[1:] == [(1, 4), (2, 4), (3, 3)]
-    assert result["tokens"] == generate(generator.new_backend(), long_ids, np.ones_like(long_ids), options)[0].tolist()
+    sizes = [budget] * (count - 1) + [prompt.shape[1] - budget * (count - 1)]
+    assert chunks[1:] == list(zip(range(1, count + 1), sizes))
+    assert result["tokens"] == alone
+    assert scheduler.rows == 0
+
+
+def test_a_member_with_prompts_of_two_lengths_joins_once_both_are_prefilled(decoders):
+    """One caller's prompts of 3 and 9 positions (left padding), sent while a stream runs, with a
+    budget of 4: the short one is done first, but no row joins (and holds up the steps the long
+    one's chunks wait for) until both are; each row's tokens equal its run alone's."""
+    runner = load(decoders["optimum"], SessionOptions(provider="cpu"))
+    scheduler = runner.new_scheduler(prefill_budget=4)
+    options = GenerationOptions(max_new_tokens=4, stop_at_eos=False)
+    ids = np.random.default_rng(6).integers(3, 200, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[0, :6] = 0  # the first prompt: its last 3 positions
+    stream = scheduler.member()
+    token = int(stream.prefill(np.array([[7, 8]]), np.ones((1, 2)))[0].argmax())
+    result: dict[str, np.ndarray] = {}
+    pair = scheduler.member()
+
+    def generate_pair() -> None:
+        try:
+            result["tokens"] = generate(pair, ids, mask, options)
+        finally:
+            pair.leave()
+
+    def step_the_stream() -> None:  # its steps let the long prompt's chunks go on
+        nonlocal token
+        while thread.is_alive():
+            token = int(stream.decode_step(np.array([token]))[0].argmax())
+
+    # Daemon threads: were a row to join early, both would wait for each other for good.
+    thread, stepper = threading.Thread(target=generate_pair, daemon=True), threading.Thread(target=step_the_stream, daemon=True)
+    thread.start()
+    stepper.start()
+    stepper.join(timeout=TIMEOUT_S)
+    assert not stepper.is_alive(), "the stream and the two prompts wait for each other"
+    stream.leave()
+    for row, start in enumerate((6, 0)):
+        own = ids[row : row + 1, start:]
+        assert result["tokens"][row].tolist() == generate(runner.new_backend(), own, np.ones_like(own), options)[0].tolist()
     assert scheduler.rows == 0
