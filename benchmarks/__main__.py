@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     real_lalm.add_argument(
         "--steps",
         type=int,
-        default=700,
+        default=1700,
         help="training steps of batch 8: --work's model is trained to this many, on from the steps it has (a stopped "
-        "training resumes from its last save; one with as many steps or more is reused) (default: 700)",
+        "training resumes from its last save; one with as many steps or more is reused; 1,700 began to transcribe here) (default: 1700)",
     )
     real_lalm.add_argument("--clips", type=int, default=60, help="held-out sentences transcribed, besides the recording (at most 100; default: 60)")
     real_lalm.add_argument("--tokens", type=int, default=24, help="new tokens in the timed runs (default: 24)")
