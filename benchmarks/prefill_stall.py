@@ -20,11 +20,12 @@ import numpy as np
 WARM_STEPS = 4  # the stream's steps before the long prompt arrives (its cache and the session warm)
 
 
-def one_round(model: Any, budget: int, prompt: np.ndarray, seed: int) -> dict[str, float]:
-    """One stream, then the long `prompt` under `budget`: the stream's step times around it and the prompt's time to first token."""
+def one_round(model: Any, budget: int, prompt: np.ndarray, seed: int, vocabulary: int) -> dict[str, float]:
+    """One stream (16 tokens drawn below `vocabulary`), then the long `prompt` under `budget`:
+    the stream's step times around it and the prompt's time to first token."""
     scheduler = model.new_scheduler(prefill_budget=budget)
     stream = scheduler.member()
-    ids = np.random.default_rng(seed).integers(3, prompt.max() + 1, size=(1, 16))
+    ids = np.random.default_rng(seed).integers(3, vocabulary, size=(1, 16))
     logits = stream.prefill(ids, np.ones_like(ids))
     stamps: list[float] = []
     stop = threading.Event()
@@ -88,13 +89,13 @@ def run(bundle: Path, positions: int, rounds: int, budget: int, say=lambda text:
         raise RuntimeUserError(f"{bundle} is a {model.role} bundle; prefill-stall measures a decoder bundle's scheduler")
     vocabulary = min(model.tokenizer.get_vocab_size(), 1000)
     prompt = np.random.default_rng(1).integers(3, vocabulary, size=(1, positions))
-    one_round(model, budget, prompt[:, : min(positions, 64)], seed=0)  # warm-up
+    one_round(model, budget, prompt[:, : min(positions, 64)], seed=0, vocabulary=vocabulary)  # warm-up
     figures: dict[str, Any] = {}
     for label, size in (("chunked", budget), ("whole", positions)):
         runs = []
         for index in range(rounds):
             say(f"prefill-stall: {label} (budget {size}), round {index + 1} of {rounds}")
-            runs.append(one_round(model, size, prompt, seed=index))
+            runs.append(one_round(model, size, prompt, seed=index, vocabulary=vocabulary))
         figures[label] = {"budget": size, **{key: round(float(np.median([r[key] for r in runs])), 1) for key in runs[0]}}
     return {"bundle": str(bundle), "precision": model.manifest.precision, "positions": positions, "rounds": rounds, "figures": figures}
 
