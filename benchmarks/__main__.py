@@ -378,9 +378,8 @@ def command_compare(args: argparse.Namespace) -> int:
 
 
 def command_prefill_stall(args: argparse.Namespace, argv: list[str]) -> int:
-    import datetime as dt
 
-    from benchmarks.machine import describe_machine
+    from benchmarks.machine import report_header
     from benchmarks.prefill_stall import render, run
     from benchmarks.run import command_line
     from lalm_export.io import atomic_folder
@@ -395,8 +394,7 @@ def command_prefill_stall(args: argparse.Namespace, argv: list[str]) -> int:
         figures = run(args.bundle, args.positions, args.rounds, args.budget)
     except RuntimeUserError as err:
         raise UserError(str(err)) from err
-    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    results = {"created": created, "command": command_line(argv), "machine": describe_machine(), **figures}
+    results = {**report_header(command_line(argv)), **figures}
     with atomic_folder(args.out, replace=True) as folder:
         (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         (folder / "report.md").write_text(render(results), encoding="utf-8")
@@ -405,10 +403,9 @@ def command_prefill_stall(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def command_long_form(args: argparse.Namespace, argv: list[str]) -> int:
-    import datetime as dt
 
     from benchmarks.long_form import render, run, server_memory
-    from benchmarks.machine import describe_machine
+    from benchmarks.machine import report_header
     from benchmarks.run import command_line
     from lalm_export.io import atomic_folder
     from runtime.errors import RuntimeUserError
@@ -426,8 +423,7 @@ def command_long_form(args: argparse.Namespace, argv: list[str]) -> int:
             server = {str(bundle): server_memory(bundle, short, long, args.tokens) for bundle in args.bundle} if args.server else {}
         except RuntimeUserError as err:
             raise UserError(str(err)) from err
-    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    results = {"created": created, "command": command_line(argv), "machine": describe_machine(), "rows": rows, "server": server}
+    results = {**report_header(command_line(argv)), "rows": rows, "server": server}
     with atomic_folder(args.out, replace=True) as folder:
         (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         (folder / "report.md").write_text(render(results), encoding="utf-8")
@@ -436,10 +432,9 @@ def command_long_form(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def command_real_whisper(args: argparse.Namespace, argv: list[str]) -> int:
-    import datetime as dt
 
     from benchmarks.accuracy import measure_real_encoder, render_real_encoder
-    from benchmarks.machine import describe_machine
+    from benchmarks.machine import report_header
     from benchmarks.run import command_line
     from lalm_export.io import atomic_folder
 
@@ -448,14 +443,12 @@ def command_real_whisper(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError("--repeats must be at least 1")
     with tempfile.TemporaryDirectory(prefix="real-whisper-") as work:
         encoder = measure_real_encoder(Path(work), ("fp32", "int8"), args.repeats)
-    command = command_line(argv)
-    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    results = {"created": created, "command": command, "machine": describe_machine(), **encoder}
+    results = {**report_header(command_line(argv)), **encoder}
     machine = results["machine"]
     header = [
         "# Whisper tiny.en's real encoder",
         "",
-        f"Made by `{command}` on {created}; {machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['cores']} cores.",
+        f"Made by `{results['command']}` on {results['created']}; {machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['cores']} cores.",
     ]
     with atomic_folder(args.out, replace=True) as folder:
         (folder / "real-whisper.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -24,7 +24,6 @@ fp32 on four 10 s speech-like clips that the gate never saw."""
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import json
 import sysconfig
 import time
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.machine import describe_machine
+from benchmarks.machine import report_header
 from benchmarks.measure import interleaved, timed
 from benchmarks.presets import eager_precisions
 from benchmarks.real_lalm import REAL_RECORDING
@@ -44,7 +43,6 @@ from benchmarks.real_whisper import save_whisper_tiny_en
 from benchmarks.run import output_figures, variant_options
 from lalm_export.errors import ParityError
 from lalm_export.export.component import ExportOptions, export_bundle
-from lalm_export.export.manifest import library_versions
 from lalm_export.models.eager import EagerDecoderBackend, eager_encoder_outputs
 from lalm_export.models.families import get_family
 from lalm_export.models.loading import load_family_model
@@ -313,10 +311,7 @@ def run_accuracy(work: Path, seconds: float, prompts: int, precisions: tuple[str
         bundles[variant] = folder
     fp32_figures, rows = measure(model_folder, bundles, ids[split:], prompts, seed)
     return {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "machine": describe_machine(),
-        "libraries": library_versions(),
+        **report_header(command),
         "corpus": {
             "source": "the Python standard library's source files (code, docstrings, comments)",
             "files": len(files),

@@ -15,6 +15,17 @@ import torch
 from runtime.cpu import describe_cpu, has_bf16, isa_label
 
 
+def report_header(command: str) -> dict[str, Any]:
+    """What every benchmark's results open with: when they were made, the command that made
+    them, the machine and the libraries that ran."""
+    import datetime as dt
+
+    from lalm_export.export.manifest import library_versions
+
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return {"created": created, "command": command, "machine": describe_machine(), "libraries": library_versions()}
+
+
 def describe_machine() -> dict[str, Any]:
     """The machine a result was measured on: results compare only with results of the same `isa`."""
     cpu = describe_cpu()

@@ -12,7 +12,6 @@ warm-up; the time split into encoder (front end included), prefill and decode.""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import subprocess
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks.lalm_bench import lalm_rows
-from benchmarks.machine import describe_machine
+from benchmarks.machine import report_header
 from benchmarks.measure import interleaved, peak_rss
 from benchmarks.presets import eager_precisions
 from benchmarks.report import lalm_table
@@ -129,7 +128,6 @@ def bundle_run(bundle: Path) -> Any:
 
 
 def run(work: Path, out: Path, seconds: float, tokens: int, repeats: int, seed: int, command: str) -> dict[str, Any]:
-    from lalm_export.export.manifest import library_versions
     from lalm_export.parity.signals import speech_like
 
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731 - one line of progress
@@ -158,10 +156,7 @@ def run(work: Path, out: Path, seconds: float, tokens: int, repeats: int, seed: 
         results = interleaved(runners, 1, repeats, on_run=lambda: say("      run done"))
     case = f"1 clip, {seconds:g} s of speech-like audio, {tokens} new tokens (EOS ignored), greedy"
     report = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "machine": describe_machine(),
-        "libraries": library_versions(),
+        **report_header(command),
         "settings": {
             "architecture": "qwen2_audio",
             "tower": TOWER,

