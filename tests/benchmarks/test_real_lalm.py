@@ -115,7 +115,7 @@ def test_the_command_trains_exports_transcribes_and_times_every_variant(checkpoi
     assert {e["variant"] for e in report["exports"]} == set(real_lalm.VARIANTS)
     assert all(e["parity_gate"] == "passed" for e in report["exports"])
     accuracy = report["accuracy"]
-    assert {"eager-fp32", "onnx-fp32", "onnx-int8", "onnx-int8-int4", "onnx-int8-int4-gptq"} <= set(accuracy)
+    assert {"eager-fp32", "onnx-fp32", "onnx-fp32-int8", "onnx-int8", "onnx-int8-int4", "onnx-int8-int4-gptq"} <= set(accuracy)
     assert accuracy["onnx-fp32"]["same_as_eager_fp32"] == 3  # two sentences and the recording: the bundle's text is eager's
     assert all(0 <= a["held_out_speech"]["wer"] and 0 <= a["recording"]["cer"] for a in accuracy.values())
     rows = {row["variant"]: row for row in report["rows"]}
@@ -125,6 +125,21 @@ def test_the_command_trains_exports_transcribes_and_times_every_variant(checkpoi
     assert (tmp_path / "out" / "wer-speed.png").stat().st_size > 0
     again = run_main(bench_main, *common, "--steps", 10, "--out", tmp_path / "again", capsys=capsys)
     assert "reusing the trained model" in again.stderr, "a finished training is reused, not repeated"
+
+
+def test_the_report_says_which_bundles_miss_the_wer_target_by_how_much_and_which_part_loses_it():
+    def rates(wer):
+        return {"held_out_speech": {"wer": wer, "cer": 0.0}, "recording": {"wer": 0.0, "cer": 0.0}, "same_as_eager_fp32": 0}
+
+    accuracy = {
+        name: rates(wer)
+        for name, wer in {"eager-fp32": 40.0, "eager-bf16": 45.0, "onnx-fp32": 40.0, "onnx-fp32-int8": 40.5, "onnx-int8": 44.0, "onnx-int8-int4": 50.0}.items()
+    }
+    lines = real_lalm.wer_misses(accuracy)
+    assert lines == [
+        "- **onnx-int8** misses by 3.0 points (+4.0 against eager fp32): the int8 decoder alone +0.5 (onnx-fp32-int8), the int8 encoder the other +3.5.",
+        "- **onnx-int8-int4** misses by 9.0 points (+10.0 against eager fp32): the int4 decoder, +6.0 over the int8 bundle with the same encoder.",
+    ]  # eager bf16 is no bundle; the fp32-encoder + int8-decoder bundle is within a point
 
 
 def test_bad_settings_are_refused_in_one_line(tmp_path, capsys):
