@@ -43,6 +43,8 @@ EPILOG = """examples:
   lalm-export --lalm ./my-lalm --encoder-precision int8 --decoder-precision int4 --output ./bundles/lalm
   # the same with GPTQ's int4 weights, calibrated on text like the decoder's outputs
   lalm-export --lalm ./my-lalm --encoder-precision int8 --decoder-precision int4 --int4-method gptq --calibration ./transcripts.txt --output ./bundles/lalm-gptq
+  # int8 both parts, the gate and the int8 encoder's calibration also on recordings like the ones it will hear
+  lalm-export --lalm ./my-lalm --precision int8 --calibration-audio ./recordings --output ./bundles/lalm-int8
   # its decoder as the op-by-op graph (what architectures outside the fused graph's list, and CUDA, get)
   lalm-export --lalm ./my-lalm --decoder-graph optimum --output ./bundles/lalm-optimum
   lalm-export --lalm ./Qwen2-Audio-7B-Instruct --adapter ./qlora-adapter --qlora --output ./bundles/qwen2-audio
@@ -181,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="UTF-8 text like the model's inputs, for --int4-method gptq (a few pages or more; default: the model's own samples)",
     )
+    parser.add_argument(
+        "--calibration-audio",
+        type=Path,
+        metavar="PATH",
+        help="with --lalm: a recording, or a folder of them (wav, flac, ogg, mp3; the first 8), like the audio the bundle will hear: "
+        "the parity gate judges them beside its synthetic clips, and an int8 audio encoder is calibrated on them too (recorded in the manifest)",
+    )
     parser.add_argument("--all-hidden-states", action="store_true", help="also export every layer's hidden states (hidden_states.0 ... N)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output, once the new bundle is complete")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity gate (the manifest records that it was skipped)")
@@ -199,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 LALM_FLAGS = (
     *("lalm", "output", "force", "verify", "seed", "trust_remote_code", "quiet", "json", "adapter", "qlora", "bnb_quant_type", "bnb_double_quant"),
     *("precision", "encoder_precision", "decoder_precision", "decoder_graph", "device", "target_cpu", "min_cosine", "split"),
-    *("int4_method", "int4_block_size", "int4_lm_head", "int4_calibration"),
+    *("int4_method", "int4_block_size", "int4_lm_head", "int4_calibration", "calibration_audio"),
 )
 
 
@@ -218,7 +227,7 @@ def lalm_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
         flag = next(a.option_strings[0] for a in parser._actions if a.dest == changed[0])
         parser.error(f"{flag} describes a single --encoder or --decoder export; an LALM folder records its components, adapters and settings")
     names = ("lalm", "output", "force", "verify", "seed", "trust_remote_code", "decoder_graph", "device", "target_cpu", "min_cosine", "adapter")
-    names += ("qlora", "bnb_quant_type", "bnb_double_quant")
+    names += ("qlora", "bnb_quant_type", "bnb_double_quant", "calibration_audio")
     if args.split is not None:
         names += ("split",)
     return LalmExportOptions(
@@ -242,6 +251,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     per_part = [values.pop("encoder_precision"), values.pop("decoder_precision")]
     if any(precision is not None for precision in per_part):
         raise OptionsError("--encoder-precision and --decoder-precision choose an --lalm bundle's parts; for one component use --precision")
+    if values.pop("calibration_audio") is not None:
+        raise OptionsError("--calibration-audio gives an --lalm bundle's gate and int8 audio encoder recordings to hold on; pass --lalm DIR")
     if values.pop("split") is not None:
         raise OptionsError("--split records how an --lalm bundle cuts long recordings; an encoder bundle refuses audio longer than it encodes")
     values["family"] = values.pop("encoder") or "llm"

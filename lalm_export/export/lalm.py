@@ -47,6 +47,7 @@ from lalm_export.models.merge import dequantize_4bit_linears, merge_adapter_into
 from lalm_export.models.pretrained import PretrainedLalm, check_needs, pretrained_row
 from lalm_export.parity.bounds import cosine_bound
 from lalm_export.parity.lalm import GATE_CLIPS_S, check_lalm, eager_features, encoder_feeds, gate_clips
+from lalm_export.parity.recordings import Recordings, read_recordings
 from lalm_export.parity.signals import speech_like
 from lalm_export.precision.mixed_int8 import Calibration
 from lalm_export.precision.specs import SPECS, check_precision
@@ -56,6 +57,7 @@ from runtime.limits import frame_samples, receptive_field
 from runtime.manifest import Manifest, Source, denied, path_state, sha256_of
 
 ENCODER_GRAPH, DECODER_GRAPH, TOKEN_TABLE = "audio_encoder.onnx", "decoder.onnx", "embed_tokens.npy"
+RECORDING_SECONDS = 30.0  # of a --calibration-audio recording fed to an encoder of any length
 PARTS = ("encoder", "decoder")
 
 
@@ -222,7 +224,13 @@ class LalmSteps:
     graph_kind: str
     exporter: str
     stages: Stages
+    recordings: Recordings | None = None  # --calibration-audio
     int4_weights: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "rtn"})
+
+    @property
+    def clips(self) -> list[np.ndarray]:
+        """The clips the int8 search fits and meets its bound on: the gate's own, then the recordings."""
+        return gate_clips(self.opts.seed) + [clip for _, clip in (self.recordings.clips if self.recordings else ())]
 
     @property
     def parts(self) -> tuple[GraphPart, ...]:
@@ -230,14 +238,15 @@ class LalmSteps:
         return (encoder, GraphPart(DECODER_GRAPH, "decoder", self.opts.decoder_precision))
 
     def int8_calibration(self) -> Calibration | None:
-        """An int8 audio encoder is made to meet the gate's audio-feature bound on the gate's own
-        clips, over the frames the gate reads (mixed_int8.py), as a component encoder is."""
+        """An int8 audio encoder is made to meet the gate's audio-feature bound on the gate's
+        clips (its own and the --calibration-audio recordings), over the frames the gate reads
+        (mixed_int8.py), as a component encoder is."""
         if self.opts.encoder_precision != "int8":
             return None
-        merged, seed = self.merged, self.opts.seed
+        merged, clips = self.merged, self.clips
         bound = cosine_bound("int8", "encoder", self.opts.min_cosine)
-        feeds = lambda: [encoder_feeds(merged, clip) for clip in gate_clips(seed)]  # noqa: E731 - made when needed
-        frames = functools.cache(lambda: [len(eager_features(merged, clip)) for clip in gate_clips(seed)])  # measured once, read per search step
+        feeds = lambda: [encoder_feeds(merged, clip) for clip in clips]  # noqa: E731 - made when needed
+        frames = functools.cache(lambda: [len(eager_features(merged, clip)) for clip in clips])  # measured once, read per search step
         return Calibration(feeds, bound.cosine, bound.row_cosine, frames)
 
     @property
@@ -264,9 +273,8 @@ class LalmSteps:
 
     def verify(self, bundle: Path, stages: Stages) -> dict[str, Any]:
         opts = self.opts
-        report = check_lalm(
-            self.merged, bundle, opts.encoder_precision, opts.decoder_precision, seed=opts.seed, provider=opts.device, min_cosine=opts.min_cosine
-        )
+        recordings = self.recordings.clips if self.recordings else ()
+        report = check_lalm(self.merged, bundle, opts.encoder_precision, opts.decoder_precision, opts.seed, opts.device, opts.min_cosine, recordings)
         return report.gate(stages.say)
 
     def manifest(self, bundle: Path, built: Built) -> Manifest:
@@ -277,6 +285,8 @@ class LalmSteps:
         source = Source(model=str(Path(opts.lalm).resolve()), adapter=None, adapter_sha256=sha256_tree(opts.lalm), merge="lalm")
         graphs = {"audio_encoder": ENCODER_GRAPH, "decoder": DECODER_GRAPH}
         extra = lalm_facts(self.merged, opts, bundle, self.graph_kind)
+        if self.recordings:
+            extra["calibration_audio"] = self.recordings.record()
         if opts.decoder_precision == "int4":
             extra["int4"] = {**self.int4_weights, "block_size": opts.int4.block_size, "lm_head": built.transforms[DECODER_GRAPH]["lm_head"]}
         return build_manifest(bundle, graphs, kind, source, built, extra, opts.device)
@@ -285,14 +295,22 @@ class LalmSteps:
 def export_lalm_bundle(opts: LalmExportOptions, quiet: bool = False) -> Manifest:
     """Export the LALM in `opts.lalm` to one bundle at `opts.output`; raises a `LalmExportError` on any user error."""
     validate_lalm_options(opts)
+    recordings = read_recordings(opts.calibration_audio) if opts.calibration_audio is not None else None  # refused before the model loads
     stages = Stages(STAGES, quiet=quiet)
     torch.manual_seed(opts.seed)
     merged = load_merged_lalm(opts, stages)
+    recordings = recordings.cut(window_seconds(merged)) if recordings else None
     graph_kind, why = choose_decoder_graph(opts.decoder_graph, merged.decoder, optimize=True, device=opts.device)
     builder = "ONNX Runtime's model builder" if graph_kind == "fused" else "torch.onnx, op by op"
     exporter = f"audio encoder + projector (torch.onnx), decoder on inputs_embeds ({builder}: {why})"
     settings = RunSettings(Path(opts.output), Path(opts.output).is_dir(), opts.verify, opts.target_cpu, opts.int4)
-    return run_export(LalmSteps(opts, merged, graph_kind, exporter, stages), settings, stages)
+    return run_export(LalmSteps(opts, merged, graph_kind, exporter, stages, recordings), settings, stages)
+
+
+def window_seconds(merged: MergedLalm) -> float:
+    """The longest stretch of a recording the gate feeds the encoder at once: a Whisper-style
+    encoder's window; for encoders of any length, `RECORDING_SECONDS`."""
+    return float(merged.feature_config.get("chunk_length") or RECORDING_SECONDS) if merged.graph.spec.input_kind == "log_mel" else RECORDING_SECONDS
 
 
 def token_table(decoder: torch.nn.Module) -> np.ndarray:

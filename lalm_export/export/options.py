@@ -84,6 +84,7 @@ class LalmExportOptions:
     bnb_double_quant: bool = True
     split: str = "vad"  # how the runtime cuts recordings longer than the window: vad | energy | fixed (manifest extra.split)
     int4: Int4Options = Int4Options()  # an int4 decoder's weights, as for --decoder
+    calibration_audio: Path | None = None  # recordings the gate judges and an int8 audio encoder is calibrated on, beside its own clips
 
     @property
     def quantization(self) -> QuantizationSettings | None:

@@ -5,6 +5,7 @@ against the eager pipeline."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +77,14 @@ def check_lalm(
     seed: int = 0,
     provider: str = "cpu",
     min_cosine: float | None = None,
+    recordings: Sequence[tuple[str, np.ndarray]] = (),
 ) -> ParityReport:
     """Features of each clip (relative error for fp32; a reduced precision's cosine bound, or
     `min_cosine`), the decoder's logits on the same prompt (its precision's bounds, as the
     decoder gate's), and 32 greedy tokens, all equal where every graph is fp32 (recorded
-    otherwise, as for decoders). ONNX Runtime runs on `provider`; the reference is the eager
-    fp32 LALM on the CPU."""
+    otherwise, as for decoders). The clips: the gate's speech-like ones, then `recordings`
+    (name, samples: `--calibration-audio`). ONNX Runtime runs on `provider`; the reference is
+    the eager fp32 LALM on the CPU."""
     tolerance = gate_tolerance(encoder_precision, "encoder", min_cosine, greedy_precisions=[decoder_precision])
     decoder_tolerance = gate_tolerance(decoder_precision, "decoder")  # NaN or inf logits fail whatever the bound
     report = ParityReport(tolerance, reference="eager PyTorch fp32 LALM (merged)")
@@ -92,7 +95,9 @@ def check_lalm(
     options = GenerationOptions(max_new_tokens=GATE_TOKENS, stop_at_eos=False)
     agree: list[np.ndarray] = []
     first: int | None = None
-    for seconds, clip in zip(GATE_CLIPS_S, gate_clips(seed)):
+    cases = [(f"speech-like clip, {seconds:.1f} s", clip) for seconds, clip in zip(GATE_CLIPS_S, gate_clips(seed))]
+    cases += [(f"recording {name}, {len(clip) / 16_000:.1f} s", clip) for name, clip in recordings]
+    for label, clip in cases:
         reference, candidate = eager_features(merged, clip), runner.audio_features(clip)
         report.record("audio_features", reference, candidate)
         embeds = eager_prompt(merged, reference)
@@ -103,7 +108,7 @@ def check_lalm(
         agree.append(same)
         if first is None and not same.all():
             first = int(np.argmin(same))
-        report.cases.append(f"speech-like clip, {seconds:.1f} s, {GATE_TOKENS} greedy tokens")
+        report.cases.append(f"{label}, {GATE_TOKENS} greedy tokens")
     steps = np.concatenate(agree)
     report.greedy = {"steps": int(steps.size), "agreement": float(steps.mean()), "first_divergence": first}
     return report

@@ -588,3 +588,52 @@ def test_audio_past_a_short_whisper_window_is_transcribed_in_pieces_not_cut(tmp_
     assert result.returncode == 0, result.stderr
     segments = json.loads(result.stdout)["segments"]
     assert [(s["start"], s["end"]) for s in segments] == [(0.0, 2.0), (1.5, 3.0)]  # windows of 2 s overlapping by a quarter
+
+
+def test_calibration_audio_joins_the_gate_and_the_int8_encoders_calibration(checkpoints, tmp_path, capsys):
+    """--calibration-audio: the recordings in a folder (other files ignored) are judged by the
+    gate beside its own clips (features, logits, greedy tokens of each) and fitted on by the
+    int8 search; the manifest records them."""
+    tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    sf.write(recordings / "a.wav", speech_like(1.2, seed=7), 16_000)
+    sf.write(recordings / "b.flac", speech_like(0.8, seed=8), 16_000)
+    (recordings / "notes.txt").write_text("not audio")
+    flags = ("--encoder-precision", "int8", "--calibration-audio", recordings, "--json")
+    result = run_main(export_main, "--lalm", tmp_path / "lalm", *flags, "--output", tmp_path / "b", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["extra"]["calibration_audio"] == {"path": str(recordings.resolve()), "files": ["a.wav", "b.flac"], "seconds": [1.2, 0.8]}
+    assert "recording a.wav, 1.2 s, 32 greedy tokens" in manifest["parity"]["cases"]
+    assert manifest["parity"]["greedy"]["steps"] == 4 * 32 and manifest["parity"]["passed"]
+
+
+@pytest.mark.parametrize("case", ["missing", "no audio", "corrupt", "nan", "too short", "component export"])
+def test_bad_calibration_audio_is_one_line_and_writes_nothing(case, checkpoints, tmp_path, capsys):
+    tiny_lalm(checkpoints, "wav2vec2").save_pretrained(tmp_path / "lalm")
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    source = ("--lalm", tmp_path / "lalm")
+    if case == "missing":
+        folder, expected = tmp_path / "nowhere", "does not exist"
+    elif case == "no audio":
+        (folder / "notes.txt").write_text("not audio")
+        expected = "holds no audio files"
+    elif case == "corrupt":
+        (folder / "a.wav").write_bytes(b"RIFF not really a wav file")
+        expected = "a.wav"
+    elif case == "nan":
+        clip = speech_like(1.0)
+        clip[100] = np.nan
+        sf.write(folder / "a.wav", clip, 16_000, subtype="FLOAT")
+        expected = "NaN"
+    elif case == "too short":
+        sf.write(folder / "a.wav", speech_like(0.01), 16_000)
+        expected = "at least 0.1 s"
+    else:
+        sf.write(folder / "a.wav", speech_like(1.0), 16_000)
+        source, expected = ("--encoder", "wav2vec2", "--model", checkpoints["wav2vec2"]), "--calibration-audio gives an --lalm bundle's gate"
+    result = run_main(export_main, *source, "--calibration-audio", folder, "--output", tmp_path / "b", capsys=capsys)
+    assert_user_error(result, expected)
+    assert not (tmp_path / "b").exists()
