@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     real_lalm = commands.add_parser(
         "real-lalm",
         help="an audio LLM of real weights (Whisper tiny.en + SmolLM2-135M-Instruct) trained here on espeak-ng speech: WER and speed per precision",
-        description="Train (once per --work folder: about 80 minutes on 2 cores for 1,700 steps with bf16 autocast) an audio LLM of Whisper "
+        description="Train (once per --work folder: about 2 hours on 2 cores for 2,500 steps with bf16 autocast) an audio LLM of Whisper "
         "tiny.en's encoder (frozen), a projector and SmolLM2-135M-Instruct (LoRA) on fortunes sentences spoken by espeak-ng; export it in "
         "fp32, fp32 encoder + int8 decoder, int8, int8 encoder + int4 decoder (round to nearest, and GPTQ) with the default gate; transcribe held-out sentences in held-out voices and a real recording with "
         "eager fp32, eager bf16 (where the CPU has bf16 instructions) and every bundle (word and character error rates), and time one "
@@ -233,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     real_lalm.add_argument(
         "--steps",
         type=int,
-        default=1700,
+        default=2500,
         help="training steps of batch 8: --work's model is trained to this many, on from the steps it has (a stopped "
-        "training resumes from its last save; one with as many steps or more is reused; 1,700 began to transcribe here) (default: 1700)",
+        "training resumes from its last save; one with as many steps or more is reused; 1,700 began to transcribe here) (default: 2500)",
     )
     real_lalm.add_argument("--clips", type=int, default=60, help="held-out sentences transcribed, besides the recording (at most 100; default: 60)")
     real_lalm.add_argument("--tokens", type=int, default=24, help="new tokens in the timed runs (default: 24)")
