@@ -532,9 +532,9 @@ def render_markdown(report: dict, plot: str) -> str:
     untrained = (
         [
             "",
-            f"**Eager fp32's word error rate is {reference_wer:.1f} %: this model has not learned to transcribe**, so these error rates say "
-            "nothing of what a precision does to a model that has; the transcripts equal to eager fp32's still say how often each "
-            "bundle writes exactly what the eager model writes.",
+            f"**Eager fp32's word error rate is {reference_wer:.1f} %: this model transcribes only in part** (the first words, then guesses), "
+            "so a precision's error rate moves with which guesses it flips as much as with what it loses; the transcripts equal to eager "
+            "fp32's say how often each bundle writes exactly what the eager model writes.",
         ]
         if reference_wer >= 50
         else []
