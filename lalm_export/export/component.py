@@ -20,7 +20,7 @@ from lalm_export.export.options import DEFAULT_OPSET, ExportOptions, validate_op
 from lalm_export.export.pipeline import STAGES, GraphPart, RunSettings, run_export
 from lalm_export.graphs.files import load_graph, save_graph
 from lalm_export.graphs.fused import FUSED_OPTIMIZATIONS, build_fused_decoder, choose_decoder_graph
-from lalm_export.graphs.rewrites import LAST_POSITION_LOGITS, keep_last_position_logits
+from lalm_export.graphs.rewrites import FUSED_ATTENTION, LAST_POSITION_LOGITS, fuse_attention, keep_last_position_logits
 from lalm_export.graphs.traced import export_decoder, export_encoder
 from lalm_export.io import sha256_tree
 from lalm_export.models.adapters import QuantizationSettings, load_full_weights, read_adapter_metadata
@@ -146,12 +146,29 @@ def export_graph(model: nn.Module, opts: ExportOptions, folder: Path, graph_kind
 
 
 def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[str]:
-    """Graph rewrites on the fp32 export: decoders compute logits for the last position only."""
+    """Graph rewrites on the fp32 export: decoders compute logits for the last position only;
+    encoders for the CPU get ONNX Runtime's fused attention."""
     if graph_kind == "fused":
         return list(FUSED_OPTIMIZATIONS)
-    if not opts.optimize or opts.spec.role != "decoder":
+    if not opts.optimize:
         return []
+    if opts.spec.role == "encoder":
+        return fused_attention(graph) if opts.device == "cpu" and opts.precision != "fp16" else []
     return last_position_logits_only(graph)
+
+
+def fused_attention(graph: Path) -> list[str]:
+    """Rewrite an encoder graph file in place with its unmasked self-attention fused
+    (`rewrites.fuse_attention`); returns the rewrite's name, or nothing (file unchanged) when
+    no attention matched. For fp32 and int8 graphs on the CPU provider: fp16 graphs keep the
+    op-by-op attention their gate was measured with on CUDA."""
+    proto = load_graph(graph)
+    if not fuse_attention(proto):
+        return []
+    for data in graph.parent.glob(graph.name + "_data*"):
+        data.unlink()  # loaded into memory above; rewritten by save_graph
+    save_graph(proto, graph)
+    return [FUSED_ATTENTION]
 
 
 def last_position_logits_only(graph: Path) -> list[str]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lalm_export.errors import OptionsError
-from lalm_export.export.component import Loaded, describe_base, gptq_model, last_position_logits_only, load_base, merge_into_base
+from lalm_export.export.component import Loaded, describe_base, fused_attention, gptq_model, last_position_logits_only, load_base, merge_into_base
 from lalm_export.export.manifest import Built, BundleKind, build_manifest, decoder_facts
 from lalm_export.export.options import DEFAULT_OPSET, ExportOptions, LalmExportOptions, check_min_cosine, check_output, check_target_cpu, require_cuda
 from lalm_export.export.pipeline import STAGES, GraphPart, RunSettings, run_export
@@ -261,6 +261,8 @@ class LalmSteps:
     def export_graphs(self, fp32: Path, bundle: Path) -> list[str]:
         merged = self.merged
         export_audio_encoder(merged.graph, merged.feature_config, fp32 / ENCODER_GRAPH)
+        on_cpu = self.opts.device == "cpu" and self.opts.encoder_precision != "fp16"
+        encoder_rewrites = fused_attention(fp32 / ENCODER_GRAPH) if on_cpu else []
         exported = merged
         if self.opts.int4.method == "gptq":  # the gate still compares with the merged fp32 decoder
             decoder, self.int4_weights = gptq_model(merged.decoder, merged.tokenizer, self.opts.int4, self.opts.seed, self.stages)
@@ -269,7 +271,7 @@ class LalmSteps:
         np.save(bundle / TOKEN_TABLE, token_table(merged.decoder), allow_pickle=False)
         merged.tokenizer.save_pretrained(str(bundle))
         dump_feature_config(merged.feature_config, bundle / "preprocessor_config.json")
-        return optimizations
+        return encoder_rewrites + optimizations
 
     def verify(self, bundle: Path, stages: Stages) -> dict[str, Any]:
         opts = self.opts

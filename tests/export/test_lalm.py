@@ -198,7 +198,8 @@ def test_optimums_graph_on_embeddings_where_the_fused_graph_does_not_apply(decod
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)
     assert manifest["extra"]["decoder_graph"] == "optimum (inputs_embeds)" and manifest["parity"]["passed"]
-    assert manifest["optimizations"] == ["logits for the last position only"]
+    fused_encoder = [] if "fp16" in flags else ["self-attention fused into MultiHeadAttention"]  # Whisper's attention, fp32 or int8 on the CPU
+    assert manifest["optimizations"] == [*fused_encoder, "logits for the last position only"]
     graph = onnx.load(str(tmp_path / "bundle" / "decoder.onnx"), load_external_data=False)
     inputs = {i.name for i in graph.graph.input}
     assert "inputs_embeds" in inputs and "input_ids" not in inputs and "GroupQueryAttention" not in {n.op_type for n in graph.graph.node}
