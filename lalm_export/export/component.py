@@ -9,7 +9,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from lalm_export.precision.mixed_int8 import Calibration
 from lalm_export.precision.specs import SPECS
 from lalm_export.progress import Stages
 from runtime.manifest import Manifest, Source, sha256_of
+
+if TYPE_CHECKING:
+    import onnx
 
 GRAPH_NAME = "model.onnx"
 
@@ -162,26 +165,26 @@ def fused_attention(graph: Path) -> list[str]:
     (`rewrites.fuse_attention`); returns the rewrite's name, or nothing (file unchanged) when
     no attention matched. For fp32 and int8 graphs on the CPU provider: fp16 graphs keep the
     op-by-op attention their gate was measured with on CUDA."""
-    proto = load_graph(graph)
-    if not fuse_attention(proto):
-        return []
-    for data in graph.parent.glob(graph.name + "_data*"):
-        data.unlink()  # loaded into memory above; rewritten by save_graph
-    save_graph(proto, graph)
-    return [FUSED_ATTENTION]
+    return rewrite_in_place(graph, fuse_attention, FUSED_ATTENTION)
 
 
 def last_position_logits_only(graph: Path) -> list[str]:
     """Rewrite an op-by-op decoder graph file in place to compute the last position's logits
     only; returns the rewrite's name, or nothing (file unchanged) when its logits do not come
     from a MatMul."""
+    return rewrite_in_place(graph, keep_last_position_logits, LAST_POSITION_LOGITS)
+
+
+def rewrite_in_place(graph: Path, rewrite: Callable[[onnx.ModelProto], Any], name: str) -> list[str]:
+    """Apply `rewrite` (true where it changed the graph) to the graph file and save it back;
+    returns `[name]`, or nothing (file unchanged) when it changed nothing."""
     proto = load_graph(graph)
-    if not keep_last_position_logits(proto):
+    if not rewrite(proto):
         return []
     for data in graph.parent.glob(graph.name + "_data*"):
         data.unlink()  # loaded into memory above; rewritten by save_graph
     save_graph(proto, graph)
-    return [LAST_POSITION_LOGITS]
+    return [name]
 
 
 def gptq_model(model: nn.Module, tokenizer: Any, int4: Int4Options, seed: int, stages: Stages) -> tuple[nn.Module, dict[str, Any]]:
