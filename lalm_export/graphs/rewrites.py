@@ -87,7 +87,8 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     `com.microsoft.MultiHeadAttention` on the projections, which computes it without the
     `(heads, frames, frames)` score tensor's round trips through memory (Whisper tiny.en's
     30 s window: 1,500 frames, 54 MB of scores a layer). Attention with a mask (an Add before
-    the Softmax) is left as it is. Returns how many were fused."""
+    the Softmax) and cross-attention (q from another tensor than k and v: a Q-Former's, whose
+    queries may have another batch size) are left as they are. Returns how many were fused."""
     producers = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -153,6 +154,16 @@ def attention_around(
             return int(constants[concat.input[2]].reshape(-1)[0]), int(constants[concat.input[3]].reshape(-1)[0])
         return None
 
+    def projection(reshape: onnx.NodeProto) -> tuple[str, int] | None:
+        """The input and width of the projection a head split reads: a MatMul by a weight
+        (through a scale Mul, Whisper's on q, and a bias Add); None where it is something else."""
+        node = producers.get(scaled(reshape.input[0])[0])
+        if node is not None and node.op_type == "Add":
+            node = next((producers[name] for name in node.input if name in producers and producers[name].op_type == "MatMul"), None)
+        if node is None or node.op_type != "MatMul" or node.input[1] not in constants or constants[node.input[1]].ndim != 2:
+            return None
+        return node.input[0], int(constants[node.input[1]].shape[1])
+
     def readers(name: str) -> list[onnx.NodeProto]:
         """The nodes that read `name`, but for Shape nodes (torch.onnx's size lookups, unused once fused)."""
         return [node for node in consumers.get(name, []) if node.op_type != "Shape"]
@@ -177,8 +188,13 @@ def attention_around(
     splits = [split_of(r) for r in (q_r, k_r, v_r) if r is not None]
     if len(splits) != 3 or None in splits:
         return None
-    known = {h for h, _ in splits if h > 0}
-    if len(known) != 1 or len({size for _, size in splits}) != 1:  # one head count and one head size, each written at least once
+    projections = [projection(r) for r in (q_r, k_r, v_r)]
+    if None in projections or len({source for source, _ in projections}) != 1:  # self-attention: q, k, v from one tensor
+        return None
+    sizes, widths = {size for _, size in splits}, {width for _, width in projections}
+    # wav2vec2-style exports write the head count as -1 in every split: then it is the width over the head size
+    known = {h for h, _ in splits if h > 0} or {width // size for width in widths for size in sizes if size > 0 and width % size == 0}
+    if len(known) != 1 or len(sizes) != 1 or len(widths) != 1:  # one head count, one head size, one width
         return None
     heads = known.pop()
     out_users = readers(context.output[0])
