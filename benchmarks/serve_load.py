@@ -7,8 +7,9 @@ measured in the same run, the server's peak RSS; an overload phase (small --max-
 clients) counts 503s and any other failure. Generating bundles also report the decode batch
 sizes the server ran (its `lalm_decode_batch_size` histogram) per phase; decoder bundles
 their aggregate tokens/s against one stream's, and the decoder's step time by batch size in
-process (what continuous batching can gain); audio LLMs how long a short request takes alone
-and while a long generation runs."""
+process (what continuous batching can gain), and a phase at the most clients started one after
+another rather than at once (the steady state of that many streams, not a burst of them); audio
+LLMs how long a short request takes alone and while a long generation runs."""
 
 from __future__ import annotations
 
@@ -230,13 +231,16 @@ def _quantile(values: dict[str, float], q: float) -> float:
     return lower
 
 
-def load_phase(url: str, request: Callable, clients: int, requests: int) -> dict[str, Any]:
-    """`requests` requests from `clients` concurrent clients: throughput, latency percentiles, statuses."""
+def load_phase(url: str, request: Callable, clients: int, requests: int, stagger_s: float = 0.0) -> dict[str, Any]:
+    """`requests` requests from `clients` concurrent clients: throughput, latency percentiles,
+    statuses. `stagger_s`: the clients start spread over this many seconds (client i after
+    i/clients of it) instead of at once."""
     latencies, ttfts, statuses = [], [], Counter()
     lock = threading.Lock()
     remaining = [requests]
 
-    def client_loop() -> None:
+    def client_loop(index: int) -> None:
+        time.sleep(stagger_s * index / clients)
         with httpx.Client(timeout=300) as client:
             while True:
                 with lock:
@@ -256,7 +260,7 @@ def load_phase(url: str, request: Callable, clients: int, requests: int) -> dict
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(client_loop) for _ in range(clients)]:
+        for future in [pool.submit(client_loop, index) for index in range(clients)]:
             future.result()
     wall = time.perf_counter() - start
     return {
@@ -267,7 +271,26 @@ def load_phase(url: str, request: Callable, clients: int, requests: int) -> dict
         "latency_s": {p: round(float(np.percentile(latencies, q)), 4) for p, q in (("p50", 50), ("p90", 90), ("p99", 99))},
         "ttft_s": {p: round(float(np.percentile(ttfts, q)), 4) for p, q in (("p50", 50), ("p90", 90), ("p99", 99))} if ttfts else None,
         "statuses": dict(statuses),
+        **({"stagger_s": round(stagger_s, 4)} if stagger_s else {}),
     }
+
+
+def staggered_phase(url: str, request: Callable, role: str, settings: LoadSettings, alone: dict[str, Any]) -> dict[str, Any] | None:
+    """The most clients again, started one after another over one request's time alone (its
+    p50 at one client) rather than at once: the steady state of that many streams, where a
+    request arrives while the others run. Closed-loop clients that start together send their
+    requests in bursts (equal requests finish together), and a burst's prompts wait for each
+    other's prefill; here each waits only for the step in progress. None when the most
+    clients is one."""
+    clients = max(settings.concurrency)
+    if clients == 1:
+        return None
+    before = histograms(url)
+    phase = load_phase(url, request, clients, settings.requests, stagger_s=alone["latency_s"]["p50"])
+    phase["decode_batches"], phase["server_ttft_s"] = phase_histograms(before, histograms(url))
+    if role == "decoder":
+        phase["tokens_per_s"] = round(phase["throughput_rps"] * settings.decode_tokens, 1)
+    return phase
 
 
 def turn_policy(url: str, settings: LoadSettings) -> dict[str, float]:
@@ -329,7 +352,10 @@ def run_bundle(bundle: Path, settings: LoadSettings, clip: Path, say: Callable[[
                 phase["tokens_per_s"] = round(phase["throughput_rps"] * settings.decode_tokens, 1)
             phases.append(phase)
         alone = next((phase for phase in phases if phase["clients"] == 1), None)
-        for phase in phases if role == "decoder" and alone else []:
+        staggered = staggered_phase(server.url, request, role, settings, alone) if role != "encoder" and alone else None
+        if staggered:
+            staggered["vs_sequential"] = round(staggered["throughput_rps"] / sequential_rps, 3)
+        for phase in [*phases, *([staggered] if staggered else [])] if role == "decoder" and alone else []:
             phase["vs_one_client"] = round(phase["throughput_rps"] / alone["throughput_rps"], 3)
             phase["ttft_vs_one_client"] = round(phase["server_ttft_s"]["p50"] / alone["server_ttft_s"]["p50"], 3)
         policy = turn_policy(server.url, settings) if role == "lalm" else None
@@ -351,6 +377,7 @@ def run_bundle(bundle: Path, settings: LoadSettings, clip: Path, say: Callable[[
         "request": describe_request(role, settings),
         "sequential": {"throughput_rps": round(sequential_rps, 3), "latency_s_median": round(float(np.median(sequential)), 4)},
         "concurrency": phases,
+        "staggered": staggered,
         **({"decode_step_ms_by_batch": scaling} if role == "decoder" else {"encoder_ms_per_clip_by_batch": scaling}),
         "peak_rss_mib": round(peak / 2**20, 1),
         "overload": overload,
@@ -396,13 +423,20 @@ def render_markdown(results: dict[str, Any], plot: str | None) -> str:
     for row in results["bundles"]:
         name = f"{Path(row['bundle']).name} ({row['family']} {row['role']}, {row['precision']})"
         lines.append(f"| {name} | sequential | {row['sequential']['throughput_rps']:.1f} | 1.00x | {row['sequential']['latency_s_median']:.4f} | | | | |")
-        for phase in row["concurrency"]:
+        for clients, phase in labelled_phases(row):
             ttft = f"{phase['ttft_s']['p50']:.4f}" if phase["ttft_s"] else ""
             lat = phase["latency_s"]
             statuses = ", ".join(f"{k}: {v}" for k, v in phase["statuses"].items())
             lines.append(
-                f"| | {phase['clients']} | {phase['throughput_rps']:.1f} | {phase['vs_sequential']:.2f}x | {lat['p50']:.4f} | {lat['p90']:.4f} | {lat['p99']:.4f} | {ttft} | {statuses} |"
+                f"| | {clients} | {phase['throughput_rps']:.1f} | {phase['vs_sequential']:.2f}x | {lat['p50']:.4f} | {lat['p90']:.4f} | {lat['p99']:.4f} | {ttft} | {statuses} |"
             )
+    if any(row.get("staggered") for row in results["bundles"]):
+        lines += [
+            "",
+            "*staggered*: the most clients again, started one after another over one request's p50 time at one client instead of at once "
+            "(the steady state of that many streams: a request arrives while the others run, not in a burst with all of them); its "
+            "throughput's wall clock includes that start.",
+        ]
     lines += ["", "Overload (a small --max-queue, many clients): every request is answered 200 or 503 with Retry-After.", ""]
     lines += ["| bundle | clients | --max-queue | requests | statuses | server peak RSS MiB |", "|---|---:|---:|---:|---|---:|"]
     for row in results["bundles"]:
@@ -463,10 +497,10 @@ def decoder_tables(rows: list[dict[str, Any]]) -> list[str]:
     ]
     lines += ["| bundle | clients | steps | mean rows | steps by rows |", "|---|---:|---:|---:|---|"]
     for row in generating:
-        for phase in row["concurrency"]:
+        for clients, phase in labelled_phases(row):
             batches = phase["decode_batches"]
             spread = ", ".join(f"<={le}: {n}" for le, n in batches["steps_by_rows_le"].items() if n and le != "+Inf")
-            lines.append(f"| {Path(row['bundle']).name} | {phase['clients']} | {batches['steps']} | {batches['mean_rows']} | {spread} |")
+            lines.append(f"| {Path(row['bundle']).name} | {clients} | {batches['steps']} | {batches['mean_rows']} | {spread} |")
     decoders = [row for row in generating if row["role"] == "decoder"]
     if decoders:
         lines += [
@@ -478,13 +512,19 @@ def decoder_tables(rows: list[dict[str, Any]]) -> list[str]:
         ]
         lines += ["| bundle | clients | tokens/s | vs 1 client | TTFT mean s | TTFT p50 s | TTFT p50 vs 1 client |", "|---|---:|---:|---:|---:|---:|---:|"]
         for row in decoders:
-            for phase in row["concurrency"]:
+            for clients, phase in labelled_phases(row):
                 ttft = phase["server_ttft_s"]
                 versus = (f"{phase['vs_one_client']:.2f}x", f"{phase['ttft_vs_one_client']:.2f}x") if "vs_one_client" in phase else ("", "")
                 lines.append(
-                    f"| {Path(row['bundle']).name} | {phase['clients']} | {phase['tokens_per_s']} | {versus[0]} | {ttft['mean']} | {ttft['p50']} | {versus[1]} |"
+                    f"| {Path(row['bundle']).name} | {clients} | {phase['tokens_per_s']} | {versus[0]} | {ttft['mean']} | {ttft['p50']} | {versus[1]} |"
                 )
     return lines
+
+
+def labelled_phases(row: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A bundle's load phases with the clients column's label: each concurrency, then the staggered one."""
+    phases = [(str(phase["clients"]), phase) for phase in row["concurrency"]]
+    return phases + ([(f"{row['staggered']['clients']}, staggered", row["staggered"])] if row.get("staggered") else [])
 
 
 def render_plot(results: dict[str, Any], folder: Path) -> str | None:

@@ -156,15 +156,18 @@ def optimize_graph(graph: Path, opts: ExportOptions, graph_kind: str) -> list[st
     if not opts.optimize:
         return []
     if opts.spec.role == "encoder":
-        return fused_attention(graph) if opts.device == "cpu" and opts.precision != "fp16" else []
+        return fused_attention(graph, opts.device, opts.precision)
     return last_position_logits_only(graph)
 
 
-def fused_attention(graph: Path) -> list[str]:
-    """Rewrite an encoder graph file in place with its unmasked self-attention fused
-    (`rewrites.fuse_attention`); returns the rewrite's name, or nothing (file unchanged) when
-    no attention matched. For fp32 and int8 graphs on the CPU provider: fp16 graphs keep the
-    op-by-op attention their gate was measured with on CUDA."""
+def fused_attention(graph: Path, device: str, precision: str) -> list[str]:
+    """Rewrite an encoder graph file exported for `device` and `precision` in place with its
+    unmasked self-attention fused (`rewrites.fuse_attention`); returns the rewrite's name, or
+    nothing (file unchanged) when no attention matched or it does not apply. For fp32 and int8
+    graphs on the CPU provider: fp16 graphs keep the op-by-op attention their gate was measured
+    with on CUDA."""
+    if device != "cpu" or precision == "fp16":
+        return []
     return rewrite_in_place(graph, fuse_attention, FUSED_ATTENTION)
 
 

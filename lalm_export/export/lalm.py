@@ -261,8 +261,7 @@ class LalmSteps:
     def export_graphs(self, fp32: Path, bundle: Path) -> list[str]:
         merged = self.merged
         export_audio_encoder(merged.graph, merged.feature_config, fp32 / ENCODER_GRAPH)
-        on_cpu = self.opts.device == "cpu" and self.opts.encoder_precision != "fp16"
-        encoder_rewrites = fused_attention(fp32 / ENCODER_GRAPH) if on_cpu else []
+        encoder_rewrites = fused_attention(fp32 / ENCODER_GRAPH, self.opts.device, self.opts.encoder_precision)
         exported = merged
         if self.opts.int4.method == "gptq":  # the gate still compares with the merged fp32 decoder
             decoder, self.int4_weights = gptq_model(merged.decoder, merged.tokenizer, self.opts.int4, self.opts.seed, self.stages)

@@ -29,13 +29,18 @@ def test_serve_load_reports_throughput_latency_and_overload(serve_bundles, tmp_p
         assert row["peak_rss_mib"] > 0 and set(scaling) == {"1", "4", "16"}
     by_role = {row["role"]: row for row in results["bundles"]}
     assert by_role["lalm"]["concurrency"][0]["ttft_s"]["p50"] > 0 and by_role["lalm"]["turn_policy"]["short_during_long_s"] > 0
-    for phase in by_role["decoder"]["concurrency"]:  # every request's 8 tokens came from decode steps the histogram counted
+    assert by_role["encoder"]["staggered"] is None
+    for row in (by_role["decoder"], by_role["lalm"]):  # the most clients again, started over one request's time alone
+        staggered = row["staggered"]
+        assert staggered["clients"] == 3 and staggered["statuses"] == {"200": 6}
+        assert staggered["stagger_s"] == row["concurrency"][0]["latency_s"]["p50"] and staggered["server_ttft_s"]["mean"] > 0
+    for phase in [*by_role["decoder"]["concurrency"], by_role["decoder"]["staggered"]]:  # every request's 8 tokens came from decode steps the histogram counted
         batches = phase["decode_batches"]
         assert batches["steps"] * batches["mean_rows"] == pytest.approx(6 * 7, abs=0.01 * batches["steps"])
         assert phase["tokens_per_s"] > 0 and 0 < phase["server_ttft_s"]["mean"] < phase["latency_s"]["p99"]
     assert by_role["decoder"]["concurrency"][0]["vs_one_client"] == 1.0 and by_role["decoder"]["concurrency"][0]["decode_batches"]["mean_rows"] == 1.0
     report = (out / "report.md").read_text()
-    assert "python -m benchmarks serve-load" in report and (out / "serve-load.png").stat().st_size > 10_000
+    assert "| 3, staggered |" in report and "python -m benchmarks serve-load" in report and (out / "serve-load.png").stat().st_size > 10_000
 
 
 def test_serve_load_refuses_a_folder_that_is_not_a_bundle(tmp_path, capsys):
