@@ -161,6 +161,45 @@ def batch_scaling(bundle: Path, role: str, clip: Path, sizes: tuple[int, ...] = 
     return figures
 
 
+def streams_in_process(bundle: Path, settings: LoadSettings, streams: int, rounds: int = 2) -> dict[str, Any]:
+    """`streams` threads each running `rounds` chat completions one after another through one
+    `DecodeScheduler` in process (no HTTP, no client): aggregate tokens/s, and where the wall
+    time went: decode steps' graph calls, prefill calls, and the rest (the threads handing
+    their tokens in and getting their logits, and steps run part full while a round's
+    prompts are prefilled)."""
+    from runtime.api import load
+    from runtime.generation import GenerationOptions
+    from runtime.runners.requests import CompletionRequest
+
+    model = load(bundle)
+    scheduler = model.new_scheduler()
+    request = CompletionRequest(CHAT_PROMPT, GenerationOptions(max_new_tokens=settings.decode_tokens, stop_at_eos=False))
+
+    def stream() -> None:
+        for _ in range(rounds):
+            member = scheduler.member()
+            try:
+                model.prepare(request).run(member, lambda text: None)
+            finally:
+                member.leave()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        for future in [pool.submit(stream) for _ in range(streams)]:
+            future.result()
+    wall = time.perf_counter() - start
+    return {
+        "streams": streams,
+        "tokens_per_s": round(streams * rounds * settings.decode_tokens / wall, 1),
+        "wall_s": round(wall, 3),
+        "steps": scheduler.steps,
+        "step_s": round(scheduler.step_seconds, 3),
+        "prefills": scheduler.prefills,
+        "prefill_s": round(scheduler.prefill_seconds, 3),
+        "rest_s": round(wall - scheduler.step_seconds - scheduler.prefill_seconds, 3),
+    }
+
+
 def decode_step_scaling(bundle: Path, sizes: tuple[int, ...] = (1, 4, 16), steps: int = 16) -> dict[str, float]:
     """Milliseconds of one decode step of `size` rows (a 16-token prompt each, the median of
     `steps` steps after one), in process: what batching decode steps can gain on this machine."""
@@ -336,6 +375,7 @@ def run_bundle(bundle: Path, settings: LoadSettings, clip: Path, say: Callable[[
     sequential = sequential_in_process(bundle, role, clip, settings)
     sequential_rps = len(sequential) / sum(sequential)
     scaling = decode_step_scaling(bundle) if role == "decoder" else batch_scaling(bundle, role, clip)
+    in_process = [streams_in_process(bundle, settings, n) for n in sorted({1, max(settings.concurrency)})] if role == "decoder" else None
     request = request_for(role, clip, settings)
     server = Server(bundle, settings, max_queue=max(256, settings.requests))
     try:
@@ -378,7 +418,7 @@ def run_bundle(bundle: Path, settings: LoadSettings, clip: Path, say: Callable[[
         "sequential": {"throughput_rps": round(sequential_rps, 3), "latency_s_median": round(float(np.median(sequential)), 4)},
         "concurrency": phases,
         "staggered": staggered,
-        **({"decode_step_ms_by_batch": scaling} if role == "decoder" else {"encoder_ms_per_clip_by_batch": scaling}),
+        **({"decode_step_ms_by_batch": scaling, "streams_in_process": in_process} if role == "decoder" else {"encoder_ms_per_clip_by_batch": scaling}),
         "peak_rss_mib": round(peak / 2**20, 1),
         "overload": overload,
         "turn_policy": policy,
@@ -518,6 +558,29 @@ def decoder_tables(rows: list[dict[str, Any]]) -> list[str]:
                 lines.append(
                     f"| {Path(row['bundle']).name} | {clients} | {phase['tokens_per_s']} | {versus[0]} | {ttft['mean']} | {ttft['p50']} | {versus[1]} |"
                 )
+        lines += streams_table(decoders)
+    return lines
+
+
+def streams_table(decoders: list[dict[str, Any]]) -> list[str]:
+    """Concurrent streams in process, without HTTP: tokens/s and where the wall time went."""
+    lines = [
+        "",
+        "The same chat completions from concurrent streams in process (threads over one decode scheduler, two each; no HTTP, no client): "
+        "tokens/s and where the wall time went. *Rest*: the threads handing tokens in and getting logits back, and steps run part full "
+        "while a round's prompts are prefilled.",
+        "",
+        "| bundle | streams | tokens/s | vs 1 stream | wall s | decode steps | in steps s | prefill calls | in prefills s | rest s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in decoders:
+        runs = row.get("streams_in_process") or []
+        for run in runs:
+            versus = run["tokens_per_s"] / runs[0]["tokens_per_s"]
+            lines.append(
+                f"| {Path(row['bundle']).name} | {run['streams']} | {run['tokens_per_s']} | {versus:.2f}x | {run['wall_s']} | {run['steps']} | "
+                f"{run['step_s']} | {run['prefills']} | {run['prefill_s']} | {run['rest_s']} |"
+            )
     return lines
 
 

@@ -37,6 +37,7 @@ any batched run of such a graph."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,8 @@ class DecodeScheduler:
         self._prefilled_since_step = 0  # prompt positions prefilled since the last decode step
         self.steps = 0  # decode steps run (for tests and benchmarks)
         self.prefills = 0  # prefill calls of the graph (a long prompt's chunks one each; prompts of one length waiting together share one)
+        self.step_seconds = 0.0  # time in decode steps' graph calls (for benchmarks: where the time goes)
+        self.prefill_seconds = 0.0  # time in prefill calls (and their cache hand-over)
 
     def member(self) -> ScheduledBackend:
         """A backend for one generation; call its `leave()` when the generation ends."""
@@ -178,6 +181,7 @@ class DecodeScheduler:
         values = np.concatenate([prompt.values[:, start : start + size] for prompt in group])
         self._prefilled_since_step += values.shape[0] * size
         self.prefills += 1
+        began = time.perf_counter()
         try:
             if start == 0:
                 logits = self._prefiller.prefill(values, np.ones(values.shape[:2], dtype=np.int64))
@@ -197,6 +201,7 @@ class DecodeScheduler:
             for prompt in group:
                 prompt.error = err
         finally:
+            self.prefill_seconds += time.perf_counter() - began
             self._condition.notify_all()
 
     def _may_prefill(self, positions: int) -> bool:
@@ -262,6 +267,7 @@ class DecodeScheduler:
     def _step(self) -> None:
         tokens = np.array([[row.token] for row in self._rows], dtype=np.int64)
         lengths = np.array([row.length for row in self._rows])
+        began = time.perf_counter()
         try:
             logits = self._run(tokens, lengths)
         except Exception as err:  # every row of the failed step hears it; their generations end
@@ -273,6 +279,7 @@ class DecodeScheduler:
             if self.on_step is not None:
                 self.on_step(len(self._rows))
         self.steps += 1
+        self.step_seconds += time.perf_counter() - began
         self._prefilled_since_step = 0
         self._condition.notify_all()
 

@@ -29,6 +29,10 @@ def test_serve_load_reports_throughput_latency_and_overload(serve_bundles, tmp_p
         assert row["peak_rss_mib"] > 0 and set(scaling) == {"1", "4", "16"}
     by_role = {row["role"]: row for row in results["bundles"]}
     assert by_role["lalm"]["concurrency"][0]["ttft_s"]["p50"] > 0 and by_role["lalm"]["turn_policy"]["short_during_long_s"] > 0
+    in_process = by_role["decoder"]["streams_in_process"]  # 1 and 3 streams through one scheduler, two completions each
+    assert [run["streams"] for run in in_process] == [1, 3] and all(run["tokens_per_s"] > 0 for run in in_process)
+    for run in in_process:
+        assert run["step_s"] + run["prefill_s"] + run["rest_s"] == pytest.approx(run["wall_s"], abs=0.002) and run["steps"] >= 7
     assert by_role["encoder"]["staggered"] is None
     for row in (by_role["decoder"], by_role["lalm"]):  # the most clients again, started over one request's time alone
         staggered = row["staggered"]
