@@ -44,7 +44,7 @@ def running_draining_server(bundles: dict[str, Path], settings: ServeSettings, g
 def _started(server: uvicorn.Server, engine: Engine) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
@@ -54,7 +54,7 @@ def _started(server: uvicorn.Server, engine: Engine) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=SUBPROCESS_TIMEOUT_S)
         engine.close()
 
 

@@ -50,7 +50,7 @@ def check_ray_server(url: str, process: subprocess.Popen, audio_files, expected:
 
     def features(_):
         with open(audio_files[0], "rb") as handle:
-            return httpx.post(f"{url}/v1/audio/features", data={"model": "wav2vec2"}, files={"file": handle}, timeout=60).status_code
+            return httpx.post(f"{url}/v1/audio/features", data={"model": "wav2vec2"}, files={"file": handle}, timeout=SUBPROCESS_TIMEOUT_S).status_code
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(features, range(8))) == [200] * 8

@@ -24,6 +24,7 @@ from runtime.audio import load_audio
 from runtime.generation import GenerationCancelled, GenerationOptions, PromptEmbeds, generate
 from runtime.scheduler import DecodeScheduler
 from runtime.sessions import SessionOptions
+from tests.helpers import SUBPROCESS_TIMEOUT_S
 
 TIMEOUT_S = 600  # for a wait that ends at once unless the scheduler is stuck; a loaded machine never needs it
 
@@ -81,7 +82,7 @@ def interleaved(scheduler: DecodeScheduler, run: Run) -> dict[int, list[int]]:
             for later, other in enumerate(REQUESTS):
                 if index == 0 and other.starts_at == steps[0]:
                     start(later)
-                    assert first_token[later].wait(120), f"request {later} did not start"
+                    assert first_token[later].wait(SUBPROCESS_TIMEOUT_S), f"request {later} did not start"
             return request.cancel_after is not None and steps[0] > request.cancel_after
 
         backend = scheduler.member()
@@ -282,7 +283,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(
     thread.start()
     count = -(-prompt.shape[1] // budget)
     for _ in range(count):  # each chunk after one of the stream's steps
-        assert chunk_ran.acquire(timeout=600), "the long prompt's next chunk did not run"
+        assert chunk_ran.acquire(timeout=SUBPROCESS_TIMEOUT_S), "the long prompt's next chunk did not run"
         token = int(stream.decode_step(np.array([token]))[0].argmax())
     while thread.is_alive():
         token = int(stream.decode_step(np.array([token]))[0].argmax())
