@@ -10,13 +10,13 @@ import zipfile
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, SUBPROCESS_TIMEOUT_S
 
 pytestmark = pytest.mark.slow  # each builds a virtual environment and runs the whole GPU script on the CPU
 
 
 def run_script(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / "benchmarks/gpu/run.sh"), *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(["bash", str(REPO / "benchmarks/gpu/run.sh"), *args], capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S)
 
 
 def script_env(tmp_path) -> dict[str, str]:
