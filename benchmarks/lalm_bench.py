@@ -69,6 +69,7 @@ def export_lalm_variants(settings: Any, exports: list[dict[str, Any]], say: Any)
                 quiet=True,
             )
             record["parity_gate"] = "passed" if manifest.parity.get("passed") else "failed"
+            record["optimizations"] = manifest.optimizations
             bundles[variant] = target
         except LalmExportError as err:
             record["error"] = str(err)

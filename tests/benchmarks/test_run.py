@@ -206,6 +206,8 @@ def test_the_audio_llm_is_timed_end_to_end_against_eager(tmp_path):
     for row in rows.values():
         assert all(row["split_s"][part] > 0 for part in ("encoder_s", "prefill_s", "decode_s"))
         assert {f"end to end vs {reference}" for reference in EAGER} | {"end to end vs fastest eager"} <= set(row["speedups"])
+    exports = {e["precision"]: e for e in results["exports"]}  # what the bundles' graphs were rewritten with, as for components
+    assert all("self-attention fused into MultiHeadAttention" in exports[p]["optimizations"] for p in ("fp32", "int8", "int4"))
     assert "## Audio LLM" in (out / "report.md").read_text()
 
 
