@@ -23,7 +23,9 @@ cut out (and, left-padded, the padding no row needs any more is trimmed).
 
 Model calls never overlap. Between two decode steps, prefills run while their prompts total
 at most a budget of positions (`PREFILL_POSITIONS_PER_STEP` unless the scheduler is given
-another; one prompt always may), so a burst of short prompts joins at once. While streams are
+another; one prompt always may), so a burst of short prompts joins at once; the thread that runs
+a step first runs the prefills waiting that the budget lets in, so a waiting prompt gets them
+before every step whichever thread wins the lock. While streams are
 running, a longer prompt is prefilled in chunks of the budget, one chunk between two steps,
 each chunk over the cache of those before it: it delays the running streams by one chunk a
 step, not by its whole length. With no stream running it is prefilled whole. Prompts waiting
@@ -256,6 +258,7 @@ class DecodeScheduler:
                 row.token, row.logits, row.error = int(token), None, None
             while any(row.logits is None and row.error is None for row in rows):
                 if all(row.token is not None for row in self._rows):
+                    self._prefill_waiting()
                     self._step()  # the last row to hand in its token runs the step for all
                 else:
                     self._condition.wait()
@@ -263,6 +266,16 @@ class DecodeScheduler:
             if failed is not None:
                 raise failed
             return np.stack([row.logits for row in rows])
+
+    def _prefill_waiting(self) -> None:
+        """Run the waiting prompts' prefills the step's budget lets in, before the step, in
+        whichever thread is about to run it: their own threads, woken by the last step, may not
+        get the lock before the streams' threads hand their tokens in again, and a prompt would
+        then wait step after step for a chunk the budget allows."""
+        group = self._next_prefill_group()
+        while group:
+            self._prefill_group(group)
+            group = self._next_prefill_group()
 
     def _step(self) -> None:
         tokens = np.array([[row.token] for row in self._rows], dtype=np.int64)

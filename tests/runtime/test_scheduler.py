@@ -295,6 +295,48 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(
     assert scheduler.rows == 0
 
 
+def test_a_stream_stepping_without_pause_still_lets_one_chunk_in_before_each_step(decoders):
+    """Fairness: the thread about to run a step first runs the waiting chunk the budget allows,
+    so a long prompt gets one chunk before every step of a stream that hands its tokens in
+    without pause (its own thread, woken by each step, may lose the lock to the stream's every
+    time). Without that rule the stream here ran many steps between two chunks."""
+    runner = load(decoders["fused"], SessionOptions(provider="cpu"))
+    budget, prompt = 2, np.random.default_rng(5).integers(3, 200, size=(1, 11))
+    scheduler = runner.new_scheduler(prefill_budget=budget)
+    chunks: list[int] = []  # decode steps run before each of the long prompt's calls
+    first_chunk = threading.Event()
+    continue_prefill = scheduler._prefiller.continue_prefill
+
+    def recorded(values, before):
+        chunks.append(scheduler.steps)
+        return continue_prefill(values, before)
+
+    scheduler._prefiller.continue_prefill = recorded
+    stream = scheduler.member()
+    token = int(stream.prefill(np.array([[7, 8]]), np.ones((1, 2)))[0].argmax())
+    token = int(stream.decode_step(np.array([token]))[0].argmax())
+    late = scheduler.member()
+
+    def prefill_long() -> None:
+        try:
+            prefill = scheduler._prefiller.prefill
+            scheduler._prefiller.prefill = lambda *args: (prefill(*args), first_chunk.set())[0]
+            late.prefill(prompt, np.ones_like(prompt))
+        finally:
+            late.leave()
+
+    thread = threading.Thread(target=prefill_long)
+    thread.start()
+    assert first_chunk.wait(SUBPROCESS_TIMEOUT_S), "the long prompt's first chunk did not run"
+    start = scheduler.steps
+    while thread.is_alive() or len(chunks) < 5:
+        token = int(stream.decode_step(np.array([token]))[0].argmax())
+    thread.join()
+    stream.leave()
+    # 11 positions: the first chunk spends the budget until the next step; then one chunk of 2 before each step
+    assert chunks == list(range(start + 1, start + 6))
+
+
 def test_a_member_with_prompts_of_two_lengths_joins_once_both_are_prefilled(decoders):
     """One caller's prompts of 3 and 9 positions (left padding), sent while a stream runs, with a
     budget of 4: the short one is done first, but no row joins (and holds up the steps the long
