@@ -314,7 +314,22 @@ def load_phase(url: str, request: Callable, clients: int, requests: int, stagger
     }
 
 
-def staggered_phase(url: str, request: Callable, role: str, settings: LoadSettings, alone: dict[str, Any]) -> dict[str, Any] | None:
+def measured_phase(
+    url: str, request: Callable, role: str, settings: LoadSettings, sequential_rps: float, clients: int, stagger_s: float = 0.0
+) -> dict[str, Any]:
+    """One load phase (`load_phase`) with its ratio to the sequential rate, and for generating
+    bundles what the server's histograms gained in it; decoders also its tokens/s."""
+    before = histograms(url) if role != "encoder" else {}
+    phase = load_phase(url, request, clients, settings.requests, stagger_s)
+    phase["vs_sequential"] = round(phase["throughput_rps"] / sequential_rps, 3)
+    if role != "encoder":
+        phase["decode_batches"], phase["server_ttft_s"] = phase_histograms(before, histograms(url))
+    if role == "decoder":
+        phase["tokens_per_s"] = round(phase["throughput_rps"] * settings.decode_tokens, 1)
+    return phase
+
+
+def staggered_phase(url: str, request: Callable, role: str, settings: LoadSettings, sequential_rps: float, alone: dict[str, Any]) -> dict[str, Any] | None:
     """The most clients again, started one after another over one request's time alone (its
     p50 at one client) rather than at once: the steady state of that many streams, where a
     request arrives while the others run. Closed-loop clients that start together send their
@@ -324,12 +339,7 @@ def staggered_phase(url: str, request: Callable, role: str, settings: LoadSettin
     clients = max(settings.concurrency)
     if clients == 1:
         return None
-    before = histograms(url)
-    phase = load_phase(url, request, clients, settings.requests, stagger_s=alone["latency_s"]["p50"])
-    phase["decode_batches"], phase["server_ttft_s"] = phase_histograms(before, histograms(url))
-    if role == "decoder":
-        phase["tokens_per_s"] = round(phase["throughput_rps"] * settings.decode_tokens, 1)
-    return phase
+    return measured_phase(url, request, role, settings, sequential_rps, clients, stagger_s=alone["latency_s"]["p50"])
 
 
 def turn_policy(url: str, settings: LoadSettings) -> dict[str, float]:
@@ -383,18 +393,9 @@ def run_bundle(bundle: Path, settings: LoadSettings, clip: Path, say: Callable[[
         phases = []
         for clients in settings.concurrency:
             say(f"{bundle}: {clients} client(s)")
-            before = histograms(server.url) if role != "encoder" else {}
-            phase = load_phase(server.url, request, clients, settings.requests)
-            phase["vs_sequential"] = round(phase["throughput_rps"] / sequential_rps, 3)
-            if role != "encoder":
-                phase["decode_batches"], phase["server_ttft_s"] = phase_histograms(before, histograms(server.url))
-            if role == "decoder":
-                phase["tokens_per_s"] = round(phase["throughput_rps"] * settings.decode_tokens, 1)
-            phases.append(phase)
+            phases.append(measured_phase(server.url, request, role, settings, sequential_rps, clients))
         alone = next((phase for phase in phases if phase["clients"] == 1), None)
-        staggered = staggered_phase(server.url, request, role, settings, alone) if role != "encoder" and alone else None
-        if staggered:
-            staggered["vs_sequential"] = round(staggered["throughput_rps"] / sequential_rps, 3)
+        staggered = staggered_phase(server.url, request, role, settings, sequential_rps, alone) if role != "encoder" and alone else None
         for phase in [*phases, *([staggered] if staggered else [])] if role == "decoder" and alone else []:
             phase["vs_one_client"] = round(phase["throughput_rps"] / alone["throughput_rps"], 3)
             phase["ttft_vs_one_client"] = round(phase["server_ttft_s"]["p50"] / alone["server_ttft_s"]["p50"], 3)
