@@ -124,6 +124,12 @@ def create_session(graph: str | Path, options: SessionOptions | None = None) -> 
     session_options.log_severity_level = 3
     if options.threads:
         session_options.intra_op_num_threads = options.threads
+    # ONNX Runtime's worker threads spin for about 35 ms of CPU after each run by default, taking
+    # the cores from whatever runs next: the next graph of a bundle (an audio LLM's decoder after
+    # its encoder), another bundle, eager PyTorch in a benchmark. Spinning still bridges the nodes
+    # of one run; between runs the threads sleep. On 2 cores: the base audio LLM in int8 end to
+    # end 710 -> 662 ms, one decoder alone unchanged (docs/performance-notes.md).
+    session_options.add_session_config_entry("session.force_spinning_stop", "1")
     if options.save_optimized:
         session_options.optimized_model_filepath = str(Path(graph).with_suffix(".optimized.onnx"))
     session = ort.InferenceSession(str(graph), sess_options=session_options, providers=provider_list(providers))

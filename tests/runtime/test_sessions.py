@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import onnxruntime as ort
 import pytest
 
 from runtime.errors import ProviderError
 from runtime.sessions import cuda_provider_options, provider_list, resolve_providers
+from tests.helpers import SUBPROCESS_TIMEOUT_S
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -88,3 +93,40 @@ def test_cuda_libraries_are_preloaded_only_for_cuda_sessions(monkeypatch, tmp_pa
     session = sessions.create_session(path, sessions.SessionOptions(provider="cpu"))
     assert session.run(None, {"x": np.array([-1.0, 1.0], dtype=np.float32)})[0].tolist() == [0.0, 1.0]
     assert calls == []
+
+
+IDLE_CPU_PROBE = """
+import resource, sys, time
+import numpy as np, onnx
+from onnx import helper, numpy_helper
+from runtime.sessions import SessionOptions, create_session
+
+weight = numpy_helper.from_array(np.ones((512, 512), np.float32), "w")
+graph = helper.make_graph(
+    [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [512, 512])],
+    [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [512, 512])], [weight])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), sys.argv[1])
+session = create_session(sys.argv[1], SessionOptions(provider="cpu", threads=2))
+x = np.ones((512, 512), np.float32)
+idle = []
+for _ in range(3):
+    session.run(None, {"x": x})
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(0.3)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    idle.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+print(max(idle))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: ONNX Runtime starts no worker thread to spin")
+def test_a_session_leaves_the_cores_alone_between_runs(tmp_path):
+    """ONNX Runtime's worker threads spin after each run by default (35 ms of CPU a run here),
+    taking the cores from the next graph of a bundle or from eager PyTorch; sessions made by the
+    runtime let them sleep between runs. Measured as this process's CPU time while it sleeps
+    after a run (a fresh process: no other session's threads), not as a duration."""
+    probe = subprocess.run(
+        [sys.executable, "-c", IDLE_CPU_PROBE, str(tmp_path / "g.onnx")], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, check=True
+    )
+    assert float(probe.stdout) < 0.005, f"{float(probe.stdout) * 1000:.1f} ms of CPU burned while idle after a run"
