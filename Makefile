@@ -80,10 +80,13 @@ bench-ci: $(STAMP)
 	$(PY) -m benchmarks run --preset tiny --out $(BENCH_OUT) --force
 	$(PY) -m benchmarks compare benchmarks/baselines $(BENCH_OUT)/results.json $(BENCH_GATE)
 
-# Refresh this instruction set's baseline deliberately (after a change that is meant to move the figures).
+# Refresh this instruction set's baseline deliberately (after a change that is meant to move the figures):
+# three runs, each speedup the lowest of them (the tiny audio LLM's moves 2x between processes).
 bench-baseline: $(STAMP)
-	$(PY) -m benchmarks run --preset tiny --out $(BENCH_OUT) --force
-	mkdir -p benchmarks/baselines && cp $(BENCH_OUT)/results.json benchmarks/baselines/tiny-$$($(PY) -c 'from runtime.cpu import isa_label; print(isa_label())').json
+	for run in 1 2 3; do $(PY) -m benchmarks run --preset tiny --out $(BENCH_OUT)-$$run --force -q || exit 1; done
+	mkdir -p benchmarks/baselines
+	$(PY) -m benchmarks baseline $(BENCH_OUT)-1/results.json $(BENCH_OUT)-2/results.json $(BENCH_OUT)-3/results.json \
+		--out benchmarks/baselines/tiny-$$($(PY) -c 'from runtime.cpu import isa_label; print(isa_label())').json
 
 # The committed report of real architecture sizes (about 15 minutes on 2 cores).
 bench-base: $(STAMP)

@@ -96,7 +96,7 @@ def bench_lalm(settings: Any, folder: Path, bundles: dict[str, Path], bar: tqdm)
     for precision, lalm in eager.items():
         runners[f"eager-{precision}"] = lambda lalm=lalm: eager_generation(lalm, clip, options)
     for variant, path in bundles.items():
-        runner = load(path, SessionOptions(provider=settings.provider))
+        runner = load(path, SessionOptions(provider=settings.provider, threads=settings.preset.threads))
         runners[f"onnx-{variant}"] = lambda runner=runner: bundle_generation(runner, clip, options)
     with peak_rss() as memory:
         results = interleaved(runners, preset.warmup, settings.decoder_repeats, on_run=bar.update)

@@ -169,3 +169,31 @@ def test_a_longer_flag_list_of_the_same_instruction_set_is_the_same_machine():
     older = results(3.0, machine={**AVX512_VNNI, "cpu_flags": ["avx2", "avx512_vnni", "avx512f"]})
     newer = results(2.0, machine={**AVX512_VNNI, "cpu_flags": ["avx2", "avx512_vnni", "avx512f", "avx_vnni"], "isa": "avx512-vnni"})
     assert "REGRESSION" in verdicts(compare_results(older, newer))  # -33 %: beyond the same machine's tolerance
+
+
+def test_a_baseline_of_several_runs_holds_each_speedup_at_its_lowest(tmp_path, capsys):
+    runs = [results(3.0), results(1.5), results(2.5)]
+    runs[1]["rows"][0]["speedups"]["latency vs eager-fp32"]["value"] = 0.5  # eager rows are not the product: kept from the first run
+    paths = []
+    for index, run in enumerate(runs):
+        paths.append(tmp_path / f"run{index}.json")
+        paths[-1].write_text(json.dumps(run))
+    out = tmp_path / "baseline.json"
+    assert run_main(bench_main, "baseline", *paths, "--out", out, capsys=capsys).returncode == 0
+    baseline = json.loads(out.read_text())
+    speedup = {r["variant"]: r["speedups"]["latency vs eager-fp32"]["value"] for r in baseline["rows"]}
+    assert speedup == {"eager-fp32": 1.0, "onnx-int8": 1.5} and baseline["baseline_of"]["runs"] == 3
+    # a run as slow as the slowest passes; one well below it does not
+    assert not any(f.fails for f in compare_results(baseline, results(1.5)))
+    assert "REGRESSION" in verdicts(compare_results(baseline, results(0.7)))
+
+
+def test_a_baseline_is_not_made_of_runs_of_different_presets(tmp_path, capsys):
+    first, second = results(), results()
+    second["settings"] = {"preset": "base"}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, run in zip(paths, (first, second)):
+        path.write_text(json.dumps(run))
+    result = run_main(bench_main, "baseline", *paths, "--out", tmp_path / "baseline.json", capsys=capsys)
+    assert_user_error(result, "differ in preset")
+    assert not (tmp_path / "baseline.json").exists()
