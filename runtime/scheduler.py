@@ -25,7 +25,8 @@ Model calls never overlap. Between two decode steps, prefills run while their pr
 at most a budget of positions (`PREFILL_POSITIONS_PER_STEP` unless the scheduler is given
 another; one prompt always may), so a burst of short prompts joins at once; the thread that runs
 a step first runs the prefills waiting that the budget lets in, so a waiting prompt gets them
-before every step whichever thread wins the lock. While streams are
+before every step whichever thread wins the lock, and no step runs while a prompt that is done
+waits for its thread to join its row. While streams are
 running, a longer prompt is prefilled in chunks of the budget, one chunk between two steps,
 each chunk over the cache of those before it: it delays the running streams by one chunk a
 step, not by its whole length. With no stream running it is prefilled whole. Prompts waiting
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +110,10 @@ class DecodeScheduler:
         # The batch's KV cache, `(rows, heads, width, head_dim)` per past input, on the host or (IO binding) a device.
         self._cache: dict[str, Any] = {}
         self._waiting: list[_Prompt] = []  # prompts waiting for their prefill, in arrival order
+        self._callers: list[list[_Prompt]] = []  # each `prefill` call's prompts, until its rows have joined (or it failed)
+        # Prompts arrive here without the lock (deque appends are atomic): a stream's thread that
+        # takes the lock step after step cannot hold a new prompt out; whoever holds it next takes them in.
+        self._arrivals: deque[list[_Prompt]] = deque()
         self._prefilled_since_step = 0  # prompt positions prefilled since the last decode step
         self.steps = 0  # decode steps run (for tests and benchmarks)
         self.prefills = 0  # prefill calls of the graph (a long prompt's chunks one each; prompts of one length waiting together share one)
@@ -137,8 +143,9 @@ class DecodeScheduler:
         if not all(mask[row, start:].all() and mask[row].any() for row, start in enumerate(starts)):
             raise RuntimeUserError("the attention mask must be left padding only (zeros, then ones, at least one one per row)")
         mine = [_Prompt(prompts[row : row + 1, start:]) for row, start in enumerate(starts)]
+        self._arrivals.append(mine)
         with self._condition:
-            self._waiting.extend(mine)
+            self._take_arrivals()
             try:
                 while any(prompt.logits is None and prompt.error is None for prompt in mine):
                     group = self._next_prefill_group()
@@ -146,24 +153,40 @@ class DecodeScheduler:
                         self._prefill_group(group)
                     else:
                         self._condition.wait()
+                failed = next((prompt.error for prompt in mine if prompt.error is not None), None)
+                if failed is not None:
+                    raise failed
+                rows: list[_Row] = []
+                try:
+                    for prompt in mine:
+                        rows.append(self._join(prompt.past, prompt.positions))
+                except BaseException:
+                    self._remove(rows)  # rows nobody hands tokens for would stall every step
+                    raise
             finally:
                 self._waiting = [prompt for prompt in self._waiting if prompt not in mine]
-            failed = next((prompt.error for prompt in mine if prompt.error is not None), None)
-            if failed is not None:
-                raise failed
-            rows: list[_Row] = []
-            try:
-                for prompt in mine:
-                    rows.append(self._join(prompt.past, prompt.positions))
-            except BaseException:
-                self._remove(rows)  # rows nobody hands tokens for would stall every step
-                raise
+                self._callers.remove(mine)
+                self._condition.notify_all()  # the steps held for this caller's join (`_joining`) go on
         return np.concatenate([prompt.logits for prompt in mine]), rows
+
+    def _take_arrivals(self) -> None:
+        """Move the prompts that arrived since into the queue, in arrival order (under the lock)."""
+        while self._arrivals:
+            mine = self._arrivals.popleft()
+            self._waiting.extend(mine)
+            self._callers.append(mine)
+
+    def _joining(self) -> bool:
+        """Whether a caller's prompts are all prefilled but its rows have not joined yet. Steps
+        wait for it: its thread needs the lock to join, and streams that hand in their tokens
+        without pause could otherwise win the lock step after step while the new row waits."""
+        return any(all(prompt.logits is not None or prompt.error is not None for prompt in mine) for mine in self._callers)
 
     def _next_prefill_group(self) -> list[_Prompt]:
         """The prompts to prefill now, taken from the queue: the first waiting one, with those of
         its length and progress behind it while they fit the step's budget; none while the
         budget is spent. A prompt prefilled in part stays first until it is done."""
+        self._take_arrivals()
         if not self._waiting or not self._may_prefill(self._chunk(self._waiting[0])):
             return []
         first = self._waiting[0]
@@ -259,9 +282,10 @@ class DecodeScheduler:
             while any(row.logits is None and row.error is None for row in rows):
                 if all(row.token is not None for row in self._rows):
                     self._prefill_waiting()
-                    self._step()  # the last row to hand in its token runs the step for all
-                else:
-                    self._condition.wait()
+                    if not self._joining():
+                        self._step()  # the last row to hand in its token runs the step for all
+                        continue
+                self._condition.wait()
             failed = next((row.error for row in rows if row.error is not None), None)
             if failed is not None:
                 raise failed

@@ -10,6 +10,7 @@ produced its first token, so request k joins the batch at a known step."""
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -299,12 +300,15 @@ def test_a_stream_stepping_without_pause_still_lets_one_chunk_in_before_each_ste
     """Fairness: the thread about to run a step first runs the waiting chunk the budget allows,
     so a long prompt gets one chunk before every step of a stream that hands its tokens in
     without pause (its own thread, woken by each step, may lose the lock to the stream's every
-    time). Without that rule the stream here ran many steps between two chunks."""
+    time). Without that rule the stream here ran many steps between two chunks. And once the
+    last chunk is done, no step runs until the prompt's row has joined: without that, its thread
+    waited for the lock 26 and 235 steps in two runs, and the stream ran past its context in two more."""
     runner = load(decoders["fused"], SessionOptions(provider="cpu"))
     budget, prompt = 2, np.random.default_rng(5).integers(3, 200, size=(1, 11))
     scheduler = runner.new_scheduler(prefill_budget=budget)
     chunks: list[int] = []  # decode steps run before each of the long prompt's calls
     first_chunk = threading.Event()
+    joined: list[int] = []  # decode steps run before the long prompt's row joined
     continue_prefill = scheduler._prefiller.continue_prefill
 
     def recorded(values, before):
@@ -322,6 +326,7 @@ def test_a_stream_stepping_without_pause_still_lets_one_chunk_in_before_each_ste
             prefill = scheduler._prefiller.prefill
             scheduler._prefiller.prefill = lambda *args: (prefill(*args), first_chunk.set())[0]
             late.prefill(prompt, np.ones_like(prompt))
+            joined.append(scheduler.steps)
         finally:
             late.leave()
 
@@ -335,6 +340,49 @@ def test_a_stream_stepping_without_pause_still_lets_one_chunk_in_before_each_ste
     stream.leave()
     # 11 positions: the first chunk spends the budget until the next step; then one chunk of 2 before each step
     assert chunks == list(range(start + 1, start + 6))
+    assert joined == [chunks[-1]]
+
+
+def test_a_prompt_sent_while_a_stream_steps_without_pause_joins_within_a_step(decoders):
+    """A prompt's arrival takes no lock (the scheduler's queue of arrivals): whichever thread runs
+    the next step takes it in, prefills it and holds the step for its join. When the caller had
+    to win the lock to hand its prompt in, a stream stepping without pause held it out for 66 and
+    473 steps of this tiny model (`benchmarks prefill-stall`, traced)."""
+    runner = load(decoders["fused"], SessionOptions(provider="cpu"))
+    scheduler = runner.new_scheduler(prefill_budget=4)
+    arrived: list[int] = []  # decode steps run when each prompt arrived
+
+    class Recorded(deque):
+        def append(self, item) -> None:
+            super().append(item)
+            arrived.append(scheduler.steps)
+
+    scheduler._arrivals = Recorded()
+    stream = scheduler.member()
+    token = int(stream.prefill(np.array([[7, 8]]), np.ones((1, 2)))[0].argmax())
+    stop, running = threading.Event(), threading.Event()
+
+    def step_without_pause() -> None:
+        nonlocal token
+        try:
+            while not stop.is_set():
+                token = int(stream.decode_step(np.array([token]))[0].argmax())
+                running.set()
+        finally:
+            stream.leave()
+
+    thread = threading.Thread(target=step_without_pause)
+    thread.start()
+    assert running.wait(SUBPROCESS_TIMEOUT_S)
+    late = scheduler.member()
+    try:
+        late.prefill(np.array([[5, 6, 7]]), np.ones((1, 3)))
+        joined = scheduler.steps  # the stream now waits for this row's token: no step runs
+    finally:
+        late.leave()
+        stop.set()
+        thread.join()
+    assert joined - arrived[1] <= 1  # at most the step under way when it arrived
 
 
 def test_a_member_with_prompts_of_two_lengths_joins_once_both_are_prefilled(decoders):
