@@ -81,15 +81,17 @@ def results_isa(results: dict[str, Any]) -> str:
     return machine.get("isa") or isa_label(frozenset(machine.get("cpu_flags", [])))
 
 
+def baseline_key(results: dict[str, Any]) -> tuple[Any, ...]:
+    """What a baseline and the runs compared with it (or made into it) must share: preset,
+    provider, instruction set and GPU."""
+    return (results["settings"].get("preset"), results["settings"].get("provider"), results_isa(results), results.get("machine", {}).get("gpu"))
+
+
 def pick_baseline(candidates: list[dict[str, Any]], new: dict[str, Any]) -> dict[str, Any] | None:
     """The baseline of the same preset, provider and instruction set as `new`: ratios of
     eager PyTorch to ONNX Runtime depend on the CPU's kernels (VNNI, AMX, bf16), so a
     baseline of another instruction set says nothing about a regression."""
-
-    def key(results: dict[str, Any]) -> tuple[Any, ...]:
-        return (results["settings"].get("preset"), results["settings"].get("provider"), results_isa(results), results.get("machine", {}).get("gpu"))
-
-    return next((c for c in candidates if key(c) == key(new)), None)
+    return next((c for c in candidates if baseline_key(c) == baseline_key(new)), None)
 
 
 def lowest_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -98,18 +100,17 @@ def lowest_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     the others'). Some tiny-model ratios move between processes by more than any tolerance would
     pass (the tiny audio LLM's: 1.4x in one process, 2.9x in the next), so the gate compares a
     new run with the slowest seen rather than with whichever run was recorded."""
-    first = runs[0]
-    keys = {(r["settings"].get("preset"), r["settings"].get("provider"), results_isa(r)) for r in runs}
+    keys = {baseline_key(run) for run in runs}
     if len(keys) > 1:
-        raise ValueError(f"the runs differ in preset, provider or instruction set: {sorted(map(str, keys))}")
-    baseline = copy.deepcopy(first)
+        raise ValueError(f"the runs differ in preset, provider, instruction set or GPU: {sorted(map(str, keys))}")
+    baseline = copy.deepcopy(runs[0])
     by_key = [{row_key(r): r for r in run["rows"]} for run in runs]
     for row in baseline["rows"]:
         if row["runtime"] != "onnx" or "failed" in row:
             continue
+        same_row = [rows[row_key(row)]["speedups"] for rows in by_key if row_key(row) in rows]
         for figure in row["speedups"]:
-            seen = [rows[row_key(row)]["speedups"][figure] for rows in by_key if figure in rows.get(row_key(row), {}).get("speedups", {})]
-            row["speedups"][figure] = min(seen, key=lambda s: s["value"])
+            row["speedups"][figure] = min((speedups[figure] for speedups in same_row if figure in speedups), key=lambda s: s["value"])
     baseline["baseline_of"] = {"runs": len(runs), "created": [r.get("created") for r in runs], "rule": "each ONNX speedup the lowest of the runs"}
     return baseline
 
